@@ -1,0 +1,134 @@
+"""Backend registry: which kernels serve a call, and the default choice.
+
+Backends live in ``fastrnn.backends.<name>`` modules that expose ``BACKEND`` (see
+:mod:`fastrnn.backends.base`); they are imported on first use, so a backend whose
+dependencies are missing simply reports itself unavailable.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from typing import List, Optional
+
+import torch
+
+from .base import Backend
+
+# Order of preference for "auto": first one that is available and supports the call.
+# CUDA: fused kernels first. CPU: the native C++ loop, else the reference. Triton runs on
+# CPU only under TRITON_INTERPRET=1, for tests, so it is never chosen automatically there.
+BACKEND_NAMES = ("reference", "native", "triton")
+_AUTO_ORDER = {"cuda": ("triton", "native", "reference"), "cpu": ("native", "reference")}
+
+_loaded = {}
+_default = None  # set by set_backend(); None means FASTRNN_BACKEND or "auto"
+_warned = set()
+
+
+def get(name: str) -> Backend:
+    """The backend object named ``name`` (imported on first use)."""
+    if name not in _loaded:
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"unknown fastrnn backend {name!r}; "
+                             f"known backends are {', '.join(BACKEND_NAMES)} and 'auto'")
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+            _loaded[name] = module.BACKEND
+        except ImportError as exc:  # backend not shipped or its dependency missing
+            _loaded[name] = _Missing(name, f"cannot import fastrnn.backends.{name}: {exc}")
+    return _loaded[name]
+
+
+class _Missing(Backend):
+    def __init__(self, name, reason):
+        self.name, self.reason = name, reason
+
+    def unavailable_reason(self, device):
+        return self.reason
+
+
+def unavailable_reason(name: str, device) -> Optional[str]:
+    return get(name).unavailable_reason(torch.device(device))
+
+
+def available_backends(device="cpu") -> List[str]:
+    """Names of the backends usable on ``device`` (a torch.device or string)."""
+    device = torch.device(device)
+    return [n for n in BACKEND_NAMES if get(n).unavailable_reason(device) is None]
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Set the default backend used where a module says ``backend="auto"``.
+
+    ``None`` or ``"auto"`` restores automatic choice (or the FASTRNN_BACKEND variable).
+    """
+    global _default
+    if name is not None and name != "auto":
+        get(name)  # raises ValueError for unknown names
+    _default = None if name == "auto" else name
+
+
+def get_backend() -> str:
+    """The default backend name: what set_backend() chose, else FASTRNN_BACKEND, else auto."""
+    if _default is not None:
+        return _default
+    name = os.environ.get("FASTRNN_BACKEND", "auto") or "auto"
+    if name != "auto" and name not in BACKEND_NAMES:
+        raise ValueError(f"FASTRNN_BACKEND={name!r} is not a fastrnn backend; "
+                         f"known backends are {', '.join(BACKEND_NAMES)} and 'auto'")
+    return name
+
+
+def check_name(name: str) -> str:
+    """Validate a ``backend=`` argument at construction time."""
+    if not isinstance(name, str) or (name != "auto" and name not in BACKEND_NAMES):
+        raise ValueError(f"unknown fastrnn backend {name!r}; "
+                         f"known backends are {', '.join(BACKEND_NAMES)} and 'auto'")
+    return name
+
+
+def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
+            hidden_size: int, proj_size: int = 0) -> str:
+    """The backend that will run this call.
+
+    A backend named explicitly (argument, set_backend or FASTRNN_BACKEND) must serve the call
+    or a ValueError says why and lists what is available. Under "auto" the first capable
+    backend in preference order runs; when a preferred one cannot, ONE warning per reason says
+    which backend runs instead.
+    """
+    if name == "auto":
+        name = get_backend()
+    if name != "auto":
+        backend = get(name)
+        reason = backend.unavailable_reason(device) or backend.unsupported_reason(
+            cell, dtype, device, hidden_size, proj_size)
+        if reason is not None:
+            raise ValueError(f"fastrnn backend {name!r} cannot run {cell} on {device} "
+                             f"({dtype}): {reason}. Available on {device.type}: "
+                             f"{', '.join(available_backends(device))}")
+        return name
+    skipped = []
+    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+        backend = get(candidate)
+        reason = backend.unavailable_reason(device)
+        if reason is None:
+            reason = backend.unsupported_reason(cell, dtype, device, hidden_size, proj_size)
+        if reason is None:
+            if skipped:
+                _warn_once(skipped, candidate)
+            return candidate
+        # triton on CPU is for tests only; its absence there is no news.
+        if not (candidate == "triton" and device.type == "cpu"):
+            skipped.append((candidate, reason))
+    return "reference"
+
+
+def _warn_once(skipped, chosen):
+    key = (tuple(skipped), chosen)
+    if key in _warned:
+        return
+    _warned.add(key)
+    why = "; ".join(f"{n}: {r}" for n, r in skipped)
+    warnings.warn(f"fastrnn: using the {chosen} backend because {why}", RuntimeWarning,
+                  stacklevel=4)

@@ -1,0 +1,42 @@
+"""What a backend provides: generic recurrence kernels for every cell kind, forward and backward.
+
+A backend module ``fastrnn.backends.<name>`` exposes ``BACKEND``, an instance of a subclass of
+:class:`Backend`. The ops in :mod:`fastrnn.ops` call it with the cell name ("lstm", "gru",
+"rnn_tanh", "rnn_relu") and the tensors of the op schema (documented there); arguments that a
+cell kind does not have (c0, w_hr, grad_c_n for gru/rnn) are None, and so are the matching
+results.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class Backend:
+    name: str = ""
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        """None when the backend can run on ``device``, else why not (shown to the user)."""
+        raise NotImplementedError
+
+    def unsupported_reason(self, cell: str, dtype: torch.dtype, device: torch.device,
+                           hidden_size: int, proj_size: int) -> Optional[str]:
+        """None when this call can be served, else why not (dtype, size...)."""
+        return None
+
+    def forward(self, cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor],
+                w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
+                batch_sizes: Optional[Tensor], reverse: bool):
+        """-> (output [N, P], h_n [B, P], c_n [B, H] or None, workspace [N, W])"""
+        raise NotImplementedError
+
+    def backward(self, cell: str, grad_output: Tensor, grad_h_n: Tensor,
+                 grad_c_n: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+                 b_hh: Optional[Tensor], w_hr: Optional[Tensor],
+                 batch_sizes: Optional[Tensor], reverse: bool, output: Tensor,
+                 workspace: Tensor):
+        """-> (grad_xproj, grad_h0, grad_c0 or None, grad_w_hh, grad_b_hh, grad_w_hr or None)"""
+        raise NotImplementedError

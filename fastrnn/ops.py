@@ -1,0 +1,278 @@
+"""The op boundary: one generic recurrence op per cell kind, registered with torch.library.
+
+Ops (namespace ``fastrnn``), for cell in lstm, gru, rnn_tanh, rnn_relu::
+
+    lstm_forward(Tensor xproj, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr,
+                 Tensor? batch_sizes, bool reverse, str backend)
+        -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)
+    lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor h0, Tensor c0,
+                  Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse,
+                  Tensor output, Tensor workspace, str backend)
+        -> (Tensor grad_xproj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh,
+            Tensor grad_b_hh, Tensor grad_w_hr)
+    {gru,rnn_tanh,rnn_relu}_forward(Tensor xproj, Tensor h0, Tensor w_hh, Tensor? b_hh,
+                 Tensor? batch_sizes, bool reverse, str backend)
+        -> (Tensor output, Tensor h_n, Tensor workspace)
+    {gru,rnn_tanh,rnn_relu}_backward(Tensor grad_output, Tensor grad_h_n, Tensor h0, Tensor w_hh,
+                  Tensor? b_hh, Tensor? batch_sizes, bool reverse, Tensor output,
+                  Tensor workspace, str backend)
+        -> (Tensor grad_xproj, Tensor grad_h0, Tensor grad_w_hh, Tensor grad_b_hh)
+
+Shapes (G gates: lstm 4, gru 3, rnn 1; H hidden; P = proj_size if w_hr is given else H):
+
+- ``xproj`` [N, G*H]: the input projection ``x @ w_ih.T + b_ih`` of every step, rows in
+  packed time-major order: step t occupies rows ``offset[t] : offset[t] + batch_sizes[t]``
+  with ``offset[t] = sum(batch_sizes[:t])``. Without ``batch_sizes`` every step has B rows
+  (N = T*B, a plain [T, B, G*H] tensor viewed as [T*B, G*H]). Gate order as torch.nn:
+  lstm (i, f, g, o), gru (r, z, n).
+- ``h0`` [B, P], ``c0`` [B, H]: initial state, always given (zeros when the user gave none).
+- ``w_hh`` [G*H, P], ``b_hh`` [G*H] or None, ``w_hr`` [P, H] or None (lstm only).
+- ``batch_sizes``: None or a CPU int64 tensor [T] as in ``PackedSequence``: non-increasing,
+  ``batch_sizes[0] == B``, sum N. Row b of a step is sequence b of the (sorted) batch, so at
+  step t only the first ``batch_sizes[t]`` sequences are live: no work on padding.
+- ``reverse``: process steps T-1 .. 0. A sequence of length L then starts at step L-1 from
+  h0 and ends at step 0; without reverse it ends at step L-1. ``h_n``/``c_n`` hold every
+  sequence's state after its own last step.
+- ``output`` [N, P]: the hidden state (after projection) of every row.
+- ``workspace`` [N, W]: what backward needs, in a layout every backend shares, so any
+  backend's backward can consume any backend's forward. Its dtype is float32 for
+  float16/bfloat16 inputs, else the input dtype. Columns:
+    lstm: [i | f | g | o | c] activated gates and the new cell state, 5H, plus [h] the
+          hidden state before the projection (H more) when w_hr is given;
+    gru:  [r | z | n | hn] activated gates and hn = h_prev @ W_hn.T + b_hn, 4H;
+    rnn:  nothing (W = 0): the derivative is read off ``output``.
+- Backward returns the gradient of every tensor input, in input dtype; ``grad_b_hh`` [G*H]
+  is returned even when b_hh is None (callers ignore it), ``grad_w_hr`` is an empty [0]
+  tensor when w_hr is None.
+
+``backend`` names the backend whose kernels run (``reference``, ``native``, ``triton``); it
+is resolved by the caller (``fastrnn.backends.resolve``), never ``auto`` here.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import backends
+from .cells import CELLS, CellKind, accumulate_dtype
+
+Tensor = torch.Tensor
+
+_lib = torch.library.Library("fastrnn", "FRAGMENT")
+
+
+def _schemas(kind: CellKind):
+    c_in = "Tensor c0, " if kind.has_cell_state else ""
+    proj = "Tensor? w_hr, " if kind.has_projection else ""
+    c_n = "Tensor c_n, " if kind.has_cell_state else ""
+    forward = (f"{kind.name}_forward(Tensor xproj, Tensor h0, {c_in}Tensor w_hh, Tensor? b_hh, "
+               f"{proj}Tensor? batch_sizes, bool reverse, str backend) "
+               f"-> (Tensor output, Tensor h_n, {c_n}Tensor workspace)")
+    grad_c_n = "Tensor grad_c_n, " if kind.has_cell_state else ""
+    grad_c0 = "Tensor grad_c0, " if kind.has_cell_state else ""
+    grad_w_hr = ", Tensor grad_w_hr" if kind.has_projection else ""
+    backward = (f"{kind.name}_backward(Tensor grad_output, Tensor grad_h_n, {grad_c_n}Tensor h0, "
+                f"{c_in}Tensor w_hh, Tensor? b_hh, {proj}Tensor? batch_sizes, bool reverse, "
+                f"Tensor output, Tensor workspace, str backend) -> (Tensor grad_xproj, "
+                f"Tensor grad_h0, {grad_c0}Tensor grad_w_hh, Tensor grad_b_hh{grad_w_hr})")
+    return forward, backward
+
+
+# The schemas differ per cell kind only in c0/c_n (lstm) and w_hr (lstm); these adapters map
+# the positional op arguments onto the uniform keyword form the backends take.
+def _forward_args(kind, args):
+    if kind.has_cell_state:
+        xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend = args
+    else:
+        (xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend), c0, w_hr = args, None, None
+    return dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
+                batch_sizes=batch_sizes, reverse=reverse), backend
+
+
+def _backward_args(kind, args):
+    if kind.has_cell_state:
+        (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
+         output, workspace, backend) = args
+    else:
+        (grad_output, grad_h_n, h0, w_hh, b_hh, batch_sizes, reverse, output, workspace,
+         backend) = args
+        grad_c_n = c0 = w_hr = None
+    return dict(grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0,
+                w_hh=w_hh, b_hh=b_hh, w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse,
+                output=output, workspace=workspace), backend
+
+
+def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_batch_sizes=True):
+    """Shape checks for direct callers of the ops (the modules have checked already).
+    The fake impl cannot read batch_sizes' values, so it checks shapes only."""
+    gates = w_hh.shape[0] if w_hh.dim() == 2 else -1
+    if gates <= 0 or gates % kind.num_gates:
+        raise ValueError(f"fastrnn.{kind.name}: w_hh must be [{kind.num_gates}*hidden, "
+                         f"state], got {list(w_hh.shape)}")
+    hidden = gates // kind.num_gates
+    width = w_hr.shape[0] if w_hr is not None else hidden
+    if w_hr is not None and list(w_hr.shape) != [width, hidden]:
+        raise ValueError(f"fastrnn.{kind.name}: w_hr must be [proj, {hidden}], "
+                         f"got {list(w_hr.shape)}")
+    if w_hh.shape[1] != width:
+        raise ValueError(f"fastrnn.{kind.name}: w_hh must have {width} columns, "
+                         f"got {list(w_hh.shape)}")
+    if xproj.dim() != 2 or xproj.shape[1] != gates:
+        raise ValueError(f"fastrnn.{kind.name}: xproj must be [rows, {gates}], "
+                         f"got {list(xproj.shape)}")
+    if h0.dim() != 2 or h0.shape[1] != width:
+        raise ValueError(f"fastrnn.{kind.name}: h0 must be [batch, {width}], "
+                         f"got {list(h0.shape)}")
+    batch = h0.shape[0]
+    if c0 is not None and list(c0.shape) != [batch, hidden]:
+        raise ValueError(f"fastrnn.{kind.name}: c0 must be [{batch}, {hidden}], "
+                         f"got {list(c0.shape)}")
+    if b_hh is not None and list(b_hh.shape) != [gates]:
+        raise ValueError(f"fastrnn.{kind.name}: b_hh must be [{gates}], got {list(b_hh.shape)}")
+    rows = xproj.shape[0]
+    if batch_sizes is None:
+        if (batch and rows % batch) or (not batch and rows):
+            raise ValueError(f"fastrnn.{kind.name}: xproj has {rows} rows, not a multiple of "
+                             f"the batch size {batch}")
+        return
+    if not read_batch_sizes:
+        return
+    if batch_sizes.device.type != "cpu" or batch_sizes.dtype != torch.int64 \
+            or batch_sizes.dim() != 1:
+        raise ValueError("fastrnn: batch_sizes must be a 1-D int64 CPU tensor, got "
+                         f"{batch_sizes.dtype} {list(batch_sizes.shape)} on "
+                         f"{batch_sizes.device}")
+    sizes = batch_sizes.tolist()
+    if sizes and (sizes[0] != batch or any(b > a for a, b in zip(sizes, sizes[1:]))
+                  or sizes[-1] <= 0):
+        raise ValueError(f"fastrnn: batch_sizes must be positive and non-increasing with "
+                         f"batch_sizes[0] == batch ({batch}), got {sizes}")
+    if sum(sizes) != rows:
+        raise ValueError(f"fastrnn: batch_sizes sum to {sum(sizes)} but xproj has {rows} rows")
+
+
+def _resolve(name, kind, xproj, w_hh, w_hr):
+    hidden = w_hh.shape[0] // kind.num_gates
+    proj = 0 if w_hr is None else w_hr.shape[0]
+    if name == "auto":
+        return backends.resolve("auto", kind.name, xproj.device, xproj.dtype, hidden, proj)
+    return name
+
+
+def _fresh(result, inputs):
+    """Outputs of a custom op may not alias its inputs (a backend may hand back h0 itself when
+    there is nothing to do, e.g. zero steps)."""
+    ptrs = {t.untyped_storage().data_ptr() for t in inputs
+            if isinstance(t, Tensor) and t.numel()}
+    return tuple(r.clone() if r.numel() and r.untyped_storage().data_ptr() in ptrs else r
+                 for r in result)
+
+
+def _register(kind: CellKind):
+    forward_schema, backward_schema = _schemas(kind)
+    _lib.define(forward_schema)
+    _lib.define(backward_schema)
+    forward_name = f"fastrnn::{kind.name}_forward"
+    backward_name = f"fastrnn::{kind.name}_backward"
+
+    def forward_impl(*args):
+        kw, backend = _forward_args(kind, args)
+        _check(kind, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
+               kw["batch_sizes"])
+        backend = _resolve(backend, kind, kw["xproj"], kw["w_hh"], kw["w_hr"])
+        output, h_n, c_n, workspace = backends.get(backend).forward(kind.name, **kw)
+        result = (output, h_n) + ((c_n,) if kind.has_cell_state else ()) + (workspace,)
+        return _fresh(result, args)
+
+    def backward_impl(*args):
+        kw, backend = _backward_args(kind, args)
+        backend = _resolve(backend, kind, kw["output"], kw["w_hh"], kw["w_hr"])
+        grads = backends.get(backend).backward(kind.name, **kw)
+        grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads
+        result = (grad_xproj, grad_h0) + ((grad_c0,) if kind.has_cell_state else ())
+        result += (grad_w_hh, grad_b_hh)
+        if kind.has_projection:
+            result += (grad_w_hr if grad_w_hr is not None else kw["w_hh"].new_empty(0),)
+        return _fresh(result, args)
+
+    def forward_fake(*args):
+        kw, _ = _forward_args(kind, args)
+        _check(kind, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
+               kw["batch_sizes"], read_batch_sizes=False)
+        xproj, h0, w_hr = kw["xproj"], kw["h0"], kw["w_hr"]
+        hidden = kw["w_hh"].shape[0] // kind.num_gates
+        width = kind.workspace_width(hidden, w_hr is not None)
+        result = (xproj.new_empty(xproj.shape[0], h0.shape[1]), torch.empty_like(h0))
+        if kind.has_cell_state:
+            result += (torch.empty_like(kw["c0"]),)
+        return result + (xproj.new_empty(xproj.shape[0], width,
+                                         dtype=accumulate_dtype(xproj.dtype)),)
+
+    def backward_fake(*args):
+        kw, _ = _backward_args(kind, args)
+        output = kw["output"]
+        result = (output.new_empty(output.shape[0], kw["w_hh"].shape[0]),
+                  torch.empty_like(kw["h0"]))
+        if kind.has_cell_state:
+            result += (torch.empty_like(kw["c0"]),)
+        result += (torch.empty_like(kw["w_hh"]), kw["w_hh"].new_empty(kw["w_hh"].shape[0]))
+        if kind.has_projection:
+            w_hr = kw["w_hr"]
+            result += (torch.empty_like(w_hr) if w_hr is not None else kw["w_hh"].new_empty(0),)
+        return result
+
+    def setup_context(ctx, inputs, output):
+        kw, backend = _forward_args(kind, inputs)
+        ctx.backend = backend
+        ctx.batch_sizes, ctx.reverse = kw["batch_sizes"], kw["reverse"]
+        ctx.has_bias, ctx.has_proj = kw["b_hh"] is not None, kw["w_hr"] is not None
+        ctx.save_for_backward(kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
+                              output[0], output[-1])
+
+    def backward(ctx, *grads):
+        h0, c0, w_hh, b_hh, w_hr, output, workspace = ctx.saved_tensors
+        grad_output = _zeros_if_none(grads[0], output)
+        grad_h_n = _zeros_if_none(grads[1], h0)
+        args = (grad_output, grad_h_n)
+        if kind.has_cell_state:
+            args += (_zeros_if_none(grads[2], c0), h0, c0, w_hh, b_hh, w_hr)
+        else:
+            args += (h0, w_hh, b_hh)
+        args += (ctx.batch_sizes, ctx.reverse, output, workspace, ctx.backend)
+        result = list(getattr(torch.ops.fastrnn, f"{kind.name}_backward")(*args))
+        n_state = 2 if kind.has_cell_state else 1
+        grad_xproj, grad_state = result[0], result[1:1 + n_state]
+        grad_w_hh, grad_b_hh = result[1 + n_state], result[2 + n_state]
+        grads_in = [grad_xproj, *grad_state, grad_w_hh, grad_b_hh if ctx.has_bias else None]
+        if kind.has_projection:
+            grads_in.append(result[3 + n_state] if ctx.has_proj else None)
+        return tuple(grads_in) + (None, None, None)  # batch_sizes, reverse, backend
+
+    _lib.impl(f"{kind.name}_forward", forward_impl, "CompositeExplicitAutograd")
+    _lib.impl(f"{kind.name}_backward", backward_impl, "CompositeExplicitAutograd")
+    torch.library.register_fake(forward_name, forward_fake, lib=_lib)
+    torch.library.register_fake(backward_name, backward_fake, lib=_lib)
+    torch.library.register_autograd(forward_name, backward, setup_context=setup_context,
+                                    lib=_lib)
+
+
+def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+for _kind in CELLS.values():
+    _register(_kind)
+
+
+def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+               b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor],
+               reverse: bool, backend: str):
+    """Run the ``cell`` op; returns (output, h_n, c_n or None). Differentiable."""
+    kind = CELLS[cell]
+    op = getattr(torch.ops.fastrnn, f"{cell}_forward")
+    if kind.has_cell_state:
+        output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend)
+        return output, h_n, c_n
+    output, h_n, _ = op(xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend)
+    return output, h_n, None

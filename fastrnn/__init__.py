@@ -1,0 +1,14 @@
+"""fastrnn: fused LSTM / GRU / RNN kernels behind drop-in replacements for torch.nn.
+
+    import fastrnn
+    lstm = fastrnn.LSTM(512, 512, num_layers=2)      # like torch.nn.LSTM, plus backend=
+    model = fastrnn.convert(model)                    # swap every torch.nn RNN in a model
+"""
+from . import ops  # registers the torch.ops.fastrnn ops
+from .backends import available_backends, get_backend, set_backend
+from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+
+__version__ = "0.1.0"
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert",
+           "available_backends", "set_backend", "get_backend", "ops", "__version__"]

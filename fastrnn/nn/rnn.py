@@ -1,0 +1,296 @@
+"""fastrnn.LSTM / GRU / RNN: drop-ins for their torch.nn twins, running on fastrnn's ops.
+
+Same constructor, parameters (names, shapes, order, initialisation), forward contract and
+error messages as torch.nn. A layer is one input-projection GEMM for all steps (F.linear,
+left to cuBLAS / oneDNN and autograd) plus the fused recurrence op; layers, directions,
+packing and dropout between layers are composed here.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn import init
+from torch.nn.utils.rnn import PackedSequence
+
+from .. import backends, ops
+from ..cells import CELL_OF_MODE
+
+
+class RNNBase(nn.Module):
+    """Shared machinery of LSTM, GRU and RNN (the twin of ``torch.nn.RNNBase``).
+
+    The parameters stay separate tensors (no flat cuDNN buffer, so nothing breaks DDP's
+    bucketing); ``flatten_parameters()`` is accepted and does nothing.
+    """
+
+    __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias",
+                     "batch_first", "dropout", "bidirectional", "proj_size", "backend"]
+
+    # torch.nn's own input checks, so messages stay exactly those of the installed torch.
+    check_input = nn.RNNBase.check_input
+    get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
+    check_hidden_size = nn.RNNBase.check_hidden_size
+    check_forward_args = nn.RNNBase.check_forward_args
+    permute_hidden = nn.RNNBase.permute_hidden
+    extra_repr = nn.RNNBase.extra_repr
+    all_weights = nn.RNNBase.all_weights
+
+    def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None,
+                 *, backend: str = "auto") -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.mode = mode
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.backend = backends.check_name(backend)
+        num_directions = 2 if bidirectional else 1
+
+        # The checks and messages of torch.nn.RNNBase, in its order.
+        if (not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1
+                or isinstance(dropout, bool)):
+            raise ValueError("dropout should be a number in range [0, 1] representing the "
+                             "probability of an element being zeroed")
+        if dropout > 0 and num_layers == 1:
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, "
+                          "so non-zero dropout expects num_layers greater than 1, but got "
+                          f"dropout={dropout} and num_layers={num_layers}", stacklevel=2)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: "
+                            f"{type(batch_first).__name__}")
+        if not isinstance(input_size, int):
+            raise TypeError(f"input_size should be of type int, got: "
+                            f"{type(input_size).__name__}")
+        if input_size <= 0:
+            raise ValueError("input_size must be greater than zero")
+        if not isinstance(hidden_size, int):
+            raise TypeError(f"hidden_size should be of type int, got: "
+                            f"{type(hidden_size).__name__}")
+        if hidden_size <= 0:
+            raise ValueError("hidden_size must be greater than zero")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable "
+                             "projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+        if mode not in CELL_OF_MODE:
+            raise ValueError("Unrecognized RNN mode: " + mode)
+        gate_size = CELL_OF_MODE[mode].num_gates * hidden_size
+
+        self._flat_weights_names = []
+        self._all_weights = []
+        real_hidden_size = proj_size if proj_size > 0 else hidden_size
+        for layer in range(num_layers):
+            for direction in range(num_directions):
+                layer_input_size = input_size if layer == 0 else real_hidden_size * num_directions
+                suffix = "_reverse" if direction == 1 else ""
+                # Created in torch.nn's order, so a fixed seed gives torch.nn's values.
+                params = [(f"weight_ih_l{layer}{suffix}", (gate_size, layer_input_size)),
+                          (f"weight_hh_l{layer}{suffix}", (gate_size, real_hidden_size))]
+                if bias:
+                    params += [(f"bias_ih_l{layer}{suffix}", (gate_size,)),
+                               (f"bias_hh_l{layer}{suffix}", (gate_size,))]
+                if proj_size > 0:
+                    params += [(f"weight_hr_l{layer}{suffix}", (proj_size, hidden_size))]
+                for name, shape in params:
+                    setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
+                self._flat_weights_names.extend(name for name, _ in params)
+                self._all_weights.append([name for name, _ in params])
+        self.reset_parameters()
+
+    @property
+    def _flat_weights(self):
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    def flatten_parameters(self) -> None:
+        """Accepted for compatibility; fastrnn keeps parameters as separate tensors."""
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            init.uniform_(weight, -stdv, stdv)
+
+    def _layer_params(self, layer: int, direction: int):
+        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        get = lambda name: getattr(self, name + suffix, None)  # noqa: E731
+        return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
+                get("weight_hr"))
+
+    # -- forward -------------------------------------------------------------------------
+
+    def _run(self, input: Tensor, hx: tuple, batch_sizes):
+        """The stacked recurrence on time-major rows.
+
+        input: [N, input_size] rows in packed time-major order ([T*B, I] when not packed);
+        hx: (h0, c0) or (h0,) with [layers*directions, B, *] each.
+        Returns output rows [N, directions*P] and the final states in hx's layout.
+        """
+        kind = CELL_OF_MODE[self.mode]
+        num_directions = 2 if self.bidirectional else 1
+        backend = backends.resolve(self.backend, kind.name, input.device, input.dtype,
+                                   self.hidden_size, self.proj_size)
+        layer_input = input
+        final_h, final_c = [], []
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(num_directions):
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_params(layer, direction)
+                index = layer * num_directions + direction
+                xproj = F.linear(layer_input, w_ih, b_ih)
+                output, h_n, c_n = ops.recurrence(
+                    kind.name, xproj, hx[0][index], hx[1][index] if kind.has_cell_state
+                    else None, w_hh, b_hh, w_hr, batch_sizes, direction == 1, backend)
+                outputs.append(output)
+                final_h.append(h_n)
+                final_c.append(c_n)
+            layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 1)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_input = F.dropout(layer_input, self.dropout, True)
+        state = (torch.stack(final_h),)
+        if kind.has_cell_state:
+            state += (torch.stack(final_c),)
+        return layer_input, state
+
+    def _zeros(self, input: Tensor, batch: int, size: int) -> Tensor:
+        num_directions = 2 if self.bidirectional else 1
+        return torch.zeros(self.num_layers * num_directions, batch, size,
+                           dtype=input.dtype, device=input.device)
+
+    def _forward(self, input, hx, state_checks):
+        """Common forward: unpack/batch the input, run, and repack like torch.nn."""
+        kind = CELL_OF_MODE[self.mode]
+        real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        orig_input = input
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            is_batched = True
+            max_batch_size = int(batch_sizes[0])
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(self._input_dim_message.format(input.dim()))
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                state_checks(hx, is_batched)
+                if not is_batched:
+                    hx = tuple(h.unsqueeze(1) for h in hx) if kind.has_cell_state \
+                        else hx.unsqueeze(1)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+        if hx is None:
+            hx = self._zeros(input, max_batch_size, real_hidden_size)
+            if kind.has_cell_state:
+                hx = (hx, self._zeros(input, max_batch_size, self.hidden_size))
+        self.check_forward_args(input, hx, batch_sizes)
+        hx = self.permute_hidden(hx, sorted_indices)
+        state = hx if kind.has_cell_state else (hx,)
+
+        if batch_sizes is None:
+            if input.size(0 if not self.batch_first else 1) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            time_major = input.transpose(0, 1) if self.batch_first else input
+            steps, batch = time_major.shape[:2]
+            rows, state = self._run(time_major.reshape(steps * batch, -1), state, None)
+            output = rows.view(steps, batch, -1)
+            if self.batch_first:
+                output = output.transpose(0, 1)
+        else:
+            rows, state = self._run(input, state, batch_sizes)
+            output = PackedSequence(rows, batch_sizes, sorted_indices, unsorted_indices)
+        hidden = self.permute_hidden(state if kind.has_cell_state else state[0],
+                                     unsorted_indices)
+        if not is_batched:
+            output = output.squeeze(0 if self.batch_first else 1)
+            hidden = tuple(h.squeeze(1) for h in hidden) if kind.has_cell_state \
+                else hidden.squeeze(1)
+        return output, hidden
+
+
+class _SingleStateRNN(RNNBase):
+    """GRU and RNN: the hidden state is one tensor."""
+
+    def _check_hx_dims(self, hx, is_batched):
+        if is_batched and hx.dim() != 3:
+            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got "
+                               f"{hx.dim()}-D tensor")
+        if not is_batched and hx.dim() != 2:
+            raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got "
+                               f"{hx.dim()}-D tensor")
+
+    def forward(self, input, hx=None):
+        return self._forward(input, hx, self._check_hx_dims)
+
+
+class RNN(_SingleStateRNN):
+    """Drop-in for :class:`torch.nn.RNN` (tanh or relu), plus ``backend=``."""
+
+    _input_dim_message = "RNN: Expected input to be 2D or 3D, got {}D tensor instead"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        if self.nonlinearity == "tanh":
+            mode = "RNN_TANH"
+        elif self.nonlinearity == "relu":
+            mode = "RNN_RELU"
+        else:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from "
+                             "'tanh' or 'relu'.")
+        super().__init__(mode, *args, **kwargs)
+
+
+class GRU(_SingleStateRNN):
+    """Drop-in for :class:`torch.nn.GRU`, plus ``backend=``."""
+
+    _input_dim_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
+
+    def __init__(self, *args, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+
+
+class LSTM(RNNBase):
+    """Drop-in for :class:`torch.nn.LSTM` (with ``proj_size``), plus ``backend=``."""
+
+    _input_dim_message = "LSTM: Expected input to be 2D or 3D, got {}D instead"
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    check_forward_args = nn.LSTM.check_forward_args
+    permute_hidden = nn.LSTM.permute_hidden
+
+    def __init__(self, *args, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+
+    @staticmethod
+    def _check_hx_dims(hx, is_batched):
+        want = 3 if is_batched else 2
+        if hx[0].dim() != want or hx[1].dim() != want:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx and cx should also be {want}-D but got "
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+
+    def forward(self, input, hx=None):
+        return self._forward(input, hx, self._check_hx_dims)

@@ -1,0 +1,121 @@
+"""Gate math shared by every Triton kernel of the backend, as @triton.jit helpers.
+
+The step kernels and the persistent kernels call these same functions, so one piece of math
+serves both kernel shapes. Everything runs in float32. No libdevice: ``tanh`` and
+``sigmoid`` are built from ``exp`` of a non-positive argument, so they never overflow for
+large |x| (and work under TRITON_INTERPRET=1).
+
+Conventions (match fastrnn.backends.reference):
+- a* are pre-activations, d* gradients; the workspace holds activated gates.
+- backward helpers take the gradient w.r.t. the cell's own h (before any projection).
+"""
+import triton
+import triton.language as tl
+
+# Cell ids: the CELL constexpr of every kernel.
+LSTM = 0
+GRU = 1
+RNN_TANH = 2
+RNN_RELU = 3
+CELL_IDS = {"lstm": LSTM, "gru": GRU, "rnn_tanh": RNN_TANH, "rnn_relu": RNN_RELU}
+NUM_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+@triton.jit
+def sigmoid(x):
+    # exp(-|x|) <= 1: no overflow; both branches are accurate in relative terms.
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def tanh(x):
+    # tanh(|x|) = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1; for tiny |x| the difference
+    # 1 - e cancels, so use the odd Taylor series there (error < 1e-9 for |x| < 0.05).
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = ax * ax
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(ax < 0.05, small, big)
+    return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def matmul(a, b, like, DOT_F32: tl.constexpr):
+    """a @ b with float32 accumulation; operands cast to ``like``'s dtype (the weights').
+
+    float32 runs in IEEE precision (no TF32), so float32 parity holds to 1e-5.
+    """
+    if DOT_F32:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        acc = tl.dot(a.to(like.dtype), b.to(like.dtype))
+    return acc
+
+
+# ---------------------------------------------------------------- LSTM (gates i, f, g, o)
+
+@triton.jit
+def lstm_forward(ai, af, ag, ao, c_prev):
+    i = sigmoid(ai)
+    f = sigmoid(af)
+    g = tanh(ag)
+    o = sigmoid(ao)
+    c = f * c_prev + i * g
+    h = o * tanh(c)
+    return i, f, g, o, c, h
+
+
+@triton.jit
+def lstm_backward(i, f, g, o, c, c_prev, dh, dc):
+    """-> pre-activation gradients (i, f, g, o) and the gradient w.r.t. c_prev."""
+    tc = tanh(c)
+    dc = dc + dh * o * (1.0 - tc * tc)
+    dai = dc * g * i * (1.0 - i)
+    daf = dc * c_prev * f * (1.0 - f)
+    dag = dc * i * (1.0 - g * g)
+    dao = dh * tc * o * (1.0 - o)
+    return dai, daf, dag, dao, dc * f
+
+
+# ---------------------------------------------------------------- GRU (gates r, z, n)
+
+@triton.jit
+def gru_forward(xr, xz, xn, hr, hz, hn, h_prev):
+    """x* from the input projection, h* = h_prev @ W_h*.T + b_h* (hn is kept for backward)."""
+    r = sigmoid(xr + hr)
+    z = sigmoid(xz + hz)
+    n = tanh(xn + r * hn)
+    h = (1.0 - z) * n + z * h_prev
+    return r, z, n, h
+
+
+@triton.jit
+def gru_backward(r, z, n, hn, h_prev, dh):
+    """-> (d xr, d xz, d xn, d hn, direct part of d h_prev); d hr = d xr, d hz = d xz."""
+    dan = dh * (1.0 - z) * (1.0 - n * n)
+    dar = dan * hn * r * (1.0 - r)
+    daz = dh * (h_prev - n) * z * (1.0 - z)
+    return dar, daz, dan, dan * r, dh * z
+
+
+# ---------------------------------------------------------------- Elman RNN
+
+@triton.jit
+def rnn_forward(a, RELU: tl.constexpr):
+    if RELU:
+        h = tl.maximum(a, 0.0)
+    else:
+        h = tanh(a)
+    return h
+
+
+@triton.jit
+def rnn_backward(h, dh, RELU: tl.constexpr):
+    """The derivative is read off the output h itself (the workspace is empty)."""
+    if RELU:
+        da = tl.where(h > 0, dh, 0.0)
+    else:
+        da = dh * (1.0 - h * h)
+    return da

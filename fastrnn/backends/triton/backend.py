@@ -1,0 +1,143 @@
+"""The triton backend: picks the persistent kernel where the weights fit on chip, else the
+step path, and keeps the op contract of fastrnn.ops (shapes, packed layout, workspace)."""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from ..base import Backend
+from . import persistent, step
+from ._gates import CELL_IDS, GRU, LSTM, NUM_GATES
+from ._layout import previous_rows, step_layout
+from .autotune import interpreted
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNELS = ("auto", "step", "persistent")
+HALF = (torch.float16, torch.bfloat16)
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+class TritonBackend(Backend):
+    """``kernel``: "auto" (persistent where it fits, else step), "step" or "persistent";
+    None reads FASTRNN_TRITON_KERNEL (default auto) at every call."""
+
+    name = "triton"
+
+    def __init__(self, kernel: Optional[str] = None):
+        if kernel is not None and kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel = kernel
+
+    # ------------------------------------------------------------ what can run
+
+    def _kernel_choice(self) -> str:
+        choice = self.kernel or os.environ.get("FASTRNN_TRITON_KERNEL", "auto") or "auto"
+        if choice not in KERNELS:
+            raise ValueError(f"FASTRNN_TRITON_KERNEL={choice!r}; allowed: {', '.join(KERNELS)}")
+        return choice
+
+    def _persistent(self, cell, hidden, proj) -> bool:
+        choice = self._kernel_choice()
+        return choice == "persistent" or (
+            choice == "auto" and persistent.fits(NUM_GATES[cell], hidden, proj))
+
+    def unavailable_reason(self, device):
+        device = torch.device(device)
+        if interpreted(step._step_forward_kernel):
+            return None if device.type in ("cpu", "cuda") else \
+                f"the Triton interpreter runs on cpu tensors, not {device.type}"
+        if device.type == "cuda":
+            return None if torch.cuda.is_available() else "no CUDA device is present"
+        if device.type == "cpu":
+            return ("Triton kernels run on CPU only under the interpreter (TRITON_INTERPRET=1 set "
+                    "before fastrnn.backends.triton is imported), which is meant for tests")
+        return f"Triton kernels do not run on {device.type} tensors"
+
+    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size):
+        if dtype not in SUPPORTED_DTYPES:
+            return f"dtype {dtype} is not supported (float32, float16 and bfloat16 are)"
+        if cell not in CELL_IDS:
+            return f"unknown cell {cell!r}"
+        if (self._kernel_choice() == "persistent"
+                and not persistent.fits(NUM_GATES[cell], hidden_size, proj_size)):
+            return (f"the persistent kernel cannot hold the weights of hidden_size={hidden_size}"
+                    f", proj_size={proj_size} on chip; use FASTRNN_TRITON_KERNEL=auto or step")
+        return None
+
+    def _dot_f32(self, dtype) -> bool:
+        # the interpreter's tl.dot is wrong for bfloat16 operands: multiply in float32 there
+        return dtype == torch.float32 or (
+            dtype == torch.bfloat16 and interpreted(step._step_forward_kernel))
+
+    # ------------------------------------------------------------ forward
+
+    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
+        cell_id, G = CELL_IDS[cell], NUM_GATES[cell]
+        xproj, h0, c0, w_hh, b_hh, w_hr = map(_c, (xproj, h0, c0, w_hh, b_hh, w_hr))
+        dtype, dev = xproj.dtype, xproj.device
+        acc = torch.float32 if dtype in HALF else dtype
+        N, (B, P), H = xproj.shape[0], h0.shape, w_hh.shape[0] // G
+        width = {LSTM: 5 * H + (H if w_hr is not None else 0), GRU: 4 * H}.get(cell_id, 0)
+        output = torch.empty(N, P, dtype=dtype, device=dev)
+        ws = torch.empty(N, width, dtype=acc, device=dev)
+        sizes, offsets = step_layout(N, B, batch_sizes)
+        if N == 0:
+            return output, h0.clone(), None if c0 is None else c0.clone(), ws
+
+        if self._persistent(cell, H, P if w_hr is not None else 0):
+            bs, offs = self._steps_on(dev, sizes, offsets)
+            h_n = torch.empty_like(h0)
+            c_n = None if c0 is None else torch.empty_like(c0)
+            persistent.forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, bs, offs, reverse,
+                               output, ws, h_n, c_n, self._dot_f32(dtype))
+            return output, h_n, c_n, ws
+
+        c32 = None if c0 is None else c0.to(torch.float32)
+        h_n, c_n = step.forward(cell_id, xproj, h0, c32, w_hh, b_hh, w_hr, sizes, offsets,
+                                reverse, output, ws)
+        return output, h_n, None if c_n is None else c_n.to(dtype), ws
+
+    # ------------------------------------------------------------ backward
+
+    def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
+                 batch_sizes, reverse, output, workspace):
+        cell_id, G = CELL_IDS[cell], NUM_GATES[cell]
+        (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace) = map(
+            _c, (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace))
+        dtype, dev = output.dtype, output.device
+        N, (B, P), H = output.shape[0], h0.shape, w_hh.shape[0] // G
+        sizes, offsets = step_layout(N, B, batch_sizes)
+        if N == 0:
+            return (output.new_zeros(0, G * H), grad_h_n.clone(),
+                    None if grad_c_n is None else grad_c_n.clone(), torch.zeros_like(w_hh),
+                    w_hh.new_zeros(G * H), None if w_hr is None else torch.zeros_like(w_hr))
+
+        if self._persistent(cell, H, P if w_hr is not None else 0):
+            bs, offs = self._steps_on(dev, sizes, offsets)
+            gx, gh0, gc0, gw, gb, gwr = persistent.backward(
+                cell_id, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, bs, offs,
+                reverse, output, workspace, self._dot_f32(dtype))
+        else:
+            # every row's state before its step, for the weight gradient and the gate math
+            prev = previous_rows(sizes, offsets, B, reverse, dev)
+            h_prev_all = torch.cat([h0, output])[prev]
+            c_prev_all = None if c0 is None else torch.cat(
+                [c0.to(workspace.dtype), workspace[:, 4 * H:5 * H]])[prev]
+            gx, gh0, gc0, d_hh, d_out_all = step.backward(
+                cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
+                sizes, offsets, reverse, output, workspace)
+            gw = d_hh.t() @ h_prev_all  # one GEMM over all steps
+            gb = d_hh.sum(0)
+            gwr = None if w_hr is None else d_out_all.t() @ workspace[:, 5 * H:6 * H]
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return cast(gx), cast(gh0), cast(gc0), cast(gw), cast(gb), cast(gwr)
+
+    @staticmethod
+    def _steps_on(device, sizes, offsets):
+        steps = torch.tensor([sizes, offsets[:-1]], dtype=torch.int32).to(device)
+        return steps[0], steps[1]

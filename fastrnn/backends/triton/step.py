@@ -1,0 +1,240 @@
+"""Step path: one recurrent GEMM (torch.mm, cuBLAS) + one fused pointwise kernel per step.
+
+Serves any hidden size. Per step t with ``n`` live rows (the first n of the batch):
+
+  forward   hh = h[:n] @ w_hh.T                                   (torch.mm, input dtype)
+            pointwise kernel: gates, c, h -> workspace, state, output
+            [lstm with projection: output = h_raw @ w_hr.T          (torch.mm)]
+  backward  [projection: d_out = dh[:n] + grad_output; dh_raw = d_out @ w_hr]
+            pointwise kernel: gate gradients -> grad_xproj (+ d_hh for gru), dc state
+            dh[:n] = d_hh @ w_hh (+ direct part for gru)          (torch.mm)
+            after the loop: grad_w_hh = d_hh_all.T @ h_prev_all   (one GEMM over all steps)
+
+State rows beyond n are left alone, which is exactly the packed-sequence semantics of the
+contract for both directions (see fastrnn.ops).
+
+The pointwise kernels update state tensors in place (each element read and written by the
+same program), so they are launched with heuristic block sizes, not autotuned.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from ._gates import (GRU, LSTM, RNN_RELU, RNN_TANH, gru_backward, gru_forward, lstm_backward,
+                     lstm_forward, rnn_backward, rnn_forward)
+
+
+# ---------------------------------------------------------------- heuristics
+
+def _blocks(rows: int, hidden: int):
+    """Tile of BLOCK_B rows x BLOCK_H hidden units, ~2K elements per program."""
+    block_h = min(triton.next_power_of_2(max(hidden, 1)), 128)
+    block_b = min(triton.next_power_of_2(max(rows, 1)), max(1, 2048 // block_h))
+    num_warps = 4 if block_b * block_h >= 1024 else 2
+    return block_b, block_h, num_warps
+
+
+# ---------------------------------------------------------------- kernels
+
+@triton.jit
+def _step_forward_kernel(
+    xp_ptr,    # [n, G*H] input projection rows of this step (input dtype)
+    hh_ptr,    # [n, G*H] h_prev @ w_hh.T, without bias (input dtype)
+    b_ptr,     # [G*H] b_hh (read only if HAS_BIAS)
+    h_ptr,     # [n, H] hidden state: in h_prev (gru), out new h (no projection)
+    c_ptr,     # [n, H] float32 cell state: in c_prev, out new c (lstm)
+    ws_ptr,    # [n, WS_STRIDE] workspace rows of this step (float32 for half inputs)
+    out_ptr,   # [n, H] output rows of this step (no projection)
+    n, H, WS_STRIDE,
+    CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    mask = (rows < n) & (cols < H)
+    G = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    xp = xp_ptr + rows * (G * H) + cols
+    hh = hh_ptr + rows * (G * H) + cols
+    ws = ws_ptr + rows * WS_STRIDE + cols
+    state = rows * H + cols
+
+    # gate g: input part x_g and recurrent part r_g (bias included), float32
+    x0 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+    r0 = tl.load(hh, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        r0 += tl.load(b_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+    if G > 1:
+        x1 = tl.load(xp + H, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(xp + 2 * H, mask=mask, other=0.0).to(tl.float32)
+        r1 = tl.load(hh + H, mask=mask, other=0.0).to(tl.float32)
+        r2 = tl.load(hh + 2 * H, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            r1 += tl.load(b_ptr + H + cols, mask=cols < H, other=0.0).to(tl.float32)
+            r2 += tl.load(b_ptr + 2 * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+
+    if CELL == LSTM:
+        x3 = tl.load(xp + 3 * H, mask=mask, other=0.0).to(tl.float32)
+        r3 = tl.load(hh + 3 * H, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            r3 += tl.load(b_ptr + 3 * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+        c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
+        i, f, g, o, c, h = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev)
+        tl.store(ws, i, mask=mask)
+        tl.store(ws + H, f, mask=mask)
+        tl.store(ws + 2 * H, g, mask=mask)
+        tl.store(ws + 3 * H, o, mask=mask)
+        tl.store(ws + 4 * H, c, mask=mask)
+        tl.store(c_ptr + state, c, mask=mask)
+        if HAS_PROJ:
+            tl.store(ws + 5 * H, h, mask=mask)  # h before projection; the host projects it
+    elif CELL == GRU:
+        h_prev = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
+        r, z, nn, h = gru_forward(x0, x1, x2, r0, r1, r2, h_prev)
+        tl.store(ws, r, mask=mask)
+        tl.store(ws + H, z, mask=mask)
+        tl.store(ws + 2 * H, nn, mask=mask)
+        tl.store(ws + 3 * H, r2, mask=mask)
+    else:
+        h = rnn_forward(x0 + r0, CELL == RNN_RELU)
+
+    if not HAS_PROJ:
+        tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(h_ptr + state, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _step_backward_kernel(
+    dh_ptr,     # [n, H] float32 grad w.r.t. this step's h (carried state, or dh_raw)
+    dout_ptr,   # [n, H] grad_output rows, added to dh if ADD_DOUT
+    ws_ptr,     # [n, WS_STRIDE] workspace rows of this step
+    hprev_ptr,  # [n, H] h before this step (gru)
+    cprev_ptr,  # [n, H] float32 c before this step (lstm)
+    h_ptr,      # [n, H] output rows of this step (rnn: the derivative is read off h)
+    dc_ptr,     # [n, H] float32 cell grad: in from later steps, out w.r.t. c_prev (lstm)
+    gx_ptr,     # [n, G*H] out: grad_xproj rows (input dtype)
+    dhh_ptr,    # [n, G*H] out (gru): grad w.r.t. h_prev @ w_hh.T + b_hh
+    ddir_ptr,   # [n, H] float32 out (gru): direct part of grad h_prev (may alias dh_ptr)
+    n, H, WS_STRIDE,
+    CELL: tl.constexpr, ADD_DOUT: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    mask = (rows < n) & (cols < H)
+    G = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    ws = ws_ptr + rows * WS_STRIDE + cols
+    gx = gx_ptr + rows * (G * H) + cols
+    state = rows * H + cols
+    ty = gx_ptr.dtype.element_ty
+
+    dh = tl.load(dh_ptr + state, mask=mask, other=0.0)
+    if ADD_DOUT:
+        dh += tl.load(dout_ptr + state, mask=mask, other=0.0).to(tl.float32)
+
+    if CELL == LSTM:
+        i = tl.load(ws, mask=mask, other=0.0)
+        f = tl.load(ws + H, mask=mask, other=0.0)
+        g = tl.load(ws + 2 * H, mask=mask, other=0.0)
+        o = tl.load(ws + 3 * H, mask=mask, other=0.0)
+        c = tl.load(ws + 4 * H, mask=mask, other=0.0)
+        c_prev = tl.load(cprev_ptr + state, mask=mask, other=0.0)
+        dc = tl.load(dc_ptr + state, mask=mask, other=0.0)
+        dai, daf, dag, dao, dc_prev = lstm_backward(i, f, g, o, c, c_prev, dh, dc)
+        tl.store(gx, dai.to(ty), mask=mask)
+        tl.store(gx + H, daf.to(ty), mask=mask)
+        tl.store(gx + 2 * H, dag.to(ty), mask=mask)
+        tl.store(gx + 3 * H, dao.to(ty), mask=mask)
+        tl.store(dc_ptr + state, dc_prev, mask=mask)
+    elif CELL == GRU:
+        r = tl.load(ws, mask=mask, other=0.0)
+        z = tl.load(ws + H, mask=mask, other=0.0)
+        nn = tl.load(ws + 2 * H, mask=mask, other=0.0)
+        hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
+        h_prev = tl.load(hprev_ptr + state, mask=mask, other=0.0).to(tl.float32)
+        dar, daz, dan, dhn, direct = gru_backward(r, z, nn, hn, h_prev, dh)
+        tl.store(gx, dar.to(ty), mask=mask)
+        tl.store(gx + H, daz.to(ty), mask=mask)
+        tl.store(gx + 2 * H, dan.to(ty), mask=mask)
+        dhh = dhh_ptr + rows * (G * H) + cols
+        tl.store(dhh, dar.to(ty), mask=mask)
+        tl.store(dhh + H, daz.to(ty), mask=mask)
+        tl.store(dhh + 2 * H, dhn.to(ty), mask=mask)
+        tl.store(ddir_ptr + state, direct, mask=mask)
+    else:
+        h = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gx, rnn_backward(h, dh, CELL == RNN_RELU).to(ty), mask=mask)
+
+
+# ---------------------------------------------------------------- launchers
+
+def _launch(kernel, n, hidden, *args, **meta):
+    block_b, block_h, num_warps = _blocks(n, hidden)
+    grid = (triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))
+    kernel[grid](*args, BLOCK_B=block_b, BLOCK_H=block_h, num_warps=num_warps, **meta)
+
+
+def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, output, ws):
+    """Fill ``output`` [N, P] and ``ws`` [N, W]; return the final (h, c) states.
+
+    ``c0`` is float32 or None; ``h`` stays in the input dtype (the GEMM's operand dtype).
+    """
+    H = w_hh.shape[0] // (4 if cell_id == LSTM else 3 if cell_id == GRU else 1)
+    h = h0.clone()
+    c = None if c0 is None else c0.clone()
+    w_t = w_hh.t()
+    dummy = ws
+    for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
+        n, rows = sizes[t], slice(offsets[t], offsets[t + 1])
+        hh = torch.mm(h[:n], w_t)
+        _launch(_step_forward_kernel, n, H,
+                xproj[rows], hh, dummy if b_hh is None else b_hh, h[:n],
+                dummy if c is None else c[:n], ws[rows], output[rows],
+                n, H, ws.shape[1],
+                CELL=cell_id, HAS_BIAS=b_hh is not None, HAS_PROJ=w_hr is not None)
+        if w_hr is not None:
+            h_raw = ws[rows, 5 * H:6 * H]
+            torch.mm(h_raw.to(w_hr.dtype), w_hr.t(), out=output[rows])
+            h[:n] = output[rows]
+    return h, c
+
+
+def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
+             sizes, offsets, reverse, output, ws):
+    """-> (grad_xproj, grad_h0 fp32, grad_c0 fp32 or None, d_hh_all, d_out_all or None).
+
+    ``h_prev_all``/``c_prev_all`` [N, .]: every row's state before its step. The caller
+    forms the weight gradients from d_hh_all (and d_out_all for the projection).
+    """
+    G = 4 if cell_id == LSTM else 3 if cell_id == GRU else 1
+    H = w_hh.shape[0] // G
+    N = output.shape[0]
+    dtype = output.dtype
+    grad_xproj = torch.empty(N, G * H, dtype=dtype, device=output.device)
+    d_hh = torch.empty_like(grad_xproj) if cell_id == GRU else grad_xproj
+    d_out_all = None if w_hr is None else torch.empty(N, w_hr.shape[0], dtype=torch.float32,
+                                                      device=output.device)
+    dh = grad_h_n.to(torch.float32, copy=True)
+    dc = None if grad_c_n is None else grad_c_n.to(torch.float32, copy=True)
+    w_hr32 = None if w_hr is None else w_hr.to(torch.float32)
+    dummy = ws
+    for t in (range(len(sizes)) if reverse else reversed(range(len(sizes)))):
+        n, rows = sizes[t], slice(offsets[t], offsets[t + 1])
+        if w_hr is not None:
+            d_out = torch.add(dh[:n], grad_output[rows], out=d_out_all[rows])
+            dh_cell, dout = torch.mm(d_out, w_hr32), dummy
+        else:
+            dh_cell, dout = dh[:n], grad_output[rows]
+        _launch(_step_backward_kernel, n, H,
+                dh_cell, dout, ws[rows],
+                dummy if cell_id != GRU else h_prev_all[rows],
+                dummy if c_prev_all is None else c_prev_all[rows],
+                output[rows], dummy if dc is None else dc[:n],
+                grad_xproj[rows], d_hh[rows], dh[:n],
+                n, H, ws.shape[1],
+                CELL=cell_id, ADD_DOUT=w_hr is None)
+        recurrent = torch.mm(d_hh[rows], w_hh)
+        if cell_id == GRU:
+            dh[:n] += recurrent  # the kernel stored the direct part z * dh
+        else:
+            dh[:n] = recurrent
+    return grad_xproj, dh, dc, d_hh, d_out_all

@@ -130,6 +130,10 @@ def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_ba
                          f"got {list(c0.shape)}")
     if b_hh is not None and list(b_hh.shape) != [gates]:
         raise ValueError(f"fastrnn.{kind.name}: b_hh must be [{gates}], got {list(b_hh.shape)}")
+    for name, tensor in (("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hh", b_hh), ("w_hr", w_hr)):
+        if tensor is not None and tensor.dtype != xproj.dtype:
+            raise ValueError(f"fastrnn.{kind.name}: {name} dtype {tensor.dtype} does not match "
+                             f"xproj dtype {xproj.dtype}")
     rows = xproj.shape[0]
     if batch_sizes is None:
         if (batch and rows % batch) or (not batch and rows):

@@ -33,10 +33,10 @@ def get(name: str) -> Backend:
             raise ValueError(f"unknown fastrnn backend {name!r}; "
                              f"known backends are {', '.join(BACKEND_NAMES)} and 'auto'")
         try:
-            module = importlib.import_module(f"{__name__}.{name}")
-            _loaded[name] = module.BACKEND
-        except ImportError as exc:  # backend not shipped or its dependency missing
-            _loaded[name] = _Missing(name, f"cannot import fastrnn.backends.{name}: {exc}")
+            _loaded[name] = importlib.import_module(f"{__name__}.{name}").BACKEND
+        except Exception as exc:  # not shipped, a dependency missing, or broken: say which
+            _loaded[name] = _Missing(name, f"cannot load fastrnn.backends.{name}: "
+                                           f"{type(exc).__name__}: {exc}")
     return _loaded[name]
 
 

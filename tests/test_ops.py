@@ -1,0 +1,176 @@
+"""The op boundary: explicit backward against autograd, gradcheck, opcheck, torch.compile,
+and the ops' own argument checks."""
+import pytest
+import torch
+
+import fastrnn
+from fastrnn import backends, ops
+from fastrnn.cells import CELLS
+
+from parity import cpu_backends
+
+# (cell, proj) pairs: lstm also with a projection.
+CASES = [("lstm", 0), ("lstm", 2), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0)]
+LAYOUTS = {"dense": None, "packed": torch.tensor([3, 3, 2, 1, 1])}
+
+
+def make_op_inputs(cell, proj, batch_sizes, dtype=torch.float64, batch=3, hidden=4, steps=5,
+                   bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+
+    kind = CELLS[cell]
+    gates = kind.num_gates * hidden
+    width = proj or hidden
+    rows = steps * batch if batch_sizes is None else int(batch_sizes.sum())
+    return dict(xproj=rand(rows, gates), h0=rand(batch, width),
+                c0=rand(batch, hidden) if kind.has_cell_state else None,
+                w_hh=rand(gates, width) * 0.5, b_hh=rand(gates) if bias else None,
+                w_hr=rand(proj, hidden) if proj else None)
+
+
+def call(cell, inputs, batch_sizes, reverse, backend):
+    return ops.recurrence(cell, inputs["xproj"], inputs["h0"], inputs["c0"], inputs["w_hh"],
+                          inputs["b_hh"], inputs["w_hr"], batch_sizes, reverse, backend)
+
+
+def leaves(inputs):
+    return [t for t in inputs.values() if t is not None]
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("cell,proj", CASES)
+def test_reference_backward_matches_autograd(cell, proj, layout, reverse):
+    """The explicit backward equals autograd differentiating the reference forward."""
+    reference = backends.get("reference")
+    batch_sizes = LAYOUTS[layout]
+    inputs = make_op_inputs(cell, proj, batch_sizes)
+    output, h_n, c_n, workspace = reference.forward(cell, **inputs, batch_sizes=batch_sizes,
+                                                    reverse=reverse)
+    gen = torch.Generator().manual_seed(1)
+    grad_output = torch.randn(output.shape, generator=gen, dtype=output.dtype)
+    grad_h_n = torch.randn(h_n.shape, generator=gen, dtype=h_n.dtype)
+    grad_c_n = None if c_n is None else torch.randn(c_n.shape, generator=gen, dtype=c_n.dtype)
+    outs = [output, h_n] + ([c_n] if c_n is not None else [])
+    upstream = [grad_output, grad_h_n] + ([grad_c_n] if c_n is not None else [])
+    expected = torch.autograd.grad(outs, leaves(inputs), upstream)
+    detached = {k: None if v is None else v.detach() for k, v in inputs.items()}
+    del detached["xproj"]
+    explicit = reference.backward(cell, grad_output, grad_h_n, grad_c_n, **detached,
+                                  batch_sizes=batch_sizes, reverse=reverse,
+                                  output=output.detach(), workspace=workspace.detach())
+    explicit = [g for g in explicit if g is not None]
+    assert len(explicit) == len(expected)
+    for got, want in zip(explicit, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("cell,proj", CASES)
+def test_gradcheck(cell, proj, layout, reverse, backend):
+    batch_sizes = LAYOUTS[layout]
+    inputs = make_op_inputs(cell, proj, batch_sizes, steps=5, batch=3, hidden=3)
+    names = [k for k, v in inputs.items() if v is not None]
+
+    def fn(*tensors):
+        given = dict(inputs, **dict(zip(names, tensors)))
+        return tuple(t for t in call(cell, given, batch_sizes, reverse, backend)
+                     if t is not None)
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs[k].detach().requires_grad_()
+                                              for k in names))
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("cell,proj", CASES + [("lstm_nobias", 0)])
+def test_opcheck(cell, proj, layout, backend):
+    bias = cell != "lstm_nobias"
+    cell = cell.replace("_nobias", "")
+    batch_sizes = LAYOUTS[layout]
+    inputs = make_op_inputs(cell, proj, batch_sizes, dtype=torch.float32, bias=bias)
+    kind = CELLS[cell]
+    args = [inputs["xproj"], inputs["h0"]]
+    if kind.has_cell_state:
+        args += [inputs["c0"], inputs["w_hh"], inputs["b_hh"], inputs["w_hr"]]
+    else:
+        args += [inputs["w_hh"], inputs["b_hh"]]
+    args += [batch_sizes, True, backend]
+    forward = getattr(torch.ops.fastrnn, f"{cell}_forward").default
+    torch.library.opcheck(forward, args)
+    with torch.no_grad():
+        output, h_n, *rest = forward(*[a.detach() if isinstance(a, torch.Tensor) else a
+                                       for a in args])
+    workspace = rest[-1]
+    state = [a for a in args[1:1 + (2 if kind.has_cell_state else 1)]]
+    grads = [torch.randn_like(output), torch.randn_like(h_n)]
+    if kind.has_cell_state:
+        grads.append(torch.randn_like(rest[0]))
+    weights = args[len(state) + 1: len(args) - 3]
+    backward_args = grads + [s.detach() for s in state] + [
+        None if w is None else w.detach() for w in weights] + [batch_sizes, True, output,
+                                                               workspace, backend]
+    torch.library.opcheck(getattr(torch.ops.fastrnn, f"{cell}_backward").default,
+                          backward_args)
+
+
+def test_op_rejects_bad_shapes_and_layouts():
+    inputs = make_op_inputs("gru", 0, None)
+    with pytest.raises(ValueError, match=r"xproj must be \[rows, 12\]"):
+        call("gru", dict(inputs, xproj=torch.zeros(15, 5, dtype=torch.float64)), None, False,
+             "reference")
+    with pytest.raises(ValueError, match="not a multiple of the batch size 3"):
+        call("gru", dict(inputs, xproj=torch.zeros(14, 12, dtype=torch.float64)), None, False,
+             "reference")
+    with pytest.raises(ValueError, match="non-increasing"):
+        call("gru", inputs, torch.tensor([3, 1, 2, 3, 3]), False, "reference")
+    with pytest.raises(ValueError, match="batch_sizes sum to 13"):
+        call("gru", inputs, torch.tensor([3, 3, 3, 3, 1]), False, "reference")
+    with pytest.raises(ValueError, match="int64 CPU tensor"):
+        call("gru", inputs, torch.tensor([3, 3, 3, 3, 3], dtype=torch.int32), False,
+             "reference")
+    with pytest.raises(ValueError, match="h0 must be"):
+        call("gru", dict(inputs, h0=torch.zeros(3, 5, dtype=torch.float64)), None, False,
+             "reference")
+    with pytest.raises(ValueError, match="dtype"):
+        call("gru", dict(inputs, h0=inputs["h0"].float()), None, False, "reference")
+    with pytest.raises(ValueError, match="unknown fastrnn backend 'nope'"):
+        call("gru", inputs, None, False, "nope")
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = fastrnn.LSTM(4, 5, num_layers=2, bidirectional=True)
+            self.gru = fastrnn.GRU(10, 3)
+
+        def forward(self, x):
+            y, (h, c) = self.lstm(x)
+            z, g = self.gru(y)
+            return z.sum(-1) + h.sum() + c.sum() + g.sum()
+
+    torch.manual_seed(0)
+    model = Model()
+    x = torch.randn(6, 2, 4, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    eager_out = model(x)
+    compiled_out = compiled(x)
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-6, atol=1e-6)
+    eager_grads = torch.autograd.grad(eager_out.sum(), [x, *model.parameters()])
+    compiled_grads = torch.autograd.grad(compiled_out.sum(), [x, *model.parameters()])
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_torch_compile_inductor_matches_eager():
+    torch.manual_seed(0)
+    lstm = fastrnn.LSTM(4, 5)
+    x = torch.randn(6, 2, 4)
+    compiled = torch.compile(lstm, fullgraph=True)
+    torch.testing.assert_close(compiled(x)[0], lstm(x)[0], rtol=1e-6, atol=1e-6)

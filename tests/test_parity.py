@@ -1,0 +1,159 @@
+"""Parity of fastrnn.LSTM/GRU/RNN and cells with torch.nn: outputs, final states and the
+gradients of inputs, initial states and every parameter, over the whole argument grid."""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+from parity import cpu_backends, run_both, twin_of
+
+DTYPES = [torch.float64, torch.float32]
+MODULES = {"lstm": (nn.LSTM, {}), "lstm_proj": (nn.LSTM, {"proj_size": 2}),
+           "gru": (nn.GRU, {}), "rnn_tanh": (nn.RNN, {"nonlinearity": "tanh"}),
+           "rnn_relu": (nn.RNN, {"nonlinearity": "relu"})}
+FORMS = ["batched", "batch_first", "unbatched", "unbatched_batch_first", "packed_sorted",
+         "packed_unsorted"]
+LENGTHS = {"packed_sorted": [5, 3, 1], "packed_unsorted": [3, 5, 1]}  # length-1 included
+
+
+def make_inputs(module, form, init_state, dtype, steps=5, batch=3):
+    """A make_args() for run_both: fresh, seeded inputs in the given form."""
+    num_states = module.num_layers * (2 if module.bidirectional else 1)
+    width = module.proj_size if getattr(module, "proj_size", 0) else module.hidden_size
+
+    def make_args():
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+
+        if form.startswith("packed"):
+            leaves = [rand(n, module.input_size) for n in LENGTHS[form]]
+            x = pack_sequence(leaves, enforce_sorted=form == "packed_sorted")
+            batch_shape = (len(leaves),)
+        elif form.startswith("unbatched"):
+            x = rand(steps, module.input_size)
+            leaves, batch_shape = [x], ()
+        else:
+            shape = (batch, steps) if module.batch_first else (steps, batch)
+            x = rand(*shape, module.input_size)
+            leaves, batch_shape = [x], (batch,)
+        if not init_state:
+            return (x,), leaves
+        h = rand(num_states, *batch_shape, width)
+        if isinstance(module, nn.LSTM):
+            c = rand(num_states, *batch_shape, module.hidden_size)
+            return (x, (h, c)), leaves + [h, c]
+        return (x, h), leaves + [h]
+
+    return make_args
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("init_state", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("num_layers", [1, 2, 3])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_module_parity(kind, num_layers, bidirectional, bias, form, init_state, dtype, backend):
+    cls, extra = MODULES[kind]
+    torch.manual_seed(0)
+    reference = cls(3, 4, num_layers=num_layers, bias=bias, bidirectional=bidirectional,
+                    batch_first=form.endswith("batch_first"), dtype=dtype, **extra)
+    fast = twin_of(reference, backend)
+    run_both(reference, fast, make_inputs(reference, form, init_state, dtype), dtype)
+
+
+ODD_SIZES = {  # (input, hidden, steps, batch)
+    "T1": (3, 4, 1, 2), "H1": (2, 1, 4, 3), "B1": (3, 4, 5, 1), "H500": (7, 500, 3, 2),
+    "T63": (3, 5, 63, 2)}
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", list(ODD_SIZES))
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_odd_sizes(kind, size, dtype, backend):
+    cls, extra = MODULES[kind]
+    input_size, hidden, steps, batch = ODD_SIZES[size]
+    if "proj_size" in extra and hidden == 1:
+        pytest.skip("proj_size must be smaller than hidden_size")
+    torch.manual_seed(0)
+    reference = cls(input_size, hidden, bidirectional=True, dtype=dtype, **extra)
+    fast = twin_of(reference, backend)
+    run_both(reference, fast, make_inputs(reference, "batched", True, dtype, steps, batch),
+             dtype)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_dropout_between_layers(kind, backend):
+    """Training-mode dropout draws the same masks as torch.nn (same RNG use); eval mode none."""
+    cls, extra = MODULES[kind]
+    torch.manual_seed(0)
+    reference = cls(3, 4, num_layers=3, dropout=0.5, bidirectional=True,
+                    dtype=torch.float64, **extra)
+    fast = twin_of(reference, backend)
+    make_args = make_inputs(reference, "batched", True, torch.float64)
+    for training in (True, False):
+        reference.train(training)
+        fast.train(training)
+        torch.manual_seed(7)
+        out_ref = reference(*make_args()[0])[0]
+        torch.manual_seed(7)
+        out_fast = fast(*make_args()[0])[0]
+        torch.testing.assert_close(out_fast, out_ref, rtol=1e-10, atol=1e-10)
+    fast.train(True)
+    torch.manual_seed(7)
+    assert not torch.equal(fast(*make_args()[0])[0], out_fast), "dropout had no effect"
+
+
+CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn_tanh": nn.RNNCell,
+         "rnn_relu": nn.RNNCell}
+
+
+class Unroll(nn.Module):
+    """Calls a cell over a few steps, feeding its state back, as a decoder does."""
+
+    def __init__(self, cell, steps):
+        super().__init__()
+        self.cell, self.steps = cell, steps
+
+    def forward(self, x, hx=None):
+        outputs = []
+        for t in range(self.steps):
+            hx = self.cell(x[t], hx)
+            outputs.append(hx)
+        return outputs
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("init_state", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("steps", [1, 3])
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_parity(kind, steps, bias, batched, init_state, dtype, backend):
+    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    torch.manual_seed(0)
+    cell = CELLS[kind](3, 4, bias=bias, dtype=dtype, **extra)
+    fast = twin_of(cell, backend)
+    batch_shape = (2,) if batched else ()
+
+    def make_args():
+        gen = torch.Generator().manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=gen, dtype=dtype).requires_grad_()
+
+        x = rand(steps, *batch_shape, 3)
+        if not init_state:
+            return (x,), [x]
+        hx = (rand(*batch_shape, 4), rand(*batch_shape, 4)) if kind == "lstm" \
+            else rand(*batch_shape, 4)
+        return (x, hx), [x, *(hx if isinstance(hx, tuple) else (hx,))]
+
+    run_both(Unroll(cell, steps), Unroll(fast, steps), make_args, dtype)

@@ -1,0 +1,340 @@
+// The generic time loop, forward and backward, for every cell kind and device.
+//
+// Per step: ONE GEMM of the live hidden states with w_hh (at::mm_out into preallocated
+// buffers; on CUDA it runs on the current stream) and ONE fused pointwise pass (step.h),
+// supplied by the device policy `Dev` (recurrence_cpu.cpp: at::parallel_for over rows;
+// recurrence_cuda.cu: one kernel). Backward runs the steps in reverse and accumulates the
+// weight gradients as single GEMMs over all steps at the end.
+//
+// Dev provides:
+//   template <class scalar_t, class acc_t> static void forward_step(Cell, const ForwardStep&, int64_t rows);
+//   template <class scalar_t, class acc_t> static void backward_step(Cell, const BackwardStep&, int64_t rows);
+//   static void check_dtype(at::ScalarType);       // clear error for dtypes it lacks
+//   template <class F> static void dispatch(at::ScalarType, F f);  // f(scalar_t{}) per dtype
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/DeviceGuard.h>
+
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "step.h"
+
+namespace fastrnn {
+
+using at::Tensor;
+
+inline Cell parse_cell(c10::string_view name) {
+  if (name == "lstm") return Cell::LSTM;
+  if (name == "gru") return Cell::GRU;
+  if (name == "rnn_tanh") return Cell::RNN_TANH;
+  if (name == "rnn_relu") return Cell::RNN_RELU;
+  TORCH_CHECK(false, "fastrnn native: unknown cell '", std::string(name),
+              "'; expected one of lstm, gru, rnn_tanh, rnn_relu");
+}
+
+// Calls body(std::integral_constant<Cell, c>) so the cell is a compile-time constant inside.
+template <class Body>
+void with_cell(Cell cell, Body&& body) {
+  switch (cell) {
+    case Cell::LSTM: body(std::integral_constant<Cell, Cell::LSTM>()); break;
+    case Cell::GRU: body(std::integral_constant<Cell, Cell::GRU>()); break;
+    case Cell::RNN_TANH: body(std::integral_constant<Cell, Cell::RNN_TANH>()); break;
+    case Cell::RNN_RELU: body(std::integral_constant<Cell, Cell::RNN_RELU>()); break;
+  }
+}
+
+inline int64_t num_gates(Cell cell) {
+  return cell == Cell::LSTM ? 4 : (cell == Cell::GRU ? 3 : 1);
+}
+
+inline int64_t workspace_width(Cell cell, int64_t H, bool proj) {
+  if (cell == Cell::LSTM) return 5 * H + (proj ? H : 0);
+  if (cell == Cell::GRU) return 4 * H;
+  return 0;
+}
+
+// Steps in packed time-major order (fastrnn/ops.py): sizes[t] live rows starting at
+// offsets[t]; `order` lists the steps in processing order (T-1 .. 0 when reverse).
+struct Layout {
+  std::vector<int64_t> sizes, offsets, order;
+};
+
+inline Layout make_layout(int64_t N, int64_t B, const c10::optional<Tensor>& batch_sizes,
+                          bool reverse) {
+  Layout l;
+  if (batch_sizes.has_value() && batch_sizes->defined()) {
+    const Tensor& bs = *batch_sizes;
+    TORCH_CHECK(bs.dim() == 1 && bs.device().is_cpu() && bs.scalar_type() == at::kLong,
+                "fastrnn native: batch_sizes must be a 1-D CPU int64 tensor, got ",
+                bs.sizes(), " ", bs.scalar_type(), " on ", bs.device());
+    auto acc = bs.accessor<int64_t, 1>();
+    int64_t total = 0;
+    for (int64_t t = 0; t < bs.size(0); ++t) {
+      int64_t s = acc[t];
+      TORCH_CHECK(s > 0 && s <= (t == 0 ? B : l.sizes.back()),
+                  "fastrnn native: batch_sizes must be positive and non-increasing with "
+                  "batch_sizes[0] == batch (", B, "); got ", s, " at step ", t);
+      l.sizes.push_back(s);
+      total += s;
+    }
+    TORCH_CHECK(l.sizes.empty() || l.sizes[0] == B, "fastrnn native: batch_sizes[0] (",
+                l.sizes.empty() ? 0 : l.sizes[0], ") must equal the batch size of h0 (", B, ")");
+    TORCH_CHECK(total == N, "fastrnn native: sum(batch_sizes) = ", total,
+                " but xproj has ", N, " rows");
+  } else {
+    TORCH_CHECK(B > 0 ? N % B == 0 : N == 0, "fastrnn native: xproj has ", N,
+                " rows, not a multiple of the batch size ", B);
+    l.sizes.assign(B > 0 ? N / B : 0, B);
+  }
+  const int64_t T = static_cast<int64_t>(l.sizes.size());
+  l.offsets.resize(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) l.offsets[t + 1] = l.offsets[t] + l.sizes[t];
+  for (int64_t k = 0; k < T; ++k) l.order.push_back(reverse ? T - 1 - k : k);
+  return l;
+}
+
+// Outputs and scratch buffers. FASTRNN_NATIVE_POISON=1 fills them with NaN first, so a test
+// catches every element a kernel forgets to write (or reads before writing).
+inline Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+  const char* poison = std::getenv("FASTRNN_NATIVE_POISON");
+  if (poison != nullptr && poison[0] != '\0' && poison[0] != '0') {
+    t.fill_(std::numeric_limits<double>::quiet_NaN());
+  }
+  return t;
+}
+
+inline Tensor defined_or_empty(const c10::optional<Tensor>& t) {
+  return t.has_value() ? *t : Tensor();
+}
+
+struct Shapes {
+  Cell cell;
+  int64_t G, H, P, B, N, W;
+  bool proj;
+};
+
+// Shapes of the op (fastrnn/ops.py); `rows`/`cols` are those of xproj (in backward: N
+// and the implied G*H). All tensors share the dtype and device of `like`.
+inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t cols,
+                           const Tensor& like, const Tensor& h0, const Tensor& c0,
+                           const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr) {
+  Shapes s;
+  s.cell = parse_cell(cell_name);
+  s.G = num_gates(s.cell);
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % s.G == 0, "fastrnn native: w_hh must be [",
+              s.G, "*hidden, state], got ", w_hh.sizes());
+  s.H = w_hh.size(0) / s.G;
+  s.P = w_hh.size(1);
+  s.proj = w_hr.defined();
+  TORCH_CHECK(s.cell == Cell::LSTM || !s.proj, "fastrnn native: only lstm takes w_hr");
+  TORCH_CHECK(s.proj ? (w_hr.dim() == 2 && w_hr.size(0) == s.P && w_hr.size(1) == s.H)
+                     : s.P == s.H,
+              "fastrnn native: w_hh ", w_hh.sizes(), " and w_hr ",
+              s.proj ? w_hr.sizes() : at::IntArrayRef{}, " do not fit hidden size ", s.H);
+  TORCH_CHECK(cols == s.G * s.H, "fastrnn native: xproj must be [N, ", s.G * s.H, "], got [",
+              rows, ", ", cols, "]");
+  s.N = rows;
+  TORCH_CHECK(h0.dim() == 2 && h0.size(1) == s.P, "fastrnn native: h0 must be [batch, ", s.P,
+              "], got ", h0.sizes());
+  s.B = h0.size(0);
+  if (s.cell == Cell::LSTM) {
+    TORCH_CHECK(c0.defined() && c0.dim() == 2 && c0.size(0) == s.B && c0.size(1) == s.H,
+                "fastrnn native: lstm needs c0 [", s.B, ", ", s.H, "]");
+  }
+  TORCH_CHECK(!b_hh.defined() || (b_hh.dim() == 1 && b_hh.size(0) == s.G * s.H),
+              "fastrnn native: b_hh must be [", s.G * s.H, "]");
+  for (const Tensor* t : {&h0, &c0, &w_hh, &b_hh, &w_hr}) {
+    TORCH_CHECK(!t->defined() || (t->scalar_type() == like.scalar_type() &&
+                                  t->device() == like.device()),
+                "fastrnn native: all tensors must have the dtype and device of xproj (",
+                like.scalar_type(), ", ", like.device(), "), got ", t->scalar_type(),
+                " on ", t->device());
+  }
+  s.W = workspace_width(s.cell, s.H, s.proj);
+  return s;
+}
+
+template <class Dev>
+std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
+    c10::string_view cell_name, const Tensor& xproj_in, const Tensor& h0_in,
+    const c10::optional<Tensor>& c0_in, const Tensor& w_hh_in,
+    const c10::optional<Tensor>& b_hh_in, const c10::optional<Tensor>& w_hr_in,
+    const c10::optional<Tensor>& batch_sizes, bool reverse) {
+  c10::OptionalDeviceGuard guard(at::device_of(xproj_in));
+  TORCH_CHECK(xproj_in.dim() == 2, "fastrnn native: xproj must be 2-D [N, G*hidden], got ",
+              xproj_in.sizes());
+  const Shapes s = check_shapes(cell_name, xproj_in.size(0), xproj_in.size(1), xproj_in, h0_in,
+                                defined_or_empty(c0_in), w_hh_in, defined_or_empty(b_hh_in),
+                                defined_or_empty(w_hr_in));
+  Dev::check_dtype(xproj_in.scalar_type());
+  const Layout layout = make_layout(s.N, s.B, batch_sizes, reverse);
+  const auto dtype = xproj_in.scalar_type();
+  const auto acc_dtype = at::toOpMathType(dtype);
+  const auto opts = xproj_in.options();
+  const auto acc_opts = opts.dtype(acc_dtype);
+
+  const Tensor xproj = xproj_in.contiguous();
+  const Tensor w_hh_t = w_hh_in.t();
+  const Tensor bias = b_hh_in.has_value() ? b_hh_in->contiguous() : at::zeros({s.G * s.H}, opts);
+  const Tensor w_hr_t = s.proj ? w_hr_in->t() : Tensor();
+
+  Tensor output = new_buffer({s.N, s.P}, opts);
+  Tensor workspace = new_buffer({s.N, s.W}, acc_opts);
+  Tensor h_state = h0_in.contiguous().clone();  // running h; ends as h_n
+  Tensor c_state = s.cell == Cell::LSTM ? c0_in->to(acc_dtype).contiguous().clone() : Tensor();
+  Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
+  Tensor hh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
+
+  Dev::dispatch(dtype, [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    ForwardStep<scalar_t, acc_t> a;
+    a.H = s.H;
+    a.P = s.P;
+    a.W = s.W;
+    a.proj = s.proj;
+    a.xproj = xproj.data_ptr<scalar_t>();
+    a.hgates = hgates.data_ptr<scalar_t>();
+    a.bias = bias.data_ptr<scalar_t>();
+    a.h_state = h_state.data_ptr<scalar_t>();
+    a.c_state = c_state.defined() ? c_state.data_ptr<acc_t>() : nullptr;
+    a.output = output.data_ptr<scalar_t>();
+    a.ws = workspace.data_ptr<acc_t>();
+    a.hh = s.proj ? hh.data_ptr<scalar_t>() : nullptr;
+    for (int64_t t : layout.order) {
+      const int64_t rows = layout.sizes[t], row = layout.offsets[t];
+      Tensor hgates_live = hgates.narrow(0, 0, rows);
+      at::mm_out(hgates_live, h_state.narrow(0, 0, rows), w_hh_t);
+      a.row = row;
+      Dev::template forward_step<scalar_t, acc_t>(s.cell, a, rows);
+      if (s.proj) {
+        Tensor out_rows = output.narrow(0, row, rows);
+        at::mm_out(out_rows, hh.narrow(0, 0, rows), w_hr_t);
+        h_state.narrow(0, 0, rows).copy_(out_rows);
+      }
+    }
+  });
+  Tensor c_n = c_state.defined() ? c_state.to(dtype) : at::empty({0}, opts);
+  return {output, h_state, c_n, workspace};
+}
+
+template <class Dev>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+    c10::string_view cell_name, const Tensor& grad_output_in,
+    const c10::optional<Tensor>& grad_h_n, const c10::optional<Tensor>& grad_c_n,
+    const Tensor& h0_in, const c10::optional<Tensor>& c0_in, const Tensor& w_hh,
+    const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr_in,
+    const c10::optional<Tensor>& batch_sizes, bool reverse, const Tensor& output_in,
+    const Tensor& workspace_in) {
+  c10::OptionalDeviceGuard guard(at::device_of(output_in));
+  TORCH_CHECK(output_in.dim() == 2, "fastrnn native: output must be 2-D [N, state], got ",
+              output_in.sizes());
+  // xproj is not an input of backward: its shape [N, G*H] is implied.
+  const Shapes s = check_shapes(cell_name, output_in.size(0), w_hh.size(0), output_in, h0_in,
+                                defined_or_empty(c0_in), w_hh, defined_or_empty(b_hh),
+                                defined_or_empty(w_hr_in));
+  const auto dtype = output_in.scalar_type();
+  Dev::check_dtype(dtype);
+  const auto acc_dtype = at::toOpMathType(dtype);
+  const auto opts = output_in.options();
+  const auto acc_opts = opts.dtype(acc_dtype);
+  TORCH_CHECK(output_in.size(1) == s.P && grad_output_in.sizes() == output_in.sizes(),
+              "fastrnn native: output and grad_output must be [N, ", s.P, "], got ",
+              output_in.sizes(), " and ", grad_output_in.sizes());
+  TORCH_CHECK(workspace_in.dim() == 2 && workspace_in.size(0) == s.N &&
+                  workspace_in.size(1) == s.W && workspace_in.scalar_type() == acc_dtype,
+              "fastrnn native: workspace must be [", s.N, ", ", s.W, "] ", acc_dtype,
+              ", got ", workspace_in.sizes(), " ", workspace_in.scalar_type());
+  const Layout layout = make_layout(s.N, s.B, batch_sizes, reverse);
+
+  const Tensor grad_output = grad_output_in.to(dtype).contiguous();
+  const Tensor output = output_in.contiguous();
+  const Tensor workspace = workspace_in.contiguous();
+  const Tensor h0 = h0_in.contiguous();
+  const Tensor c0 = s.cell == Cell::LSTM ? c0_in->to(acc_dtype).contiguous() : Tensor();
+  const Tensor w_hr = s.proj ? *w_hr_in : Tensor();
+
+  // Carried gradients: dL/dh (after projection) and dL/dc of the state entering later steps.
+  Tensor dh_state = grad_h_n.has_value() && grad_h_n->defined()
+                        ? grad_h_n->to(dtype).contiguous().clone()
+                        : at::zeros({s.B, s.P}, opts);
+  Tensor dc_state;
+  if (s.cell == Cell::LSTM) {
+    dc_state = grad_c_n.has_value() && grad_c_n->defined()
+                   ? grad_c_n->to(acc_dtype).contiguous().clone()
+                   : at::zeros({s.B, s.H}, acc_opts);
+  }
+  Tensor grad_xproj = new_buffer({s.N, s.G * s.H}, opts);
+  Tensor grad_hgates = s.cell == Cell::GRU ? new_buffer({s.N, s.G * s.H}, opts) : grad_xproj;
+  Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/d output row
+  Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
+
+  Dev::dispatch(dtype, [&](auto type_tag) {
+    using scalar_t = decltype(type_tag);
+    using acc_t = at::opmath_type<scalar_t>;
+    BackwardStep<scalar_t, acc_t> a;
+    a.H = s.H;
+    a.P = s.P;
+    a.W = s.W;
+    a.grad_output = grad_output.data_ptr<scalar_t>();
+    a.dh_state = dh_state.data_ptr<scalar_t>();
+    a.dhh = s.proj ? dhh.data_ptr<scalar_t>() : nullptr;
+    a.dc_state = dc_state.defined() ? dc_state.data_ptr<acc_t>() : nullptr;
+    a.ws = workspace.data_ptr<acc_t>();
+    a.output = output.data_ptr<scalar_t>();
+    a.h0 = h0.data_ptr<scalar_t>();
+    a.c0 = c0.defined() ? c0.data_ptr<acc_t>() : nullptr;
+    a.grad_xproj = grad_xproj.data_ptr<scalar_t>();
+    a.grad_hgates = grad_hgates.data_ptr<scalar_t>();
+    const int64_t T = static_cast<int64_t>(layout.order.size());
+    for (int64_t k = T - 1; k >= 0; --k) {
+      const int64_t t = layout.order[k];
+      const int64_t rows = layout.sizes[t], row = layout.offsets[t];
+      a.row = row;
+      a.prev_row = k > 0 ? layout.offsets[layout.order[k - 1]] : 0;
+      a.prev_rows = k > 0 ? layout.sizes[layout.order[k - 1]] : 0;
+      Tensor dh_live = dh_state.narrow(0, 0, rows);
+      if (s.proj) {
+        Tensor d_out = grad_out_all.narrow(0, row, rows);
+        at::add_out(d_out, grad_output.narrow(0, row, rows), dh_live);
+        Tensor dhh_live = dhh.narrow(0, 0, rows);
+        at::mm_out(dhh_live, d_out, w_hr);
+      }
+      Dev::template backward_step<scalar_t, acc_t>(s.cell, a, rows);
+      // dL/dh_prev = d(hgates) @ w_hh (+ the direct part the gru kernel left in dh_state).
+      if (s.cell == Cell::GRU) {
+        dh_live.addmm_(grad_hgates.narrow(0, row, rows), w_hh);
+      } else {
+        at::mm_out(dh_live, grad_hgates.narrow(0, row, rows), w_hh);
+      }
+    }
+  });
+
+  // h_prev of every row, for the one weight-gradient GEMM over all steps.
+  Tensor h_prev_all = new_buffer({s.N, s.P}, opts);
+  for (size_t k = 0; k < layout.order.size(); ++k) {
+    const int64_t t = layout.order[k];
+    const int64_t rows = layout.sizes[t], row = layout.offsets[t];
+    const int64_t kept = k > 0 ? std::min(rows, layout.sizes[layout.order[k - 1]]) : 0;
+    if (kept > 0) {
+      h_prev_all.narrow(0, row, kept).copy_(output.narrow(0, layout.offsets[layout.order[k - 1]], kept));
+    }
+    if (kept < rows) h_prev_all.narrow(0, row + kept, rows - kept).copy_(h0.narrow(0, kept, rows - kept));
+  }
+  Tensor grad_w_hh = at::mm(grad_hgates.t(), h_prev_all);
+  Tensor grad_b_hh = grad_hgates.sum(0);
+  Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), workspace.narrow(1, 5 * s.H, s.H).to(dtype))
+                            : at::empty({0}, opts);
+  Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
+  return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr};
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,109 @@
+"""The native backend: the C++ CPU and CUDA recurrence kernels of csrc/.
+
+The extension is built on first use (:mod:`fastrnn.build`, cached across processes) and
+defines ``torch.ops.fastrnn.native_forward`` / ``native_backward``, one generic op per
+direction taking the cell name. Their fake (meta) impls live here, so they trace under
+``torch.compile`` and pass ``torch.library.opcheck``.
+
+When the extension cannot be built, :meth:`NativeBackend.unavailable_reason` says why (with
+the build log's path), so ``backend="auto"`` falls back to the reference backend with one
+warning and ``backend="native"`` raises that reason.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import build
+from ..cells import CELLS, accumulate_dtype
+from .base import Backend
+
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _register_fakes() -> None:
+    """Shapes of the native ops' results (fastrnn/ops.py), for tracing."""
+
+    @torch.library.register_fake("fastrnn::native_forward")
+    def _forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
+        kind = CELLS[cell]
+        hidden = w_hh.shape[0] // kind.num_gates
+        width = kind.workspace_width(hidden, w_hr is not None)
+        output = xproj.new_empty(xproj.shape[0], h0.shape[1])
+        c_n = c0.new_empty(c0.shape) if kind.has_cell_state else xproj.new_empty(0)
+        workspace = xproj.new_empty(xproj.shape[0], width, dtype=accumulate_dtype(xproj.dtype))
+        return output, h0.new_empty(h0.shape), c_n, workspace
+
+    @torch.library.register_fake("fastrnn::native_backward")
+    def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
+                       batch_sizes, reverse, output, workspace):
+        kind = CELLS[cell]
+        grad_xproj = output.new_empty(output.shape[0], w_hh.shape[0])
+        grad_c0 = c0.new_empty(c0.shape) if kind.has_cell_state else output.new_empty(0)
+        grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else output.new_empty(0)
+        return (grad_xproj, h0.new_empty(h0.shape), grad_c0, w_hh.new_empty(w_hh.shape),
+                w_hh.new_empty(w_hh.shape[0]), grad_w_hr)
+
+
+class NativeBackend(Backend):
+    name = "native"
+
+    def __init__(self):
+        self._error: Optional[str] = None
+        self._loaded = False
+
+    def _load(self) -> Optional[str]:
+        """Build/load the extension once per process; None on success, else the reason."""
+        if not self._loaded and self._error is None:
+            try:
+                build.load()
+                _register_fakes()
+                self._loaded = True
+            except build.BuildError as exc:
+                self._error = str(exc)
+        return self._error
+
+    def unavailable_reason(self, device: torch.device) -> Optional[str]:
+        device = torch.device(device)
+        if device.type not in ("cpu", "cuda"):
+            return f"the native kernels run on CPU and CUDA, not {device.type}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return self._load()
+
+    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size):
+        device = torch.device(device)
+        allowed = CUDA_DTYPES if device.type == "cuda" else CPU_DTYPES
+        if dtype not in allowed:
+            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+            return (f"the native {device.type} kernels support {names}, "
+                    f"not {str(dtype).replace('torch.', '')}")
+        if cell not in CELLS:
+            return f"unknown cell {cell!r}"
+        return None
+
+    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
+        self._require()
+        output, h_n, c_n, workspace = torch.ops.fastrnn.native_forward(
+            cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse)
+        return output, h_n, (c_n if CELLS[cell].has_cell_state else None), workspace
+
+    def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
+                 batch_sizes, reverse, output, workspace):
+        self._require()
+        grads = torch.ops.fastrnn.native_backward(
+            cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes,
+            reverse, output, workspace)
+        grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads
+        return (grad_xproj, grad_h0, grad_c0 if CELLS[cell].has_cell_state else None,
+                grad_w_hh, grad_b_hh, grad_w_hr if w_hr is not None else None)
+
+    def _require(self):
+        reason = self._load()
+        if reason is not None:
+            raise RuntimeError(f"fastrnn native backend unavailable: {reason}")
+
+
+BACKEND = NativeBackend()

@@ -1,0 +1,181 @@
+"""Build and load the native extension (csrc/): JIT with ninja on first use, cached.
+
+``load()`` compiles csrc/ with :func:`torch.utils.cpp_extension.load` into
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions/<python>_<cuda>``) once; later
+processes reuse the cached library unless a source or flag changed. Concurrent builds of the
+same extension wait on cpp_extension's lock file in its build directory. Sizes and dtypes are
+run-time arguments of the kernels, so nothing is ever rebuilt per shape or dtype.
+
+The CUDA sources are compiled only when a CUDA device is present (or ``cuda=True``); the CPU
+and CUDA variants are separate extensions with separate caches. Only one of them may be
+loaded into a process (both define the ``fastrnn::native_*`` ops).
+
+Command line (prebuild, e.g. in CI)::
+
+    python -m fastrnn.build            # the variant this machine would use
+    python -m fastrnn.build --cuda     # compile AND link the CUDA sources, GPU or not
+
+A failed build raises :class:`BuildError` whose message names what failed, the first
+compiler error, the full log's path and how to fix it.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import shutil
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+CSRC_CANDIDATES = (Path(__file__).resolve().parent / "csrc",          # installed package data
+                   Path(__file__).resolve().parent.parent / "csrc")   # source checkout
+CPU_SOURCES = ("registration.cpp", "recurrence_cpu.cpp")
+CUDA_SOURCES = ("recurrence_cuda.cu",)
+HEADERS = ("cells.h", "step.h", "recurrence.h")
+DEFAULT_CUDA_ARCH = "9.0"  # used only when no GPU is visible to detect the arch from
+
+_loaded: Optional[str] = None  # "cpu" or "cuda": the variant loaded into this process
+
+
+class BuildError(RuntimeError):
+    """The native extension could not be built or loaded; the message says why and what to do."""
+
+
+def csrc_dir() -> Path:
+    for path in CSRC_CANDIDATES:
+        if (path / CPU_SOURCES[0]).is_file():
+            return path
+    raise BuildError("the native sources (csrc/) are not shipped with this installation; "
+                     "install fastrnn from a source checkout (pip install -e .) to use the "
+                     "native backend")
+
+
+def extension_name(cuda: bool) -> str:
+    return "fastrnn_native_cuda" if cuda else "fastrnn_native_cpu"
+
+
+def _cuda_include_dirs() -> List[str]:
+    """CUDA headers that torch's CUDA wheels ship outside the toolkit (cublas_v2.h, ...)."""
+    dirs = []
+    for base in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                 str(Path(torch.__file__).resolve().parent.parent)}:
+        for sub in ("nvidia/cu13/include", "nvidia/cuda_runtime/include",
+                    "nvidia/cublas/include", "nvidia/cusparse/include"):
+            path = Path(base) / sub
+            if path.is_dir() and str(path) not in dirs:
+                dirs.append(str(path))
+    return dirs
+
+
+def _missing_tool_reason(cuda: bool) -> Optional[str]:
+    from torch.utils import cpp_extension
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (fix: pip install ninja)"
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return (f"no C++ compiler: {compiler!r} not found on PATH (fix: install g++ or clang, "
+                "or set CXX)")
+    if cuda:
+        if torch.version.cuda is None:
+            return f"torch {torch.__version__} is a CPU-only build; it cannot compile CUDA sources"
+        if cpp_extension.CUDA_HOME is None:
+            return "nvcc not found (fix: install the CUDA toolkit or set CUDA_HOME)"
+    return None
+
+
+def _first_error(log: str) -> str:
+    for line in log.splitlines():
+        if re.search(r"\berror\b", line, re.IGNORECASE):
+            return line.strip()[:400]
+    lines = [line for line in log.splitlines() if line.strip()]
+    return lines[-1].strip()[:400] if lines else "(no compiler output)"
+
+
+def _headers_digest(src: Path) -> str:
+    """cpp_extension re-versions a build when its sources or flags change, not its headers:
+    pass a digest of the headers as a flag so a header edit is a new build too."""
+    digest = hashlib.sha1()
+    for header in HEADERS:
+        digest.update((src / header).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
+    """Build (if needed) and load the extension; return the loaded library's path.
+
+    ``cuda=None`` picks the CUDA variant when a CUDA device is present.
+    """
+    global _loaded
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    variant = "cuda" if cuda else "cpu"
+    if _loaded is not None:
+        if _loaded != variant:
+            raise BuildError(f"the {_loaded} variant of the native extension is already loaded "
+                             f"in this process; the {variant} variant cannot be loaded too")
+    reason = _missing_tool_reason(cuda)
+    if reason is not None:
+        raise BuildError(f"cannot build the native {variant} extension: {reason}")
+    from torch.utils import cpp_extension
+
+    src = csrc_dir()
+    sources = [str(src / f) for f in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
+    name = extension_name(cuda)
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose))
+    if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No GPU to read the arch from: pick one explicitly rather than fail detection.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
+    log_path = build_dir / "fastrnn_build_error.log"
+    digest = _headers_digest(src)
+    try:
+        path = cpp_extension.load(
+            name=name,
+            sources=sources,
+            extra_cflags=["-O3", "-fopenmp", f"-DFASTRNN_HEADERS={digest}"],
+            extra_cuda_cflags=["-O3", f"-DFASTRNN_HEADERS={digest}"],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(src)] + (_cuda_include_dirs() if cuda else []),
+            with_cuda=cuda,
+            is_python_module=False,
+            verbose=verbose,
+        )
+    except Exception as exc:  # compiler/linker/loader failure: keep the log, say where
+        text = f"{type(exc).__name__}: {exc}"
+        try:
+            log_path.write_text(text)
+            where = f"full log: {log_path}"
+        except OSError:
+            where = "full log could not be written; rerun `python -m fastrnn.build -v`"
+        raise BuildError(f"building the native {variant} extension '{name}' failed: "
+                         f"{_first_error(text)} ({where}; rebuild and see the compiler output "
+                         f"with `python -m fastrnn.build{' --cuda' if cuda else ''} -v`)") from exc
+    _loaded = variant
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastrnn.build", description=__doc__.split("\n")[0])
+    parser.add_argument("--cuda", action="store_true",
+                        help="compile and link the CUDA sources even without a GPU")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the compiler output")
+    args = parser.parse_args(argv)
+    cuda = True if args.cuda else None
+    start = time.perf_counter()
+    try:
+        path = load(cuda=cuda, verbose=args.verbose)
+    except BuildError as exc:
+        print(f"fastrnn.build: {exc}", file=sys.stderr)
+        return 1
+    ops = [n for n in ("native_forward", "native_backward") if hasattr(torch.ops.fastrnn, n)]
+    print(f"fastrnn.build: loaded {path} ({', '.join(ops)}) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

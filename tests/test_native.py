@@ -1,0 +1,359 @@
+"""The native backend (csrc/): parity with the reference backend and torch.nn, forward and
+backward, on every cell, both directions, packed and odd sizes; the op registration
+(opcheck, gradcheck, coexistence with the Python-defined ops); poisoned buffers; fallbacks.
+
+Skips when the extension cannot be built here (the reason is shown), unless
+FASTRNN_REQUIRE_NATIVE=1 (CI), where that is a failure.
+"""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_sequence
+
+import fastrnn  # noqa: F401  (defines the public ops)
+from fastrnn import backends, build, ops
+from fastrnn.backends.native import NativeBackend
+from fastrnn.cells import CELLS
+
+from parity import assert_close
+
+native = backends.get("native")
+reference = backends.get("reference")
+REASON = native.unavailable_reason(torch.device("cpu"))
+if REASON is not None and os.environ.get("FASTRNN_REQUIRE_NATIVE") == "1":
+    raise RuntimeError(f"FASTRNN_REQUIRE_NATIVE=1 but the native backend is unavailable: {REASON}")
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
+
+CELL_NAMES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+# (cell, proj): lstm with and without projection, the others without.
+CELL_CASES = [("lstm", False), ("lstm", True), ("gru", False), ("rnn_tanh", False),
+              ("rnn_relu", False)]
+CELL_IDS = ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"]
+
+
+def make_case(cell, hidden=5, proj=0, batch=4, steps=6, lengths=None, bias=True,
+              dtype=torch.float64, seed=0):
+    """Random op inputs; `lengths` (sorted, descending) makes a packed layout."""
+    gen = torch.Generator().manual_seed(seed)
+    kind = CELLS[cell]
+    gates, width = kind.num_gates, proj or hidden
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+    if lengths is not None:
+        batch_sizes = torch.tensor([sum(L > t for L in lengths) for t in range(max(lengths))],
+                                   dtype=torch.long)
+        rows = int(batch_sizes.sum())
+    else:
+        batch_sizes, rows = None, steps * batch
+    scale = hidden ** -0.5
+    return dict(
+        xproj=rand(rows, gates * hidden), h0=rand(batch, width),
+        c0=rand(batch, hidden) if kind.has_cell_state else None,
+        w_hh=rand(gates * hidden, width, scale=scale),
+        b_hh=rand(gates * hidden) if bias else None,
+        w_hr=rand(width, hidden, scale=scale) if proj else None,
+        batch_sizes=batch_sizes)
+
+
+def upstream(outputs, seed=1):
+    """Random gradients for (output, h_n, c_n)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [None if t is None else torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            for t in outputs[:3]]
+
+
+def run_forward(backend, cell, case, reverse):
+    return backend.forward(cell, case["xproj"], case["h0"], case["c0"], case["w_hh"],
+                           case["b_hh"], case["w_hr"], case["batch_sizes"], reverse)
+
+
+def run_backward(backend, cell, case, reverse, fwd, grads):
+    grad_output, grad_h_n, grad_c_n = grads
+    return backend.backward(cell, grad_output, grad_h_n, grad_c_n, case["h0"], case["c0"],
+                            case["w_hh"], case["b_hh"], case["w_hr"], case["batch_sizes"],
+                            reverse, fwd[0], fwd[3])
+
+
+def compare_all(actual, expected, dtype, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert (a is None) == (e is None), f"{what} {i}: {a} vs {e}"
+        if a is not None:
+            assert_close(a, e, dtype, f"{what} {i}")
+
+
+def check_against_reference(cell, case, reverse, dtype):
+    fwd_n = run_forward(native, cell, case, reverse)
+    fwd_r = run_forward(reference, cell, case, reverse)
+    compare_all(fwd_n, fwd_r, dtype, f"{cell} forward")
+    grads = upstream(fwd_r)
+    bwd_n = run_backward(native, cell, case, reverse, fwd_n, grads)
+    bwd_r = run_backward(reference, cell, case, reverse, fwd_r, grads)
+    compare_all(bwd_n, bwd_r, dtype, f"{cell} backward")
+    return fwd_n, bwd_n
+
+
+# ------------------------------------------------------------------ parity with reference
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_matches_reference(cell, proj, reverse, layout, bias, dtype):
+    lengths = [6, 4, 4, 1, 1] if layout == "packed" else None  # length-1 sequences included
+    case = make_case(cell, hidden=5, proj=3 if proj else 0, batch=5, lengths=lengths,
+                     bias=bias, dtype=dtype)
+    check_against_reference(cell, case, reverse, dtype)
+
+
+ODD = {"T1": dict(steps=1, batch=3, hidden=4), "H1": dict(steps=4, batch=3, hidden=1),
+       "B1": dict(steps=5, batch=1, hidden=4), "H500": dict(steps=2, batch=2, hidden=500),
+       "T63": dict(steps=63, batch=2, hidden=3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("size", list(ODD))
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_odd_sizes(cell, proj, size, dtype):
+    args = ODD[size]
+    case = make_case(cell, proj=2 if proj else 0, dtype=dtype, **args)
+    check_against_reference(cell, case, True, dtype)
+
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_backward_consumes_the_other_backends_forward(cell, proj):
+    """The workspace layout is shared: each backend's backward runs on the other's forward."""
+    case = make_case(cell, proj=3 if proj else 0, lengths=[6, 3, 1], batch=3)
+    fwd_n = run_forward(native, cell, case, True)
+    fwd_r = run_forward(reference, cell, case, True)
+    grads = upstream(fwd_r)
+    expected = run_backward(reference, cell, case, True, fwd_r, grads)
+    compare_all(run_backward(reference, cell, case, True, fwd_n, grads), expected,
+                torch.float64, "reference backward of native forward")
+    compare_all(run_backward(native, cell, case, True, fwd_r, grads), expected,
+                torch.float64, "native backward of reference forward")
+
+
+# ------------------------------------------------------------------ parity with torch.nn
+
+NN_MODULES = {"lstm": (nn.LSTM, {}), "gru": (nn.GRU, {}),
+              "rnn_tanh": (nn.RNN, {"nonlinearity": "tanh"}),
+              "rnn_relu": (nn.RNN, {"nonlinearity": "relu"})}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_matches_torch_nn(cell, proj, layout, bias, dtype):
+    """A bidirectional torch.nn layer against the native op (through the public op and its
+    autograd) per direction: outputs, final states, gradients of x, h0, c0 and every weight."""
+    cls, extra = NN_MODULES[cell]
+    if proj:
+        extra = dict(extra, proj_size=2)
+    torch.manual_seed(0)
+    module = cls(3, 5, bias=bias, bidirectional=True, dtype=dtype, **extra)
+    lengths = [6, 4, 1, 1] if layout == "packed" else [6] * 4
+    packed = pack_sequence([torch.randn(n, 3, dtype=dtype) for n in lengths])
+    x = packed.data.clone().requires_grad_()
+    batch_sizes = packed.batch_sizes if layout == "packed" else None
+    width = 2 if proj else 5
+    h0 = torch.randn(2, len(lengths), width, dtype=dtype, requires_grad=True)
+    c0 = torch.randn(2, len(lengths), 5, dtype=dtype, requires_grad=True)
+    state = (h0, c0) if cell == "lstm" else h0
+    leaves = [x, h0] + ([c0] if cell == "lstm" else []) + list(module.parameters())
+
+    out, state_n = module(torch.nn.utils.rnn.PackedSequence(x, packed.batch_sizes), state)
+    expected = [out.data] + (list(state_n) if cell == "lstm" else [state_n])
+
+    outs, h_ns, c_ns = [], [], []
+    for d, suffix in enumerate(["_l0", "_l0_reverse"]):
+        param = lambda name: getattr(module, name + suffix, None)  # noqa: E731
+        xproj = F.linear(x, param("weight_ih"), param("bias_ih"))
+        output, h_n, c_n = ops.recurrence(
+            cell, xproj, h0[d], c0[d] if cell == "lstm" else None, param("weight_hh"),
+            param("bias_hh"), param("weight_hr"), batch_sizes, d == 1, "native")
+        outs.append(output)
+        h_ns.append(h_n)
+        c_ns.append(c_n)
+    actual = [torch.cat(outs, 1), torch.stack(h_ns)] + ([torch.stack(c_ns)] if cell == "lstm" else [])
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert_close(a.detach(), e.detach(), dtype, f"output {i}")
+
+    gen = torch.Generator().manual_seed(3)
+    upstream_grads = [torch.randn(e.shape, generator=gen, dtype=dtype) for e in expected]
+    grads_expected = torch.autograd.grad(expected, leaves, upstream_grads)
+    grads_actual = torch.autograd.grad(actual, leaves, upstream_grads)
+    for i, (a, e) in enumerate(zip(grads_actual, grads_expected)):
+        assert_close(a, e, dtype, f"grad {i}")
+
+
+# ------------------------------------------------------------------ robustness
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_every_output_element_is_written(cell, proj, monkeypatch):
+    """FASTRNN_NATIVE_POISON=1 NaN-fills every output and scratch buffer before the kernels
+    run: any element left unwritten (or read before written) shows up as NaN."""
+    monkeypatch.setenv("FASTRNN_NATIVE_POISON", "1")
+    for reverse in (False, True):
+        case = make_case(cell, proj=3 if proj else 0, lengths=[5, 5, 3, 1], batch=4)
+        fwd, bwd = check_against_reference(cell, case, reverse, torch.float64)
+        for t in list(fwd) + list(bwd):
+            assert t is None or not t.isnan().any()
+
+
+def noncontiguous(t):
+    """The same values in a transposed (non-contiguous) layout."""
+    if t is None or t.dim() != 2:
+        return t
+    return t.t().contiguous().t()
+
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_noncontiguous_inputs(cell, proj):
+    case = make_case(cell, proj=3 if proj else 0, lengths=[4, 2, 1], batch=3)
+    fwd_r = run_forward(reference, cell, case, False)
+    grads = upstream(fwd_r)
+    expected = run_backward(reference, cell, case, False, fwd_r, grads)
+    strided = {k: noncontiguous(v) for k, v in case.items()}
+    assert not strided["xproj"].is_contiguous() and not strided["w_hh"].is_contiguous()
+    fwd_n = run_forward(native, cell, strided, False)
+    compare_all(fwd_n, fwd_r, torch.float64, "forward")
+    fwd_n = [noncontiguous(t) for t in fwd_n]
+    compare_all(run_backward(native, cell, strided, False, fwd_n,
+                             [noncontiguous(g) for g in grads]),
+                expected, torch.float64, "backward")
+
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+@pytest.mark.parametrize("batch,steps", [(0, 3), (3, 0)], ids=["B0", "T0"])
+def test_empty(cell, proj, batch, steps):
+    """No rows: the states pass through, gradients are zeros, shapes follow the contract."""
+    case = make_case(cell, proj=2 if proj else 0, batch=batch, steps=steps)
+    output, h_n, c_n, workspace = run_forward(native, cell, case, False)
+    width = CELLS[cell].workspace_width(5, proj)
+    assert output.shape == (0, case["h0"].shape[1]) and workspace.shape == (0, width)
+    assert torch.equal(h_n, case["h0"]) and (c_n is None or torch.equal(c_n, case["c0"]))
+    grads = [torch.zeros_like(output), torch.ones_like(h_n),
+             None if c_n is None else torch.full_like(c_n, 2.0)]
+    gx, gh0, gc0, gw, gb, gwr = run_backward(native, cell, case, False,
+                                             (output, h_n, c_n, workspace), grads)
+    assert gx.shape == case["xproj"].shape and torch.equal(gh0, grads[1])
+    assert gc0 is None or torch.equal(gc0, grads[2])
+    assert not gw.any() and not gb.any() and (gwr is None or not gwr.any())
+
+
+def test_rejects_bad_layouts_and_dtypes():
+    case = make_case("gru", lengths=[3, 2], batch=2)
+    with pytest.raises(RuntimeError, match="sum\\(batch_sizes\\)"):
+        native.forward("gru", case["xproj"][:-1], case["h0"], None, case["w_hh"], case["b_hh"],
+                       None, case["batch_sizes"], False)
+    with pytest.raises(RuntimeError, match="non-increasing"):
+        native.forward("gru", case["xproj"], case["h0"], None, case["w_hh"], case["b_hh"],
+                       None, torch.tensor([1, 2, 2]), False)
+    half = {k: None if v is None or k == "batch_sizes" else v.half() for k, v in case.items()}
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        native.forward("gru", half["xproj"], half["h0"], None, half["w_hh"], half["b_hh"],
+                       None, None, False)
+    assert "float16" in native.unsupported_reason("gru", torch.float16, torch.device("cpu"), 5, 0)
+    assert native.unsupported_reason("gru", torch.float32, torch.device("cpu"), 5, 0) is None
+
+
+# ------------------------------------------------------------------ registration
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_opcheck_native_ops(cell, proj):
+    case = make_case(cell, hidden=3, proj=2 if proj else 0, lengths=[3, 2, 1], batch=3)
+    args = (cell, case["xproj"], case["h0"], case["c0"], case["w_hh"], case["b_hh"],
+            case["w_hr"], case["batch_sizes"], True)
+    torch.library.opcheck(torch.ops.fastrnn.native_forward.default, args)
+    output, h_n, c_n, workspace = torch.ops.fastrnn.native_forward(*args)
+    grads = upstream((output, h_n, c_n if cell == "lstm" else None))
+    torch.library.opcheck(torch.ops.fastrnn.native_backward.default,
+                          (cell, grads[0], grads[1], grads[2], case["h0"], case["c0"],
+                           case["w_hh"], case["b_hh"], case["w_hr"], case["batch_sizes"], True,
+                           output, workspace))
+
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_gradcheck_public_op(cell, proj):
+    case = make_case(cell, hidden=3, proj=2 if proj else 0, lengths=[3, 2, 1], batch=3)
+    names = [n for n in ("xproj", "h0", "c0", "w_hh", "b_hh", "w_hr") if case[n] is not None]
+    leaves = [case[n].clone().requires_grad_() for n in names]
+
+    def fn(*tensors):
+        given = dict(zip(names, tensors))
+        out = ops.recurrence(cell, given["xproj"], given["h0"], given.get("c0"), given["w_hh"],
+                             given["b_hh"], given.get("w_hr"), case["batch_sizes"], True,
+                             "native")
+        return tuple(t for t in out if t is not None)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+LOAD_THEN_IMPORT = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+import fastrnn.ops
+assert hasattr(torch.ops.fastrnn, "lstm_forward") and hasattr(torch.ops.fastrnn, "native_forward")
+x = torch.randn(6, 4, dtype=torch.float64)
+print(torch.ops.fastrnn.rnn_tanh_forward(x, torch.zeros(2, 4, dtype=x.dtype),
+      torch.eye(4, dtype=x.dtype), None, None, False, "native")[0].shape)
+"""
+IMPORT_THEN_LOAD = """
+import sys, torch
+import fastrnn.ops
+torch.ops.load_library(sys.argv[1])
+assert hasattr(torch.ops.fastrnn, "lstm_forward") and hasattr(torch.ops.fastrnn, "native_forward")
+print(torch.ops.fastrnn.native_forward("rnn_tanh", torch.randn(6, 4), torch.zeros(2, 4), None,
+      torch.eye(4), None, None, None, False)[0].shape)
+"""
+
+
+@pytest.mark.parametrize("script", [LOAD_THEN_IMPORT, IMPORT_THEN_LOAD],
+                         ids=["library_first", "python_first"])
+def test_cpp_library_coexists_with_python_fragments(script):
+    """TORCH_LIBRARY(fastrnn) in C++ and torch.library fragments in Python share the
+    namespace in either import order."""
+    library = build.load()  # already loaded in this process: just its path
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    result = subprocess.run([sys.executable, "-c", script, library], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "torch.Size([6, 4])" in result.stdout
+
+
+# ------------------------------------------------------------------ unavailable native
+
+def test_failed_build_gives_a_reason_and_auto_falls_back(monkeypatch):
+    def failing_load(*args, **kwargs):
+        raise build.BuildError("building the native cpu extension failed: error: boom "
+                               "(full log: /tmp/x.log)")
+
+    broken = NativeBackend()
+    monkeypatch.setattr(build, "load", failing_load)
+    monkeypatch.setitem(backends._loaded, "native", broken)
+    monkeypatch.setattr(backends, "_warned", set())
+    reason = broken.unavailable_reason(torch.device("cpu"))
+    assert "boom" in reason and "/tmp/x.log" in reason
+    assert "native" not in backends.available_backends("cpu")
+    with pytest.raises(ValueError, match="boom"):
+        backends.resolve("native", "lstm", torch.device("cpu"), torch.float32, 5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert backends.resolve("auto", "lstm", torch.device("cpu"), torch.float32, 5) == "reference"
+    assert any("boom" in str(w.message) for w in caught)
+
+
+def test_missing_compiler_is_named(monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    reason = build._missing_tool_reason(cuda=False)
+    assert reason is not None and "/nonexistent/c++" in reason

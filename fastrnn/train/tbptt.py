@@ -123,8 +123,9 @@ class Chunk:
         those of one pass.
 
         Returns:
-            the output of the loss steps (``loss_part`` of the concatenated outputs), and
-            the detached state to pass to the next chunk's ``run``.
+            the output of the loss steps (``loss_part`` of the concatenated outputs; when
+            the model returns a tuple of window-long tensors, a tuple of those), and the
+            detached state to pass to the next chunk's ``run``.
         """
         state = None if self.fresh else detach_state(state)
         reset_steps = set()
@@ -142,8 +143,13 @@ class Chunk:
             outputs.append(output)
         if self.carry_at == self.length:
             carry = detach_state(state)
-        output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=self.time_dim)
-        return self.loss_part(output), carry
+        if isinstance(outputs[0], tuple):  # several window-long outputs: join each
+            return tuple(self._join([o[i] for o in outputs]) for i in range(len(outputs[0]))), carry
+        return self._join(outputs), carry
+
+    def _join(self, pieces: List[Tensor]) -> Tensor:
+        whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.time_dim)
+        return self.loss_part(whole)
 
 
 class TBPTT:

@@ -29,25 +29,46 @@ struct CpuDevice {
     }
   }
 
+  // The branches on per-call and per-row constants (projection, whether a row continues
+  // the previous step) are taken outside the j loop, on a local copy of the arguments, so
+  // the compiler sees them constant inside and vectorises the loop.
   template <typename scalar_t, typename acc_t>
-  static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& a, int64_t rows) {
+  static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& args, int64_t rows) {
     with_cell(cell, [&](auto c) {
-      at::parallel_for(0, rows, grain_rows(a.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
+      at::parallel_for(0, rows, grain_rows(args.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
+        auto run_rows = [&](auto proj) {  // proj: std::bool_constant
+          ForwardStep<scalar_t, acc_t> a = args;
+          a.proj = proj;
+          for (int64_t b = b0; b < b1; ++b) {
 #pragma GCC ivdep
-          for (int64_t j = 0; j < a.H; ++j) forward_element<scalar_t, acc_t>(c, a, b, j);
+            for (int64_t j = 0; j < a.H; ++j) forward_element<scalar_t, acc_t>(c, a, b, j);
+          }
+        };
+        if (args.proj) {
+          run_rows(std::true_type());
+        } else {
+          run_rows(std::false_type());
         }
       });
     });
   }
 
   template <typename scalar_t, typename acc_t>
-  static void backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& a, int64_t rows) {
+  static void backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& args, int64_t rows) {
     with_cell(cell, [&](auto c) {
-      at::parallel_for(0, rows, grain_rows(a.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; ++b) {
+      at::parallel_for(0, rows, grain_rows(args.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
+        const BackwardStep<scalar_t, acc_t> a = args;
+        auto row = [&](int64_t b) {
 #pragma GCC ivdep
           for (int64_t j = 0; j < a.H; ++j) backward_element<scalar_t, acc_t>(c, a, b, j);
+        };
+        for (int64_t b = b0; b < b1; ++b) {
+          const bool continues = b < a.prev_rows;
+          if (a.dhh != nullptr) {
+            if (continues) row(b); else row(b);
+          } else {
+            if (continues) row(b); else row(b);
+          }
         }
       });
     });

@@ -41,6 +41,7 @@ HEADERS = ("cells.h", "step.h", "recurrence.h")
 DEFAULT_CUDA_ARCH = "9.0"  # used only when no GPU is visible to detect the arch from
 
 _loaded: Optional[str] = None  # "cpu" or "cuda": the variant loaded into this process
+_loaded_path = ""
 
 
 class BuildError(RuntimeError):
@@ -73,6 +74,20 @@ def _cuda_include_dirs() -> List[str]:
     return dirs
 
 
+def _fix_cuda_home(cpp_extension) -> None:
+    """cpp_extension takes CUDA_HOME from the env, else two levels above `which nvcc`; a
+    wrapper script such as /usr/local/bin/nvcc then yields /usr/local, which has no CUDA
+    libraries to link. Fall back to the standard /usr/local/cuda in that case."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    home = cpp_extension.CUDA_HOME
+    has_cudart = home is not None and any(
+        (Path(home) / lib / "libcudart.so").exists() for lib in ("lib64", "lib"))
+    if not has_cudart and (Path("/usr/local/cuda") / "bin" / "nvcc").exists():
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+        cpp_extension.CUDA_HOME = "/usr/local/cuda"
+
+
 def _missing_tool_reason(cuda: bool) -> Optional[str]:
     from torch.utils import cpp_extension
     if not cpp_extension.is_ninja_available():
@@ -84,6 +99,7 @@ def _missing_tool_reason(cuda: bool) -> Optional[str]:
     if cuda:
         if torch.version.cuda is None:
             return f"torch {torch.__version__} is a CPU-only build; it cannot compile CUDA sources"
+        _fix_cuda_home(cpp_extension)
         if cpp_extension.CUDA_HOME is None:
             return "nvcc not found (fix: install the CUDA toolkit or set CUDA_HOME)"
     return None
@@ -111,11 +127,13 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
 
     ``cuda=None`` picks the CUDA variant when a CUDA device is present.
     """
-    global _loaded
+    global _loaded, _loaded_path
     if cuda is None:
         cuda = torch.cuda.is_available()
     variant = "cuda" if cuda else "cpu"
     if _loaded is not None:
+        if _loaded == variant:
+            return _loaded_path
         if _loaded != variant:
             raise BuildError(f"the {_loaded} variant of the native extension is already loaded "
                              f"in this process; the {variant} variant cannot be loaded too")
@@ -137,7 +155,10 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
         path = cpp_extension.load(
             name=name,
             sources=sources,
-            extra_cflags=["-O3", "-fopenmp", f"-DFASTRNN_HEADERS={digest}"],
+            # -fno-trapping-math/-fno-math-errno (as torch itself is built) let the compiler
+            # vectorise the branch-free float activations of cells.h.
+            extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
+                          f"-DFASTRNN_HEADERS={digest}"],
             extra_cuda_cflags=["-O3", f"-DFASTRNN_HEADERS={digest}"],
             extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(src)] + (_cuda_include_dirs() if cuda else []),
@@ -155,7 +176,7 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
         raise BuildError(f"building the native {variant} extension '{name}' failed: "
                          f"{_first_error(text)} ({where}; rebuild and see the compiler output "
                          f"with `python -m fastrnn.build{' --cuda' if cuda else ''} -v`)") from exc
-    _loaded = variant
+    _loaded, _loaded_path = variant, path
     return path
 
 

@@ -69,11 +69,6 @@ class TritonBackend(Backend):
                     f", proj_size={proj_size} on chip; use FASTRNN_TRITON_KERNEL=auto or step")
         return None
 
-    def _dot_f32(self, dtype) -> bool:
-        # the interpreter's tl.dot is wrong for bfloat16 operands: multiply in float32 there
-        return dtype == torch.float32 or (
-            dtype == torch.bfloat16 and interpreted(step._step_forward_kernel))
-
     # ------------------------------------------------------------ forward
 
     def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
@@ -94,13 +89,12 @@ class TritonBackend(Backend):
             h_n = torch.empty_like(h0)
             c_n = None if c0 is None else torch.empty_like(c0)
             persistent.forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, bs, offs, reverse,
-                               output, ws, h_n, c_n, self._dot_f32(dtype))
+                               output, ws, h_n, c_n)
             return output, h_n, c_n, ws
 
-        c32 = None if c0 is None else c0.to(torch.float32)
-        h_n, c_n = step.forward(cell_id, xproj, h0, c32, w_hh, b_hh, w_hr, sizes, offsets,
+        h_n, c_n = step.forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets,
                                 reverse, output, ws)
-        return output, h_n, None if c_n is None else c_n.to(dtype), ws
+        return output, h_n.to(dtype), None if c_n is None else c_n.to(dtype), ws
 
     # ------------------------------------------------------------ backward
 
@@ -121,7 +115,7 @@ class TritonBackend(Backend):
             bs, offs = self._steps_on(dev, sizes, offsets)
             gx, gh0, gc0, gw, gb, gwr = persistent.backward(
                 cell_id, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, bs, offs,
-                reverse, output, workspace, self._dot_f32(dtype))
+                reverse, output, workspace)
         else:
             # every row's state before its step, for the weight gradient and the gate math
             prev = previous_rows(sizes, offsets, B, reverse, dev)
@@ -131,7 +125,7 @@ class TritonBackend(Backend):
             gx, gh0, gc0, d_hh, d_out_all = step.backward(
                 cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
                 sizes, offsets, reverse, output, workspace)
-            gw = d_hh.t() @ h_prev_all  # one GEMM over all steps
+            gw = d_hh.t() @ h_prev_all.to(d_hh.dtype)  # one GEMM over all steps
             gb = d_hh.sum(0)
             gwr = None if w_hr is None else d_out_all.t() @ workspace[:, 5 * H:6 * H]
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731

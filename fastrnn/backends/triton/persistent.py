@@ -2,7 +2,8 @@
 
 Each program owns BLOCK_B batch rows for all T steps: it loads w_hh (and w_hr) once into
 registers, keeps h and c in registers, and per step does the recurrent matmul with tl.dot
-(float32 accumulation), the gate math and the stores. Batch rows are independent, so
+(float32, IEEE: half inputs are rounded only where they come in and go out), the gate math
+and the stores. Batch rows are independent, so
 programs never synchronise. Sequences of a packed batch are prefix-live rows: at step t only
 rows < batch_sizes[t] update their state.
 
@@ -56,7 +57,7 @@ def _persistent_forward_kernel(
     xp_ptr,    # [N, G*H] input projection, packed time-major
     h0_ptr,    # [B, P]
     c0_ptr,    # [B, H] (lstm)
-    w_ptr,     # [G*H, P] w_hh, in the matmul operand dtype
+    w_ptr,     # [G*H, P] w_hh
     b_ptr,     # [G*H] b_hh (if HAS_BIAS)
     wr_ptr,    # [P, H] w_hr (if HAS_PROJ)
     bs_ptr,    # [T] int32 live rows per step
@@ -67,7 +68,7 @@ def _persistent_forward_kernel(
     cn_ptr,    # [B, H] out (lstm)
     T, B, H, P, WS_STRIDE,
     CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr,
-    REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+    REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     G = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
@@ -81,18 +82,18 @@ def _persistent_forward_kernel(
     if CELL == LSTM:
         c = tl.load(c0_ptr + rows * H + ch, mask=in_batch & (ch < H), other=0.0).to(tl.float32)
 
-    # w_hh gate blocks, transposed to [P, H] so that gate_g = h @ wt_g; zero padded.
+    # w_hh gate blocks in float32, transposed to [P, H] so that gate_g = h @ wt_g; zero padded.
     k = tl.arange(0, BLOCK_P)[:, None]
     wmask = (k < P) & (ch < H)
-    wt0 = tl.load(w_ptr + ch * P + k, mask=wmask, other=0.0)
+    wt0 = tl.load(w_ptr + ch * P + k, mask=wmask, other=0.0).to(tl.float32)
     wt1 = wt0
     wt2 = wt0
     wt3 = wt0
     if G > 1:
-        wt1 = tl.load(w_ptr + (H + ch) * P + k, mask=wmask, other=0.0)
-        wt2 = tl.load(w_ptr + (2 * H + ch) * P + k, mask=wmask, other=0.0)
+        wt1 = tl.load(w_ptr + (H + ch) * P + k, mask=wmask, other=0.0).to(tl.float32)
+        wt2 = tl.load(w_ptr + (2 * H + ch) * P + k, mask=wmask, other=0.0).to(tl.float32)
     if G > 3:
-        wt3 = tl.load(w_ptr + (3 * H + ch) * P + k, mask=wmask, other=0.0)
+        wt3 = tl.load(w_ptr + (3 * H + ch) * P + k, mask=wmask, other=0.0).to(tl.float32)
     b0 = tl.zeros([1, BLOCK_H], dtype=tl.float32)
     b1 = b0
     b2 = b0
@@ -108,7 +109,7 @@ def _persistent_forward_kernel(
     wrt = wt0
     if HAS_PROJ:
         jh = tl.arange(0, BLOCK_H)[:, None]
-        wrt = tl.load(wr_ptr + cp * H + jh, mask=(jh < H) & (cp < P), other=0.0)
+        wrt = tl.load(wr_ptr + cp * H + jh, mask=(jh < H) & (cp < P), other=0.0).to(tl.float32)
 
     for s in range(0, T):
         t = T - 1 - s if REVERSE else s
@@ -119,15 +120,15 @@ def _persistent_forward_kernel(
         ws = ws_ptr + row * WS_STRIDE + ch
 
         x0 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
-        r0 = matmul(h, wt0, wt0, DOT_F32) + b0
+        r0 = matmul(h, wt0) + b0
         if G > 1:
             x1 = tl.load(xp + H, mask=m, other=0.0).to(tl.float32)
             x2 = tl.load(xp + 2 * H, mask=m, other=0.0).to(tl.float32)
-            r1 = matmul(h, wt1, wt1, DOT_F32) + b1
-            r2 = matmul(h, wt2, wt2, DOT_F32) + b2
+            r1 = matmul(h, wt1) + b1
+            r2 = matmul(h, wt2) + b2
         if CELL == LSTM:
             x3 = tl.load(xp + 3 * H, mask=m, other=0.0).to(tl.float32)
-            r3 = matmul(h, wt3, wt3, DOT_F32) + b3
+            r3 = matmul(h, wt3) + b3
             i, f, g, o, c_new, h_new = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c)
             tl.store(ws, i, mask=m)
             tl.store(ws + H, f, mask=m)
@@ -137,7 +138,7 @@ def _persistent_forward_kernel(
             c = tl.where(live, c_new, c)
             if HAS_PROJ:
                 tl.store(ws + 5 * H, h_new, mask=m)
-                h_new = matmul(h_new, wrt, wrt, DOT_F32)
+                h_new = matmul(h_new, wrt)
         elif CELL == GRU:
             r, z, nn, h_new = gru_forward(x0, x1, x2, r0, r1, r2, h)
             tl.store(ws, r, mask=m)
@@ -166,7 +167,7 @@ def _persistent_backward_kernel(
     gcn_ptr,   # [B, H] grad_c_n (lstm)
     h0_ptr,    # [B, P]
     c0_ptr,    # [B, H] (lstm)
-    w_ptr,     # [G*H, P] w_hh, in the matmul operand dtype
+    w_ptr,     # [G*H, P] w_hh
     wr_ptr,    # [P, H] w_hr (if HAS_PROJ)
     bs_ptr,    # [T] int32 live rows per step
     off_ptr,   # [T] int32 first row of each step
@@ -179,7 +180,7 @@ def _persistent_backward_kernel(
     db_ptr,    # [programs, G*H] float32 out: partial grad_b_hh
     dwr_ptr,   # [programs, P, H] float32 out: partial grad_w_hr (if HAS_PROJ)
     T, B, H, P, WS_STRIDE,
-    CELL: tl.constexpr, HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr, DOT_F32: tl.constexpr,
+    CELL: tl.constexpr, HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     G = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
@@ -198,21 +199,21 @@ def _persistent_backward_kernel(
     # w_hh gate blocks as [H, P] (d h_prev = d_hh_g @ w_g), zero padded
     j = tl.arange(0, BLOCK_H)[:, None]
     wmask = (j < H) & (cp < P)
-    w0 = tl.load(w_ptr + j * P + cp, mask=wmask, other=0.0)
+    w0 = tl.load(w_ptr + j * P + cp, mask=wmask, other=0.0).to(tl.float32)
     w1 = w0
     w2 = w0
     w3 = w0
     if G > 1:
-        w1 = tl.load(w_ptr + (H + j) * P + cp, mask=wmask, other=0.0)
-        w2 = tl.load(w_ptr + (2 * H + j) * P + cp, mask=wmask, other=0.0)
+        w1 = tl.load(w_ptr + (H + j) * P + cp, mask=wmask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + (2 * H + j) * P + cp, mask=wmask, other=0.0).to(tl.float32)
     if G > 3:
-        w3 = tl.load(w_ptr + (3 * H + j) * P + cp, mask=wmask, other=0.0)
+        w3 = tl.load(w_ptr + (3 * H + j) * P + cp, mask=wmask, other=0.0).to(tl.float32)
     # w_hr as [P, H] (d h_raw = d_out @ w_hr)
     kp = tl.arange(0, BLOCK_P)[:, None]
     wrmask = (kp < P) & (ch < H)
     wr = w0
     if HAS_PROJ:
-        wr = tl.load(wr_ptr + kp * H + ch, mask=wrmask, other=0.0)
+        wr = tl.load(wr_ptr + kp * H + ch, mask=wrmask, other=0.0).to(tl.float32)
 
     # weight-gradient accumulators, float32
     dw0 = tl.zeros([BLOCK_H, BLOCK_P], dtype=tl.float32)
@@ -248,9 +249,9 @@ def _persistent_backward_kernel(
         ws = ws_ptr + row * WS_STRIDE + ch
         gx = gx_ptr + row * (G * H) + ch
         if HAS_PROJ:
-            d_cell = matmul(d_out, wr, wr, DOT_F32)
+            d_cell = matmul(d_out, wr)
             h_raw = tl.load(ws + 5 * H, mask=m, other=0.0)
-            dwr += matmul(tl.trans(d_out), h_raw, wr, DOT_F32)
+            dwr += matmul(tl.trans(d_out), h_raw)
         else:
             d_cell = d_out
 
@@ -289,22 +290,22 @@ def _persistent_backward_kernel(
         # gradients w.r.t. the recurrent pre-activations (zero on rows that are not live)
         dr0 = tl.where(m, dr0, 0.0)
         tl.store(gx, da0.to(gty), mask=m)
-        d_prev = direct + matmul(dr0, w0, w0, DOT_F32)
-        dw0 += matmul(tl.trans(dr0), h_prev, w0, DOT_F32)
+        d_prev = direct + matmul(dr0, w0)
+        dw0 += matmul(tl.trans(dr0), h_prev)
         db0 += tl.sum(dr0, axis=0)
         if G > 1:
             dr1 = tl.where(m, dr1, 0.0)
             dr2 = tl.where(m, dr2, 0.0)
             tl.store(gx + H, da1.to(gty), mask=m)
             tl.store(gx + 2 * H, da2.to(gty), mask=m)
-            d_prev += matmul(dr1, w1, w1, DOT_F32) + matmul(dr2, w2, w2, DOT_F32)
-            dw1 += matmul(tl.trans(dr1), h_prev, w1, DOT_F32)
-            dw2 += matmul(tl.trans(dr2), h_prev, w2, DOT_F32)
+            d_prev += matmul(dr1, w1) + matmul(dr2, w2)
+            dw1 += matmul(tl.trans(dr1), h_prev)
+            dw2 += matmul(tl.trans(dr2), h_prev)
             db1 += tl.sum(dr1, axis=0)
             db2 += tl.sum(dr2, axis=0)
         if G > 3:
-            d_prev += matmul(dr3, w3, w3, DOT_F32)
-            dw3 += matmul(tl.trans(dr3), h_prev, w3, DOT_F32)
+            d_prev += matmul(dr3, w3)
+            dw3 += matmul(tl.trans(dr3), h_prev)
             db3 += tl.sum(dr3, axis=0)
         dh = tl.where(live, d_prev, dh)
 
@@ -332,30 +333,22 @@ def _persistent_backward_kernel(
 
 # ---------------------------------------------------------------- launchers
 
-def _operand(w, dot_f32):
-    """Weights in the dtype tl.dot consumes."""
-    return None if w is None else (w.to(torch.float32) if dot_f32 else w)
-
-
-def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, bs, offs, reverse, output, ws, h_n, c_n,
-            dot_f32):
+def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, bs, offs, reverse, output, ws, h_n, c_n):
     """Fill output, ws, h_n, c_n. ``bs``/``offs``: int32 [T] live rows and first row per step."""
     B, P = h0.shape
     H = w_hh.shape[0] // (4 if cell_id == LSTM else 3 if cell_id == GRU else 1)
-    w = _operand(w_hh, dot_f32)
     grid = (triton.cdiv(B, BLOCK_B),)
     _persistent_forward_kernel[grid](
-        xproj, h0, c0 if c0 is not None else h0, w, b_hh if b_hh is not None else w,
-        _operand(w_hr, dot_f32) if w_hr is not None else w, bs, offs,
+        xproj, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else w_hh,
+        w_hr if w_hr is not None else w_hh, bs, offs,
         output, ws, h_n, c_n if c_n is not None else h_n,
         bs.shape[0], B, H, P, ws.shape[1],
         CELL=cell_id, HAS_BIAS=b_hh is not None, HAS_PROJ=w_hr is not None,
-        REVERSE=reverse, DOT_F32=dot_f32,
-        BLOCK_B=BLOCK_B, BLOCK_H=_tile(H), BLOCK_P=_tile(P))
+        REVERSE=reverse, BLOCK_B=BLOCK_B, BLOCK_H=_tile(H), BLOCK_P=_tile(P))
 
 
 def backward(cell_id, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, bs, offs, reverse,
-             output, ws, dot_f32):
+             output, ws):
     """-> (grad_xproj, grad_h0, grad_c0 or None, grad_w_hh f32, grad_b_hh f32, grad_w_hr f32)."""
     G = 4 if cell_id == LSTM else 3 if cell_id == GRU else 1
     B, P = h0.shape
@@ -369,14 +362,13 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, bs, o
     dw = torch.empty(programs, G * H, P, device=dev, dtype=torch.float32)
     db = torch.empty(programs, G * H, device=dev, dtype=torch.float32)
     dwr = torch.empty(programs, P, H, device=dev, dtype=torch.float32) if w_hr is not None else dw
-    w = _operand(w_hh, dot_f32)
     _persistent_backward_kernel[(programs,)](
         grad_output, grad_h_n, grad_c_n if grad_c_n is not None else grad_h_n,
-        h0, c0 if c0 is not None else h0, w, _operand(w_hr, dot_f32) if w_hr is not None else w,
+        h0, c0 if c0 is not None else h0, w_hh, w_hr if w_hr is not None else w_hh,
         bs, offs, output, ws, grad_xproj, grad_h0, grad_c0 if grad_c0 is not None else grad_h0,
         dw, db, dwr,
         bs.shape[0], B, H, P, ws.shape[1],
-        CELL=cell_id, HAS_PROJ=w_hr is not None, REVERSE=reverse, DOT_F32=dot_f32,
+        CELL=cell_id, HAS_PROJ=w_hr is not None, REVERSE=reverse,
         BLOCK_B=BLOCK_B, BLOCK_H=_tile(H), BLOCK_P=_tile(P))
     return (grad_xproj, grad_h0, grad_c0, dw.sum(0), db.sum(0),
             dwr.sum(0) if w_hr is not None else None)

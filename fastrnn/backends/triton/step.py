@@ -2,7 +2,7 @@
 
 Serves any hidden size. Per step t with ``n`` live rows (the first n of the batch):
 
-  forward   hh = h[:n] @ w_hh.T                                   (torch.mm, input dtype)
+  forward   hh = h[:n] @ w_hh.T                                   (torch.mm)
             pointwise kernel: gates, c, h -> workspace, state, output
             [lstm with projection: output = h_raw @ w_hr.T          (torch.mm)]
   backward  [projection: d_out = dh[:n] + grad_output; dh_raw = d_out @ w_hr]
@@ -11,7 +11,10 @@ Serves any hidden size. Per step t with ``n`` live rows (the first n of the batc
             after the loop: grad_w_hh = d_hh_all.T @ h_prev_all   (one GEMM over all steps)
 
 State rows beyond n are left alone, which is exactly the packed-sequence semantics of the
-contract for both directions (see fastrnn.ops).
+contract for both directions (see fastrnn.ops). States, GEMMs and gate gradients are float32
+for every input dtype (half weights are upcast once per call): rounding happens only where
+tensors enter and leave, as in the reference and in oneDNN's half RNNs. (cuBLAS half GEMMs
+with a float32 state would be faster on GPU; not done yet.)
 
 The pointwise kernels update state tensors in place (each element read and written by the
 same program), so they are launched with heuristic block sizes, not autotuned.
@@ -39,9 +42,9 @@ def _blocks(rows: int, hidden: int):
 @triton.jit
 def _step_forward_kernel(
     xp_ptr,    # [n, G*H] input projection rows of this step (input dtype)
-    hh_ptr,    # [n, G*H] h_prev @ w_hh.T, without bias (input dtype)
+    hh_ptr,    # [n, G*H] float32 h_prev @ w_hh.T, without bias
     b_ptr,     # [G*H] b_hh (read only if HAS_BIAS)
-    h_ptr,     # [n, H] hidden state: in h_prev (gru), out new h (no projection)
+    h_ptr,     # [n, H] float32 hidden state: in h_prev (gru), out new h (no projection)
     c_ptr,     # [n, H] float32 cell state: in c_prev, out new c (lstm)
     ws_ptr,    # [n, WS_STRIDE] workspace rows of this step (float32 for half inputs)
     out_ptr,   # [n, H] output rows of this step (no projection)
@@ -112,10 +115,10 @@ def _step_backward_kernel(
     h_ptr,      # [n, H] output rows of this step (rnn: the derivative is read off h)
     dc_ptr,     # [n, H] float32 cell grad: in from later steps, out w.r.t. c_prev (lstm)
     gx_ptr,     # [n, G*H] out: grad_xproj rows (input dtype)
-    dhh_ptr,    # [n, G*H] out (gru): grad w.r.t. h_prev @ w_hh.T + b_hh
+    dhh_ptr,    # [n, G*H] out (if STORE_DHH): grad w.r.t. h_prev @ w_hh.T + b_hh, float32
     ddir_ptr,   # [n, H] float32 out (gru): direct part of grad h_prev (may alias dh_ptr)
     n, H, WS_STRIDE,
-    CELL: tl.constexpr, ADD_DOUT: tl.constexpr,
+    CELL: tl.constexpr, ADD_DOUT: tl.constexpr, STORE_DHH: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
@@ -145,6 +148,12 @@ def _step_backward_kernel(
         tl.store(gx + 2 * H, dag.to(ty), mask=mask)
         tl.store(gx + 3 * H, dao.to(ty), mask=mask)
         tl.store(dc_ptr + state, dc_prev, mask=mask)
+        if STORE_DHH:
+            dhh = dhh_ptr + rows * (G * H) + cols
+            tl.store(dhh, dai, mask=mask)
+            tl.store(dhh + H, daf, mask=mask)
+            tl.store(dhh + 2 * H, dag, mask=mask)
+            tl.store(dhh + 3 * H, dao, mask=mask)
     elif CELL == GRU:
         r = tl.load(ws, mask=mask, other=0.0)
         z = tl.load(ws + H, mask=mask, other=0.0)
@@ -156,13 +165,16 @@ def _step_backward_kernel(
         tl.store(gx + H, daz.to(ty), mask=mask)
         tl.store(gx + 2 * H, dan.to(ty), mask=mask)
         dhh = dhh_ptr + rows * (G * H) + cols
-        tl.store(dhh, dar.to(ty), mask=mask)
-        tl.store(dhh + H, daz.to(ty), mask=mask)
-        tl.store(dhh + 2 * H, dhn.to(ty), mask=mask)
+        tl.store(dhh, dar, mask=mask)
+        tl.store(dhh + H, daz, mask=mask)
+        tl.store(dhh + 2 * H, dhn, mask=mask)
         tl.store(ddir_ptr + state, direct, mask=mask)
     else:
         h = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gx, rnn_backward(h, dh, CELL == RNN_RELU).to(ty), mask=mask)
+        da = rnn_backward(h, dh, CELL == RNN_RELU)
+        tl.store(gx, da.to(ty), mask=mask)
+        if STORE_DHH:
+            tl.store(dhh_ptr + rows * (G * H) + cols, da, mask=mask)
 
 
 # ---------------------------------------------------------------- launchers
@@ -174,14 +186,13 @@ def _launch(kernel, n, hidden, *args, **meta):
 
 
 def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, output, ws):
-    """Fill ``output`` [N, P] and ``ws`` [N, W]; return the final (h, c) states.
-
-    ``c0`` is float32 or None; ``h`` stays in the input dtype (the GEMM's operand dtype).
-    """
+    """Fill ``output`` [N, P] and ``ws`` [N, W]; return the final float32 (h, c) states."""
     H = w_hh.shape[0] // (4 if cell_id == LSTM else 3 if cell_id == GRU else 1)
-    h = h0.clone()
-    c = None if c0 is None else c0.clone()
-    w_t = w_hh.t()
+    f32 = torch.float32
+    h = h0.to(f32, copy=True)
+    c = None if c0 is None else c0.to(f32, copy=True)
+    w_t = w_hh.to(f32).t()
+    wr_t = None if w_hr is None else w_hr.to(f32).t()
     dummy = ws
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         n, rows = sizes[t], slice(offsets[t], offsets[t + 1])
@@ -192,9 +203,8 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
                 n, H, ws.shape[1],
                 CELL=cell_id, HAS_BIAS=b_hh is not None, HAS_PROJ=w_hr is not None)
         if w_hr is not None:
-            h_raw = ws[rows, 5 * H:6 * H]
-            torch.mm(h_raw.to(w_hr.dtype), w_hr.t(), out=output[rows])
-            h[:n] = output[rows]
+            torch.mm(ws[rows, 5 * H:6 * H].to(f32), wr_t, out=h[:n])
+            output[rows] = h[:n]
     return h, c
 
 
@@ -210,12 +220,17 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
     N = output.shape[0]
     dtype = output.dtype
     grad_xproj = torch.empty(N, G * H, dtype=dtype, device=output.device)
-    d_hh = torch.empty_like(grad_xproj) if cell_id == GRU else grad_xproj
+    # gradients of the recurrent pre-activations stay float32 (half inputs lose too much
+    # in the weight gradient otherwise); for float32 lstm/rnn they equal grad_xproj.
+    store_dhh = cell_id == GRU or dtype != ws.dtype
+    d_hh = torch.empty(N, G * H, dtype=ws.dtype, device=output.device) if store_dhh \
+        else grad_xproj
     d_out_all = None if w_hr is None else torch.empty(N, w_hr.shape[0], dtype=torch.float32,
                                                       device=output.device)
     dh = grad_h_n.to(torch.float32, copy=True)
     dc = None if grad_c_n is None else grad_c_n.to(torch.float32, copy=True)
     w_hr32 = None if w_hr is None else w_hr.to(torch.float32)
+    w32 = w_hh.to(torch.float32)
     dummy = ws
     for t in (range(len(sizes)) if reverse else reversed(range(len(sizes)))):
         n, rows = sizes[t], slice(offsets[t], offsets[t + 1])
@@ -231,8 +246,8 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
                 output[rows], dummy if dc is None else dc[:n],
                 grad_xproj[rows], d_hh[rows], dh[:n],
                 n, H, ws.shape[1],
-                CELL=cell_id, ADD_DOUT=w_hr is None)
-        recurrent = torch.mm(d_hh[rows], w_hh)
+                CELL=cell_id, ADD_DOUT=w_hr is None, STORE_DHH=store_dhh)
+        recurrent = torch.mm(d_hh[rows], w32)
         if cell_id == GRU:
             dh[:n] += recurrent  # the kernel stored the direct part z * dh
         else:

@@ -5,6 +5,7 @@ backward, on every cell, both directions, packed and odd sizes; the op registrat
 Skips when the extension cannot be built here (the reason is shown), unless
 FASTRNN_REQUIRE_NATIVE=1 (CI), where that is a failure.
 """
+import copy
 import os
 import subprocess
 import sys
@@ -66,7 +67,8 @@ def make_case(cell, hidden=5, proj=0, batch=4, steps=6, lengths=None, bias=True,
 def upstream(outputs, seed=1):
     """Random gradients for (output, h_n, c_n)."""
     gen = torch.Generator().manual_seed(seed)
-    return [None if t is None else torch.randn(t.shape, generator=gen, dtype=t.dtype)
+    return [None if t is None else
+            torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
             for t in outputs[:3]]
 
 
@@ -149,51 +151,107 @@ NN_MODULES = {"lstm": (nn.LSTM, {}), "gru": (nn.GRU, {}),
               "rnn_relu": (nn.RNN, {"nonlinearity": "relu"})}
 
 
+def nn_layer(cell, proj, bias, dtype, device="cpu"):
+    cls, extra = NN_MODULES[cell]
+    if proj:
+        extra = dict(extra, proj_size=2)
+    torch.manual_seed(0)
+    return cls(3, 5, bias=bias, bidirectional=True, dtype=dtype, device=device, **extra)
+
+
+def layer_inputs(module, cell, layout, dtype, device="cpu"):
+    """Packed input data, batch_sizes, h0, c0 and upstream gradients (seeded)."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = [6, 4, 1, 1] if layout == "packed" else [6] * 4
+    rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    packed = pack_sequence([rand(n, 3) for n in lengths])
+    width = module.proj_size or module.hidden_size
+    h0, c0 = rand(2, len(lengths), width), rand(2, len(lengths), 5)
+    grads = [rand(packed.data.shape[0], 2 * width), rand(2, len(lengths), width),
+             rand(2, len(lengths), 5)]
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return dict(x=to(packed.data), batch_sizes=packed.batch_sizes, dense=layout == "dense",
+                h0=to(h0), c0=to(c0), grads=[to(g) for g in grads])
+
+
+def run_layer(module, cell, inputs, use_native):
+    """Outputs (output, h_n[, c_n]) and the gradients of x, h0, c0 and every parameter of a
+    bidirectional layer: torch.nn itself, or the native op per direction (public op and its
+    autograd, input projection composed outside as fastrnn.nn does)."""
+    x, h0, c0 = (inputs[k].clone().requires_grad_() for k in ("x", "h0", "c0"))
+    leaves = [x, h0] + ([c0] if cell == "lstm" else []) + list(module.parameters())
+    if not use_native:
+        packed = torch.nn.utils.rnn.PackedSequence(x, inputs["batch_sizes"])
+        out, state_n = module(packed, (h0, c0) if cell == "lstm" else h0)
+        outs = [out.data] + (list(state_n) if cell == "lstm" else [state_n])
+    else:
+        batch_sizes = None if inputs["dense"] else inputs["batch_sizes"]
+        per_dir = []
+        for d, suffix in enumerate(["_l0", "_l0_reverse"]):
+            param = lambda name: getattr(module, name + suffix, None)  # noqa: E731
+            xproj = F.linear(x, param("weight_ih"), param("bias_ih"))
+            per_dir.append(ops.recurrence(
+                cell, xproj, h0[d], c0[d] if cell == "lstm" else None, param("weight_hh"),
+                param("bias_hh"), param("weight_hr"), batch_sizes, d == 1, "native"))
+        outs = [torch.cat([r[0] for r in per_dir], 1), torch.stack([r[1] for r in per_dir])]
+        if cell == "lstm":
+            outs.append(torch.stack([r[2] for r in per_dir]))
+    grads = torch.autograd.grad(outs, leaves, inputs["grads"][:len(outs)])
+    return [t.detach() for t in outs] + list(grads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("layout", ["dense", "packed"])
 @pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
 def test_matches_torch_nn(cell, proj, layout, bias, dtype):
-    """A bidirectional torch.nn layer against the native op (through the public op and its
-    autograd) per direction: outputs, final states, gradients of x, h0, c0 and every weight."""
-    cls, extra = NN_MODULES[cell]
-    if proj:
-        extra = dict(extra, proj_size=2)
-    torch.manual_seed(0)
-    module = cls(3, 5, bias=bias, bidirectional=True, dtype=dtype, **extra)
-    lengths = [6, 4, 1, 1] if layout == "packed" else [6] * 4
-    packed = pack_sequence([torch.randn(n, 3, dtype=dtype) for n in lengths])
-    x = packed.data.clone().requires_grad_()
-    batch_sizes = packed.batch_sizes if layout == "packed" else None
-    width = 2 if proj else 5
-    h0 = torch.randn(2, len(lengths), width, dtype=dtype, requires_grad=True)
-    c0 = torch.randn(2, len(lengths), 5, dtype=dtype, requires_grad=True)
-    state = (h0, c0) if cell == "lstm" else h0
-    leaves = [x, h0] + ([c0] if cell == "lstm" else []) + list(module.parameters())
-
-    out, state_n = module(torch.nn.utils.rnn.PackedSequence(x, packed.batch_sizes), state)
-    expected = [out.data] + (list(state_n) if cell == "lstm" else [state_n])
-
-    outs, h_ns, c_ns = [], [], []
-    for d, suffix in enumerate(["_l0", "_l0_reverse"]):
-        param = lambda name: getattr(module, name + suffix, None)  # noqa: E731
-        xproj = F.linear(x, param("weight_ih"), param("bias_ih"))
-        output, h_n, c_n = ops.recurrence(
-            cell, xproj, h0[d], c0[d] if cell == "lstm" else None, param("weight_hh"),
-            param("bias_hh"), param("weight_hr"), batch_sizes, d == 1, "native")
-        outs.append(output)
-        h_ns.append(h_n)
-        c_ns.append(c_n)
-    actual = [torch.cat(outs, 1), torch.stack(h_ns)] + ([torch.stack(c_ns)] if cell == "lstm" else [])
+    """A bidirectional torch.nn layer against the native op per direction: outputs, final
+    states, gradients of x, h0, c0 and every weight."""
+    module = nn_layer(cell, proj, bias, dtype)
+    inputs = layer_inputs(module, cell, layout, dtype)
+    expected = run_layer(module, cell, inputs, use_native=False)
+    actual = run_layer(module, cell, inputs, use_native=True)
     for i, (a, e) in enumerate(zip(actual, expected)):
-        assert_close(a.detach(), e.detach(), dtype, f"output {i}")
+        assert_close(a, e, dtype, f"result {i}")
 
-    gen = torch.Generator().manual_seed(3)
-    upstream_grads = [torch.randn(e.shape, generator=gen, dtype=dtype) for e in expected]
-    grads_expected = torch.autograd.grad(expected, leaves, upstream_grads)
-    grads_actual = torch.autograd.grad(actual, leaves, upstream_grads)
-    for i, (a, e) in enumerate(zip(grads_actual, grads_expected)):
-        assert_close(a, e, dtype, f"grad {i}")
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_cuda_matches_reference(cell, proj, reverse, layout, dtype, monkeypatch):
+    monkeypatch.setenv("FASTRNN_NATIVE_POISON", "1")
+    lengths = [6, 4, 4, 1, 1] if layout == "packed" else None
+    case = make_case(cell, hidden=37, proj=11 if proj else 0, batch=5, lengths=lengths,
+                     dtype=dtype)
+    case = {k: v if v is None or k == "batch_sizes" else v.cuda() for k, v in case.items()}
+    check_against_reference(cell, case, reverse, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_cuda_half_types_within_twice_torch_error(cell, proj, layout, dtype):
+    """fp16/bf16: the native error against a float64 computation from the same rounded
+    inputs is at most twice torch.nn's own error in that dtype."""
+    module = nn_layer(cell, proj, True, dtype, device="cuda")
+    exact_module = copy.deepcopy(module).double()
+    inputs = layer_inputs(module, cell, layout, dtype, device="cuda")
+    exact_inputs = dict(inputs, x=inputs["x"].double(), h0=inputs["h0"].double(),
+                        c0=inputs["c0"].double(), grads=[g.double() for g in inputs["grads"]])
+    truth = run_layer(exact_module, cell, exact_inputs, use_native=False)
+    torch_half = run_layer(module, cell, inputs, use_native=False)
+    native_half = run_layer(module, cell, inputs, use_native=True)
+    eps = torch.finfo(dtype).eps
+    for i, (n, t, e) in enumerate(zip(native_half, torch_half, truth)):
+        err_native = (n.double() - e).abs().max().item()
+        err_torch = (t.double() - e).abs().max().item()
+        floor = eps * max(1.0, e.abs().max().item())  # one rounding of the result itself
+        assert err_native <= 2 * err_torch + floor, f"result {i}: {err_native} vs {err_torch}"
 
 
 # ------------------------------------------------------------------ robustness

@@ -3,12 +3,13 @@
     import fastrnn
     lstm = fastrnn.LSTM(512, 512, num_layers=2)      # like torch.nn.LSTM, plus backend=
     model = fastrnn.convert(model)                    # swap every torch.nn RNN in a model
+    model = fastrnn.to_torch(model)                   # and back to plain torch.nn modules
 """
 from . import ops  # registers the torch.ops.fastrnn ops
 from .backends import available_backends, get_backend, set_backend
-from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, to_torch
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "convert", "to_torch",
            "available_backends", "set_backend", "get_backend", "ops", "__version__"]

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .. import backends, ops
+from ..cells import CELLS
+from . import amp
 
 # Names torch's C++ checks print for dtypes ("mat1 and mat2 must have the same dtype...").
 _SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
@@ -20,7 +22,11 @@ _SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16:
 
 
 class RNNCellBase(nn.Module):
-    """Twin of ``torch.nn.RNNCellBase``: same parameters, order and initialisation."""
+    """Twin of ``torch.nn.RNNCellBase``: same parameters, order and initialisation.
+
+    Under ONNX export a cell runs torch.nn's own forward (``_torch_forward``) on the same
+    parameters: standard operators, so the exported file needs no fastrnn.
+    """
 
     __constants__ = ["input_size", "hidden_size", "bias", "backend"]
     extra_repr = nn.RNNCellBase.extra_repr
@@ -74,16 +80,19 @@ class RNNCellBase(nn.Module):
                 raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
                                    f"{state.size(1)}, expected {self.hidden_size}")
         xproj = F.linear(input, self.weight_ih, self.bias_ih)
+        autocast = amp.cell_plan(self, CELLS[cell].mode, input, states)
         for state in states:
-            if state.dtype != self.weight_hh.dtype:
+            if state.dtype != self.weight_hh.dtype and autocast is None:
                 raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
                                    f"{_SCALAR_NAMES.get(state.dtype, state.dtype)} and "
                                    f"{_SCALAR_NAMES.get(self.weight_hh.dtype, self.weight_hh.dtype)}")
-        backend = backends.resolve(self.backend, cell, input.device, input.dtype,
+        recurrence = ops.recurrence if autocast is None else autocast.recurrence
+        backend = backends.resolve(self.backend, cell, input.device,
+                                   input.dtype if autocast is None else autocast.compute,
                                    self.hidden_size)
         c0 = states[1] if len(states) > 1 else None
-        _, h, c = ops.recurrence(cell, xproj, states[0], c0, self.weight_hh, self.bias_hh, None,
-                                 None, False, backend)
+        _, h, c = recurrence(cell, xproj, states[0], c0, self.weight_hh, self.bias_hh, None,
+                             None, False, backend)
         return h, c
 
     def _zeros(self, input):
@@ -94,6 +103,8 @@ class RNNCellBase(nn.Module):
 class RNNCell(RNNCellBase):
     """Drop-in for :class:`torch.nn.RNNCell`, plus ``backend=``."""
 
+    _torch_forward = nn.RNNCell.forward
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", device=None, dtype=None, *,
                  backend: str = "auto") -> None:
@@ -102,6 +113,8 @@ class RNNCell(RNNCellBase):
         self.nonlinearity = nonlinearity
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._torch_forward(input, hx)
         self._check_dims(input, hx)
         is_batched = input.dim() == 2
         if not is_batched:
@@ -116,12 +129,16 @@ class RNNCell(RNNCellBase):
 class GRUCell(RNNCellBase):
     """Drop-in for :class:`torch.nn.GRUCell`, plus ``backend=``."""
 
+    _torch_forward = nn.GRUCell.forward
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, backend: str = "auto") -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device,
                          dtype=dtype, backend=backend)
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._torch_forward(input, hx)
         self._check_dims(input, hx)
         is_batched = input.dim() == 2
         if not is_batched:
@@ -134,12 +151,16 @@ class GRUCell(RNNCellBase):
 class LSTMCell(RNNCellBase):
     """Drop-in for :class:`torch.nn.LSTMCell`, plus ``backend=``."""
 
+    _torch_forward = nn.LSTMCell.forward
+
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
                  dtype=None, *, backend: str = "auto") -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device,
                          dtype=dtype, backend=backend)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
+        if torch.onnx.is_in_onnx_export():
+            return self._torch_forward(input, hx)
         self._check_dims(input, hx)
         is_batched = input.dim() == 2
         if not is_batched:

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends, ops
 from ..cells import CELL_OF_MODE
+from . import amp
 
 
 class RNNBase(nn.Module):
@@ -121,6 +122,10 @@ class RNNBase(nn.Module):
     def flatten_parameters(self) -> None:
         """Accepted for compatibility; fastrnn keeps parameters as separate tensors."""
 
+    def _update_flat_weights(self) -> None:
+        """torch.nn's forward (run under ONNX export) calls this; _flat_weights is always
+        current here."""
+
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
@@ -143,7 +148,10 @@ class RNNBase(nn.Module):
         """
         kind = CELL_OF_MODE[self.mode]
         num_directions = 2 if self.bidirectional else 1
-        backend = backends.resolve(self.backend, kind.name, input.device, input.dtype,
+        autocast = amp.layers_plan(self, input, hx, batch_sizes is not None)
+        recurrence = ops.recurrence if autocast is None else autocast.recurrence
+        backend = backends.resolve(self.backend, kind.name, input.device,
+                                   input.dtype if autocast is None else autocast.compute,
                                    self.hidden_size, self.proj_size)
         layer_input = input
         final_h, final_c = [], []
@@ -153,7 +161,7 @@ class RNNBase(nn.Module):
                 w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_params(layer, direction)
                 index = layer * num_directions + direction
                 xproj = F.linear(layer_input, w_ih, b_ih)
-                output, h_n, c_n = ops.recurrence(
+                output, h_n, c_n = recurrence(
                     kind.name, xproj, hx[0][index], hx[1][index] if kind.has_cell_state
                     else None, w_hh, b_hh, w_hr, batch_sizes, direction == 1, backend)
                 outputs.append(output)
@@ -174,6 +182,10 @@ class RNNBase(nn.Module):
 
     def _forward(self, input, hx, state_checks):
         """Common forward: unpack/batch the input, run, and repack like torch.nn."""
+        if torch.onnx.is_in_onnx_export():
+            # ONNX has standard LSTM/GRU/RNN operators, and the exporters emit them for torch.nn's
+            # own path: run that path on these very parameters, so the file needs no fastrnn.
+            return self._torch_forward(input, hx)
         kind = CELL_OF_MODE[self.mode]
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         orig_input = input
@@ -243,6 +255,7 @@ class RNN(_SingleStateRNN):
     """Drop-in for :class:`torch.nn.RNN` (tanh or relu), plus ``backend=``."""
 
     _input_dim_message = "RNN: Expected input to be 2D or 3D, got {}D tensor instead"
+    _torch_forward = nn.RNN.forward
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
@@ -266,6 +279,7 @@ class GRU(_SingleStateRNN):
     """Drop-in for :class:`torch.nn.GRU`, plus ``backend=``."""
 
     _input_dim_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
+    _torch_forward = nn.GRU.forward
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
@@ -277,6 +291,7 @@ class LSTM(RNNBase):
     """Drop-in for :class:`torch.nn.LSTM` (with ``proj_size``), plus ``backend=``."""
 
     _input_dim_message = "LSTM: Expected input to be 2D or 3D, got {}D instead"
+    _torch_forward = nn.LSTM.forward
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden

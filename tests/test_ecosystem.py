@@ -1,0 +1,341 @@
+"""fastrnn in the PyTorch ecosystem, each checked against torch.nn doing the same:
+DistributedDataParallel, autocast, torch.export, ONNX export, serialization, to_torch()."""
+import copy
+import io
+import os
+import pickle
+import socket
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_sequence
+
+import fastrnn
+
+from parity import assert_close, cpu_backends
+
+BACKEND = cpu_backends()[-1]  # native when it is available on this machine, else reference
+
+
+def tensors(value):
+    if isinstance(value, PackedSequence):
+        return [value.data]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors(v)]
+    return [value]
+
+
+class Stack(nn.Module):
+    """Every module kind in one model: LSTM (2 layers, bidirectional, batch_first), GRU, RNN,
+    LSTMCell, and a GRU used only when ``use_extra`` (for DDP's find_unused_parameters)."""
+
+    def __init__(self, use_extra=True):
+        super().__init__()
+        self.use_extra = use_extra
+        self.lstm = nn.LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.gru = nn.GRU(10, 4)
+        self.rnn = nn.RNN(4, 4)
+        self.cell = nn.LSTMCell(4, 3)
+        self.extra = nn.GRU(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        y, _ = self.lstm(x)
+        z, _ = self.gru(y.transpose(0, 1))
+        z, h = self.rnn(z, None)
+        hc = self.cell(z[-1])
+        out = hc[0]
+        if self.use_extra:
+            out = out + self.extra(hc[1].unsqueeze(0))[0][0]
+        return self.head(out)
+
+
+# -------------------------------------------------------------------------------- DDP
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, backend, out_dir):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world_size)
+    try:
+        results = {}
+        for use_extra in (True, False):  # all parameters used / one GRU unused
+            for kind in ("torch", "fastrnn"):
+                torch.manual_seed(0)
+                model = Stack(use_extra).double()
+                if kind == "fastrnn":
+                    fastrnn.convert(model, backend=backend)
+                ddp = nn.parallel.DistributedDataParallel(
+                    model, find_unused_parameters=not use_extra)
+                opt = torch.optim.SGD(ddp.parameters(), lr=0.5, momentum=0.9)
+                gen = torch.Generator().manual_seed(100 + rank)  # each rank its own data
+                for _ in range(3):
+                    x = torch.randn(2, 6, 3, generator=gen, dtype=torch.float64)
+                    loss = ddp(x).pow(2).mean()
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                results[kind, use_extra] = {n: p.detach().clone()
+                                            for n, p in model.named_parameters()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                    reason="torch.distributed with gloo is not available")
+def test_ddp_trains_like_torch_nn():
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_ddp_worker, args=(2, _free_port(), BACKEND, out_dir), nprocs=2, join=True)
+        ranks = [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+    for use_extra in (True, False):
+        torch.manual_seed(0)
+        start = dict(Stack(use_extra).double().named_parameters())
+        for rank in ranks:
+            expected, actual = rank["torch", use_extra], rank["fastrnn", use_extra]
+            assert list(actual) == list(expected)
+            for name in expected:
+                assert_close(actual[name], expected[name], torch.float64, name)
+                unchanged = torch.equal(expected[name], start[name].detach())
+                if name.startswith("extra.") and not use_extra:
+                    assert unchanged, f"{name} is unused, yet it changed"
+                elif name.startswith(("lstm.", "gru.", "rnn.weight_ih")):
+                    assert not unchanged, f"{name} did not train"
+        for name, value in ranks[0]["fastrnn", use_extra].items():
+            assert torch.equal(value, ranks[1]["fastrnn", use_extra][name]), name
+
+
+# -------------------------------------------------------------------------------- autocast
+
+AUTOCAST_CASES = {
+    "lstm": (lambda: nn.LSTM(5, 8, num_layers=2, bidirectional=True), "seq"),
+    "lstm_proj": (lambda: nn.LSTM(5, 8, proj_size=3), "seq"),
+    "lstm_packed": (lambda: nn.LSTM(5, 8), "packed"),
+    "gru": (lambda: nn.GRU(5, 8, num_layers=2), "seq"),
+    "rnn_relu": (lambda: nn.RNN(5, 8, nonlinearity="relu"), "seq"),
+    "lstm_cell": (lambda: nn.LSTMCell(5, 8), "step"),
+    "gru_cell": (lambda: nn.GRUCell(5, 8), "step"),
+    "rnn_cell": (lambda: nn.RNNCell(5, 8), "step"),
+}
+
+
+def _autocast_inputs(form, dtype, device):
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda *shape: torch.randn(*shape, generator=gen).to(device, dtype)  # noqa: E731
+    if form == "packed":
+        seqs = [rand(n, 5).requires_grad_() for n in (9, 6, 2)]
+        return (pack_sequence(seqs),), seqs
+    x = (rand(9, 4, 5) if form == "seq" else rand(4, 5)).requires_grad_()
+    return (x,), [x]
+
+
+def _run_autocast(module, form, device, low):
+    """Forward (under autocast when ``low``), then the gradients of a fixed random loss."""
+    dtype = torch.float64 if low is None else torch.float32
+    args, leaves = _autocast_inputs(form, dtype, device)
+    with torch.autocast(device, dtype=low or torch.bfloat16, enabled=low is not None):
+        outs = tensors(module(*args))
+    gen = torch.Generator().manual_seed(8)
+    weights = [torch.randn(o.shape, generator=gen).to(device, torch.float64) for o in outs]
+    loss = sum((o.double() * w).sum() for o, w in zip(outs, weights))
+    grads = torch.autograd.grad(loss, leaves + list(module.parameters()))
+    return outs, grads
+
+
+def _check_autocast(name, device, low):
+    make, form = AUTOCAST_CASES[name]
+    torch.manual_seed(0)
+    reference = make().to(device)
+    truth = copy.deepcopy(reference).double()
+    fast = fastrnn.convert(copy.deepcopy(reference), backend=BACKEND if device == "cpu"
+                           else "auto")
+    true_outs, true_grads = _run_autocast(truth, form, device, None)
+    torch_outs, torch_grads = _run_autocast(reference, form, device, low)
+    fast_outs, fast_grads = _run_autocast(fast, form, device, low)
+    # torch.nn's own result dtypes, down to every state
+    assert [o.dtype for o in fast_outs] == [o.dtype for o in torch_outs]
+    assert [g.dtype for g in fast_grads] == [g.dtype for g in torch_grads]
+    # the low-precision rule: error vs float64 at most 2x torch.nn's own autocast error
+    for what, fast_vals, torch_vals, true_vals in (("output", fast_outs, torch_outs, true_outs),
+                                                   ("grad", fast_grads, torch_grads, true_grads)):
+        for i, (f, t, ref) in enumerate(zip(fast_vals, torch_vals, true_vals)):
+            fast_err = (f.double() - ref).abs().max().item()
+            torch_err = (t.double() - ref).abs().max().item()
+            assert fast_err <= 2 * torch_err, \
+                f"{name} {what} {i}: error {fast_err:.3g} > 2 x torch.nn's {torch_err:.3g}"
+
+
+def test_autocast_cpu_bfloat16_matches_torch_nn():
+    for name in AUTOCAST_CASES:
+        _check_autocast(name, "cpu", torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
+def test_autocast_cuda_matches_torch_nn(low):
+    for name in AUTOCAST_CASES:
+        _check_autocast(name, "cuda", low)
+
+
+def test_autocast_does_not_change_float64_modules():
+    """Autocast casts only float32 (and half) tensors: float64 modules run as without it."""
+    torch.manual_seed(0)
+    fast = fastrnn.GRU(3, 4, backend=BACKEND).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    expected = fast(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = fast(x)
+    for a, e in zip(tensors(actual), tensors(expected)):
+        assert a.dtype == torch.float64 and torch.equal(a, e)
+
+
+# -------------------------------------------------------------------------------- torch.export
+
+def test_torch_export_runs_fastrnn_ops_and_matches_eager():
+    torch.manual_seed(0)
+    model = fastrnn.convert(Stack().eval(), backend=BACKEND)
+    x = torch.randn(2, 6, 3)
+    batch = torch.export.Dim("batch", min=2, max=64)
+    steps = torch.export.Dim("steps", min=2, max=1024)
+    program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch, 1: steps}})
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {"fastrnn.lstm_forward.default", "fastrnn.gru_forward.default",
+            "fastrnn.rnn_tanh_forward.default"} <= targets, targets
+    for shape in ((2, 6, 3), (5, 4, 3)):  # the traced batch, and another batch and length
+        x = torch.randn(*shape)
+        torch.testing.assert_close(program.module()(x), model(x), rtol=0, atol=0)
+    # and it round-trips through torch.export.save/load
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    torch.testing.assert_close(loaded.module()(x), model(x), rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------------- ONNX
+
+def test_onnx_export_uses_standard_operators_and_runs_in_onnxruntime():
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")  # torch.onnx's default (dynamo) exporter needs it
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = fastrnn.convert(Stack().eval(), backend=BACKEND)
+    x = torch.randn(2, 6, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    proto = program.model_proto
+    ops = {(node.domain or "ai.onnx", node.op_type) for node in proto.graph.node}
+    assert ("ai.onnx", "LSTM") in ops and ("ai.onnx", "GRU") in ops, ops
+    assert all(domain == "ai.onnx" for domain, _ in ops), f"non-standard operators: {ops}"
+    onnx.checker.check_model(proto)
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    assert_close(torch.from_numpy(actual), expected, torch.float32, "onnxruntime output")
+    # the module still runs fastrnn's kernels after the export
+    assert not torch.onnx.is_in_onnx_export()
+
+
+# -------------------------------------------------------------------------------- serialization
+
+def _assert_same_model(actual, expected, x):
+    assert [type(m) for m in actual.modules()] == [type(m) for m in expected.modules()]
+    for a, e in zip(actual.modules(), expected.modules()):
+        assert getattr(a, "backend", None) == getattr(e, "backend", None)
+    with torch.no_grad():
+        torch.testing.assert_close(actual(x), expected(x), rtol=0, atol=0)
+
+
+def test_serialization_copies_and_dtype_moves_keep_backend():
+    torch.manual_seed(0)
+    model = fastrnn.convert(Stack(), backend="reference")
+    x = torch.randn(2, 6, 3)
+    # whole model
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    _assert_same_model(torch.load(buffer, weights_only=False), model, x)
+    # state_dict (weights_only loading), into a fresh model with other weights
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = fastrnn.convert(Stack(), backend="reference")
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    _assert_same_model(fresh, model, x)
+    # deepcopy and pickle
+    _assert_same_model(copy.deepcopy(model), model, x)
+    _assert_same_model(pickle.loads(pickle.dumps(model)), model, x)
+    # dtype moves: results follow torch.nn moved the same way
+    torch.manual_seed(0)
+    reference = Stack()
+    for move in (lambda m: m.double(), lambda m: m.to("cpu", torch.float64),
+                 lambda m: m.to(torch.float32), lambda m: m.float()):
+        moved = move(copy.deepcopy(model))
+        expected = move(copy.deepcopy(reference))
+        dtype = next(expected.parameters()).dtype
+        assert all(p.dtype == dtype for p in moved.parameters())
+        assert all(getattr(m, "backend", "reference") == "reference" for m in moved.modules())
+        assert_close(moved(x.to(dtype)), expected(x.to(dtype)), dtype, "moved")
+    half = copy.deepcopy(model).half()
+    assert all(p.dtype == torch.float16 for p in half.parameters())
+    assert half.lstm.backend == "reference"
+    with torch.no_grad():
+        out = half(x.half())
+        truth = copy.deepcopy(reference).double()(x.double())
+        torch_err = (copy.deepcopy(reference).half()(x.half()).double() - truth).abs().max()
+    assert out.dtype == torch.float16
+    assert (out.double() - truth).abs().max() <= 2 * torch_err
+
+
+@pytest.mark.gpu
+def test_to_cuda_keeps_backend_and_matches_torch_nn():
+    torch.manual_seed(0)
+    reference = Stack()
+    model = fastrnn.convert(copy.deepcopy(reference), backend="reference").to("cuda")
+    assert model.lstm.backend == "reference" and model.lstm.weight_hh_l0.is_cuda
+    x = torch.randn(2, 6, 3)
+    assert_close(model(x.cuda()).cpu(), reference(x), torch.float32, "cuda")
+
+
+# -------------------------------------------------------------------------------- to_torch
+
+def test_to_torch_is_the_inverse_of_convert():
+    torch.manual_seed(0)
+    original = Stack()
+    original.shared = original.gru  # a module held twice stays one module
+    original.rnn.train(False)
+    x = torch.randn(2, 6, 3)
+    expected = original(x)
+    fast = fastrnn.convert(copy.deepcopy(original), backend="reference")
+    params = dict(fast.named_parameters())
+    back = fastrnn.to_torch(fast)
+    assert back is fast
+    for name, module in back.named_modules():
+        assert type(module).__module__.startswith("torch.nn") or name == "", name
+    assert type(back.lstm) is nn.LSTM and type(back.cell) is nn.LSTMCell
+    assert back.shared is back.gru
+    assert not back.rnn.training and back.lstm.training
+    assert back.lstm.batch_first and back.lstm.bidirectional and back.lstm.num_layers == 2
+    after = dict(back.named_parameters())
+    assert after.keys() == params.keys() and all(after[n] is params[n] for n in params)
+    torch.testing.assert_close(back(x), expected, rtol=0, atol=0)
+    # the root itself, with projection and nonlinearity
+    lstm = fastrnn.to_torch(fastrnn.LSTM(3, 6, proj_size=2, bias=False).eval())
+    assert type(lstm) is nn.LSTM and lstm.proj_size == 2 and not lstm.bias and not lstm.training
+    relu = fastrnn.to_torch(fastrnn.RNNCell(3, 4, nonlinearity="relu"))
+    assert type(relu) is nn.RNNCell and relu.nonlinearity == "relu"
+    # gradients flow into the shared Parameter objects
+    back(x).sum().backward()
+    assert all(p.grad is not None for p in params.values())

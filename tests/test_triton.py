@@ -9,6 +9,9 @@ NaN-filled (``poison``), so an element a kernel forgets to write fails the compa
 """
 import importlib
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +333,15 @@ def test_through_the_op_with_autograd():
         results[backend] = dict(output=out.detach(), h_n=h_n.detach(), c_n=c_n.detach(),
                                 **{f"grad_{k}": v.grad for k, v in leaves.items()})
     assert_float32_close(results["triton"], results["reference"])
+
+
+def test_kernels_compile_for_sm90():
+    """The interpreter runs kernels as Python and misses compile-only errors: compile a subset
+    of the kernels to sm_90 cubin with the ptxas bundled in triton (no GPU needed)."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, "-m", "fastrnn.backends.triton.compile_check"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert proc.stdout.count("ok ") == 9, proc.stdout

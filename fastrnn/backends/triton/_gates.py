@@ -12,12 +12,12 @@ Conventions (match fastrnn.backends.reference):
 import triton
 import triton.language as tl
 
-# Cell ids: the CELL constexpr of every kernel.
-LSTM = 0
-GRU = 1
-RNN_TANH = 2
-RNN_RELU = 3
-CELL_IDS = {"lstm": LSTM, "gru": GRU, "rnn_tanh": RNN_TANH, "rnn_relu": RNN_RELU}
+# Cell ids: the CELL constexpr of every kernel. Kernels may read only constexpr globals.
+CELL_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+LSTM = tl.constexpr(CELL_IDS["lstm"])
+GRU = tl.constexpr(CELL_IDS["gru"])
+RNN_TANH = tl.constexpr(CELL_IDS["rnn_tanh"])
+RNN_RELU = tl.constexpr(CELL_IDS["rnn_relu"])
 NUM_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 

@@ -9,7 +9,7 @@ import torch
 
 from ..base import Backend
 from . import persistent, step
-from ._gates import CELL_IDS, GRU, LSTM, NUM_GATES
+from ._gates import CELL_IDS, NUM_GATES
 from ._layout import previous_rows, step_layout
 from .autotune import interpreted
 
@@ -77,7 +77,7 @@ class TritonBackend(Backend):
         dtype, dev = xproj.dtype, xproj.device
         acc = torch.float32 if dtype in HALF else dtype
         N, (B, P), H = xproj.shape[0], h0.shape, w_hh.shape[0] // G
-        width = {LSTM: 5 * H + (H if w_hr is not None else 0), GRU: 4 * H}.get(cell_id, 0)
+        width = {"lstm": 5 * H + (H if w_hr is not None else 0), "gru": 4 * H}.get(cell, 0)
         output = torch.empty(N, P, dtype=dtype, device=dev)
         ws = torch.empty(N, width, dtype=acc, device=dev)
         sizes, offsets = step_layout(N, B, batch_sizes)

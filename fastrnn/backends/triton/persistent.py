@@ -24,11 +24,11 @@ from .autotune import autotune
 
 # ---------------------------------------------------------------- heuristics
 
-# Weight elements (padded tiles of w_hh, plus w_hr) one program keeps in registers. 16K
-# float32 is 64 KB per program (256 registers x 64 threads-worth), the most that leaves room
-# for state and the backward's gradient tiles. LSTM/GRU up to H=64, RNN up to H=128.
-# TODO(gpu): tune on H100; larger H would need the weights in shared memory or split across
-# a cluster of programs.
+# Weight elements (padded tiles of w_hh, plus w_hr) one program keeps in registers: LSTM/GRU
+# up to H=64, RNN up to H=128. Compiled for sm_90 (ptxas -v, no GPU run yet): the LSTM H=64
+# forward fits in 84 registers/thread at 16 warps; its backward, which also holds the
+# float32 weight-gradient tiles, spills ~1.7 KB at 8 warps. Beyond this, the weights would
+# have to live in shared memory or be split across programs (not done).
 MAX_HELD_WEIGHTS = 16384
 BLOCK_B = 16  # batch rows per program (tl.dot needs >= 16)
 
@@ -45,8 +45,9 @@ def fits(num_gates: int, hidden: int, proj: int) -> bool:
     return held <= MAX_HELD_WEIGHTS
 
 
-_CONFIGS = [triton.Config({}, num_warps=4), triton.Config({}, num_warps=8),
-            triton.Config({}, num_warps=2)]
+# The first config is the one the interpreter keeps.
+_CONFIGS = [triton.Config({}, num_warps=8), triton.Config({}, num_warps=4),
+            triton.Config({}, num_warps=16)]
 
 
 # ---------------------------------------------------------------- forward kernel
@@ -71,7 +72,7 @@ def _persistent_forward_kernel(
     REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    G = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
     ch = tl.arange(0, BLOCK_H)[None, :]                                  # hidden columns
     cp = tl.arange(0, BLOCK_P)[None, :]                                  # output columns
@@ -183,7 +184,7 @@ def _persistent_backward_kernel(
     CELL: tl.constexpr, HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    G = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
     ch = tl.arange(0, BLOCK_H)[None, :]

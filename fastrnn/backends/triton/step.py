@@ -55,7 +55,7 @@ def _step_forward_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     mask = (rows < n) & (cols < H)
-    G = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
     xp = xp_ptr + rows * (G * H) + cols
     hh = hh_ptr + rows * (G * H) + cols
     ws = ws_ptr + rows * WS_STRIDE + cols
@@ -124,7 +124,7 @@ def _step_backward_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     mask = (rows < n) & (cols < H)
-    G = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
     ws = ws_ptr + rows * WS_STRIDE + cols
     gx = gx_ptr + rows * (G * H) + cols
     state = rows * H + cols

@@ -1,0 +1,116 @@
+"""Compile the backend's kernels for a CUDA target without a GPU (ahead of time).
+
+The interpreter runs kernels as Python, so it cannot see what only the compiler rejects
+(non-constexpr globals, names defined in a branch, dot shapes) nor report registers and
+spills. This compiles kernel variants to cubin with the ptxas bundled in the triton wheel:
+
+    python -m fastrnn.backends.triton.compile_check            # a representative subset
+    python -m fastrnn.backends.triton.compile_check --all -v   # every variant, ptxas -v
+
+Run it without TRITON_INTERPRET in the environment (kernels are built at import).
+"""
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import persistent, step
+from ._gates import CELL_IDS
+
+_INTS = {"n", "H", "P", "T", "B", "WS_STRIDE"}
+_INT32_POINTERS = {"bs_ptr", "off_ptr"}
+# arguments that are float32 whatever the input dtype (states, workspace, partial sums)
+_FLOAT32_POINTERS = {"hh_ptr", "h_ptr", "c_ptr", "ws_ptr", "dh_ptr", "cprev_ptr", "dc_ptr",
+                     "dhh_ptr", "ddir_ptr", "dw_ptr", "db_ptr", "dwr_ptr"}
+
+
+def _signature(fn, dtype, constexprs):
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name in _INTS:
+            return "i32"
+        if name in _INT32_POINTERS:
+            return "*i32"
+        return "*fp32" if name in _FLOAT32_POINTERS else "*" + dtype
+    return {name: kind(name) for name in fn.arg_names}
+
+
+def compile_kernel(kernel, dtype, constexprs, num_warps, arch=90):
+    """-> the compiled kernel (raises triton.compiler.errors.CompilationError)."""
+    fn = kernel.fn if type(kernel).__name__ == "Autotuner" else kernel
+    src = ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": num_warps})
+
+
+def ptxas_usage(compiled, arch=90):
+    """Registers and spills of a compiled kernel, as ptxas -v reports them."""
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(compiled.asm["ptx"])
+    try:
+        out = subprocess.run([ptxas, f"-arch=sm_{arch}a", "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    finally:
+        os.unlink(f.name)
+    return "; ".join(line.split("info    : ")[-1].strip() for line in out.splitlines()
+                     if "registers" in line or "spill" in line)
+
+
+def variants(everything):
+    """(name, kernel, dtype, constexprs, num_warps) to compile."""
+    cells = list(CELL_IDS) if everything else ["lstm", "gru"]
+    dtypes = ["fp32", "bf16", "fp16"] if everything else ["bf16"]
+    for dtype in dtypes:
+        for cell in cells:
+            cid = CELL_IDS[cell]
+            projs = [False, True] if cell == "lstm" else [False]
+            for proj in projs:
+                yield (f"step forward {cell}{' proj' if proj else ''} {dtype}",
+                       step._step_forward_kernel, dtype,
+                       dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, BLOCK_B=16, BLOCK_H=128), 4)
+            yield (f"step backward {cell} {dtype}", step._step_backward_kernel, dtype,
+                   dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, BLOCK_B=16, BLOCK_H=128), 4)
+            # largest tiles that fit (everything), else small ones: compile time grows fast
+            hidden = (128 if cell.startswith("rnn") else 64) if everything else 32
+            shapes = [(hidden, hidden, False)]
+            if cell == "lstm":
+                shapes = shapes + [(32, 16, True)] if everything else [(32, 16, True)]
+            for h_tile, p_tile, proj in shapes:
+                shape = f"H={h_tile}{f' P={p_tile}' if proj else ''}"
+                for warps in ([8, 16] if everything else [8]):
+                    yield (f"persistent forward {cell} {shape} {dtype} warps={warps}",
+                           persistent._persistent_forward_kernel, dtype,
+                           dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, REVERSE=False,
+                                BLOCK_B=persistent.BLOCK_B, BLOCK_H=h_tile, BLOCK_P=p_tile),
+                           warps)
+                    yield (f"persistent backward {cell} {shape} {dtype} warps={warps}",
+                           persistent._persistent_backward_kernel, dtype,
+                           dict(CELL=cid, HAS_PROJ=proj, REVERSE=True,
+                                BLOCK_B=persistent.BLOCK_B, BLOCK_H=h_tile, BLOCK_P=p_tile),
+                           warps)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--all", action="store_true", help="every cell, dtype and warp count")
+    parser.add_argument("-v", "--verbose", action="store_true", help="ptxas registers/spills")
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args(argv)
+    if type(step._step_forward_kernel).__name__ == "InterpretedFunction":
+        parser.error("the kernels were built for the interpreter: unset TRITON_INTERPRET")
+    for name, kernel, dtype, constexprs, warps in variants(args.all):
+        compiled = compile_kernel(kernel, dtype, constexprs, warps, args.arch)
+        usage = f"  [{ptxas_usage(compiled, args.arch)}]" if args.verbose else ""
+        print(f"ok  {name}  shared={compiled.metadata.shared}{usage}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

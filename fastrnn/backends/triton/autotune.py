@@ -14,6 +14,14 @@ def interpreted(fn) -> bool:
     return type(fn).__name__ == "InterpretedFunction"
 
 
+def interpreter_ready() -> bool:
+    """Whether kernels can run under the interpreter: Triton's own library functions
+    (tl.zeros, tl.sum's combine...) are built for it only when TRITON_INTERPRET=1 was set
+    before triton.language was first imported."""
+    import triton.language.standard as standard
+    return interpreted(standard.zeros)
+
+
 def interpreting() -> bool:
     """Whether kernels decorated from now on will run under the interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -11,7 +11,7 @@ from ..base import Backend
 from . import persistent, step
 from ._gates import CELL_IDS, NUM_GATES
 from ._layout import previous_rows, step_layout
-from .autotune import interpreted
+from .autotune import interpreted, interpreter_ready
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNELS = ("auto", "step", "persistent")
@@ -49,6 +49,9 @@ class TritonBackend(Backend):
     def unavailable_reason(self, device):
         device = torch.device(device)
         if interpreted(step._step_forward_kernel):
+            if not interpreter_ready():
+                return ("TRITON_INTERPRET=1 was set after triton was imported; set it before "
+                        "anything imports triton")
             return None if device.type in ("cpu", "cuda") else \
                 f"the Triton interpreter runs on cpu tensors, not {device.type}"
         if device.type == "cuda":

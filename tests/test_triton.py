@@ -6,6 +6,9 @@ kernels if they were built without it, and skips if triton itself was imported w
 
 Both kernel shapes (step and persistent) are forced in turn. Every kernel output is allocated
 NaN-filled (``poison``), so an element a kernel forgets to write fails the comparison.
+
+On a GPU machine the same tests run the compiled kernels on CUDA:
+    TRITON_INTERPRET=0 FASTRNN_TEST_TRITON_DEVICE=cuda pytest tests/test_triton.py
 """
 import importlib
 import os
@@ -16,7 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("FASTRNN_TEST_TRITON_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+elif not torch.cuda.is_available():
+    pytest.skip(f"FASTRNN_TEST_TRITON_DEVICE={DEVICE} but no CUDA device", allow_module_level=True)
 pytest.importorskip("triton")
 
 from fastrnn.backends import get as get_backend  # noqa: E402
@@ -25,6 +32,11 @@ from fastrnn.backends import get as get_backend  # noqa: E402
 def _interpreted_package():
     import fastrnn.backends.triton as package
     from fastrnn.backends.triton import autotune, step
+    if DEVICE != "cpu":
+        if autotune.interpreted(step._step_forward_kernel):
+            pytest.skip("unset TRITON_INTERPRET to test the compiled kernels on CUDA",
+                        allow_module_level=True)
+        return package
     if not autotune.interpreter_ready():
         pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)",
                     allow_module_level=True)
@@ -95,16 +107,24 @@ def cast(tensors, dtype):
             for k, v in tensors.items()}
 
 
+def to(tensors, device):
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and k != "batch_sizes" else v
+            for k, v in tensors.items()}
+
+
 def run(backend, cell, inputs, grads, reverse, ws_backend=None):
     """Forward with ``backend``, backward with ``ws_backend`` (default the same) on its
-    workspace. -> dict of every forward output and gradient."""
+    workspace, on DEVICE when triton runs (else on the CPU). -> dict of every forward output
+    and gradient, on the CPU."""
+    device = "cpu" if backend is REFERENCE and ws_backend in (None, REFERENCE) else DEVICE
+    inputs, grads = to(inputs, device), to(grads, device)
     out, h_n, c_n, ws = backend.forward(cell, reverse=reverse, **inputs)
     op_in = {k: inputs[k] for k in ("h0", "c0", "w_hh", "b_hh", "w_hr", "batch_sizes")}
     back = (ws_backend or backend).backward(cell, reverse=reverse, output=out, workspace=ws,
                                             **op_in, **grads)
     names = ("grad_xproj", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr")
     result = dict(output=out, h_n=h_n, c_n=c_n, **dict(zip(names, back)))
-    return {k: v for k, v in result.items() if v is not None}
+    return {k: v.cpu() for k, v in result.items() if v is not None}
 
 
 def errors(actual, expected):
@@ -306,8 +326,11 @@ def test_auto_runs_step_path_for_large_hidden(monkeypatch):
 
 def test_availability_and_support():
     backend = get_backend("triton")
-    assert backend.unavailable_reason(torch.device("cpu")) is None  # interpreter is on
-    assert "cpu" in backend.unavailable_reason(torch.device("meta"))
+    assert backend.unavailable_reason(torch.device(DEVICE)) is None
+    if DEVICE == "cpu":  # the interpreter is on
+        assert "meta" in backend.unavailable_reason(torch.device("meta"))
+    else:
+        assert "TRITON_INTERPRET" in backend.unavailable_reason(torch.device("cpu"))
     reason = backend.unsupported_reason("lstm", torch.float64, torch.device("cpu"), 8, 0)
     assert "float64" in reason
     assert backend.unsupported_reason("gru", torch.bfloat16, torch.device("cpu"), 8, 0) is None
@@ -315,6 +338,7 @@ def test_availability_and_support():
         TritonBackend("fastest")
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="interpreter only")
 def test_autotune_keeps_one_config_under_interpreter():
     assert len(persistent._persistent_forward_kernel.configs) == 1
     assert len(persistent._persistent_backward_kernel.configs) == 1
@@ -326,15 +350,17 @@ def test_through_the_op_with_autograd():
     inputs, grads = make_problem("lstm", 3, 4, 5, [4, 3, 1], proj=2)
     results = {}
     for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
-        args = cast(inputs, dtype)
+        args = to(cast(inputs, dtype), DEVICE)
         leaves = {k: args[k].requires_grad_() for k in ("xproj", "h0", "c0", "w_hh", "b_hh",
                                                         "w_hr")}
         out, h_n, c_n = recurrence("lstm", **args, reverse=True, backend=backend)
-        loss = ((out * grads["grad_output"].to(dtype)).sum() + (h_n * grads["grad_h_n"].to(dtype)).sum()
-                + (c_n * grads["grad_c_n"].to(dtype)).sum())
+        g = to(cast(grads, dtype), DEVICE)
+        loss = ((out * g["grad_output"]).sum() + (h_n * g["grad_h_n"]).sum()
+                + (c_n * g["grad_c_n"]).sum())
         loss.backward()
-        results[backend] = dict(output=out.detach(), h_n=h_n.detach(), c_n=c_n.detach(),
+        results[backend] = dict(output=out, h_n=h_n, c_n=c_n,
                                 **{f"grad_{k}": v.grad for k, v in leaves.items()})
+        results[backend] = {k: v.detach().cpu() for k, v in results[backend].items()}
     assert_float32_close(results["triton"], results["reference"])
 
 

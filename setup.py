@@ -1,5 +1,37 @@
 """Packaging is declared in pyproject.toml; this file only hosts the optional ahead-of-time
-build of the native extension (see fastrnn/build.py)."""
+build of the native extension (see fastrnn/build.py).
+
+By default the install is pure Python and the native kernels are compiled on first use (JIT,
+cached). ``FASTRNN_BUILD_EXT=1`` compiles them at install time instead, into
+``fastrnn/_native_cpu*.so`` (or ``fastrnn/_native_cuda*.so`` with ``FASTRNN_BUILD_CUDA=1``),
+which fastrnn.build loads in preference to a JIT build. torch must already be installed::
+
+    FASTRNN_BUILD_EXT=1 pip install --no-build-isolation -e .
+"""
+import os
+
 from setuptools import setup
 
-setup()
+ext_modules, cmdclass = [], {}
+if os.environ.get("FASTRNN_BUILD_EXT") == "1":
+    from torch.utils import cpp_extension
+
+    cuda = os.environ.get("FASTRNN_BUILD_CUDA") == "1"
+    sources = ["csrc/registration.cpp", "csrc/recurrence_cpu.cpp"]
+    flags = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]}
+    include_dirs = [os.path.abspath("csrc")]
+    if cuda:
+        import importlib.util  # fastrnn/build.py needs only torch: load it without the package
+        spec = importlib.util.spec_from_file_location("fastrnn_build", "fastrnn/build.py")
+        fastrnn_build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fastrnn_build)
+        sources.append("csrc/recurrence_cuda.cu")
+        flags["nvcc"] = ["-O3"]
+        include_dirs += fastrnn_build._cuda_include_dirs()
+    extension = cpp_extension.CUDAExtension if cuda else cpp_extension.CppExtension
+    ext_modules.append(extension(
+        name="fastrnn._native_cuda" if cuda else "fastrnn._native_cpu", sources=sources,
+        include_dirs=include_dirs, extra_compile_args=flags, extra_link_args=["-fopenmp"]))
+    cmdclass["build_ext"] = cpp_extension.BuildExtension.with_options(use_ninja=True)
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -307,6 +307,8 @@ def test_auto_picks_persistent_where_it_fits(monkeypatch):
     assert not auto._persistent("lstm", 8, 0)
     assert TritonBackend("persistent").unsupported_reason(
         "lstm", torch.float32, torch.device("cpu"), 512, 0) is not None
+    with pytest.raises(ValueError, match="hidden_size=512"):
+        TritonBackend("persistent")._persistent("lstm", 512, 0)
     monkeypatch.setenv("FASTRNN_TRITON_KERNEL", "fast")
     with pytest.raises(ValueError, match="FASTRNN_TRITON_KERNEL"):
         auto._persistent("lstm", 8, 0)

@@ -43,8 +43,15 @@ class TritonBackend(Backend):
 
     def _persistent(self, cell, hidden, proj) -> bool:
         choice = self._kernel_choice()
-        return choice == "persistent" or (
-            choice == "auto" and persistent.fits(NUM_GATES[cell], hidden, proj))
+        fits = persistent.fits(NUM_GATES[cell], hidden, proj)
+        if choice == "persistent" and not fits:
+            raise ValueError(self._too_big(hidden, proj))
+        return choice == "persistent" or (choice == "auto" and fits)
+
+    @staticmethod
+    def _too_big(hidden, proj):
+        return (f"the persistent kernel cannot hold the weights of hidden_size={hidden}, "
+                f"proj_size={proj} on chip; use FASTRNN_TRITON_KERNEL=auto or step")
 
     def unavailable_reason(self, device):
         device = torch.device(device)
@@ -68,8 +75,7 @@ class TritonBackend(Backend):
             return f"unknown cell {cell!r}"
         if (self._kernel_choice() == "persistent"
                 and not persistent.fits(NUM_GATES[cell], hidden_size, proj_size)):
-            return (f"the persistent kernel cannot hold the weights of hidden_size={hidden_size}"
-                    f", proj_size={proj_size} on chip; use FASTRNN_TRITON_KERNEL=auto or step")
+            return self._too_big(hidden_size, proj_size)
         return None
 
     # ------------------------------------------------------------ forward

@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gates import (GRU, LSTM, RNN_RELU, RNN_TANH, gru_backward, gru_forward, lstm_backward,
-                     lstm_forward, rnn_backward, rnn_forward)
+from ._gates import (GRU, LSTM, RNN_RELU, gru_backward, gru_forward, lstm_backward, lstm_forward,
+                     rnn_backward, rnn_forward)
 
 
 # ---------------------------------------------------------------- heuristics

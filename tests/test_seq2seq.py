@@ -85,7 +85,8 @@ def hypotheses_of(result, b):
 
 # --------------------------------------------------------------------------- beam search
 
-@pytest.mark.parametrize("length_penalty", [None, ("gnmt", 0.6), ("avg", 1.0), ("avg", -0.5)])
+@pytest.mark.parametrize("length_penalty", [None, ("gnmt", 0.6), ("avg", 1.0), ("avg", -0.5),
+                                            pytest.param(lambda n: 1.0 + 0.3 * n, id="callable")])
 @pytest.mark.parametrize("min_len", [0, 2])
 def test_beam_search_equals_exhaustive_search(length_penalty, min_len):
     vocab, max_len, batch = 3, 4, 3   # tokens {0, 2} besides EOS: 2 + 4 + 8 + 16 + 16 = 31 hypotheses at most

@@ -191,7 +191,7 @@ def sample(step_fn: StepFn, state: Any, *, batch_size: int, bos: int, eos: int, 
 def length_penalty_fn(length_penalty) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``None``; ``("gnmt", alpha)``: ((5 + len) / 6) ** alpha (Wu et al. 2016);
     ``("avg", alpha)``: len ** alpha (alpha = 1: the mean token log-prob); or a callable
-    mapping a float tensor of lengths to positive penalties, non-decreasing or
+    mapping a float tensor of lengths to positive penalties elementwise, non-decreasing or
     non-increasing in the length (the early stop bounds a live hypothesis with it)."""
     if length_penalty is None:
         return None
@@ -269,6 +269,8 @@ def beam_search(step_fn: StepFn, state: Any, *, batch_size: int, beam_size: int,
             fin_scores = torch.full((B, n_best), -math.inf, dtype=dtype, device=device)
             fin_raw = fin_scores.clone()
             out_scores, out_raw = fin_scores.clone(), fin_scores.clone()
+            if penalty is not None:  # penalty_at[n - 1]: the penalty of a hypothesis of n tokens
+                penalty_at = penalty(torch.arange(1, max_len + 1, dtype=dtype, device=device))
         log_probs = log_probs.to(dtype)
         if t < min_len:
             log_probs = _forbid_eos(log_probs, eos)
@@ -280,12 +282,12 @@ def beam_search(step_fn: StepFn, state: Any, *, batch_size: int, beam_size: int,
         cand_origin = torch.div(cand_index, V, rounding_mode="floor")
         cand_token = cand_index % V
         cand_ends = cand_token == eos if t + 1 < max_len else torch.ones_like(cand_token, dtype=torch.bool)
-        cand_seqs = live_tokens.gather(1, cand_origin.unsqueeze(2).expand(-1, -1, max_len)).clone()
+        cand_seqs = live_tokens.gather(1, cand_origin.unsqueeze(2).expand(-1, -1, max_len))
         cand_seqs[:, :, t] = cand_token
 
         # Finished: ending extensions among the K best, merged into the n_best pool.
         new_raw = cand_raw[:, :K].masked_fill(~cand_ends[:, :K], -math.inf)
-        new_scores = new_raw / penalty(torch.tensor(float(length), dtype=dtype)) if penalty else new_raw
+        new_scores = new_raw if penalty is None else new_raw / penalty_at[t]
         pool_scores = torch.cat([fin_scores, new_scores], dim=1)
         fin_scores, pick = pool_scores.topk(n_best, dim=1)
         fin_raw = torch.cat([fin_raw, new_raw], dim=1).gather(1, pick)
@@ -310,8 +312,7 @@ def beam_search(step_fn: StepFn, state: Any, *, batch_size: int, beam_size: int,
         if penalty is None:
             bound = best_live
         else:
-            ends = torch.tensor([length + 1.0, float(max_len)], dtype=dtype, device=device)
-            bound = torch.maximum(best_live / penalty(ends[0]), best_live / penalty(ends[1]))
+            bound = torch.maximum(best_live / penalty_at[t + 1], best_live / penalty_at[max_len - 1])
         done = (best_live == -math.inf) | (bound <= fin_scores[:, n_best - 1])
         keep = (~done).nonzero().squeeze(1)  # the one host read per step
         if keep.numel() < Ba:  # drop finished sentences: they stop costing work

@@ -386,8 +386,11 @@ def _char_lm_module():
     return mod
 
 
-def test_char_lm_losses_match_between_fastrnn_and_torch_lstm():
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_char_lm_losses_match_between_fastrnn_and_torch_lstm(backend):
     """Same state_dict loaded into both, same dropout seeds: the same losses, step by step."""
+    if backend not in fastrnn.available_backends("cpu"):
+        pytest.skip(f"fastrnn backend {backend!r} is not available on this machine")
     char_lm = _char_lm_module()
     with open(char_lm.CORPUS, encoding="utf-8") as f:
         text = f.read(2000)
@@ -399,7 +402,7 @@ def test_char_lm_losses_match_between_fastrnn_and_torch_lstm():
     ref = char_lm.CharLM(len(chars), 12, 2, dropout=0.2).double()
     models = {"torch": ref}
     fast = char_lm.CharLM(len(chars), 12, 2, dropout=0.2).double()
-    fast.rnn = fastrnn.LSTM(12, 12, num_layers=2, backend="reference").double()
+    fast.rnn = fastrnn.LSTM(12, 12, num_layers=2, backend=backend).double()
     fast.load_state_dict(ref.state_dict())
     assert fast.decoder.weight is fast.embedding.weight
     models["fastrnn"] = fast

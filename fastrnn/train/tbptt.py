@@ -15,16 +15,17 @@ Layouts: ``inputs`` is time-major ``[T, B, *]`` (default) or ``[B, T, *]`` with
 ``[T, B]``, as language-model loaders do, and :meth:`TBPTT.lm_chunks` cuts such a stream into
 (input, next-token target) windows.
 
-Typical loop::
+Typical loop (``model(x, state) -> (logits, state)``)::
 
     tbptt = TBPTT(k1=35, variable_length=True)
+    step = TrainStep(optimizer, clip_norm=0.25)
     state = None
-    for chunk in tbptt.lm_chunks(train_stream):
+    for chunk in tbptt.lm_chunks(batchify(corpus, 20)):
         def loss_fn():
-            global state
-            logits, state = chunk.run(model, state)   # model(x, state) -> (y, state)
-            return F.cross_entropy(logits.flatten(0, 1), chunk.loss_target.flatten())
-        step(loss_fn)                                   # fastrnn.train.TrainStep
+            logits, new_state = chunk.run(model, state)   # detaches `state` first
+            loss = F.cross_entropy(logits.flatten(0, 1), chunk.loss_target.flatten())
+            return loss, new_state
+        state = step(loss_fn).extra
 """
 from __future__ import annotations
 

@@ -186,6 +186,17 @@ def test_autocast_cuda_matches_torch_nn(low):
         _check_autocast(name, "cuda", low)
 
 
+def test_autocast_under_torch_compile_fullgraph():
+    torch.manual_seed(0)
+    fast = fastrnn.LSTM(3, 4, num_layers=2, backend=BACKEND)
+    x = torch.randn(5, 2, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = fast(x)
+        actual = torch.compile(fast, fullgraph=True, backend="aot_eager")(x)
+    for a, e in zip(tensors(actual), tensors(expected)):
+        assert a.dtype == e.dtype == torch.bfloat16 and torch.equal(a, e)
+
+
 def test_autocast_does_not_change_float64_modules():
     """Autocast casts only float32 (and half) tensors: float64 modules run as without it."""
     torch.manual_seed(0)

@@ -69,6 +69,13 @@ def _plan(device, low, mode, h_dtype, c_dtype, projected, fused) -> Plan:
     return Plan(device.type, compute, low, None)
 
 
+@torch.compiler.assume_constant_result  # torch.compile cannot trace these queries
+def _library_enabled(name: str) -> bool:
+    """Whether torch.nn would take the cuDNN / oneDNN (mkldnn) path: built in and enabled."""
+    library = getattr(torch.backends, name)
+    return bool(library.is_available() and library.enabled)
+
+
 def layers_plan(module, input: torch.Tensor, hx: tuple, packed: bool) -> Optional[Plan]:
     """The plan for fastrnn.LSTM/GRU/RNN on ``input`` (time-major rows), or None when
     autocast does not apply."""
@@ -76,11 +83,10 @@ def layers_plan(module, input: torch.Tensor, hx: tuple, packed: bool) -> Optiona
     if low is None:
         return None
     if input.device.type == "cuda":
-        fused = torch.backends.cudnn.enabled and torch.backends.cudnn.is_available()
+        fused = _library_enabled("cudnn")
     else:
         fused = (module.mode == "LSTM" and not packed and not module.proj_size
-                 and input.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-                 and torch.backends.mkldnn.enabled)
+                 and input.dtype == torch.float32 and _library_enabled("mkldnn"))
     return _plan(input.device, low, module.mode, hx[0].dtype,
                  hx[1].dtype if len(hx) > 1 else None, module.proj_size > 0, fused)
 

@@ -66,6 +66,7 @@ def ptxas_usage(compiled, arch=90):
 def variants(everything):
     """(name, kernel, dtype, constexprs, num_warps) to compile."""
     cells = list(CELL_IDS) if everything else ["lstm", "gru"]
+    block_b, block_h, step_warps = step._blocks(64, 512)  # the tile of a large step
     dtypes = ["fp32", "bf16", "fp16"] if everything else ["bf16"]
     for dtype in dtypes:
         for cell in cells:
@@ -74,9 +75,11 @@ def variants(everything):
             for proj in projs:
                 yield (f"step forward {cell}{' proj' if proj else ''} {dtype}",
                        step._step_forward_kernel, dtype,
-                       dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, BLOCK_B=16, BLOCK_H=128), 4)
+                       dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, BLOCK_B=block_b,
+                            BLOCK_H=block_h), step_warps)
             yield (f"step backward {cell} {dtype}", step._step_backward_kernel, dtype,
-                   dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, BLOCK_B=16, BLOCK_H=128), 4)
+                   dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, BLOCK_B=block_b,
+                        BLOCK_H=block_h), step_warps)
             # largest tiles that fit (everything), else small ones: compile time grows fast
             hidden = (128 if cell.startswith("rnn") else 64) if everything else 32
             shapes = [(hidden, hidden, False)]

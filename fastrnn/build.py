@@ -196,6 +196,9 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
     if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to read the arch from: pick one explicitly rather than fail detection.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
+    if not any(build_dir.glob(f"{name}*.so")):
+        print(f"fastrnn: compiling the native {variant} kernels into {build_dir} (first use "
+              f"only; takes {'a few minutes' if cuda else 'about a minute'})...", file=sys.stderr)
     log_path = build_dir / "fastrnn_build_error.log"
     digest = _headers_digest(src)
     try:

@@ -1,0 +1,208 @@
+"""What a run leaves behind: a table on stdout, JSON, a Markdown summary and PNG plots."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from typing import Dict, List, Optional
+
+import torch
+
+COLUMNS = ("case", "provider", "status", "median ms", "IQR ms", "tokens/s", "vs torch.nn",
+           "GFLOP/s", "% GEMM", "peak MB")
+
+
+# ---- run metadata ---------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def device_slug(device: torch.device) -> str:
+    """Short file-name-safe name: 'cpu-2c' style on CPU, 'cuda-nvidia-h100-80gb-hbm3' on GPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu-{os.cpu_count()}c"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def metadata(device: torch.device, size: str, ceilings: Dict[str, float]) -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    try:
+        import fastrnn
+        fastrnn_version = getattr(fastrnn, "__version__", None)
+    except Exception:
+        fastrnn_version = None
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=root, capture_output=True, text=True,
+                                    timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "size": size,
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "fastrnn": fastrnn_version,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "gemm_ceiling_gflops": ceilings,
+    }
+    if device.type == "cuda":
+        meta["cudnn"] = torch.backends.cudnn.version()
+        meta["cuda"] = torch.version.cuda
+        meta["cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+        meta["matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    else:
+        meta["mkldnn"] = torch.backends.mkldnn.is_available()
+    return meta
+
+
+# ---- table ----------------------------------------------------------------------------
+
+def _fmt(value, spec: str, scale: float = 1.0) -> str:
+    return "" if value is None else format(value * scale, spec)
+
+
+def rows(records: List[dict]) -> List[List[str]]:
+    table = []
+    for r in records:
+        status = r["status"]
+        if status == "wrong":
+            status = f"WRONG: {r['reason']}"
+        elif status in ("skipped", "error"):
+            status = f"{status}: {r['reason']}"
+        iqr = (f"{r['q1_ms']:.3g}-{r['q3_ms']:.3g}" if "q1_ms" in r else "")
+        mem = r.get("peak_mem_bytes")
+        table.append([r["case"], r["provider"], status, _fmt(r.get("median_ms"), ".4g"), iqr,
+                      _fmt(r.get("tokens_per_s"), ".3g"), _fmt(r.get("speedup"), ".2f"),
+                      _fmt(r.get("gflops"), ".1f"), _fmt(r.get("gemm_fraction"), ".0f", 100),
+                      "n/a" if "median_ms" in r and mem is None else _fmt(mem, ".1f", 2 ** -20)])
+    return table
+
+
+def text_table(records: List[dict], width: int = 60) -> str:
+    """Fixed-width table; long status messages are cut to ``width`` characters."""
+    body = [[c if len(c) <= width else c[: width - 3] + "..." for c in row]
+            for row in rows(records)]
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
+              for i, h in enumerate(COLUMNS)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths])] + [line(r) for r in body])
+
+
+def markdown(records: List[dict], meta: dict, plots: List[str]) -> str:
+    ceil = ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in meta["gemm_ceiling_gflops"].items())
+    lines = [
+        f"# fastrnn benchmark: {meta['device_name']} ({meta['device']})", "",
+        f"- date {meta['date']}, `--{meta['size']}`, git {meta['git_commit'] or 'unknown'}"
+        + (" (uncommitted changes)" if meta.get("git_dirty") else ""),
+        f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, "
+        f"{meta['torch_threads']} torch threads",
+        f"- GEMM ceiling (best square torch.mm in this run): {ceil}",
+        "- `vs torch.nn`: torch.nn median time / provider median time in this run "
+        "(> 1 is faster); `% GEMM`: achieved GFLOP/s (matmul FLOPs only) over the ceiling; "
+        "`peak MB`: " + ("CUDA max_memory_allocated growth during one call"
+                          if meta["device"].startswith("cuda") else
+                          "growth of the process's peak RSS during one call"),
+        "- providers are checked against torch.nn before timing; WRONG ones are not timed", "",
+        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows(records):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
+    lines.append("")
+    for path in plots:
+        lines += [f"![{os.path.basename(path)}]({os.path.basename(path)})", ""]
+    return "\n".join(lines)
+
+
+# ---- plots ----------------------------------------------------------------------------
+
+# Params that define a point of a sweep: a plot against one of them keeps the others as in
+# the standard (fastrnns) config.
+SWEEP_KEYS = ("seq", "batch", "input", "hidden", "layers", "bidirectional", "packed")
+
+
+def plot_speedup(records: List[dict], x: str, path: str, anchor: str = "fastrnns") -> Optional[str]:
+    """Speed-up vs torch.nn against param ``x`` (one panel per cell and mode, a line per
+    provider and dtype); None when the run has fewer than two points of that sweep."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    anchors = {r["cell"]: r for r in records if r.get("config") == anchor and "cell" in r}
+    points = [r for r in records if r.get("speedup") and r.get("cell") in anchors
+              and all(r.get(k) == anchors[r["cell"]].get(k) for k in SWEEP_KEYS if k != x)]
+    if len({r[x] for r in points}) < 2:
+        return None
+    cells = sorted({r["cell"] for r in points})
+    modes = sorted({r["mode"] for r in points})
+    fig, axes = plt.subplots(len(cells), len(modes), figsize=(5.5 * len(modes), 3.8 * len(cells)),
+                             squeeze=False)
+    dtypes = sorted({r["dtype"] for r in points})
+    for i, cell in enumerate(cells):
+        for j, mode in enumerate(modes):
+            ax = axes[i][j]
+            panel = [r for r in points if r["cell"] == cell and r["mode"] == mode]
+            for provider in sorted({r["provider"] for r in panel}):
+                for dtype in dtypes:
+                    line = sorted((r[x], r["speedup"]) for r in panel
+                                  if r["provider"] == provider and r["dtype"] == dtype)
+                    if line:
+                        label = provider if len(dtypes) == 1 else f"{provider} {dtype}"
+                        ax.plot(*zip(*line), marker="o", label=label)
+            ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(x)
+            ax.set_ylabel("speed-up vs torch.nn")
+            ax.set_title(f"{cell.upper()} {mode}")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---- files ----------------------------------------------------------------------------
+
+def write_all(records: List[dict], meta: dict, out_dir: str, stem: str, plots: bool = True):
+    """Write ``<stem>.json``, ``<stem>.md`` and plots under ``out_dir``; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    made = []
+    if plots:
+        for x in ("batch", "hidden"):
+            path = plot_speedup(records, x, os.path.join(out_dir, f"{stem}-speedup-vs-{x}.png"))
+            if path:
+                made.append(path)
+    json_path = os.path.join(out_dir, f"{stem}.json")
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "results": records}, f, indent=1, default=str)
+    md_path = os.path.join(out_dir, f"{stem}.md")
+    with open(md_path, "w") as f:
+        f.write(markdown(records, meta, made))
+    return [json_path, md_path] + made

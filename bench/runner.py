@@ -1,0 +1,97 @@
+"""Run cases: build each provider, check its result against the baseline, then time it.
+
+A provider whose result is wrong is recorded as ``wrong`` (with its error) and never timed;
+one that cannot run is ``skipped`` (with the reason it gave); one that raises is ``error``.
+"""
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from .check import judge
+from .core import Case, Options, Skip, provider_names
+from .timing import Budget, measure
+
+BUDGETS = {  # (device type, size) -> timing budget
+    ("cpu", "tiny"): Budget(warmup=0, min_repeats=2, max_repeats=3, seconds=0.0),
+    ("cpu", "quick"): Budget(warmup=0, min_repeats=3, max_repeats=20, seconds=0.5,
+                             cap_seconds=5.0),
+    ("cpu", "full"): Budget(warmup=2, min_repeats=5, max_repeats=50, seconds=3.0),
+    ("cuda", "tiny"): Budget(warmup=1, min_repeats=3, max_repeats=5, seconds=0.0),
+    ("cuda", "quick"): Budget(warmup=5, min_repeats=10, max_repeats=200, seconds=0.5),
+    ("cuda", "full"): Budget(warmup=10, min_repeats=20, max_repeats=1000, seconds=2.0),
+}
+
+
+def _value(x):
+    return x() if callable(x) else x
+
+
+def run_case(case: Case, options: Options, ceilings: Dict[str, float],
+             on_provider: Optional[Callable[[str], None]] = None) -> List[dict]:
+    """Records (one dict per provider) for ``case``; the baseline's comes first."""
+    budget = BUDGETS[(options.device.type, options.size)]
+    names = sorted(provider_names(case, options), key=lambda n: n != case.baseline)
+    records, baseline_result, baseline_ms = [], None, None
+    tokens = flops = None
+    for name in names:
+        record = {"suite": case.suite, "case": case.name, "provider": name, **case.params,
+                  "status": "ok", "reason": ""}
+        records.append(record)
+        if on_provider:
+            on_provider(f"{case.name} {name}")
+        started = time.perf_counter()
+        if name != case.baseline and baseline_result is None:
+            record.update(status="error", reason="the baseline did not run, nothing to check against")
+            continue
+        try:
+            workload = case.providers[name]()
+            result = workload()   # the check run; it is also the first warm-up call
+            if name == case.baseline:
+                baseline_result = result
+                tokens, flops = _value(case.tokens), _value(case.flops)
+                record["check"] = {"against": "is the baseline"}
+            else:
+                verdict = judge(result, baseline_result, case.dtype, case.gold)
+                record["check"] = {"error": verdict.error, "tolerance": verdict.tolerance,
+                                   "against": verdict.against, "worst": verdict.worst}
+                if not verdict.ok:
+                    record.update(status="wrong", reason=verdict.message)
+                    continue
+            del result
+            timing = measure(workload, options.device, budget)
+        except Skip as exc:
+            record.update(status="skipped", reason=str(exc))
+            continue
+        except Exception as exc:  # reported in the results; the run goes on
+            record.update(status="error", reason=f"{type(exc).__name__}: {exc}".strip(),
+                          traceback=traceback.format_exc(limit=6))
+            continue
+        finally:
+            record["wall_s"] = round(time.perf_counter() - started, 2)  # set-up, check and timing
+            workload = None
+        seconds = timing.median_ms / 1e3
+        record.update(median_ms=timing.median_ms, q1_ms=timing.q1_ms, q3_ms=timing.q3_ms,
+                      min_ms=timing.min_ms, max_ms=timing.max_ms, repeats=timing.repeats,
+                      peak_mem_bytes=timing.peak_mem_bytes, tokens=tokens,
+                      tokens_per_s=tokens / seconds if tokens else None)
+        if flops:
+            gflops = flops / seconds / 1e9
+            ceiling = ceilings.get(record.get("dtype", ""))
+            record.update(flops=flops, gflops=gflops,
+                          gemm_fraction=gflops / ceiling if ceiling else None)
+        if name == case.baseline:
+            baseline_ms = timing.median_ms
+        if baseline_ms:
+            record["speedup"] = baseline_ms / timing.median_ms
+    if case.cleanup:
+        case.cleanup()
+    if options.size != "tiny":   # a full collection costs ~0.3 s with torch._dynamo loaded
+        gc.collect()
+    if options.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return records

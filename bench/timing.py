@@ -1,0 +1,157 @@
+"""Timing, peak memory and the GEMM ceiling of the device.
+
+GPU: CUDA events around each call (one event pair per repeat), memory from
+``torch.cuda.max_memory_allocated``. CPU: ``time.perf_counter`` around each call, peak
+memory as the growth of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over its resident set before the call, with glibc told to give
+large freed blocks back to the OS at once so that earlier runs do not hide new peaks.
+Both: warm-up calls, then repeats until both a minimum count and a time budget are met
+(or a maximum count); the median and the interquartile range are reported.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import statistics
+import time
+from typing import Callable, Optional
+
+import torch
+
+
+@dataclasses.dataclass
+class Timing:
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    min_ms: float
+    max_ms: float
+    repeats: int
+    peak_mem_bytes: Optional[int]   # None when it cannot be measured on this device
+
+
+@dataclasses.dataclass
+class Budget:
+    warmup: int = 1          # calls before timing (the correctness check already ran once)
+    min_repeats: int = 3
+    max_repeats: int = 50
+    seconds: float = 1.0     # keep repeating until this much time was spent (and min_repeats)
+    cap_seconds: float = float("inf")   # stop after this much time even below min_repeats
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, budget: Budget) -> Timing:
+    for _ in range(budget.warmup):
+        fn()
+    _sync(device)
+    memory = PeakMemory(device)
+    times = []
+    spent = 0.0
+    while not times or (len(times) < budget.max_repeats and spent < budget.cap_seconds
+                        and (len(times) < budget.min_repeats or spent < budget.seconds)):
+        first = not times
+        if first:
+            memory.start()
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        if first:
+            memory.stop()
+        times.append(ms)
+        spent += ms / 1e3
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return Timing(statistics.median(times), q[0], q[2], min(times), max(times), len(times),
+                  memory.peak)
+
+
+class PeakMemory:
+    """Bytes allocated at the peak of a call above what was allocated before it."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._before = device, None, 0
+
+    def start(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        elif cpu_memory_supported():
+            _reset_peak_rss()
+            self._before = _read_status_kib("VmRSS") * 1024
+
+    def stop(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._before
+        elif cpu_memory_supported():
+            self.peak = max(0, _read_status_kib("VmHWM") * 1024 - self._before)
+
+
+_cpu_memory: Optional[bool] = None
+
+
+def cpu_memory_supported() -> bool:
+    """True on Linux when the peak RSS can be reset (first call also tunes glibc, see doc)."""
+    global _cpu_memory
+    if _cpu_memory is None:
+        try:
+            _reset_peak_rss()
+            _read_status_kib("VmHWM")
+            libc = ctypes.CDLL("libc.so.6")
+            M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+            # Fixed thresholds: tensors >= 128 KiB are mmapped and unmapped on free.
+            _cpu_memory = bool(libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+                               and libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024))
+        except (OSError, ValueError, AttributeError):
+            _cpu_memory = False
+    return _cpu_memory
+
+
+def _reset_peak_rss():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _read_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"{key} not in /proc/self/status")
+
+
+def gemm_ceiling(device: torch.device, dtype: torch.dtype, size: int) -> float:
+    """Best GFLOP/s of a square torch.mm of ``size`` on the device: the ceiling we compare with."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    flops = 2.0 * size ** 3
+    best = float("inf")
+    for _ in range(3):   # warm-up
+        torch.mm(a, b)
+    _sync(device)
+    for _ in range(10 if device.type == "cuda" else 5):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.mm(a, b)
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            seconds = time.perf_counter() - t0
+        best = min(best, seconds)
+    return flops / best / 1e9

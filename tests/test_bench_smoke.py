@@ -1,0 +1,137 @@
+"""The benchmark suite itself works: it runs at toy sizes, writes its table, JSON, Markdown
+and plots, and reports a provider with wrong results as wrong instead of timing it."""
+import glob
+import json
+import os
+import runpy
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from bench import cli
+from bench.check import judge
+from bench.core import Skip
+from bench.suites import rnn
+
+class Perturbed(nn.Module):
+    """torch.nn's LSTM/GRU with its output off by 0.1% (a subtly broken kernel)."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.inner = rnn.torch_nn_module(spec)
+
+    def forward(self, x, hx=None):
+        out, state = self.inner(x, hx)
+        return out * 1.001, state
+
+    def state_dict(self, *args, **kwargs):
+        return self.inner.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state, strict=True):
+        return self.inner.load_state_dict(state, strict)
+
+    def named_parameters(self, *args, **kwargs):
+        return self.inner.named_parameters(*args, **kwargs)
+
+
+def cannot_run(spec):
+    raise Skip("needs a flux capacitor")
+
+
+@pytest.fixture
+def injected():
+    rnn.register_provider("wrong-by-0.1%", Perturbed)
+    rnn.register_provider("unrunnable", cannot_run)
+    yield
+    rnn.unregister_provider("wrong-by-0.1%")
+    rnn.unregister_provider("unrunnable")
+
+
+def test_tiny_run_writes_everything_and_flags_wrong_provider(tmp_path, capsys, injected):
+    code = cli.main(["--tiny", "--device", "cpu", "--cell", "lstm",
+                     "--config", "fastrnns,batch1,hidden256",
+                     "--provider", "ts-loop,fastrnn*,wrong-by-0.1%,unrunnable",
+                     "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    stdout = capsys.readouterr().out
+
+    [json_path] = glob.glob(str(tmp_path / "*.json"))
+    data = json.load(open(json_path))
+    meta = data["meta"]
+    assert meta["device"] == "cpu" and meta["torch"] == torch.__version__
+    for key in ("device_name", "triton", "git_commit", "date", "gemm_ceiling_gflops"):
+        assert key in meta
+    assert meta["gemm_ceiling_gflops"]["float32"] > 0
+
+    records = data["results"]
+    by_provider = {}
+    for r in records:
+        by_provider.setdefault(r["provider"], []).append(r)
+    # 3 configs x 2 modes, every provider reported for every case
+    cases = {r["case"] for r in records}
+    assert len(cases) == 6
+    for name in ("torch.nn", "ts-loop", "wrong-by-0.1%", "unrunnable"):
+        assert len(by_provider[name]) == 6, name
+
+    for r in by_provider["torch.nn"] + by_provider["ts-loop"]:
+        assert r["status"] == "ok", r
+        assert r["median_ms"] > 0 and r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert r["tokens_per_s"] > 0 and r["gflops"] > 0 and r["gemm_fraction"] > 0
+        assert r["speedup"] > 0
+    for r in by_provider["torch.nn"]:
+        assert r["speedup"] == 1.0
+    for r in by_provider["ts-loop"]:
+        assert r["check"]["error"] <= 1e-5
+
+    for r in by_provider["wrong-by-0.1%"]:
+        assert r["status"] == "wrong", r
+        assert "median_ms" not in r and "speedup" not in r   # never timed
+        assert r["check"]["error"] > 1e-4
+    for r in by_provider["unrunnable"]:
+        assert r["status"] == "skipped" and "flux capacitor" in r["reason"]
+
+    # the table on stdout: header, one line per record, wrong and skipped visible
+    assert "vs torch.nn" in stdout and "GFLOP/s" in stdout
+    assert stdout.count("WRONG") == 6
+    assert "skipped: needs a flux capacitor" in stdout
+
+    stem = os.path.splitext(json_path)[0]
+    markdown = open(stem + ".md").read()
+    assert "| case | provider |" in markdown and "WRONG" in markdown
+    for plot in ("batch", "hidden"):
+        path = f"{stem}-speedup-vs-{plot}.png"
+        assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.basename(path) in markdown
+
+
+def test_check_rules():
+    base = {"output": torch.tensor([1.0, -2.0, 4.0]), "grad": torch.tensor([1e-3, 2e-3])}
+    same = {k: v.clone() for k, v in base.items()}
+    assert judge(same, base, torch.float32, None).ok
+    # relative to each tensor's own scale: a 1e-6 absolute error on a 2e-3 tensor is 5e-4
+    off = {"output": base["output"].clone(), "grad": base["grad"] + 1e-6}
+    verdict = judge(off, base, torch.float32, None)
+    assert not verdict.ok and verdict.worst == "grad"
+    # against a gold result: within 2x the baseline's own error is right
+    gold = {"output": base["output"] + 1e-4, "grad": base["grad"]}
+    assert judge(off, base, torch.float32, lambda: gold).ok is False
+    close = {"output": base["output"] + 1.5e-4, "grad": base["grad"]}
+    assert judge(close, base, torch.float32, lambda: gold).ok
+    # missing tensors or non-finite values are wrong
+    assert not judge({"output": base["output"]}, base, torch.float32, None).ok
+    nan = {"output": torch.tensor([1.0, float("nan"), 4.0]), "grad": base["grad"]}
+    assert not judge(nan, base, torch.float32, lambda: gold).ok
+
+
+def test_python_dash_m_bench_lists_cases(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench", "--tiny", "--device", "cpu", "--list",
+                                      "--cell", "gru", "--config", "packed"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("bench", run_name="__main__")
+    assert exit_.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split()[0] for l in lines] == ["gru/packed/inference/float32",
+                                             "gru/packed/training/float32"]
+    assert all(l.split()[1] == "torch.nn" for l in lines)

@@ -174,3 +174,18 @@ def test_torch_compile_inductor_matches_eager():
     x = torch.randn(6, 2, 4)
     compiled = torch.compile(lstm, fullgraph=True)
     torch.testing.assert_close(compiled(x)[0], lstm(x)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_first_call_under_torch_compile_in_a_fresh_process():
+    """Backend lookup (imports, a possible native build) must not break a fullgraph trace
+    when the very first call of a process is compiled."""
+    import subprocess
+    import sys
+    script = ("import torch, fastrnn\n"
+              "m = fastrnn.LSTM(4, 5, num_layers=2)\n"
+              "x = torch.randn(6, 2, 4)\n"
+              "y = torch.compile(m, fullgraph=True, backend='aot_eager')(x)[0]\n"
+              "torch.testing.assert_close(y, m(x)[0])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

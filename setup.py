@@ -9,10 +9,23 @@ which fastrnn.build loads in preference to a JIT build. torch must already be in
     FASTRNN_BUILD_EXT=1 pip install --no-build-isolation -e .
 """
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-ext_modules, cmdclass = [], {}
+
+class BuildPyWithSources(build_py):
+    """Ship csrc/ inside the package (fastrnn/csrc) so a wheel can JIT-build the kernels."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "fastrnn", "csrc")
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree("csrc", target)
+
+
+ext_modules, cmdclass = [], {"build_py": BuildPyWithSources}
 if os.environ.get("FASTRNN_BUILD_EXT") == "1":
     from torch.utils import cpp_extension
 

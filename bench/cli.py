@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=DEFAULT_OUT, help="directory for JSON, Markdown and PNGs "
                    "(default: bench/results)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on "
+                   "a machine shared with other jobs (OpenMP barriers stall on busy cores)")
     p.add_argument("--tf32", action="store_true",
                    help="let cuDNN/cuBLAS use TF32 for float32 (off by default: float32 means float32)")
     p.add_argument("--list", action="store_true", help="list the selected cases and exit")
@@ -73,6 +76,8 @@ def ceilings_for(cases, options: Options) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     options = options_from(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if options.device.type == "cuda":
         torch.backends.cudnn.allow_tf32 = args.tf32
         torch.backends.cuda.matmul.allow_tf32 = args.tf32

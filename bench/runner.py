@@ -19,7 +19,7 @@ from .timing import Budget, measure
 BUDGETS = {  # (device type, size) -> timing budget
     ("cpu", "tiny"): Budget(warmup=0, min_repeats=2, max_repeats=3, seconds=0.0),
     ("cpu", "quick"): Budget(warmup=0, min_repeats=3, max_repeats=20, seconds=0.5,
-                             cap_seconds=5.0),
+                             cap_seconds=3.0),
     ("cpu", "full"): Budget(warmup=2, min_repeats=5, max_repeats=50, seconds=3.0),
     ("cuda", "tiny"): Budget(warmup=1, min_repeats=3, max_repeats=5, seconds=0.0),
     ("cuda", "quick"): Budget(warmup=5, min_repeats=10, max_repeats=200, seconds=0.5),

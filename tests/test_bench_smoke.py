@@ -10,10 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from bench import cli
-from bench.check import judge
-from bench.core import Skip
-from bench.suites import rnn
+# bench/ is not an installed package: it runs from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench import cli  # noqa: E402
+from bench.check import judge  # noqa: E402
+from bench.core import Skip  # noqa: E402
+from bench.suites import rnn  # noqa: E402
+
 
 class Perturbed(nn.Module):
     """torch.nn's LSTM/GRU with its output off by 0.1% (a subtly broken kernel)."""
@@ -50,7 +53,7 @@ def injected():
 
 
 def test_tiny_run_writes_everything_and_flags_wrong_provider(tmp_path, capsys, injected):
-    code = cli.main(["--tiny", "--device", "cpu", "--cell", "lstm",
+    code = cli.main(["--tiny", "--device", "cpu", "--suite", "rnn", "--cell", "lstm",
                      "--config", "fastrnns,batch1,hidden256",
                      "--provider", "ts-loop,fastrnn*,wrong-by-0.1%,unrunnable",
                      "--out", str(tmp_path), "--no-progress"])
@@ -127,7 +130,7 @@ def test_check_rules():
 
 def test_python_dash_m_bench_lists_cases(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench", "--tiny", "--device", "cpu", "--list",
-                                      "--cell", "gru", "--config", "packed"])
+                                      "--suite", "rnn", "--cell", "gru", "--config", "packed"])
     with pytest.raises(SystemExit) as exit_:
         runpy.run_module("bench", run_name="__main__")
     assert exit_.value.code == 0

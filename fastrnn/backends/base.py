@@ -8,11 +8,24 @@ results.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 Tensor = torch.Tensor
+
+
+def step_layout(num_rows: int, batch: int,
+                batch_sizes: Optional[torch.Tensor]) -> Tuple[List[int], List[int]]:
+    """Live rows of every step and the offset of its first row (len T + 1)."""
+    if batch_sizes is None:
+        sizes = [batch] * (num_rows // batch if batch else 0)
+    else:
+        sizes = [int(s) for s in batch_sizes.tolist()]
+    offsets = [0]
+    for size in sizes:
+        offsets.append(offsets[-1] + size)
+    return sizes, offsets
 
 
 class Backend:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..cells import CELLS, accumulate_dtype
-from .base import Backend
+from .base import Backend, step_layout
 
 
 # ---------------------------------------------------------------- cell gate math
@@ -85,18 +85,6 @@ CELL_MATH = {"lstm": LSTMMath, "gru": GRUMath, "rnn_tanh": TanhMath, "rnn_relu":
 
 
 # ---------------------------------------------------------------- the time loop
-
-def step_layout(num_rows, batch, batch_sizes):
-    """Rows per step and the offset of each step's first row, in packed time-major order."""
-    if batch_sizes is None:
-        sizes = [batch] * (num_rows // batch if batch else 0)
-    else:
-        sizes = [int(s) for s in batch_sizes.tolist()]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    return sizes, offsets
-
 
 def _rows_before(values, init, sizes, offsets, step, live):
     """State entering a step for its ``live`` rows: the rows the previous step (in processing

@@ -100,7 +100,22 @@ class RNNCellBase(nn.Module):
                            device=input.device)
 
 
-class RNNCell(RNNCellBase):
+class _SingleStateCell(RNNCellBase):
+    """GRUCell and RNNCell: the state is one tensor."""
+
+    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
+        if torch.onnx.is_in_onnx_export():
+            return self._torch_forward(input, hx)
+        self._check_dims(input, hx)
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        hx = self._zeros(input) if hx is None else (hx if is_batched else hx.unsqueeze(0))
+        h, _ = self._step(self._cell_name(), input, (hx,))
+        return h if is_batched else h.squeeze(0)
+
+
+class RNNCell(_SingleStateCell):
     """Drop-in for :class:`torch.nn.RNNCell`, plus ``backend=``."""
 
     _torch_forward = nn.RNNCell.forward
@@ -112,21 +127,13 @@ class RNNCell(RNNCellBase):
                          dtype=dtype, backend=backend)
         self.nonlinearity = nonlinearity
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return self._torch_forward(input, hx)
-        self._check_dims(input, hx)
-        is_batched = input.dim() == 2
-        if not is_batched:
-            input = input.unsqueeze(0)
-        hx = self._zeros(input) if hx is None else (hx if is_batched else hx.unsqueeze(0))
+    def _cell_name(self) -> str:
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        h, _ = self._step(f"rnn_{self.nonlinearity}", input, (hx,))
-        return h if is_batched else h.squeeze(0)
+        return f"rnn_{self.nonlinearity}"
 
 
-class GRUCell(RNNCellBase):
+class GRUCell(_SingleStateCell):
     """Drop-in for :class:`torch.nn.GRUCell`, plus ``backend=``."""
 
     _torch_forward = nn.GRUCell.forward
@@ -136,16 +143,8 @@ class GRUCell(RNNCellBase):
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device,
                          dtype=dtype, backend=backend)
 
-    def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        if torch.onnx.is_in_onnx_export():
-            return self._torch_forward(input, hx)
-        self._check_dims(input, hx)
-        is_batched = input.dim() == 2
-        if not is_batched:
-            input = input.unsqueeze(0)
-        hx = self._zeros(input) if hx is None else (hx if is_batched else hx.unsqueeze(0))
-        h, _ = self._step("gru", input, (hx,))
-        return h if is_batched else h.squeeze(0)
+    def _cell_name(self) -> str:
+        return "gru"
 
 
 class LSTMCell(RNNCellBase):

@@ -1,20 +1,7 @@
 """Packed time-major layout helpers (see the op contract in fastrnn.ops)."""
-from typing import List, Optional, Tuple
+from typing import List
 
 import torch
-
-
-def step_layout(num_rows: int, batch: int,
-                batch_sizes: Optional[torch.Tensor]) -> Tuple[List[int], List[int]]:
-    """Live rows of every step and the offset of its first row (len T + 1)."""
-    if batch_sizes is None:
-        sizes = [batch] * (num_rows // batch if batch else 0)
-    else:
-        sizes = [int(s) for s in batch_sizes.tolist()]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    return sizes, offsets
 
 
 def previous_rows(sizes: List[int], offsets: List[int], batch: int, reverse: bool,

@@ -7,10 +7,10 @@ from typing import Optional
 
 import torch
 
-from ..base import Backend
+from ..base import Backend, step_layout
 from . import persistent, step
 from ._gates import CELL_IDS, NUM_GATES
-from ._layout import previous_rows, step_layout
+from ._layout import previous_rows
 from .autotune import interpreted, interpreter_ready
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -189,3 +189,20 @@ def test_first_call_under_torch_compile_in_a_fresh_process():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("cell,proj", CASES)
+def test_opcheck_zero_steps(cell, proj, backend):
+    """No steps at all: results keep the shapes the fake impl promises, h_n == h0."""
+    inputs = make_op_inputs(cell, proj, None, dtype=torch.float32, steps=0)
+    kind = CELLS[cell]
+    args = [inputs["xproj"], inputs["h0"]]
+    if kind.has_cell_state:
+        args += [inputs["c0"], inputs["w_hh"], inputs["b_hh"], inputs["w_hr"]]
+    else:
+        args += [inputs["w_hh"], inputs["b_hh"]]
+    forward = getattr(torch.ops.fastrnn, f"{cell}_forward").default
+    torch.library.opcheck(forward, args + [None, False, backend])
+    _, h_n, *_ = forward(*args, None, False, backend)
+    torch.testing.assert_close(h_n, inputs["h0"].detach())

@@ -132,9 +132,12 @@ class ReferenceBackend(Backend):
             h_run = torch.cat([h, h_run[live:]])
             if c_run is not None:
                 c_run = torch.cat([c, c_run[live:]])
-        width = h0.shape[1]
-        output = torch.cat(outputs) if steps else xp.new_empty(0, width)
-        workspace = torch.cat(workspaces) if steps else xp.new_empty(0, 0)
+        if steps:
+            output, workspace = torch.cat(outputs), torch.cat(workspaces)
+        else:  # shapes as the fake impl promises
+            hidden = w_hh.shape[0] // CELLS[cell].num_gates
+            output = xp.new_empty(0, h0.shape[1])
+            workspace = xp.new_empty(0, CELLS[cell].workspace_width(hidden, w_hr is not None))
         dtype = xproj.dtype
         return (output.to(dtype), h_run.to(dtype),
                 None if c_run is None else c_run.to(dtype), workspace)

@@ -11,6 +11,8 @@
 //   template <class scalar_t, class acc_t> static void backward_step(Cell, const BackwardStep&, int64_t rows);
 //   static void check_dtype(at::ScalarType);       // clear error for dtypes it lacks
 //   template <class F> static void dispatch(at::ScalarType, F f);  // f(scalar_t{}) per dtype
+//   using Gemm = ...;  // out[rows, N] (+)= a[rows, K] @ w[K, N] with w fixed for the call
+//                      // (MmGemm below, or one that prepares w once, e.g. packs it)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -115,6 +117,24 @@ inline Tensor defined_or_empty(const c10::optional<Tensor>& t) {
   return t.has_value() ? *t : Tensor();
 }
 
+// The per-step GEMM with a weight that stays the same for the whole call: a plain at::mm_out.
+// A device policy may substitute a Gemm that prepares `w` once per call instead.
+class MmGemm {
+ public:
+  MmGemm(const Tensor& w, int64_t /*max_rows*/) : w_(w) {}
+  // out = a @ w, or out += a @ w when accumulate.
+  void operator()(Tensor& out, const Tensor& a, bool accumulate = false) const {
+    if (accumulate) {
+      out.addmm_(a, w_);
+    } else {
+      at::mm_out(out, a, w_);
+    }
+  }
+
+ private:
+  Tensor w_;
+};
+
 struct Shapes {
   Cell cell;
   int64_t G, H, P, B, N, W;
@@ -193,6 +213,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
   Tensor hh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
 
+  const typename Dev::Gemm recurrent_gemm(w_hh_t, s.B);
   Dev::dispatch(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -212,7 +233,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     for (int64_t t : layout.order) {
       const int64_t rows = layout.sizes[t], row = layout.offsets[t];
       Tensor hgates_live = hgates.narrow(0, 0, rows);
-      at::mm_out(hgates_live, h_state.narrow(0, 0, rows), w_hh_t);
+      recurrent_gemm(hgates_live, h_state.narrow(0, 0, rows));
       a.row = row;
       Dev::template forward_step<scalar_t, acc_t>(s.cell, a, rows);
       if (s.proj) {
@@ -277,6 +298,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/d output row
   Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
 
+  const typename Dev::Gemm recurrent_gemm(w_hh, s.B);  // dL/dh_prev = d(hgates) @ w_hh
   Dev::dispatch(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     using acc_t = at::opmath_type<scalar_t>;
@@ -310,11 +332,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
       }
       Dev::template backward_step<scalar_t, acc_t>(s.cell, a, rows);
       // dL/dh_prev = d(hgates) @ w_hh (+ the direct part the gru kernel left in dh_state).
-      if (s.cell == Cell::GRU) {
-        dh_live.addmm_(grad_hgates.narrow(0, row, rows), w_hh);
-      } else {
-        at::mm_out(dh_live, grad_hgates.narrow(0, row, rows), w_hh);
-      }
+      recurrent_gemm(dh_live, grad_hgates.narrow(0, row, rows), s.cell == Cell::GRU);
     }
   });
 

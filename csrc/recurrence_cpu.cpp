@@ -4,10 +4,104 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <dlfcn.h>
+
+#include <climits>
+#include <cstdlib>
+
 #include "recurrence.h"
 
 namespace fastrnn {
 namespace {
+
+// MKL's packed-GEMM API (cblas_sgemm_pack_get_size / _pack / _compute). torch's MKL re-packs
+// the weight operand on every at::mm call: for the small per-step GEMMs of a recurrence that
+// costs about half as much as the multiplication itself. Packing w once per call removes it.
+// The functions are looked up at run time in the already loaded process (libtorch_cpu
+// exports them when torch is built with MKL); without them every GEMM is at::mm_out.
+// Enum values and the LP64 (int) interface are those of mkl_cblas.h.
+struct MklPackedApi {
+  enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162 };
+  using GetSize = size_t (*)(int identifier, int m, int n, int k);
+  using Pack = void (*)(int layout, int identifier, int trans, int m, int n, int k, float alpha,
+                        const float* src, int ld, float* dest);
+  using Compute = void (*)(int layout, int transa, int transb, int m, int n, int k,
+                           const float* a, int lda, const float* b, int ldb, float beta,
+                           float* c, int ldc);
+  GetSize get_size = nullptr;
+  Pack pack = nullptr;
+  Compute compute = nullptr;
+
+  static void* find(const char* name) {
+    if (void* f = dlsym(RTLD_DEFAULT, name)) return f;
+    // torch's libraries are loaded RTLD_LOCAL: ask the one this extension links against.
+    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+    return lib != nullptr ? dlsym(lib, name) : nullptr;
+  }
+
+  // Null when the functions are missing or FASTRNN_NATIVE_PACKED_GEMM=0 (for comparisons).
+  static const MklPackedApi* get() {
+    static const MklPackedApi api = [] {
+      MklPackedApi a;
+      const char* env = std::getenv("FASTRNN_NATIVE_PACKED_GEMM");
+      if (env != nullptr && env[0] == '0') return a;
+      a.get_size = reinterpret_cast<GetSize>(find("cblas_sgemm_pack_get_size"));
+      a.pack = reinterpret_cast<Pack>(find("cblas_sgemm_pack"));
+      a.compute = reinterpret_cast<Compute>(find("cblas_sgemm_compute"));
+      return a;
+    }();
+    return api.get_size && api.pack && api.compute ? &api : nullptr;
+  }
+};
+
+// out[rows, N] (+)= a[rows, K] @ w[K, N] with w packed by MKL once per call (float32, steps
+// with all max_rows rows live: the packed layout is made for that row count). Everything
+// else (float64, the shorter steps of a packed sequence, no MKL) goes to at::mm_out.
+class CpuGemm {
+ public:
+  CpuGemm(const Tensor& w, int64_t max_rows) : fallback_(w, max_rows), m_(max_rows) {
+    api_ = MklPackedApi::get();
+    const int64_t K = w.size(0), N = w.size(1);
+    const bool fits = max_rows > 0 && K > 0 && N > 0 && max_rows < INT_MAX / 4 &&
+                      K < INT_MAX / 4 && N < INT_MAX / 4;
+    if (api_ == nullptr || w.scalar_type() != at::kFloat || !fits) {
+      api_ = nullptr;
+      return;
+    }
+    // Row-major w is B itself; a transposed view (w_hh.t()) is packed as B^T.
+    const bool rows_contiguous = w.stride(1) == 1 && w.stride(0) >= N;
+    const bool cols_contiguous = w.stride(0) == 1 && w.stride(1) >= K;
+    const Tensor src = rows_contiguous || cols_contiguous ? w : w.contiguous();
+    const bool trans = !rows_contiguous && cols_contiguous;
+    const int ld = static_cast<int>(trans ? src.stride(1) : src.stride(0));
+    n_ = static_cast<int>(N);
+    k_ = static_cast<int>(K);
+    const size_t bytes = api_->get_size(MklPackedApi::kBMatrix, static_cast<int>(m_), n_, k_);
+    packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+                        w.options().dtype(at::kFloat));
+    api_->pack(MklPackedApi::kRowMajor, MklPackedApi::kBMatrix,
+               trans ? MklPackedApi::kTrans : MklPackedApi::kNoTrans, static_cast<int>(m_), n_,
+               k_, 1.f, src.data_ptr<float>(), ld, packed_.data_ptr<float>());
+  }
+
+  void operator()(Tensor& out, const Tensor& a, bool accumulate = false) const {
+    if (api_ == nullptr || a.size(0) != m_ || !out.is_contiguous() || !a.is_contiguous()) {
+      fallback_(out, a, accumulate);
+      return;
+    }
+    api_->compute(MklPackedApi::kRowMajor, MklPackedApi::kNoTrans, MklPackedApi::kPacked,
+                  static_cast<int>(m_), n_, k_, a.data_ptr<float>(), k_,
+                  packed_.data_ptr<float>(), n_, accumulate ? 1.f : 0.f,
+                  out.data_ptr<float>(), n_);
+  }
+
+ private:
+  MmGemm fallback_;
+  const MklPackedApi* api_ = nullptr;
+  int64_t m_;
+  int n_ = 0, k_ = 0;
+  Tensor packed_;
+};
 
 // Rows per task: enough elements that a thread's share outweighs the fork/join.
 inline int64_t grain_rows(int64_t H, int64_t G) {
@@ -15,6 +109,8 @@ inline int64_t grain_rows(int64_t H, int64_t G) {
 }
 
 struct CpuDevice {
+  using Gemm = CpuGemm;
+
   static void check_dtype(at::ScalarType dtype) {
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
                 "fastrnn native CPU kernels support float32 and float64, got ", dtype);

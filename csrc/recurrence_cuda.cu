@@ -37,6 +37,8 @@ inline unsigned int num_blocks(int64_t rows, int64_t H) {
 }
 
 struct CudaDevice {
+  using Gemm = MmGemm;  // cuBLAS on the current stream
+
   static void check_dtype(at::ScalarType dtype) {
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                     dtype == at::kBFloat16,

@@ -125,7 +125,7 @@ def markdown(records: List[dict], meta: dict, plots: List[str]) -> str:
         + (" (uncommitted changes)" if meta.get("git_dirty") else ""),
         f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, "
         f"{meta['torch_threads']} torch threads",
-        f"- GEMM ceiling (best square torch.mm in this run): {ceil}",
+        f"- GEMM ceiling (best square torch.mm, measured at the start and end of this run): {ceil}",
         "- `vs torch.nn`: torch.nn median time / provider median time in this run "
         "(> 1 is faster); `% GEMM`: achieved GFLOP/s (matmul FLOPs only) over the ceiling; "
         "`peak MB`: " + ("CUDA max_memory_allocated growth during one call"
@@ -157,6 +157,7 @@ def plot_speedup(records: List[dict], x: str, path: str, anchor: str = "fastrnns
 
     anchors = {r["cell"]: r for r in records if r.get("config") == anchor and "cell" in r}
     points = [r for r in records if r.get("speedup") and r.get("cell") in anchors
+              and r["provider"] != r.get("baseline", "torch.nn")   # baseline: dashed line at 1
               and all(r.get(k) == anchors[r["cell"]].get(k) for k in SWEEP_KEYS if k != x)]
     if len({r[x] for r in points}) < 2:
         return None
@@ -176,7 +177,7 @@ def plot_speedup(records: List[dict], x: str, path: str, anchor: str = "fastrnns
                     if line:
                         label = provider if len(dtypes) == 1 else f"{provider} {dtype}"
                         ax.plot(*zip(*line), marker="o", label=label)
-            ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--")
+            ax.axhline(1.0, color="gray", linewidth=0.8, linestyle="--", label="torch.nn")
             ax.set_xscale("log", base=2)
             ax.set_xlabel(x)
             ax.set_ylabel("speed-up vs torch.nn")
@@ -190,7 +191,8 @@ def plot_speedup(records: List[dict], x: str, path: str, anchor: str = "fastrnns
 
 # ---- files ----------------------------------------------------------------------------
 
-def write_all(records: List[dict], meta: dict, out_dir: str, stem: str, plots: bool = True):
+def write_all(records: List[dict], meta: dict, out_dir: str, stem: str, plots: bool = True,
+              write_json: bool = True):
     """Write ``<stem>.json``, ``<stem>.md`` and plots under ``out_dir``; returns the paths."""
     os.makedirs(out_dir, exist_ok=True)
     made = []
@@ -200,9 +202,10 @@ def write_all(records: List[dict], meta: dict, out_dir: str, stem: str, plots: b
             if path:
                 made.append(path)
     json_path = os.path.join(out_dir, f"{stem}.json")
-    with open(json_path, "w") as f:
-        json.dump({"meta": meta, "results": records}, f, indent=1, default=str)
+    if write_json:
+        with open(json_path, "w") as f:
+            json.dump({"meta": meta, "results": records}, f, indent=1, default=str)
     md_path = os.path.join(out_dir, f"{stem}.md")
     with open(md_path, "w") as f:
         f.write(markdown(records, meta, made))
-    return [json_path, md_path] + made
+    return ([json_path] if write_json else []) + [md_path] + made

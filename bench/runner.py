@@ -39,8 +39,8 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
     records, baseline_result, baseline_ms = [], None, None
     tokens = flops = None
     for name in names:
-        record = {"suite": case.suite, "case": case.name, "provider": name, **case.params,
-                  "status": "ok", "reason": ""}
+        record = {"suite": case.suite, "case": case.name, "provider": name,
+                  "baseline": case.baseline, **case.params, "status": "ok", "reason": ""}
         records.append(record)
         if on_provider:
             on_provider(f"{case.name} {name}")

@@ -415,3 +415,57 @@ def test_missing_compiler_is_named(monkeypatch):
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     reason = build._missing_tool_reason(cuda=False)
     assert reason is not None and "/nonexistent/c++" in reason
+
+
+# ------------------------------------------------------------------ GEMM paths, determinism
+
+PLAIN_GEMM_SCRIPT = """
+import sys, torch
+import fastrnn
+from fastrnn import backends
+native = backends.get("native")
+assert native.unavailable_reason(torch.device("cpu")) is None
+case, grads, reverse = torch.load(sys.argv[1])
+fwd = native.forward("lstm", case["xproj"], case["h0"], case["c0"], case["w_hh"], case["b_hh"],
+                     None, case["batch_sizes"], reverse)
+bwd = native.backward("lstm", *grads, case["h0"], case["c0"], case["w_hh"], case["b_hh"], None,
+                      case["batch_sizes"], reverse, fwd[0], fwd[3])
+torch.save((fwd, bwd), sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+def test_packed_weight_gemm_matches_plain_gemm(layout, tmp_path):
+    """float32 steps use MKL's packed-weight GEMM where torch has it; with it switched off
+    (FASTRNN_NATIVE_PACKED_GEMM=0, read once per process) every step is at::mm_out. Both
+    paths give the same results (float32 tolerance)."""
+    lengths = [9, 7, 7, 4, 1] if layout == "packed" else None
+    case = make_case("lstm", hidden=33, batch=5, steps=9, lengths=lengths, dtype=torch.float32)
+    fwd = run_forward(native, "lstm", case, True)
+    grads = upstream(fwd)
+    bwd = run_backward(native, "lstm", case, True, fwd, grads)
+    torch.save((case, grads, True), tmp_path / "case.pt")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), FASTRNN_NATIVE_PACKED_GEMM="0")
+    result = subprocess.run([sys.executable, "-c", PLAIN_GEMM_SCRIPT, str(tmp_path / "case.pt"),
+                             str(tmp_path / "out.pt")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    fwd_plain, bwd_plain = torch.load(tmp_path / "out.pt")
+    compare_all(fwd, fwd_plain, torch.float32, "lstm forward, plain GEMM")
+    compare_all(bwd, bwd_plain, torch.float32, "lstm backward, plain GEMM")
+
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_bitwise_deterministic(cell, proj):
+    """Same inputs, same thread count: the same bits, forward and backward (rows are split
+    over threads, but no reduction depends on the split)."""
+    case = make_case(cell, hidden=96, proj=48 if proj else 0, batch=64, steps=5,
+                     dtype=torch.float32)
+    runs = []
+    for _ in range(3):
+        fwd = run_forward(native, cell, case, False)
+        bwd = run_backward(native, cell, case, False, fwd, upstream(fwd))
+        runs.append([t for t in fwd + bwd if t is not None])
+    for other in runs[1:]:
+        for i, (a, b) in enumerate(zip(runs[0], other)):
+            assert torch.equal(a, b), f"{cell}: result {i} differs between identical calls"

@@ -117,6 +117,11 @@ inline void advise_huge_pages(const Tensor& t) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   constexpr uintptr_t kHuge = uintptr_t(2) << 20;
   if (!t.device().is_cpu() || t.nbytes() < 2 * kHuge) return;
+  static const bool enabled = [] {  // FASTRNN_NATIVE_HUGE_PAGES=0 turns it off (comparisons)
+    const char* env = std::getenv("FASTRNN_NATIVE_HUGE_PAGES");
+    return env == nullptr || env[0] != '0';
+  }();
+  if (!enabled) return;
   const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
   const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
   const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);

@@ -36,6 +36,13 @@ def call(cell, inputs, batch_sizes, reverse, backend):
                           inputs["b_hh"], inputs["w_hr"], batch_sizes, reverse, backend)
 
 
+def tensor_args(cell, inputs):
+    """The tensor arguments of the forward op, in schema order."""
+    names = ["xproj", "h0", "c0", "w_hh", "b_hh", "w_hr"] if CELLS[cell].has_cell_state \
+        else ["xproj", "h0", "w_hh", "b_hh"]
+    return [inputs[name] for name in names]
+
+
 def leaves(inputs):
     return [t for t in inputs.values() if t is not None]
 
@@ -95,11 +102,7 @@ def test_opcheck(cell, proj, layout, backend):
     batch_sizes = LAYOUTS[layout]
     inputs = make_op_inputs(cell, proj, batch_sizes, dtype=torch.float32, bias=bias)
     kind = CELLS[cell]
-    args = [inputs["xproj"], inputs["h0"]]
-    if kind.has_cell_state:
-        args += [inputs["c0"], inputs["w_hh"], inputs["b_hh"], inputs["w_hr"]]
-    else:
-        args += [inputs["w_hh"], inputs["b_hh"]]
+    args = tensor_args(cell, inputs)
     args += [batch_sizes, True, backend]
     forward = getattr(torch.ops.fastrnn, f"{cell}_forward").default
     torch.library.opcheck(forward, args)
@@ -196,12 +199,7 @@ def test_first_call_under_torch_compile_in_a_fresh_process():
 def test_opcheck_zero_steps(cell, proj, backend):
     """No steps at all: results keep the shapes the fake impl promises, h_n == h0."""
     inputs = make_op_inputs(cell, proj, None, dtype=torch.float32, steps=0)
-    kind = CELLS[cell]
-    args = [inputs["xproj"], inputs["h0"]]
-    if kind.has_cell_state:
-        args += [inputs["c0"], inputs["w_hh"], inputs["b_hh"], inputs["w_hr"]]
-    else:
-        args += [inputs["w_hh"], inputs["b_hh"]]
+    args = tensor_args(cell, inputs)
     forward = getattr(torch.ops.fastrnn, f"{cell}_forward").default
     torch.library.opcheck(forward, args + [None, False, backend])
     _, h_n, *_ = forward(*args, None, False, backend)

@@ -8,7 +8,6 @@ embedding size: size the last RNN layer's output to E (``hidden_size=E``, or
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 

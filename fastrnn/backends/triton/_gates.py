@@ -113,3 +113,15 @@ def rnn_backward(h, dh, RELU: tl.constexpr):
     else:
         da = dh * (1.0 - h * h)
     return da
+
+
+# ---------------------------------------------------------------- workspace (fastrnn.ops)
+
+@triton.jit
+def store_gate_columns(ws, H, first, second, third, fourth, mask):
+    """Columns [0, 4H) of workspace rows, in the layout of the op contract (fastrnn.ops):
+    lstm i | f | g | o, gru r | z | n | hn."""
+    tl.store(ws, first, mask=mask)
+    tl.store(ws + H, second, mask=mask)
+    tl.store(ws + 2 * H, third, mask=mask)
+    tl.store(ws + 3 * H, fourth, mask=mask)

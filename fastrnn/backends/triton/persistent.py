@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, gru_backward, gru_forward, lstm_backward,
-                     lstm_forward, matmul, rnn_backward, rnn_forward)
+                     lstm_forward, matmul, rnn_backward, rnn_forward, store_gate_columns)
 from .autotune import autotune
 
 
@@ -131,10 +131,7 @@ def _persistent_forward_kernel(
             x3 = tl.load(xp + 3 * H, mask=m, other=0.0).to(tl.float32)
             r3 = matmul(h, wt3) + b3
             i, f, g, o, c_new, h_new = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c)
-            tl.store(ws, i, mask=m)
-            tl.store(ws + H, f, mask=m)
-            tl.store(ws + 2 * H, g, mask=m)
-            tl.store(ws + 3 * H, o, mask=m)
+            store_gate_columns(ws, H, i, f, g, o, m)
             tl.store(ws + 4 * H, c_new, mask=m)
             c = tl.where(live, c_new, c)
             if HAS_PROJ:
@@ -142,10 +139,7 @@ def _persistent_forward_kernel(
                 h_new = matmul(h_new, wrt)
         elif CELL == GRU:
             r, z, nn, h_new = gru_forward(x0, x1, x2, r0, r1, r2, h)
-            tl.store(ws, r, mask=m)
-            tl.store(ws + H, z, mask=m)
-            tl.store(ws + 2 * H, nn, mask=m)
-            tl.store(ws + 3 * H, r2, mask=m)
+            store_gate_columns(ws, H, r, z, nn, r2, m)
         else:
             h_new = rnn_forward(x0 + r0, CELL == RNN_RELU)
         tl.store(out_ptr + row * P + cp, h_new.to(out_ptr.dtype.element_ty),

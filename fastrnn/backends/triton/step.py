@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, gru_backward, gru_forward, lstm_backward, lstm_forward,
-                     rnn_backward, rnn_forward)
+                     rnn_backward, rnn_forward, store_gate_columns)
 
 
 # ---------------------------------------------------------------- heuristics
@@ -83,10 +83,7 @@ def _step_forward_kernel(
             r3 += tl.load(b_ptr + 3 * H + cols, mask=cols < H, other=0.0).to(tl.float32)
         c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
         i, f, g, o, c, h = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev)
-        tl.store(ws, i, mask=mask)
-        tl.store(ws + H, f, mask=mask)
-        tl.store(ws + 2 * H, g, mask=mask)
-        tl.store(ws + 3 * H, o, mask=mask)
+        store_gate_columns(ws, H, i, f, g, o, mask)
         tl.store(ws + 4 * H, c, mask=mask)
         tl.store(c_ptr + state, c, mask=mask)
         if HAS_PROJ:
@@ -94,10 +91,7 @@ def _step_forward_kernel(
     elif CELL == GRU:
         h_prev = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
         r, z, nn, h = gru_forward(x0, x1, x2, r0, r1, r2, h_prev)
-        tl.store(ws, r, mask=mask)
-        tl.store(ws + H, z, mask=mask)
-        tl.store(ws + 2 * H, nn, mask=mask)
-        tl.store(ws + 3 * H, r2, mask=mask)
+        store_gate_columns(ws, H, r, z, nn, r2, mask)
     else:
         h = rnn_forward(x0 + r0, CELL == RNN_RELU)
 

@@ -45,6 +45,47 @@ Shapes (G gates: lstm 4, gru 3, rnn 1; H hidden; P = proj_size if w_hr is given 
   is returned even when b_hh is None (callers ignore it), ``grad_w_hr`` is an empty [0]
   tensor when w_hr is None.
 
+Variant options (issue #8; lstm and gru only, see fastrnn.variants). Trailing schema
+arguments after ``backend``, all defaulting to None (= off, the recurrence above bit for bit)::
+
+    lstm: Tensor? ln_weight, Tensor? ln_bias, Tensor? ln_c_weight, Tensor? ln_c_bias,
+          Tensor? recurrent_mask, Tensor? zoneout_h, Tensor? zoneout_c,
+          float? cell_clip, float? proj_clip, float? grad_clip
+    gru:  Tensor? ln_weight, Tensor? ln_bias, Tensor? recurrent_mask, Tensor? zoneout_h,
+          float? grad_clip
+
+Backward takes the same and returns after the usual gradients grad_ln_weight, grad_ln_bias
+(and for lstm grad_ln_c_weight, grad_ln_c_bias), empty [0] where absent. Shapes: ln_weight,
+ln_bias [G*H]; ln_c_weight, ln_c_bias [H] (each pair both or neither); recurrent_mask [B, P];
+zoneout_h [N, P]; zoneout_c [N, H]; input dtype. Clips are positive; proj_clip needs w_hr;
+grad_clip only acts in backward (forward carries it for autograd). One step, on its live rows::
+
+    h_rec = h_prev * recurrent_mask          (the GEMM's input only)
+    a     = h_rec @ w_hh.T
+    hh    = LN(a) * ln_weight + ln_bias  (+ b_hh)   LN: row mean / biased variance over G*H,
+                                                     eps 1e-5: a_hat = (a - mean) * rstd
+    lstm: gates as before from xp + hh; c_new = clamp(f * c_prev + i * g, +-cell_clip)
+          h_new = o * tanh(LN(c_new) * ln_c_weight + ln_c_bias)       (LN over H)
+          with w_hr: h_pre = h_new; h_new = clamp(h_pre @ w_hr.T, +-proj_clip)
+    gru:  gates as before from xp + hh, h_new = (1 - z) * n + z * h_prev   (h_prev unmasked)
+    zoneout: h_t = (1 - z_h) * h_new + z_h * h_prev; c_t = (1 - z_c) * c_new + z_c * c_prev
+          (z = this row of zoneout_h / zoneout_c; exactly this form so 1 keeps prev bit for bit)
+    output = h_t; the carried state (and h_n, c_n) is (h_t, c_t).
+
+Workspace columns appended, each only when its option is on, in this order:
+lstm [i|f|g|o|c] (c = c_t, the carried cell state) [h_pre] [a_hat (G*H) | rstd (1)]
+[c_hat (H) | rstd_c (1)] [p (P): projection before proj_clip]; gru [r|z|n|hn] [a_hat | rstd].
+(fastrnn.variants.workspace_layout gives the column ranges.)
+
+Backward of a step (zoneout first): dh_new = (1 - z_h) * dh_t, dh_prev gets z_h * dh_t (same
+for c); the proj_clip mask |p| <= proj_clip and the cell_clip mask |f*c_prev + i*g| <=
+cell_clip (recomputed) zero the gradient where the forward clamped; the LN backward is
+rstd * (g - mean(g) - x_hat * mean(g * x_hat)); with grad_clip every gate pre-activation
+gradient is clamped to +-grad_clip where it is formed (gru: d_n, then d_r from the clamped
+d_n, d_z), before it reaches xproj, the LN, w_hh and h_prev; grad_w_hh = sum d_a^T h_rec and
+dh_prev = (d_a @ w_hh) * recurrent_mask + the direct terms. The reference backend
+(fastrnn/backends/reference.py) is this text in code.
+
 ``backend`` names the backend whose kernels run (``reference``, ``native``, ``triton``); it
 is resolved by the caller (``fastrnn.backends.resolve``), never ``auto`` here.
 """
@@ -54,7 +95,7 @@ from typing import Optional
 
 import torch
 
-from . import backends
+from . import backends, variants
 from .cells import CELLS, CellKind, accumulate_dtype
 
 Tensor = torch.Tensor
@@ -72,35 +113,56 @@ def _schemas(kind: CellKind):
     grad_c_n = "Tensor grad_c_n, " if kind.has_cell_state else ""
     grad_c0 = "Tensor grad_c0, " if kind.has_cell_state else ""
     grad_w_hr = ", Tensor grad_w_hr" if kind.has_projection else ""
+    options = "".join(f", {'Tensor' if name in variants.TENSOR_FIELDS else 'float'}? {name}=None"
+                      for name in variants.OPTION_FIELDS[kind.name])
+    grad_options = "".join(f", Tensor grad_{name}" for name in variants.GRAD_FIELDS[kind.name])
+    forward = forward.replace("str backend)", f"str backend{options})")
     backward = (f"{kind.name}_backward(Tensor grad_output, Tensor grad_h_n, {grad_c_n}Tensor h0, "
                 f"{c_in}Tensor w_hh, Tensor? b_hh, {proj}Tensor? batch_sizes, bool reverse, "
-                f"Tensor output, Tensor workspace, str backend) -> (Tensor grad_xproj, "
-                f"Tensor grad_h0, {grad_c0}Tensor grad_w_hh, Tensor grad_b_hh{grad_w_hr})")
+                f"Tensor output, Tensor workspace, str backend{options}) -> (Tensor grad_xproj, "
+                f"Tensor grad_h0, {grad_c0}Tensor grad_w_hh, Tensor grad_b_hh{grad_w_hr}"
+                f"{grad_options})")
     return forward, backward
 
 
-# The schemas differ per cell kind only in c0/c_n (lstm) and w_hr (lstm); these adapters map
-# the positional op arguments onto the uniform keyword form the backends take.
-def _forward_args(kind, args):
+# The schemas differ per cell kind only in c0/c_n (lstm) and w_hr (lstm) and in the variant
+# options; these adapters map the positional op arguments onto the uniform keyword form the
+# backends take, and the trailing options onto a StepOptions (None when all are off).
+_FORWARD_ARITY = {True: 9, False: 7}     # arguments up to ``backend``, by has_cell_state
+_BACKWARD_ARITY = {True: 13, False: 10}
+
+
+def _options(kind, args, arity, kwargs):
+    names = variants.OPTION_FIELDS[kind.name]
+    values = dict(zip(names, args[arity:]))
+    values.update({k: v for k, v in kwargs.items() if k in names})
+    return variants.make(kind.name, values)
+
+
+def _forward_args(kind, args, kwargs=None):
+    arity = _FORWARD_ARITY[kind.has_cell_state]
     if kind.has_cell_state:
-        xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend = args
+        xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend = args[:arity]
     else:
-        (xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend), c0, w_hr = args, None, None
-    return dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
-                batch_sizes=batch_sizes, reverse=reverse), backend
+        (xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend), c0, w_hr = args[:arity], None, None
+    return (dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
+                 batch_sizes=batch_sizes, reverse=reverse), backend,
+            _options(kind, args, arity, kwargs or {}))
 
 
-def _backward_args(kind, args):
+def _backward_args(kind, args, kwargs=None):
+    arity = _BACKWARD_ARITY[kind.has_cell_state]
     if kind.has_cell_state:
         (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
-         output, workspace, backend) = args
+         output, workspace, backend) = args[:arity]
     else:
         (grad_output, grad_h_n, h0, w_hh, b_hh, batch_sizes, reverse, output, workspace,
-         backend) = args
+         backend) = args[:arity]
         grad_c_n = c0 = w_hr = None
-    return dict(grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0,
-                w_hh=w_hh, b_hh=b_hh, w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse,
-                output=output, workspace=workspace), backend
+    return (dict(grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0,
+                 w_hh=w_hh, b_hh=b_hh, w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse,
+                 output=output, workspace=workspace), backend,
+            _options(kind, args, arity, kwargs or {}))
 
 
 def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_batch_sizes=True):
@@ -156,11 +218,12 @@ def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_ba
         raise ValueError(f"fastrnn: batch_sizes sum to {sum(sizes)} but xproj has {rows} rows")
 
 
-def _resolve(name, kind, xproj, w_hh, w_hr):
+def _resolve(name, kind, xproj, w_hh, w_hr, options):
     hidden = w_hh.shape[0] // kind.num_gates
     proj = 0 if w_hr is None else w_hr.shape[0]
     if name == "auto":
-        return backends.resolve("auto", kind.name, xproj.device, xproj.dtype, hidden, proj)
+        return backends.resolve("auto", kind.name, xproj.device, xproj.dtype, hidden, proj,
+                                variants.features(options))
     return name
 
 
@@ -179,42 +242,57 @@ def _register(kind: CellKind):
     _lib.define(backward_schema)
     forward_name = f"fastrnn::{kind.name}_forward"
     backward_name = f"fastrnn::{kind.name}_backward"
+    grad_fields = variants.GRAD_FIELDS[kind.name]
 
-    def forward_impl(*args):
-        kw, backend = _forward_args(kind, args)
+    def check_options(kw, options):
+        hidden = kw["w_hh"].shape[0] // kind.num_gates
+        variants.check(kind.name, options, kw["xproj"].shape[0], kw["h0"].shape[0], hidden,
+                       kw["h0"].shape[1], kw["w_hr"] is not None, kw["xproj"].dtype)
+
+    def forward_impl(*args, **kwargs):
+        kw, backend, options = _forward_args(kind, args, kwargs)
         _check(kind, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
                kw["batch_sizes"])
-        backend = _resolve(backend, kind, kw["xproj"], kw["w_hh"], kw["w_hr"])
-        output, h_n, c_n, workspace = backends.get(backend).forward(kind.name, **kw)
+        check_options(kw, options)
+        backend = _resolve(backend, kind, kw["xproj"], kw["w_hh"], kw["w_hr"], options)
+        extra = {} if options is None else {"options": options}
+        output, h_n, c_n, workspace = backends.get(backend).forward(kind.name, **kw, **extra)
         result = (output, h_n) + ((c_n,) if kind.has_cell_state else ()) + (workspace,)
         return _fresh(result, args)
 
-    def backward_impl(*args):
-        kw, backend = _backward_args(kind, args)
-        backend = _resolve(backend, kind, kw["output"], kw["w_hh"], kw["w_hr"])
-        grads = backends.get(backend).backward(kind.name, **kw)
-        grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads
+    def backward_impl(*args, **kwargs):
+        kw, backend, options = _backward_args(kind, args, kwargs)
+        backend = _resolve(backend, kind, kw["output"], kw["w_hh"], kw["w_hr"], options)
+        extra = {} if options is None else {"options": options}
+        grads = backends.get(backend).backward(kind.name, **kw, **extra)
+        grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads[:6]
         result = (grad_xproj, grad_h0) + ((grad_c0,) if kind.has_cell_state else ())
         result += (grad_w_hh, grad_b_hh)
+        empty = kw["w_hh"].new_empty   # a fresh one for each absent gradient: no aliasing
         if kind.has_projection:
-            result += (grad_w_hr if grad_w_hr is not None else kw["w_hh"].new_empty(0),)
+            result += (grad_w_hr if grad_w_hr is not None else empty(0),)
+        option_grads = dict(zip(variants.GRAD_FIELDS["lstm"], grads[6:]))
+        result += tuple(empty(0) if option_grads.get(name) is None else option_grads[name]
+                        for name in grad_fields)
         return _fresh(result, args)
 
-    def forward_fake(*args):
-        kw, _ = _forward_args(kind, args)
+    def forward_fake(*args, **kwargs):
+        kw, _, options = _forward_args(kind, args, kwargs)
         _check(kind, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
                kw["batch_sizes"], read_batch_sizes=False)
+        check_options(kw, options)
         xproj, h0, w_hr = kw["xproj"], kw["h0"], kw["w_hr"]
         hidden = kw["w_hh"].shape[0] // kind.num_gates
-        width = kind.workspace_width(hidden, w_hr is not None)
+        width = variants.workspace_width(kind.name, hidden, 0 if w_hr is None else w_hr.shape[0],
+                                         variants.features(options))
         result = (xproj.new_empty(xproj.shape[0], h0.shape[1]), torch.empty_like(h0))
         if kind.has_cell_state:
             result += (torch.empty_like(kw["c0"]),)
         return result + (xproj.new_empty(xproj.shape[0], width,
                                          dtype=accumulate_dtype(xproj.dtype)),)
 
-    def backward_fake(*args):
-        kw, _ = _backward_args(kind, args)
+    def backward_fake(*args, **kwargs):
+        kw, _, options = _backward_args(kind, args, kwargs)
         output = kw["output"]
         result = (output.new_empty(output.shape[0], kw["w_hh"].shape[0]),
                   torch.empty_like(kw["h0"]))
@@ -224,18 +302,29 @@ def _register(kind: CellKind):
         if kind.has_projection:
             w_hr = kw["w_hr"]
             result += (torch.empty_like(w_hr) if w_hr is not None else kw["w_hh"].new_empty(0),)
+        for name in grad_fields:
+            value = None if options is None else getattr(options, name)
+            result += (kw["w_hh"].new_empty(0) if value is None else torch.empty_like(value),)
         return result
 
     def setup_context(ctx, inputs, output):
-        kw, backend = _forward_args(kind, inputs)
+        kw, backend, options = _forward_args(kind, inputs)
         ctx.backend = backend
         ctx.batch_sizes, ctx.reverse = kw["batch_sizes"], kw["reverse"]
         ctx.has_bias, ctx.has_proj = kw["b_hh"] is not None, kw["w_hr"] is not None
+        options = options or variants.StepOptions()
+        ctx.option_values = [None if name in variants.TENSOR_FIELDS else getattr(options, name)
+                             for name in variants.OPTION_FIELDS[kind.name]]
         ctx.save_for_backward(kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
-                              output[0], output[-1])
+                              output[0], output[-1],
+                              *[getattr(options, name) for name in variants.TENSOR_FIELDS])
 
     def backward(ctx, *grads):
-        h0, c0, w_hh, b_hh, w_hr, output, workspace = ctx.saved_tensors
+        h0, c0, w_hh, b_hh, w_hr, output, workspace, *option_tensors = ctx.saved_tensors
+        tensors = dict(zip(variants.TENSOR_FIELDS, option_tensors))
+        option_args = [tensors[name] if name in tensors else value
+                       for name, value in zip(variants.OPTION_FIELDS[kind.name],
+                                              ctx.option_values)]
         grad_output = _zeros_if_none(grads[0], output)
         grad_h_n = _zeros_if_none(grads[1], h0)
         args = (grad_output, grad_h_n)
@@ -243,7 +332,7 @@ def _register(kind: CellKind):
             args += (_zeros_if_none(grads[2], c0), h0, c0, w_hh, b_hh, w_hr)
         else:
             args += (h0, w_hh, b_hh)
-        args += (ctx.batch_sizes, ctx.reverse, output, workspace, ctx.backend)
+        args += (ctx.batch_sizes, ctx.reverse, output, workspace, ctx.backend, *option_args)
         result = list(getattr(torch.ops.fastrnn, f"{kind.name}_backward")(*args))
         n_state = 2 if kind.has_cell_state else 1
         grad_xproj, grad_state = result[0], result[1:1 + n_state]
@@ -251,7 +340,12 @@ def _register(kind: CellKind):
         grads_in = [grad_xproj, *grad_state, grad_w_hh, grad_b_hh if ctx.has_bias else None]
         if kind.has_projection:
             grads_in.append(result[3 + n_state] if ctx.has_proj else None)
-        return tuple(grads_in) + (None, None, None)  # batch_sizes, reverse, backend
+        grads_in += [None, None, None]  # batch_sizes, reverse, backend
+        option_grads = dict(zip(grad_fields, result[len(result) - len(grad_fields):]))
+        for name in variants.OPTION_FIELDS[kind.name]:
+            given = name in tensors and tensors[name] is not None
+            grads_in.append(option_grads[name] if given and name in option_grads else None)
+        return tuple(grads_in)
 
     _lib.impl(f"{kind.name}_forward", forward_impl, "CompositeExplicitAutograd")
     _lib.impl(f"{kind.name}_backward", backward_impl, "CompositeExplicitAutograd")
@@ -271,12 +365,22 @@ for _kind in CELLS.values():
 
 def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
                b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor],
-               reverse: bool, backend: str):
-    """Run the ``cell`` op; returns (output, h_n, c_n or None). Differentiable."""
+               reverse: bool, backend: str,
+               options: Optional[variants.StepOptions] = None):
+    """Run the ``cell`` op; returns (output, h_n, c_n or None). Differentiable.
+    ``options``: the variant options (lstm and gru only), None for the plain recurrence."""
     kind = CELLS[cell]
     op = getattr(torch.ops.fastrnn, f"{cell}_forward")
+    extra = ()
+    if options is not None:
+        foreign = [name for name, value in options._asdict().items()
+                   if value is not None and name not in variants.OPTION_FIELDS[cell]]
+        if foreign:
+            raise ValueError(f"fastrnn: the {cell} op has no option {', '.join(foreign)}")
+        extra = tuple(getattr(options, name) for name in variants.OPTION_FIELDS[cell])
     if kind.has_cell_state:
-        output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend)
+        output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
+                                 *extra)
         return output, h_n, c_n
-    output, h_n, _ = op(xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend)
+    output, h_n, _ = op(xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend, *extra)
     return output, h_n, None

@@ -96,20 +96,21 @@ def check_name(name: str) -> str:
 # answer depends only on these constant arguments (and the process-wide default).
 @torch.compiler.assume_constant_result
 def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
-            hidden_size: int, proj_size: int = 0) -> str:
+            hidden_size: int, proj_size: int = 0, features: tuple = ()) -> str:
     """The backend that will run this call.
 
     A backend named explicitly (argument, set_backend or FASTRNN_BACKEND) must serve the call
     or a ValueError says why and lists what is available. Under "auto" the first capable
     backend in preference order runs; when a preferred one cannot, ONE warning per reason says
-    which backend runs instead.
+    which backend runs instead. ``features``: the variant options of the call
+    (fastrnn.variants.StepOptions.features()).
     """
     if name == "auto":
         name = get_backend()
     if name != "auto":
         backend = get(name)
-        reason = backend.unavailable_reason(device) or backend.unsupported_reason(
-            cell, dtype, device, hidden_size, proj_size)
+        reason = backend.unavailable_reason(device) or _unsupported(
+            backend, cell, dtype, device, hidden_size, proj_size, features)
         if reason is not None:
             raise ValueError(f"fastrnn backend {name!r} cannot run {cell} on {device} "
                              f"({dtype}): {reason}. Available on {device.type}: "
@@ -120,7 +121,8 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
         backend = get(candidate)
         reason = backend.unavailable_reason(device)
         if reason is None:
-            reason = backend.unsupported_reason(cell, dtype, device, hidden_size, proj_size)
+            reason = _unsupported(backend, cell, dtype, device, hidden_size, proj_size,
+                                  features)
         if reason is None:
             if skipped:
                 _warn_once(skipped, candidate)
@@ -129,6 +131,12 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
         if not (candidate == "triton" and device.type == "cpu"):
             skipped.append((candidate, reason))
     return "reference"
+
+
+def _unsupported(backend, cell, dtype, device, hidden_size, proj_size, features):
+    if not features:
+        return backend.unsupported_reason(cell, dtype, device, hidden_size, proj_size)
+    return backend.unsupported_reason(cell, dtype, device, hidden_size, proj_size, features)
 
 
 def _warn_once(skipped, chosen):

@@ -36,20 +36,28 @@ class Backend:
         raise NotImplementedError
 
     def unsupported_reason(self, cell: str, dtype: torch.dtype, device: torch.device,
-                           hidden_size: int, proj_size: int) -> Optional[str]:
-        """None when this call can be served, else why not (dtype, size...)."""
+                           hidden_size: int, proj_size: int,
+                           features: Tuple[str, ...] = ()) -> Optional[str]:
+        """None when this call can be served, else why not (dtype, size, a variant option:
+        ``features`` names the options that are on, see fastrnn.variants)."""
+        if features:
+            return f"the {self.name} backend does not run the options {', '.join(features)}"
         return None
 
     def forward(self, cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor],
                 w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
-                batch_sizes: Optional[Tensor], reverse: bool):
-        """-> (output [N, P], h_n [B, P], c_n [B, H] or None, workspace [N, W])"""
+                batch_sizes: Optional[Tensor], reverse: bool, options=None):
+        """-> (output [N, P], h_n [B, P], c_n [B, H] or None, workspace [N, W]).
+        ``options``: None or a fastrnn.variants.StepOptions (only if unsupported_reason
+        accepted its features)."""
         raise NotImplementedError
 
     def backward(self, cell: str, grad_output: Tensor, grad_h_n: Tensor,
                  grad_c_n: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
                  b_hh: Optional[Tensor], w_hr: Optional[Tensor],
                  batch_sizes: Optional[Tensor], reverse: bool, output: Tensor,
-                 workspace: Tensor):
-        """-> (grad_xproj, grad_h0, grad_c0 or None, grad_w_hh, grad_b_hh, grad_w_hr or None)"""
+                 workspace: Tensor, options=None):
+        """-> (grad_xproj, grad_h0, grad_c0 or None, grad_w_hh, grad_b_hh, grad_w_hr or None),
+        and with ``options`` four more: grad_ln_weight, grad_ln_bias, grad_ln_c_weight,
+        grad_ln_c_bias (None where absent)."""
         raise NotImplementedError

@@ -11,74 +11,127 @@ from __future__ import annotations
 import torch
 
 from ..cells import CELLS, accumulate_dtype
+from ..variants import LAYER_NORM_EPS, StepOptions, features, workspace_layout
 from .base import Backend, step_layout
 
 
 # ---------------------------------------------------------------- cell gate math
-# forward(xp, hh, h_prev, c_prev) -> (h, c or None, workspace columns)
-#   xp = input projection of the step, hh = h_prev @ w_hh.T + b_hh (both [rows, G*H]).
-# backward(dh, dc, ws, h_prev, c_prev, h) -> (d_xp, d_hh, d_h_prev direct part or None, d_c_prev)
-#   dh/dc: gradient w.r.t. this step's h (before projection) and c; ws: its workspace row.
+# forward(xp, hh, h_prev, c_prev, opts) -> (h, c or None, gate columns, cell LN columns)
+#   xp = input projection of the step, hh = the recurrent pre-activation (after the layer
+#   norm and b_hh), both [rows, G*H]; opts: StepOptions (all None when off).
+# backward(dh, dc, cols, h_prev, c_prev, h, opts, sums) -> (d_xp, d_hh, d_h_prev direct part
+#   or None, d_c_prev); dh/dc: gradient w.r.t. this step's new h (before projection and
+#   zoneout) and new c; cols: its workspace columns by name; sums: running parameter grads.
+# Without options every expression is the one of the plain recurrence, so its numbers do not
+# change.
+
+def _clip_grad(grad, limit):
+    return grad if limit is None else grad.clamp(-limit, limit)
+
 
 class LSTMMath:
     @staticmethod
-    def forward(xp, hh, h_prev, c_prev):
+    def forward(xp, hh, h_prev, c_prev, opts):
         i, f, g, o = (xp + hh).chunk(4, 1)
         i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
         c = f * c_prev + i * g
-        h = o * c.tanh()
-        return h, c, [i, f, g, o, c]
+        if opts.cell_clip is not None:
+            c = c.clamp(-opts.cell_clip, opts.cell_clip)
+        y, ln_cols = c, []
+        if opts.ln_c_weight is not None:
+            c_hat, rstd_c = _layer_norm(c)
+            y, ln_cols = c_hat * opts.ln_c_weight + opts.ln_c_bias, [c_hat, rstd_c]
+        h = o * y.tanh()
+        return h, c, [i, f, g, o], ln_cols
 
     @staticmethod
-    def backward(dh, dc, ws, h_prev, c_prev, h):
-        i, f, g, o, c = ws[:, : 5 * dh.shape[1]].chunk(5, 1)
-        tanh_c = c.tanh()
-        dc = dc + dh * o * (1 - tanh_c * tanh_c)
-        d_gates = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f),
-                             dc * i * (1 - g * g), dh * tanh_c * o * (1 - o)], 1)
+    def backward(dh, dc, cols, h_prev, c_prev, h, opts, sums):
+        i, f, g, o = cols["gates"].chunk(4, 1)
+        if opts.cell_clip is None and opts.zoneout_c is None:
+            c = cols["c"]           # the stored state is the new cell state itself
+        else:
+            c_raw = f * c_prev + i * g
+            c = c_raw if opts.cell_clip is None else c_raw.clamp(-opts.cell_clip, opts.cell_clip)
+        if opts.ln_c_weight is not None:
+            c_hat = cols["c_hat"]
+            tanh_c = (c_hat * opts.ln_c_weight + opts.ln_c_bias).tanh()
+            d_y = dh * o * (1 - tanh_c * tanh_c)
+            sums["ln_c_weight"] = sums["ln_c_weight"] + (d_y * c_hat).sum(0)
+            sums["ln_c_bias"] = sums["ln_c_bias"] + d_y.sum(0)
+            dc = dc + _layer_norm_backward(d_y * opts.ln_c_weight, c_hat, cols["rstd_c"])
+        else:
+            tanh_c = c.tanh()
+            dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        if opts.cell_clip is not None:
+            dc = dc * (c_raw.abs() <= opts.cell_clip).to(dc.dtype)
+        limit = opts.grad_clip
+        d_gates = torch.cat([_clip_grad(dc * g * i * (1 - i), limit),
+                             _clip_grad(dc * c_prev * f * (1 - f), limit),
+                             _clip_grad(dc * i * (1 - g * g), limit),
+                             _clip_grad(dh * tanh_c * o * (1 - o), limit)], 1)
         return d_gates, d_gates, None, dc * f
 
 
 class GRUMath:
     @staticmethod
-    def forward(xp, hh, h_prev, c_prev):
+    def forward(xp, hh, h_prev, c_prev, opts):
         x_r, x_z, x_n = xp.chunk(3, 1)
         h_r, h_z, h_n = hh.chunk(3, 1)
         r = (x_r + h_r).sigmoid()
         z = (x_z + h_z).sigmoid()
         n = (x_n + r * h_n).tanh()
         h = (1 - z) * n + z * h_prev
-        return h, None, [r, z, n, h_n]
+        return h, None, [r, z, n, h_n], []
 
     @staticmethod
-    def backward(dh, dc, ws, h_prev, c_prev, h):
-        r, z, n, h_n = ws.chunk(4, 1)
-        d_n = dh * (1 - z) * (1 - n * n)
-        d_r = d_n * h_n * r * (1 - r)
-        d_z = dh * (h_prev - n) * z * (1 - z)
+    def backward(dh, dc, cols, h_prev, c_prev, h, opts, sums):
+        r, z, n, h_n = cols["gates"].chunk(4, 1)
+        limit = opts.grad_clip
+        d_n = _clip_grad(dh * (1 - z) * (1 - n * n), limit)
+        d_r = _clip_grad(d_n * h_n * r * (1 - r), limit)
+        d_z = _clip_grad(dh * (h_prev - n) * z * (1 - z), limit)
         return torch.cat([d_r, d_z, d_n], 1), torch.cat([d_r, d_z, d_n * r], 1), dh * z, None
 
 
 class TanhMath:
     @staticmethod
-    def forward(xp, hh, h_prev, c_prev):
-        return (xp + hh).tanh(), None, []
+    def forward(xp, hh, h_prev, c_prev, opts):
+        return (xp + hh).tanh(), None, [], []
 
     @staticmethod
-    def backward(dh, dc, ws, h_prev, c_prev, h):
+    def backward(dh, dc, cols, h_prev, c_prev, h, opts, sums):
         d = dh * (1 - h * h)
         return d, d, None, None
 
 
 class ReluMath:
     @staticmethod
-    def forward(xp, hh, h_prev, c_prev):
-        return (xp + hh).relu(), None, []
+    def forward(xp, hh, h_prev, c_prev, opts):
+        return (xp + hh).relu(), None, [], []
 
     @staticmethod
-    def backward(dh, dc, ws, h_prev, c_prev, h):
+    def backward(dh, dc, cols, h_prev, c_prev, h, opts, sums):
         d = dh * (h > 0).to(dh.dtype)
         return d, d, None, None
+
+
+def _layer_norm(x):
+    """Row layer norm without affine: (x_hat, rstd [rows, 1])."""
+    mean = x.mean(1, keepdim=True)
+    centred = x - mean
+    rstd = ((centred * centred).mean(1, keepdim=True) + LAYER_NORM_EPS).rsqrt()
+    return centred * rstd, rstd
+
+
+def _layer_norm_backward(grad_x_hat, x_hat, rstd):
+    """Gradient w.r.t. the input of _layer_norm, given the gradient w.r.t. x_hat."""
+    return rstd * (grad_x_hat - grad_x_hat.mean(1, keepdim=True)
+                   - x_hat * (grad_x_hat * x_hat).mean(1, keepdim=True))
+
+
+def _blend(new, prev, weight):
+    """Zoneout: ``(1 - z) * new + z * prev``; a weight of 1 keeps prev bit for bit."""
+    return new if weight is None else (1 - weight) * new + weight * prev
 
 
 CELL_MATH = {"lstm": LSTMMath, "gru": GRUMath, "rnn_tanh": TanhMath, "rnn_relu": ReluMath}
@@ -106,28 +159,47 @@ class ReferenceBackend(Backend):
     def unavailable_reason(self, device):
         return None
 
-    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size):
+    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size, features=()):
         if not dtype.is_floating_point:
             return f"dtype {dtype} is not a floating point type"
         return None
 
-    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
+    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
+                options=None):
         math = CELL_MATH[cell]
         acc = accumulate_dtype(xproj.dtype)
+        opts = StepOptions(*[v.to(acc) if isinstance(v, torch.Tensor) else v
+                             for v in (options or StepOptions())])
         xp, h_run, c_run, w_hh, b_hh, w_hr = _cast(acc, xproj, h0, c0, w_hh, b_hh, w_hr)
         sizes, offsets = step_layout(xp.shape[0], h0.shape[0], batch_sizes)
         steps = len(sizes)
         outputs, workspaces = [None] * steps, [None] * steps
         for t in (reversed(range(steps)) if reverse else range(steps)):
-            live = sizes[t]
+            live, rows = sizes[t], slice(offsets[t], offsets[t + 1])
             h_prev = h_run[:live]
             c_prev = None if c_run is None else c_run[:live]
-            hh = h_prev @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_prev, w_hh.t())
-            h, c, ws = math.forward(xp[offsets[t]: offsets[t + 1]], hh, h_prev, c_prev)
+            h_rec = h_prev if opts.recurrent_mask is None else h_prev * opts.recurrent_mask[:live]
+            ln_cols = []
+            if opts.ln_weight is None:
+                hh = h_rec @ w_hh.t() if b_hh is None else torch.addmm(b_hh, h_rec, w_hh.t())
+            else:
+                a_hat, rstd = _layer_norm(h_rec @ w_hh.t())
+                hh, ln_cols = a_hat * opts.ln_weight + opts.ln_bias, [a_hat, rstd]
+                hh = hh if b_hh is None else hh + b_hh
+            h, c, ws, cell_ln_cols = math.forward(xp[rows], hh, h_prev, c_prev, opts)
+            c = _blend(c, c_prev, None if opts.zoneout_c is None else opts.zoneout_c[rows])
+            if c is not None:
+                ws.append(c)
+            clip_cols = []
             if w_hr is not None:
                 ws.append(h)
                 h = h @ w_hr.t()
+                if opts.proj_clip is not None:
+                    clip_cols = [h]
+                    h = h.clamp(-opts.proj_clip, opts.proj_clip)
+            h = _blend(h, h_prev, None if opts.zoneout_h is None else opts.zoneout_h[rows])
             outputs[t] = h
+            ws = ws + ln_cols + cell_ln_cols + clip_cols
             workspaces[t] = torch.cat(ws, 1) if ws else xp.new_empty(live, 0)
             h_run = torch.cat([h, h_run[live:]])
             if c_run is not None:
@@ -136,44 +208,76 @@ class ReferenceBackend(Backend):
             output, workspace = torch.cat(outputs), torch.cat(workspaces)
         else:  # shapes as the fake impl promises
             hidden = w_hh.shape[0] // CELLS[cell].num_gates
+            proj = 0 if w_hr is None else w_hr.shape[0]
             output = xp.new_empty(0, h0.shape[1])
-            workspace = xp.new_empty(0, CELLS[cell].workspace_width(hidden, w_hr is not None))
+            workspace = xp.new_empty(0, workspace_layout(cell, hidden, proj,
+                                                         features(options))["width"].stop)
         dtype = xproj.dtype
         return (output.to(dtype), h_run.to(dtype),
                 None if c_run is None else c_run.to(dtype), workspace)
 
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
-                 batch_sizes, reverse, output, workspace):
+                 batch_sizes, reverse, output, workspace, options=None):
         math = CELL_MATH[cell]
         dtype = output.dtype
         acc = accumulate_dtype(dtype)
+        opts = StepOptions(*[v.to(acc) if isinstance(v, torch.Tensor) else v
+                             for v in (options or StepOptions())])
         (grad_output, dh_run, dc_run, h0, c0, w_hh, w_hr, output, workspace) = _cast(
             acc, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace)
         hidden = w_hh.shape[0] // CELLS[cell].num_gates
+        proj = 0 if w_hr is None else w_hr.shape[0]
+        layout = workspace_layout(cell, hidden, proj, features(options))
         sizes, offsets = step_layout(output.shape[0], h0.shape[0], batch_sizes)
         steps = len(sizes)
         order = list(reversed(range(steps)) if reverse else range(steps))
-        d_xp, d_hh, h_prevs, d_outs = [None] * steps, [None] * steps, [None] * steps, [None] * steps
-        cells = None if c0 is None else workspace[:, 4 * hidden: 5 * hidden]
+        d_xp, d_hh, d_a = [None] * steps, [None] * steps, [None] * steps
+        h_recs, d_outs = [None] * steps, [None] * steps
+        cells = None if c0 is None else workspace[:, layout["c"]]
+        sums = {name: 0 for name in ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")}
         for t in reversed(order):
             live = sizes[t]
             rows = slice(offsets[t], offsets[t + 1])
             before = t + 1 if reverse else t - 1
             h_prev = _rows_before(output, h0, sizes, offsets, before, live)
             c_prev = None if c0 is None else _rows_before(cells, c0, sizes, offsets, before, live)
+            cols = {name: workspace[rows, span] for name, span in layout.items()}
             d_out = grad_output[rows] + dh_run[:live]
+            dc = None if dc_run is None else dc_run[:live]
+            d_h_zoned = d_c_zoned = None
+            if opts.zoneout_h is not None:
+                zone = opts.zoneout_h[rows]
+                d_out, d_h_zoned = (1 - zone) * d_out, zone * d_out
+            if opts.zoneout_c is not None:
+                zone = opts.zoneout_c[rows]
+                dc, d_c_zoned = (1 - zone) * dc, zone * dc
             if w_hr is not None:
+                if opts.proj_clip is not None:
+                    d_out = d_out * (cols["p"].abs() <= opts.proj_clip).to(d_out.dtype)
                 d_outs[t] = d_out
                 d_h = d_out @ w_hr
             else:
                 d_h = d_out
-            dc = None if dc_run is None else dc_run[:live]
             d_xp[t], d_hh[t], d_h_direct, dc_prev = math.backward(
-                d_h, dc, workspace[rows], h_prev, c_prev, output[rows])
-            d_h_prev = d_hh[t] @ w_hh
-            if d_h_direct is not None:
-                d_h_prev = d_h_prev + d_h_direct
-            h_prevs[t] = h_prev
+                d_h, dc, cols, h_prev, c_prev, output[rows], opts, sums)
+            if opts.ln_weight is not None:
+                sums["ln_weight"] = sums["ln_weight"] + (d_hh[t] * cols["a_hat"]).sum(0)
+                sums["ln_bias"] = sums["ln_bias"] + d_hh[t].sum(0)
+                d_a[t] = _layer_norm_backward(d_hh[t] * opts.ln_weight, cols["a_hat"],
+                                              cols["rstd"])
+            else:
+                d_a[t] = d_hh[t]
+            d_h_prev = d_a[t] @ w_hh
+            if opts.recurrent_mask is not None:
+                mask = opts.recurrent_mask[:live]
+                d_h_prev, h_recs[t] = d_h_prev * mask, h_prev * mask
+            else:
+                h_recs[t] = h_prev
+            for direct in (d_h_direct, d_h_zoned):
+                if direct is not None:
+                    d_h_prev = d_h_prev + direct
+            if d_c_zoned is not None:
+                dc_prev = dc_prev + d_c_zoned
             dh_run = torch.cat([d_h_prev, dh_run[live:]])
             if dc_run is not None:
                 dc_run = torch.cat([dc_prev, dc_run[live:]])
@@ -181,7 +285,7 @@ class ReferenceBackend(Backend):
         if steps:
             all_d_hh = torch.cat(d_hh)
             grad_xproj = torch.cat(d_xp)
-            grad_w_hh = all_d_hh.t() @ torch.cat(h_prevs)   # one GEMM over all steps
+            grad_w_hh = torch.cat(d_a).t() @ torch.cat(h_recs)   # one GEMM over all steps
             grad_b_hh = all_d_hh.sum(0)
         else:
             grad_xproj = output.new_zeros(0, gates)
@@ -189,11 +293,21 @@ class ReferenceBackend(Backend):
             grad_b_hh = w_hh.new_zeros(gates)
         grad_w_hr = None
         if w_hr is not None:
-            grad_w_hr = (torch.cat(d_outs).t() @ workspace[:, 5 * hidden: 6 * hidden]
+            grad_w_hr = (torch.cat(d_outs).t() @ workspace[:, layout["h_pre"]]
                          if steps else torch.zeros_like(w_hr))
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return (cast(grad_xproj), cast(dh_run), cast(dc_run), cast(grad_w_hh),
-                cast(grad_b_hh), cast(grad_w_hr))
+        grads = (cast(grad_xproj), cast(dh_run), cast(dc_run), cast(grad_w_hh),
+                 cast(grad_b_hh), cast(grad_w_hr))
+        if options is None:
+            return grads
+        option_grads = []
+        for name in ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias"):
+            param = getattr(options, name)
+            value = sums[name]
+            if param is not None and not isinstance(value, torch.Tensor):
+                value = torch.zeros_like(param, dtype=acc)   # no steps
+            option_grads.append(None if param is None else value.to(param.dtype))
+        return grads + tuple(option_grads)
 
 
 BACKEND = ReferenceBackend()

@@ -270,6 +270,7 @@ LSTM_ALONE = {
     "proj_clip": dict(proj_size=2, proj_clip=0.1),
     "recurrent_grad_clip": dict(recurrent_grad_clip=0.05),
     "forget_bias": dict(forget_bias=1.0),
+    "layer_norm_no_bias": dict(layer_norm=True, bias=False),
 }
 GRU_ALONE = {
     "layer_norm": dict(layer_norm=True),
@@ -277,6 +278,7 @@ GRU_ALONE = {
     "weight_drop": dict(weight_drop=0.4),
     "zoneout": dict(zoneout=0.3),
     "recurrent_grad_clip": dict(recurrent_grad_clip=0.05),
+    "layer_norm_no_bias": dict(layer_norm=True, bias=False),
 }
 ALONE = [("lstm", k) for k in LSTM_ALONE] + [("gru", k) for k in GRU_ALONE]
 STOCHASTIC = ("recurrent_dropout", "weight_drop")
@@ -291,7 +293,7 @@ def test_option_alone(cell, option, training, dtype, backend):
     ref = check_module(cell, options, backend, dtype, training=training)
     if training or option not in STOCHASTIC:
         # the same module without the option (proj_size kept) must give other numbers
-        base = {k: v for k, v in options.items() if k == "proj_size"}
+        base = {k: v for k, v in options.items() if k in ("proj_size", "bias")}
         plain = check_module(cell, base, backend, dtype, training=training)
         assert_differs(ref, plain, option)
 
@@ -653,6 +655,25 @@ def test_op_gradcheck_every_option(cell, proj, backend):
 
     assert torch.autograd.gradcheck(fn, tuple(given[k].detach().requires_grad_()
                                               for k in names))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cell,proj", OP_CASES)
+def test_op_opcheck_every_option(cell, proj, backend):
+    """Schema, fake (meta) impl and autograd registration with every option."""
+    batch_sizes = OP_LAYOUTS["packed"]
+    args, options = op_case(cell, torch.float32, batch_sizes=batch_sizes, proj=proj)
+    options["grad_clip"] = 0.5
+    skip_unless_supported(backend, cell, torch.float32, 3, proj, op_features_of(options))
+    names = ["xproj", "h0", "c0", "w_hh", "b_hh", "w_hr"] if cell == "lstm" \
+        else ["xproj", "h0", "w_hh", "b_hh"]
+    positional = [args[n] for n in names] + [batch_sizes, True, backend]
+    # test_aot_dispatch_dynamic is left out: 2 s a case, and the gradcheck and loop tests
+    # cover the autograd formula
+    torch.library.opcheck(getattr(torch.ops.fastrnn, f"{cell}_forward").default, positional,
+                          kwargs=options, test_utils=("test_schema",
+                                                      "test_autograd_registration",
+                                                      "test_faketensor"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -38,14 +38,17 @@ class Plan:
     hidden: torch.dtype            # dtype of output and h_n
     cell: Optional[torch.dtype]    # dtype of c_n (LSTM)
 
-    def recurrence(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend):
+    def recurrence(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
+                   options=None):
         """ops.recurrence in the compute dtype, results in torch.nn's dtypes."""
-        cast = lambda t: None if t is None else t.to(self.compute)  # noqa: E731
+        cast = lambda t: t.to(self.compute) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        if options is not None:
+            options = type(options)(*map(cast, options))
         # Autocast off: the kernels must not have their own matmuls recast behind their back.
         with torch.autocast(self.device_type, enabled=False):
             output, h_n, c_n = ops.recurrence(cell, cast(xproj), cast(h0), cast(c0), cast(w_hh),
                                               cast(b_hh), cast(w_hr), batch_sizes, reverse,
-                                              backend)
+                                              backend, options)
         return (output.to(self.hidden), h_n.to(self.hidden),
                 None if c_n is None else c_n.to(self.cell))
 

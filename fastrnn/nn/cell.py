@@ -6,15 +6,15 @@ kernels (and gate math) as the full-sequence modules.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn import init
 
 from .. import backends, ops
 from ..cells import CELLS
-from . import amp
+from . import amp, options
 
 # Names torch's C++ checks print for dtypes ("mat1 and mat2 must have the same dtype...").
 _SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
@@ -28,17 +28,28 @@ class RNNCellBase(nn.Module):
     parameters: standard operators, so the exported file needs no fastrnn.
     """
 
-    __constants__ = ["input_size", "hidden_size", "bias", "backend"]
-    extra_repr = nn.RNNCellBase.extra_repr
+    __constants__ = ["input_size", "hidden_size", "bias", "backend", *options.DEFAULTS]
+    _MODES = {4: "LSTM", 3: "GRU", 1: "RNN"}
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
-                 device=None, dtype=None, *, backend: str = "auto") -> None:
+                 device=None, dtype=None, *, backend: str = "auto", **variant) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.bias = bias
         self.backend = backends.check_name(backend)
+        self.mode = self._MODES[num_chunks]
+        # fastrnn's variant options (fastrnn.nn.options); all off = torch.nn exactly.
+        unknown = set(variant) - set(options.DEFAULTS)
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword "
+                            f"argument {sorted(unknown)[0]!r}")
+        checked = options.check(type(self).__name__, self.mode,
+                                dict(options.DEFAULTS, **variant), bias=bias)
+        for name, value in checked.items():
+            setattr(self, name, value)
+        self._dropout_masks = None   # (batch, weight mask, recurrent mask), see _masks
         self.weight_ih = nn.Parameter(torch.empty((num_chunks * hidden_size, input_size),
                                                   **factory_kwargs))
         self.weight_hh = nn.Parameter(torch.empty((num_chunks * hidden_size, hidden_size),
@@ -49,12 +60,51 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        self._norm_names = []   # after torch.nn's parameters: a seed gives torch.nn's weights
+        if self.layer_norm:
+            for name, size, _ in options.norm_parameters(self.mode, hidden_size):
+                setattr(self, name, nn.Parameter(torch.empty(size, **factory_kwargs)))
+                self._norm_names.append(name)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self.parameters():
-            init.uniform_(weight, -stdv, stdv)
+            if all(weight is not getattr(self, name) for name in self._norm_names):
+                init.uniform_(weight, -stdv, stdv)
+        for name, _, fill in options.norm_parameters(self.mode, self.hidden_size):
+            if name in self._norm_names:
+                init.constant_(getattr(self, name), fill)
+        if getattr(self, "forget_bias", None) is not None:
+            options.set_forget_bias(self.bias_ih, self.bias_hh, self.hidden_size,
+                                    self.forget_bias)
+
+    def extra_repr(self) -> str:
+        text = nn.RNNCellBase.extra_repr(self)
+        extra = options.describe(self)
+        return f"{text}, {extra}" if extra else text
+
+    def reset_dropout_masks(self) -> None:
+        """Forget the recurrent_dropout / weight_drop masks: the next training call draws new
+        ones. Call it at the start of every sequence (a cell cannot see where one starts)."""
+        self._dropout_masks = None
+
+    def _masks(self, batch: int, like: Tensor):
+        """(w_hh to use, recurrent mask or None): the masks are drawn on the first training
+        call (weight mask first) and kept until reset_dropout_masks() or a new batch size."""
+        if not self.training:
+            return self.weight_hh, None
+        if self._dropout_masks is None or self._dropout_masks[0] != batch:
+            weight_mask = None
+            if self.weight_drop:
+                p = self.weight_drop
+                weight_mask = self.weight_hh.new_empty(self.weight_hh.shape)
+                weight_mask = weight_mask.zero_() if p == 1 else \
+                    weight_mask.bernoulli_(1 - p).div_(1 - p)
+            mask = options.recurrent_mask(self, batch, self.hidden_size, like)
+            self._dropout_masks = (batch, weight_mask, mask)
+        _, weight_mask, mask = self._dropout_masks
+        return (self.weight_hh if weight_mask is None else self.weight_hh * weight_mask), mask
 
     def _check_dims(self, input, hx):
         name = type(self).__name__
@@ -79,7 +129,8 @@ class RNNCellBase(nn.Module):
             if state.size(1) != self.hidden_size:
                 raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got "
                                    f"{state.size(1)}, expected {self.hidden_size}")
-        xproj = F.linear(input, self.weight_ih, self.bias_ih)
+        get = lambda name: getattr(self, name)  # noqa: E731
+        xproj = options.input_projection(self, input, self.weight_ih, self.bias_ih, get)
         autocast = amp.cell_plan(self, CELLS[cell].mode, input, states)
         for state in states:
             if state.dtype != self.weight_hh.dtype and autocast is None:
@@ -87,12 +138,20 @@ class RNNCellBase(nn.Module):
                                    f"{_SCALAR_NAMES.get(state.dtype, state.dtype)} and "
                                    f"{_SCALAR_NAMES.get(self.weight_hh.dtype, self.weight_hh.dtype)}")
         recurrence = ops.recurrence if autocast is None else autocast.recurrence
-        backend = backends.resolve(self.backend, cell, input.device,
-                                   input.dtype if autocast is None else autocast.compute,
-                                   self.hidden_size)
+        compute = input.dtype if autocast is None else autocast.compute
+        variant = options.active(self)
+        backend = backends.resolve(self.backend, cell, input.device, compute, self.hidden_size,
+                                   0, options.features(self) if variant else ())
+        w_hh, step_options = self.weight_hh, None
+        if variant:
+            like = torch.empty(0, dtype=compute, device=input.device)
+            w_hh, mask = self._masks(input.size(0), like)
+            zoneout_h, zoneout_c = options.zoneout_weights(
+                self, input.size(0), self.hidden_size, self.hidden_size, like)
+            step_options = options.step_options(self, get, mask, zoneout_h, zoneout_c)
         c0 = states[1] if len(states) > 1 else None
-        _, h, c = recurrence(cell, xproj, states[0], c0, self.weight_hh, self.bias_hh, None,
-                             None, False, backend)
+        _, h, c = recurrence(cell, xproj, states[0], c0, w_hh, self.bias_hh, None,
+                             None, False, backend, step_options)
         return h, c
 
     def _zeros(self, input):
@@ -105,6 +164,7 @@ class _SingleStateCell(RNNCellBase):
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
         if torch.onnx.is_in_onnx_export():
+            options.refuse_torch_path(self, "ONNX export")
             return self._torch_forward(input, hx)
         self._check_dims(input, hx)
         is_batched = input.dim() == 2
@@ -139,9 +199,13 @@ class GRUCell(_SingleStateCell):
     _torch_forward = nn.GRUCell.forward
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None, *, backend: str = "auto") -> None:
+                 dtype=None, *, backend: str = "auto", layer_norm: bool = False,
+                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
+                 zoneout: float = 0.0, recurrent_grad_clip: Optional[float] = None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device,
-                         dtype=dtype, backend=backend)
+                         dtype=dtype, backend=backend, layer_norm=layer_norm,
+                         recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
+                         zoneout=zoneout, recurrent_grad_clip=recurrent_grad_clip)
 
     def _cell_name(self) -> str:
         return "gru"
@@ -153,12 +217,19 @@ class LSTMCell(RNNCellBase):
     _torch_forward = nn.LSTMCell.forward
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None, *, backend: str = "auto") -> None:
+                 dtype=None, *, backend: str = "auto", layer_norm: bool = False,
+                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0, zoneout=0.0,
+                 cell_clip: Optional[float] = None, recurrent_grad_clip: Optional[float] = None,
+                 forget_bias: Optional[float] = None) -> None:
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device,
-                         dtype=dtype, backend=backend)
+                         dtype=dtype, backend=backend, layer_norm=layer_norm,
+                         recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
+                         zoneout=zoneout, cell_clip=cell_clip,
+                         recurrent_grad_clip=recurrent_grad_clip, forget_bias=forget_bias)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         if torch.onnx.is_in_onnx_export():
+            options.refuse_torch_path(self, "ONNX export")
             return self._torch_forward(input, hx)
         self._check_dims(input, hx)
         is_batched = input.dim() == 2

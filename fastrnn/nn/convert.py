@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import backends
+from . import options
 from .cell import GRUCell, LSTMCell, RNNCell
 from .rnn import GRU, LSTM, RNN
 
@@ -45,6 +46,7 @@ def twin(module: nn.Module, backend: str = "auto") -> nn.Module:
 
 def torch_twin(module: nn.Module) -> nn.Module:
     """The torch.nn module for one fastrnn RNN module, on the same Parameter objects."""
+    options.refuse_torch_path(module, "fastrnn.to_torch")
     new = _rebuild(TORCH_TWINS[type(module)], module)
     if isinstance(new, nn.RNNBase):
         new._init_flat_weights()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends, ops
 from ..cells import CELL_OF_MODE
-from . import amp
+from . import amp, options
 
 
 class RNNBase(nn.Module):
@@ -30,7 +31,8 @@ class RNNBase(nn.Module):
     """
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias",
-                     "batch_first", "dropout", "bidirectional", "proj_size", "backend"]
+                     "batch_first", "dropout", "bidirectional", "proj_size", "backend",
+                     *options.DEFAULTS]
 
     # torch.nn's own input checks, so messages stay exactly those of the installed torch.
     check_input = nn.RNNBase.check_input
@@ -38,13 +40,16 @@ class RNNBase(nn.Module):
     check_hidden_size = nn.RNNBase.check_hidden_size
     check_forward_args = nn.RNNBase.check_forward_args
     permute_hidden = nn.RNNBase.permute_hidden
-    extra_repr = nn.RNNBase.extra_repr
     all_weights = nn.RNNBase.all_weights
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None,
-                 *, backend: str = "auto") -> None:
+                 *, backend: str = "auto", layer_norm: bool = False,
+                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0, zoneout=0.0,
+                 cell_clip: Optional[float] = None, proj_clip: Optional[float] = None,
+                 recurrent_grad_clip: Optional[float] = None,
+                 forget_bias: Optional[float] = None) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.mode = mode
@@ -93,6 +98,14 @@ class RNNBase(nn.Module):
         if mode not in CELL_OF_MODE:
             raise ValueError("Unrecognized RNN mode: " + mode)
         gate_size = CELL_OF_MODE[mode].num_gates * hidden_size
+        # fastrnn's variant options (fastrnn.nn.options); all off = torch.nn exactly.
+        checked = options.check(type(self).__name__, mode, dict(
+            layer_norm=layer_norm, recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
+            zoneout=zoneout, cell_clip=cell_clip, proj_clip=proj_clip,
+            recurrent_grad_clip=recurrent_grad_clip, forget_bias=forget_bias),
+            bias=bias, proj_size=proj_size)
+        for name, value in checked.items():
+            setattr(self, name, value)
 
         self._flat_weights_names = []
         self._all_weights = []
@@ -113,6 +126,15 @@ class RNNBase(nn.Module):
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
                 self._flat_weights_names.extend(name for name, _ in params)
                 self._all_weights.append([name for name, _ in params])
+        # The layer-norm parameters come after torch.nn's, so a seed gives torch.nn's weights.
+        self._norm_names = []
+        if layer_norm:
+            for layer in range(num_layers):
+                for suffix in ("", "_reverse")[:num_directions]:
+                    for stem, size, _ in options.norm_parameters(mode, hidden_size):
+                        name = f"{stem}_l{layer}{suffix}"
+                        setattr(self, name, nn.Parameter(torch.empty(size, **factory_kwargs)))
+                        self._norm_names.append(name)
         self.reset_parameters()
 
     @property
@@ -128,14 +150,28 @@ class RNNBase(nn.Module):
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
+        for weight in self._flat_weights:   # torch.nn's parameters, in its order
             init.uniform_(weight, -stdv, stdv)
+        fills = {stem: fill for stem, _, fill in options.norm_parameters(self.mode, 1)}
+        for name in self._norm_names:
+            init.constant_(getattr(self, name), fills[name[:name.rindex("_l")]])
+        if self.forget_bias is not None:
+            for layer in range(self.num_layers):
+                for direction in range(2 if self.bidirectional else 1):
+                    _, _, b_ih, b_hh, _ = self._layer_params(layer, direction)
+                    options.set_forget_bias(b_ih, b_hh, self.hidden_size, self.forget_bias)
 
-    def _layer_params(self, layer: int, direction: int):
+    def extra_repr(self) -> str:
+        text = nn.RNNBase.extra_repr(self)
+        extra = options.describe(self)
+        return f"{text}, {extra}" if extra else text
+
+    def _layer_params(self, layer: int, direction: int, getter: bool = False):
         suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
         get = lambda name: getattr(self, name + suffix, None)  # noqa: E731
-        return (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
-                get("weight_hr"))
+        params = (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
+                  get("weight_hr"))
+        return params + (get,) if getter else params
 
     # -- forward -------------------------------------------------------------------------
 
@@ -150,20 +186,32 @@ class RNNBase(nn.Module):
         num_directions = 2 if self.bidirectional else 1
         autocast = amp.layers_plan(self, input, hx, batch_sizes is not None)
         recurrence = ops.recurrence if autocast is None else autocast.recurrence
-        backend = backends.resolve(self.backend, kind.name, input.device,
-                                   input.dtype if autocast is None else autocast.compute,
-                                   self.hidden_size, self.proj_size)
+        compute = input.dtype if autocast is None else autocast.compute
+        variant = options.active(self)
+        features = options.features(self) if variant else ()
+        backend = backends.resolve(self.backend, kind.name, input.device, compute,
+                                   self.hidden_size, self.proj_size, features)
+        batch, width = hx[0].shape[1], hx[0].shape[2]
+        draw_like = torch.empty(0, dtype=compute, device=input.device)
         layer_input = input
         final_h, final_c = [], []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(num_directions):
-                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_params(layer, direction)
+                w_ih, w_hh, b_ih, b_hh, w_hr, get = self._layer_params(layer, direction, True)
                 index = layer * num_directions + direction
-                xproj = F.linear(layer_input, w_ih, b_ih)
+                xproj = options.input_projection(self, layer_input, w_ih, b_ih, get)
+                step_options = None
+                if variant:   # draws in the documented order: weight, recurrent, zoneout
+                    w_hh = options.weight_drop(self, w_hh)
+                    mask = options.recurrent_mask(self, batch, width, draw_like)
+                    zoneout_h, zoneout_c = options.zoneout_weights(
+                        self, xproj.shape[0], width, self.hidden_size, draw_like)
+                    step_options = options.step_options(self, get, mask, zoneout_h, zoneout_c)
                 output, h_n, c_n = recurrence(
                     kind.name, xproj, hx[0][index], hx[1][index] if kind.has_cell_state
-                    else None, w_hh, b_hh, w_hr, batch_sizes, direction == 1, backend)
+                    else None, w_hh, b_hh, w_hr, batch_sizes, direction == 1, backend,
+                    step_options)
                 outputs.append(output)
                 final_h.append(h_n)
                 final_c.append(c_n)
@@ -183,6 +231,7 @@ class RNNBase(nn.Module):
     def _forward(self, input, hx, state_checks):
         """Common forward: unpack/batch the input, run, and repack like torch.nn."""
         if torch.onnx.is_in_onnx_export():
+            options.refuse_torch_path(self, "ONNX export")
             # ONNX has standard LSTM/GRU/RNN operators, and the exporters emit them for torch.nn's
             # own path: run that path on these very parameters, so the file needs no fastrnn.
             return self._torch_forward(input, hx)

@@ -1,0 +1,202 @@
+"""The variant options of fastrnn.LSTM / GRU and their cells (issue #8), module side.
+
+What cuDNN cannot run: layer normalisation (Ba et al. 2016, as Haste's LayerNormLSTM),
+variational recurrent dropout (Gal & Ghahramani), DropConnect on the recurrent weights
+(AWD-LSTM), zoneout (Krueger et al. 2016), cell / projection clipping (TensorFlow's LSTMCell),
+a Graves-style clip of the gradient inside the recurrence, and a forget-gate bias. The
+recurrence math is specified in fastrnn.ops; here: checking the constructor values, the extra
+parameters, drawing the masks, and turning it all into the op's arguments.
+
+Random draws (training mode only), per layer then per direction, with torch's global RNG:
+weight_drop mask, recurrent dropout mask, zoneout masks of h then c. In eval mode there is no
+dropout and zoneout uses its expectation (the probability as the weight of the old state).
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..variants import LAYER_NORM_EPS, StepOptions
+
+Tensor = torch.Tensor
+
+# Constructor keyword -> its "off" value.
+DEFAULTS = {"layer_norm": False, "recurrent_dropout": 0.0, "weight_drop": 0.0, "zoneout": 0.0,
+            "cell_clip": None, "proj_clip": None, "recurrent_grad_clip": None,
+            "forget_bias": None}
+LSTM_ONLY = ("cell_clip", "proj_clip", "forget_bias")
+
+
+def check(owner: str, mode: str, values: dict, *, bias: bool, proj_size: int = 0) -> dict:
+    """Validate the options given to ``owner`` (a class name) of ``mode``; returns them (a
+    zoneout list as a tuple). Raises ValueError naming the bad value and what is allowed."""
+    on = {name: value for name, value in values.items() if value != DEFAULTS[name]}
+    if mode not in ("LSTM", "GRU") and on:
+        raise ValueError(f"{owner} has no option {', '.join(on)}: the variant options exist "
+                         "on LSTM, GRU, LSTMCell and GRUCell")
+    if mode != "LSTM":
+        for name in LSTM_ONLY:
+            if name in on:
+                raise ValueError(f"{owner}: {name} is an LSTM option, got {name}={on[name]!r}")
+    if not isinstance(values["layer_norm"], bool):
+        raise ValueError(f"{owner}: layer_norm must be a bool, got {values['layer_norm']!r}")
+    for name in ("recurrent_dropout", "weight_drop"):
+        _probability(owner, name, values[name])
+    zoneout = values["zoneout"]
+    if isinstance(zoneout, (tuple, list)):
+        if mode != "LSTM" or len(zoneout) != 2:
+            raise ValueError(f"{owner}: zoneout must be a probability"
+                             + (" or a pair (p_h, p_c)" if mode == "LSTM" else "")
+                             + f", got {zoneout!r}")
+        zoneout = tuple(zoneout)
+    for p in zoneout if isinstance(zoneout, tuple) else (zoneout,):
+        _probability(owner, "zoneout", p)
+    for name in ("cell_clip", "proj_clip", "recurrent_grad_clip"):
+        value = values[name]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not 0 < value < math.inf):
+            raise ValueError(f"{owner}: {name} must be a positive finite number or None, "
+                             f"got {value!r}")
+    if values["proj_clip"] is not None and proj_size <= 0:
+        raise ValueError(f"{owner}: proj_clip clips the projection, so it needs proj_size > 0")
+    forget_bias = values["forget_bias"]
+    if forget_bias is not None:
+        if isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real) \
+                or not math.isfinite(forget_bias):
+            raise ValueError(f"{owner}: forget_bias must be a finite number or None, "
+                             f"got {forget_bias!r}")
+        if not bias:
+            raise ValueError(f"{owner}: forget_bias initialises the forget gate's bias, so it "
+                             "needs bias=True")
+    return dict(values, zoneout=zoneout)
+
+
+def _probability(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"{owner}: {name} must be a probability in [0, 1], got {value!r}")
+
+
+def zoneout_pair(module) -> tuple:
+    """(p_h, p_c) of a module's ``zoneout`` (a probability, or a pair for LSTM)."""
+    zoneout = module.zoneout
+    if isinstance(zoneout, (tuple, list)):
+        return tuple(zoneout)
+    return (zoneout, zoneout if module.mode == "LSTM" else 0.0)
+
+
+def _on(module) -> list:
+    return [name for name, off in DEFAULTS.items()
+            if (any(zoneout_pair(module)) if name == "zoneout"
+                else getattr(module, name, off) != off)]
+
+
+def active(module) -> list:
+    """Names of the options that change the forward (forget_bias only initialises)."""
+    return [name for name in _on(module) if name != "forget_bias"]
+
+
+def describe(module) -> str:
+    """The options that are on, for extra_repr."""
+    return ", ".join(f"{name}={getattr(module, name)!r}" for name in _on(module))
+
+
+def features(module) -> tuple:
+    """The op features a forward of ``module`` turns on now (fastrnn.variants), for choosing a
+    backend that runs them."""
+    lstm = module.mode == "LSTM"
+    on = [("layer_norm", module.layer_norm), ("layer_norm_cell", module.layer_norm and lstm),
+          ("recurrent_mask", bool(module.recurrent_dropout) and module.training),
+          ("zoneout_h", bool(zoneout_pair(module)[0])),
+          ("zoneout_c", bool(zoneout_pair(module)[1]) and lstm),
+          ("cell_clip", getattr(module, "cell_clip", None) is not None),
+          ("proj_clip", getattr(module, "proj_clip", None) is not None),
+          ("grad_clip", module.recurrent_grad_clip is not None)]
+    return tuple(name for name, is_on in on if is_on)
+
+
+def refuse_torch_path(module, what: str) -> None:
+    """torch.nn's own forward cannot run the options: say so instead of dropping them."""
+    on = active(module)
+    if on:
+        raise RuntimeError(f"{what} runs torch.nn's {module.mode} path, which has no "
+                           f"{', '.join(on)}: {type(module).__name__} with these options cannot "
+                           "be turned into a torch.nn module or its ONNX operator")
+
+
+def norm_parameters(mode: str, hidden_size: int):
+    """(name stem, size, initial value) of the layer-norm parameters of one layer/direction."""
+    gates = (4 if mode == "LSTM" else 3) * hidden_size
+    params = [("ln_weight_ih", gates, 1.0), ("ln_bias_ih", gates, 0.0),
+              ("ln_weight_hh", gates, 1.0), ("ln_bias_hh", gates, 0.0)]
+    if mode == "LSTM":
+        params += [("ln_weight_c", hidden_size, 1.0), ("ln_bias_c", hidden_size, 0.0)]
+    return params
+
+
+def set_forget_bias(bias_ih: Tensor, bias_hh: Tensor, hidden_size: int, value: float) -> None:
+    """The forget gate's total bias (bias_ih + bias_hh) starts at ``value``."""
+    with torch.no_grad():
+        bias_ih[hidden_size:2 * hidden_size].fill_(value)
+        bias_hh[hidden_size:2 * hidden_size].zero_()
+
+
+def input_projection(module, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], get) -> Tensor:
+    """x @ w_ih.T (+ its layer norm) + b_ih for every row; ``get(stem)`` finds a parameter."""
+    if not module.layer_norm:
+        return F.linear(x, w_ih, b_ih)
+    xproj = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), get("ln_weight_ih"),
+                         get("ln_bias_ih"), LAYER_NORM_EPS)
+    return xproj if b_ih is None else xproj + b_ih
+
+
+def weight_drop(module, w_hh: Tensor) -> Tensor:
+    """DropConnect on the recurrent weights (a fresh mask each call, training only)."""
+    if module.weight_drop and module.training:
+        return F.dropout(w_hh, module.weight_drop, True)
+    return w_hh
+
+
+def recurrent_mask(module, batch: int, width: int, like: Tensor) -> Optional[Tensor]:
+    """Variational dropout mask of the hidden state fed back (training only)."""
+    p = module.recurrent_dropout
+    if not p or not module.training:
+        return None
+    mask = like.new_empty(batch, width)
+    return mask.zero_() if p == 1 else mask.bernoulli_(1 - p).div_(1 - p)
+
+
+def zoneout_weights(module, rows: int, width: int, hidden: int, like: Tensor):
+    """(zoneout_h [rows, width], zoneout_c [rows, hidden] or None): 0/1 draws in training,
+    the probability in eval."""
+    weights = []
+    for p, size in zip(zoneout_pair(module), (width, hidden)):
+        if not p:
+            weights.append(None)
+        elif module.training:
+            weights.append(like.new_empty(rows, size).bernoulli_(p))
+        else:
+            weights.append(like.new_full((rows, size), p))
+    return weights[0], (weights[1] if module.mode == "LSTM" else None)
+
+
+def step_options(module, get, mask: Optional[Tensor], zoneout_h, zoneout_c
+                 ) -> Optional[StepOptions]:
+    """The op's variant arguments, None when every option is off."""
+    ln = module.layer_norm
+    options = StepOptions(
+        ln_weight=get("ln_weight_hh") if ln else None, ln_bias=get("ln_bias_hh") if ln else None,
+        ln_c_weight=get("ln_weight_c") if ln and module.mode == "LSTM" else None,
+        ln_c_bias=get("ln_bias_c") if ln and module.mode == "LSTM" else None,
+        recurrent_mask=mask, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
+        cell_clip=_float(getattr(module, "cell_clip", None)),
+        proj_clip=_float(getattr(module, "proj_clip", None)),
+        grad_clip=_float(module.recurrent_grad_clip))
+    return options if any(v is not None for v in options) else None
+
+
+def _float(value):
+    return None if value is None else float(value)

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 
 def lstm_step(gx: Tensor, h: Tensor, c: Tensor, w_hh: Tensor) -> Tuple[Tensor, Tensor]:
@@ -166,3 +167,155 @@ class LoopRNN(nn.Module):
         if self.mode == "LSTM":
             return x, (torch.stack(h_n), torch.stack(c_n))
         return x, torch.stack(h_n)
+
+
+# ---- LayerNorm LSTM (fastrnn.LSTM(layer_norm=True)'s math, fastrnn.ops docstring) ------------
+#
+# The well-known baseline is PyTorch's benchmarks/fastrnns custom_lstms LayerNormLSTM: every
+# step layer-norms x_t @ w_ih.T and h @ w_hh.T and the new cell state. This loop computes the
+# fastrnn contract instead, so its results can be checked against fastrnn's: biases after
+# the norms, and the carried cell state is the one before its norm. ``hoist`` computes the
+# input side (GEMM + LN) for all steps at once before the loop, the stronger baseline;
+# without it the loop does it per step, as custom_lstms does. The optional recurrent dropout
+# mask and zoneout weights are applied exactly as in the contract. The norms' eps is the
+# contract's 1e-5, written out: TorchScript cannot read a module-level float.
+
+def ln_lstm_step(gx: Tensor, h: Tensor, c: Tensor, w_hh: Tensor, b_hh: Tensor,
+                 ln_w_hh: Tensor, ln_b_hh: Tensor, ln_w_c: Tensor, ln_b_c: Tensor,
+                 recurrent_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """One step without zoneout: (h_new, c_new); gx = LN(x_t @ w_ih.T) + b_ih."""
+    h_rec = h if recurrent_mask is None else h * recurrent_mask
+    a = torch.mm(h_rec, w_hh.t())
+    hh = F.layer_norm(a, [a.size(1)], ln_w_hh, ln_b_hh, 1e-5) + b_hh
+    i, f, g, o = (gx + hh).chunk(4, 1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    y = F.layer_norm(c_new, [c_new.size(1)], ln_w_c, ln_b_c, 1e-5)
+    return torch.sigmoid(o) * torch.tanh(y), c_new
+
+
+def _script_ln_lstm_layer(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
+                          b_ih: Tensor, b_hh: Tensor, ln_w_ih: Tensor, ln_b_ih: Tensor,
+                          ln_w_hh: Tensor, ln_b_hh: Tensor, ln_w_c: Tensor, ln_b_c: Tensor,
+                          reverse: bool, hoist: bool, recurrent_mask: Optional[Tensor],
+                          zoneout_h: Optional[Tensor], zoneout_c: Optional[Tensor]
+                          ) -> Tuple[Tensor, Tensor, Tensor]:
+    steps, width = x.size(0), w_ih.size(0)
+    # unbind, not indexing: the backward of x[t] is a zero tensor of x's full size per step
+    # (T^2 memory traffic); unbind's backward is one stack.
+    if hoist:
+        xs = (F.layer_norm(torch.matmul(x, w_ih.t()), [width], ln_w_ih, ln_b_ih, 1e-5)
+              + b_ih).unbind(0)
+    else:
+        xs = x.unbind(0)
+    outs: List[Tensor] = []
+    for s in range(steps):
+        t = steps - 1 - s if reverse else s
+        if hoist:
+            gx = xs[t]
+        else:
+            gx = F.layer_norm(torch.mm(xs[t], w_ih.t()), [width], ln_w_ih, ln_b_ih, 1e-5) + b_ih
+        h_new, c_new = ln_lstm_step(gx, h, c, w_hh, b_hh, ln_w_hh, ln_b_hh, ln_w_c, ln_b_c,
+                                    recurrent_mask)
+        if zoneout_h is not None:   # [T, B, P] weight of the previous state (1 keeps it)
+            z = zoneout_h[t]
+            h_new = (1 - z) * h_new + z * h
+        if zoneout_c is not None:
+            z = zoneout_c[t]
+            c_new = (1 - z) * c_new + z * c
+        h, c = h_new, c_new
+        outs.append(h)
+    if reverse:
+        outs.reverse()
+    return torch.stack(outs), h, c
+
+
+_ln_layer = []
+
+
+def _scripted_ln_layer():
+    if not _ln_layer:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _ln_layer.append(torch.jit.script(_script_ln_lstm_layer))
+    return _ln_layer[0]
+
+
+class LayerNormLoopLSTM(nn.Module):
+    """A ``fastrnn.LSTM(layer_norm=True, recurrent_dropout=..., zoneout=...)`` twin (bias,
+    time-major, no dropout between layers) run by a TorchScript loop, with fastrnn's
+    parameter names (``load_state_dict`` from a fastrnn module copies the weights).
+
+    Stochastic options act in training mode and draw their masks like fastrnn does (torch's
+    global RNG, per layer then per direction: recurrent mask, zoneout_h, zoneout_c), so the
+    same seed gives the same masks; in eval mode zoneout uses its probability (expectation).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
+                 bidirectional: bool = False, hoist: bool = True, recurrent_dropout: float = 0.0,
+                 zoneout=0.0, device=None, dtype=None):
+        super().__init__()
+        self.hidden_size, self.num_layers, self.hoist = hidden_size, num_layers, hoist
+        self.num_directions = 2 if bidirectional else 1
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.zoneout = tuple(zoneout) if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+        bound = 1.0 / math.sqrt(hidden_size)
+        kw = dict(device=device, dtype=dtype)
+        gates = 4 * hidden_size
+        suffixes = [f"_l{k}{s}" for k in range(num_layers)
+                    for s in ("", "_reverse")[: self.num_directions]]
+        for k, suffix in enumerate(suffixes):   # torch.nn's parameters first, as fastrnn
+            width = input_size if k < self.num_directions else hidden_size * self.num_directions
+            for name, shape in (("weight_ih", (gates, width)), ("weight_hh", (gates, hidden_size)),
+                                ("bias_ih", (gates,)), ("bias_hh", (gates,))):
+                param = nn.Parameter(torch.empty(shape, **kw).uniform_(-bound, bound))
+                self.register_parameter(name + suffix, param)
+        for suffix in suffixes:
+            for name, size in (("ln_weight_ih", gates), ("ln_bias_ih", gates),
+                               ("ln_weight_hh", gates), ("ln_bias_hh", gates),
+                               ("ln_weight_c", hidden_size), ("ln_bias_c", hidden_size)):
+                fill = 1.0 if "weight" in name else 0.0
+                self.register_parameter(name + suffix, nn.Parameter(torch.full((size,), fill, **kw)))
+
+    def _masks(self, x: Tensor):
+        """(recurrent_mask [B, H], zoneout_h [T, B, H], zoneout_c [T, B, H]), None where off."""
+        steps, batch, h = x.size(0), x.size(1), self.hidden_size
+        p, (p_h, p_c) = self.recurrent_dropout, self.zoneout
+        mask = zone_h = zone_c = None
+        if self.training:
+            if p > 0:
+                mask = x.new_empty(batch, h).bernoulli_(1 - p)
+                mask = mask.div_(1 - p) if p < 1 else mask
+            if p_h > 0:
+                zone_h = x.new_empty(steps * batch, h).bernoulli_(p_h).view(steps, batch, h)
+            if p_c > 0:
+                zone_c = x.new_empty(steps * batch, h).bernoulli_(p_c).view(steps, batch, h)
+        else:
+            if p_h > 0:
+                zone_h = x.new_full((steps, batch, h), p_h)
+            if p_c > 0:
+                zone_c = x.new_full((steps, batch, h), p_c)
+        return mask, zone_h, zone_c
+
+    def forward(self, x: Tensor, hx=None):
+        if isinstance(x, nn.utils.rnn.PackedSequence) or x.dim() != 3:
+            raise TypeError("LayerNormLoopLSTM takes a padded time-major [T, B, I] tensor only")
+        layer_fn = _scripted_ln_layer()
+        states = self.num_layers * self.num_directions
+        zeros = x.new_zeros(states, x.size(1), self.hidden_size)
+        h0, c0 = hx if hx is not None else (zeros, zeros)
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
+        for layer in range(self.num_layers):
+            outs = []
+            for direction, suffix in enumerate(("", "_reverse")[: self.num_directions]):
+                k = layer * self.num_directions + direction
+                weights = [getattr(self, f"{n}_l{layer}{suffix}") for n in (
+                    "weight_ih", "weight_hh", "bias_ih", "bias_hh", "ln_weight_ih", "ln_bias_ih",
+                    "ln_weight_hh", "ln_bias_hh", "ln_weight_c", "ln_bias_c")]
+                out, h, c = layer_fn(x, h0[k], c0[k], *weights, direction == 1, self.hoist,
+                                     *self._masks(x))
+                h_n.append(h)
+                c_n.append(c)
+                outs.append(out)
+            x = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+        return x, (torch.stack(h_n), torch.stack(c_n))

@@ -125,3 +125,49 @@ def store_gate_columns(ws, H, first, second, third, fourth, mask):
     tl.store(ws + H, second, mask=mask)
     tl.store(ws + 2 * H, third, mask=mask)
     tl.store(ws + 3 * H, fourth, mask=mask)
+
+
+# ---------------------------------------------------------------- variant options (fastrnn.ops)
+# Row reductions for layer norm: a row is split into up to four [BLOCK_B, BLOCK_H] tiles (one
+# per gate) that together hold all of its columns; ``mask`` marks the real elements.
+
+@triton.jit
+def clamp(x, limit):
+    return tl.minimum(tl.maximum(x, -limit), limit)
+
+
+@triton.jit
+def _row_sum(x0, x1, x2, x3, mask, TILES: tl.constexpr):
+    """Sum over the real columns of the first TILES tiles, per row -> [BLOCK_B, 1]."""
+    s = tl.sum(tl.where(mask, x0, 0.0), 1)
+    if TILES > 1:
+        s += tl.sum(tl.where(mask, x1, 0.0), 1)
+    if TILES > 2:
+        s += tl.sum(tl.where(mask, x2, 0.0), 1)
+    if TILES > 3:
+        s += tl.sum(tl.where(mask, x3, 0.0), 1)
+    return s[:, None]
+
+
+@triton.jit
+def layer_norm_rows(a0, a1, a2, a3, mask, count, TILES: tl.constexpr):
+    """-> (a_hat tiles, rstd [BLOCK_B, 1]): (a - mean) * rstd with the biased variance over
+    the ``count`` real columns, eps 1e-5 (two passes, all in registers)."""
+    mean = _row_sum(a0, a1, a2, a3, mask, TILES) / count
+    d0 = tl.where(mask, a0 - mean, 0.0)
+    d1 = tl.where(mask, a1 - mean, 0.0)
+    d2 = tl.where(mask, a2 - mean, 0.0)
+    d3 = tl.where(mask, a3 - mean, 0.0)
+    var = _row_sum(d0 * d0, d1 * d1, d2 * d2, d3 * d3, mask, TILES) / count
+    rstd = 1.0 / tl.sqrt(var + 1e-5)
+    return d0 * rstd, d1 * rstd, d2 * rstd, d3 * rstd, rstd
+
+
+@triton.jit
+def layer_norm_rows_backward(g0, g1, g2, g3, x0, x1, x2, x3, rstd, mask, count,
+                             TILES: tl.constexpr):
+    """LNback(g, x_hat, rstd) = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) per tile."""
+    mean_g = _row_sum(g0, g1, g2, g3, mask, TILES) / count
+    mean_gx = _row_sum(g0 * x0, g1 * x1, g2 * x2, g3 * x3, mask, TILES) / count
+    return (rstd * (g0 - mean_g - x0 * mean_gx), rstd * (g1 - mean_g - x1 * mean_gx),
+            rstd * (g2 - mean_g - x2 * mean_gx), rstd * (g3 - mean_g - x3 * mean_gx))

@@ -20,3 +20,11 @@ def previous_rows(sizes: List[int], offsets: List[int], batch: int, reverse: boo
     prev = prev.clamp(0, max(T - 1, 0))
     from_prev = in_range & (col < size[prev])
     return torch.where(from_prev, batch + start[prev] + col, col).to(device)
+
+
+def batch_index(sizes: List[int], offsets: List[int], device) -> torch.Tensor:
+    """For every packed row, the batch row (sequence) it belongs to: its position in its step."""
+    size = torch.tensor(sizes, dtype=torch.long)
+    start = torch.tensor(offsets[:-1], dtype=torch.long)
+    step = torch.repeat_interleave(torch.arange(len(sizes)), size)
+    return (torch.arange(offsets[-1]) - start[step]).to(device)

@@ -10,12 +10,14 @@ import torch
 from ..base import Backend, step_layout
 from . import persistent, step
 from ._gates import CELL_IDS, NUM_GATES
-from ._layout import previous_rows
+from ._layout import batch_index, previous_rows
 from .autotune import interpreted, interpreter_ready
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNELS = ("auto", "step", "persistent")
 HALF = (torch.float16, torch.bfloat16)
+# Variant options (fastrnn.variants) run on the step path only.
+OPTION_CELLS = ("lstm", "gru")
 
 
 def _c(t):
@@ -41,12 +43,21 @@ class TritonBackend(Backend):
             raise ValueError(f"FASTRNN_TRITON_KERNEL={choice!r}; allowed: {', '.join(KERNELS)}")
         return choice
 
-    def _persistent(self, cell, hidden, proj) -> bool:
+    def _persistent(self, cell, hidden, proj, features=()) -> bool:
         choice = self._kernel_choice()
+        if features:  # the step path runs the options; the persistent kernel has none
+            if choice == "persistent":
+                raise ValueError(self._no_options(features))
+            return False
         fits = persistent.fits(NUM_GATES[cell], hidden, proj)
         if choice == "persistent" and not fits:
             raise ValueError(self._too_big(hidden, proj))
         return choice == "persistent" or (choice == "auto" and fits)
+
+    @staticmethod
+    def _no_options(features):
+        return (f"the persistent Triton kernel does not run the options {', '.join(features)}; "
+                f"use FASTRNN_TRITON_KERNEL=auto or step (the step kernels run them)")
 
     @staticmethod
     def _too_big(hidden, proj):
@@ -68,11 +79,15 @@ class TritonBackend(Backend):
                     "before fastrnn.backends.triton is imported), which is meant for tests")
         return f"Triton kernels do not run on {device.type} tensors"
 
-    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size):
+    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size, features=()):
         if dtype not in SUPPORTED_DTYPES:
             return f"dtype {dtype} is not supported (float32, float16 and bfloat16 are)"
         if cell not in CELL_IDS:
             return f"unknown cell {cell!r}"
+        if features and cell not in OPTION_CELLS:
+            return f"the {cell} op has no options ({', '.join(features)} given)"
+        if features and self._kernel_choice() == "persistent":
+            return self._no_options(features)
         if (self._kernel_choice() == "persistent"
                 and not persistent.fits(NUM_GATES[cell], hidden_size, proj_size)):
             return self._too_big(hidden_size, proj_size)
@@ -80,20 +95,24 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
+    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, options=None):
         cell_id, G = CELL_IDS[cell], NUM_GATES[cell]
         xproj, h0, c0, w_hh, b_hh, w_hr = map(_c, (xproj, h0, c0, w_hh, b_hh, w_hr))
+        options, features, layout = _options(cell, options, w_hh, w_hr)
         dtype, dev = xproj.dtype, xproj.device
         acc = torch.float32 if dtype in HALF else dtype
         N, (B, P), H = xproj.shape[0], h0.shape, w_hh.shape[0] // G
-        width = {"lstm": 5 * H + (H if w_hr is not None else 0), "gru": 4 * H}.get(cell, 0)
+        if layout is not None:
+            width = layout["width"].stop
+        else:
+            width = {"lstm": 5 * H + (H if w_hr is not None else 0), "gru": 4 * H}.get(cell, 0)
         output = torch.empty(N, P, dtype=dtype, device=dev)
         ws = torch.empty(N, width, dtype=acc, device=dev)
         sizes, offsets = step_layout(N, B, batch_sizes)
         if N == 0:
             return output, h0.clone(), None if c0 is None else c0.clone(), ws
 
-        if self._persistent(cell, H, P if w_hr is not None else 0):
+        if self._persistent(cell, H, P if w_hr is not None else 0, features):
             bs, offs = self._steps_on(dev, sizes, offsets)
             h_n = torch.empty_like(h0)
             c_n = None if c0 is None else torch.empty_like(c0)
@@ -102,25 +121,34 @@ class TritonBackend(Backend):
             return output, h_n, c_n, ws
 
         h_n, c_n = step.forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets,
-                                reverse, output, ws)
+                                reverse, output, ws, options, layout)
         return output, h_n.to(dtype), None if c_n is None else c_n.to(dtype), ws
 
     # ------------------------------------------------------------ backward
 
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
-                 batch_sizes, reverse, output, workspace):
+                 batch_sizes, reverse, output, workspace, options=None):
+        """The 6 gradients of the op contract; with ``options`` (not None) 10: then the
+        gradients of ln_weight, ln_bias, ln_c_weight, ln_c_bias (None where absent)."""
         cell_id, G = CELL_IDS[cell], NUM_GATES[cell]
         (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace) = map(
             _c, (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace))
+        given, (options, features, layout) = options, _options(cell, options, w_hh, w_hr)
         dtype, dev = output.dtype, output.device
         N, (B, P), H = output.shape[0], h0.shape, w_hh.shape[0] // G
         sizes, offsets = step_layout(N, B, batch_sizes)
+        ln_grads = (None,) * 4
         if N == 0:
-            return (output.new_zeros(0, G * H), grad_h_n.clone(),
-                    None if grad_c_n is None else grad_c_n.clone(), torch.zeros_like(w_hh),
-                    w_hh.new_zeros(G * H), None if w_hr is None else torch.zeros_like(w_hr))
+            if given is not None:
+                ln_grads = tuple(None if t is None else torch.zeros_like(t) for t in (
+                    getattr(given, k, None)
+                    for k in ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")))
+            grads = (output.new_zeros(0, G * H), grad_h_n.clone(),
+                     None if grad_c_n is None else grad_c_n.clone(), torch.zeros_like(w_hh),
+                     w_hh.new_zeros(G * H), None if w_hr is None else torch.zeros_like(w_hr))
+            return grads if given is None else grads + ln_grads
 
-        if self._persistent(cell, H, P if w_hr is not None else 0):
+        if self._persistent(cell, H, P if w_hr is not None else 0, features):
             bs, offs = self._steps_on(dev, sizes, offsets)
             gx, gh0, gc0, gw, gb, gwr = persistent.backward(
                 cell_id, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, bs, offs,
@@ -131,16 +159,44 @@ class TritonBackend(Backend):
             h_prev_all = torch.cat([h0, output])[prev]
             c_prev_all = None if c0 is None else torch.cat(
                 [c0.to(workspace.dtype), workspace[:, 4 * H:5 * H]])[prev]
-            gx, gh0, gc0, d_hh, d_out_all = step.backward(
+            gx, gh0, gc0, d_hh, d_a, d_out_all, dy_all = step.backward(
                 cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
-                sizes, offsets, reverse, output, workspace)
-            gw = d_hh.t() @ h_prev_all.to(d_hh.dtype)  # one GEMM over all steps
+                sizes, offsets, reverse, output, workspace, options, layout)
+            h_rec_all = h_prev_all.to(d_hh.dtype)  # what the forward GEMM saw
+            keep = getattr(options, "recurrent_mask", None)
+            if keep is not None:
+                h_rec_all = h_rec_all * keep.to(d_hh.dtype)[batch_index(sizes, offsets, dev)]
+            gw = d_a.t() @ h_rec_all  # one GEMM over all steps
             gb = d_hh.sum(0)
             gwr = None if w_hr is None else d_out_all.t() @ workspace[:, 5 * H:6 * H]
+            if "layer_norm" in features:
+                a_hat = workspace[:, layout["a_hat"]]
+                ln_grads = ((d_hh * a_hat).sum(0), gb) + ln_grads[2:]
+            if "layer_norm_cell" in features:
+                c_hat = workspace[:, layout["c_hat"]]
+                ln_grads = ln_grads[:2] + ((dy_all * c_hat).sum(0), dy_all.sum(0))
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        return cast(gx), cast(gh0), cast(gc0), cast(gw), cast(gb), cast(gwr)
+        grads = cast(gx), cast(gh0), cast(gc0), cast(gw), cast(gb), cast(gwr)
+        return grads if given is None else grads + tuple(map(cast, ln_grads))
 
     @staticmethod
     def _steps_on(device, sizes, offsets):
         steps = torch.tensor([sizes, offsets[:-1]], dtype=torch.int32).to(device)
         return steps[0], steps[1]
+
+
+def _options(cell, options, w_hh, w_hr):
+    """-> (options with contiguous tensors or None when no option is on, the names of the
+    options that are on, their workspace layout or None)."""
+    if options is None:
+        return None, (), None
+    fields = {k: _c(v) if isinstance(v, torch.Tensor) else v
+              for k, v in options._asdict().items()}
+    options = type(options)(**fields)
+    features = tuple(options.features())
+    if not features:
+        return None, (), None
+    from ...variants import workspace_layout
+    hidden = w_hh.shape[0] // NUM_GATES[cell]
+    proj = 0 if w_hr is None else w_hr.shape[0]
+    return options, features, workspace_layout(cell, hidden, proj, features)

@@ -22,11 +22,18 @@ from triton.compiler import ASTSource
 from . import persistent, step
 from ._gates import CELL_IDS
 
-_INTS = {"n", "H", "P", "T", "B", "WS_STRIDE"}
+_INTS = {"n", "H", "P", "T", "B", "WS_STRIDE", "LN_OFF", "LNC_OFF", "P_OFF"}
+_FLOATS = {"cell_clip", "proj_clip", "grad_clip"}
 _INT32_POINTERS = {"bs_ptr", "off_ptr"}
 # arguments that are float32 whatever the input dtype (states, workspace, partial sums)
 _FLOAT32_POINTERS = {"hh_ptr", "h_ptr", "c_ptr", "ws_ptr", "dh_ptr", "cprev_ptr", "dc_ptr",
-                     "dhh_ptr", "ddir_ptr", "dw_ptr", "db_ptr", "dwr_ptr"}
+                     "dhh_ptr", "ddir_ptr", "dw_ptr", "db_ptr", "dwr_ptr", "hrec_ptr", "da_ptr",
+                     "dy_ptr", "p_ptr", "dp_ptr"}
+# variant options (issue #8) of the step kernels, all off / all on
+_NO_OPTIONS = dict(LN=False, LN_C=False, MASK=False, ZONEOUT_H=False, ZONEOUT_C=False,
+                   CELL_CLIP=False)
+_NO_BACKWARD_OPTIONS = dict(LN=False, LN_C=False, ZONEOUT_H=False, ZONEOUT_C=False,
+                            CELL_CLIP=False, GRAD_CLIP=False)
 
 
 def _signature(fn, dtype, constexprs):
@@ -35,6 +42,8 @@ def _signature(fn, dtype, constexprs):
             return "constexpr"
         if name in _INTS:
             return "i32"
+        if name in _FLOATS:
+            return "fp32"
         if name in _INT32_POINTERS:
             return "*i32"
         return "*fp32" if name in _FLOAT32_POINTERS else "*" + dtype
@@ -76,10 +85,12 @@ def variants(everything):
                 yield (f"step forward {cell}{' proj' if proj else ''} {dtype}",
                        step._step_forward_kernel, dtype,
                        dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, BLOCK_B=block_b,
-                            BLOCK_H=block_h), step_warps)
+                            BLOCK_H=block_h, **_NO_OPTIONS), step_warps)
             yield (f"step backward {cell} {dtype}", step._step_backward_kernel, dtype,
                    dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, BLOCK_B=block_b,
-                        BLOCK_H=block_h), step_warps)
+                        BLOCK_H=block_h, **_NO_BACKWARD_OPTIONS), step_warps)
+            if cell in ("lstm", "gru"):
+                yield from _option_variants(cell, cid, dtype, everything)
             # largest tiles that fit (everything), else small ones: compile time grows fast
             hidden = (128 if cell.startswith("rnn") else 64) if everything else 32
             shapes = [(hidden, hidden, False)]
@@ -98,6 +109,34 @@ def variants(everything):
                            dict(CELL=cid, HAS_PROJ=proj, REVERSE=True,
                                 BLOCK_B=persistent.BLOCK_B, BLOCK_H=h_tile, BLOCK_P=p_tile),
                            warps)
+
+
+def _option_variants(cell, cid, dtype, everything):
+    """The step kernels with every option of the cell on (layer norm: whole rows per
+    program), at H=512 and, with ``everything``, H=1024 and 2048; the projection
+    epilogue / prologue kernels once per dtype (lstm)."""
+    lstm = cell == "lstm"
+    for hidden in ([512, 1024, 2048] if everything else [512]):
+        block_b, block_h, warps = step._blocks(64, hidden, whole_rows=True)
+        tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
+        for proj in ([False, True] if lstm else [False]):
+            yield (f"step forward {cell}{' proj' if proj else ''} all options H={hidden} "
+                   f"{dtype}", step._step_forward_kernel, dtype,
+                   dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, LN=True, LN_C=lstm,
+                        MASK=not proj, ZONEOUT_H=not proj, ZONEOUT_C=lstm, CELL_CLIP=lstm,
+                        **tile), warps)
+        yield (f"step backward {cell} all options H={hidden} {dtype}",
+               step._step_backward_kernel, dtype,
+               dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, LN=True, LN_C=lstm,
+                    ZONEOUT_H=True, ZONEOUT_C=lstm, CELL_CLIP=lstm, GRAD_CLIP=True, **tile),
+               warps)
+    if lstm:
+        block_b, block_h, warps = step._blocks(64, 512)
+        tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
+        yield (f"step projection epilogue {dtype}", step._proj_epilogue_kernel, dtype,
+               dict(PROJ_CLIP=True, ZONEOUT_H=True, MASK=True, **tile), warps)
+        yield (f"step projection prologue {dtype}", step._proj_prologue_kernel, dtype,
+               dict(PROJ_CLIP=True, ZONEOUT_H=True, **tile), warps)
 
 
 def main(argv=None):

@@ -16,6 +16,19 @@ for every input dtype (half weights are upcast once per call): rounding happens 
 tensors enter and leave, as in the reference and in oneDNN's half RNNs. (cuBLAS half GEMMs
 with a float32 state would be faster on GPU; not done yet.)
 
+Variant options (issue #8, fastrnn.ops / fastrnn.variants) switch on constexpr branches of
+the same kernels, so with no option the compiled kernels are exactly those of before:
+
+- layer norm of the recurrent pre-activation (over G*H columns) and of the cell state (over
+  H): each program then holds whole rows (BLOCK_H >= H, one tile per gate), computes the row
+  statistics in float32 in registers, and writes a_hat / rstd (c_hat / rstd_c) to the
+  workspace; backward applies LNback in the same pass as the gate gradients;
+- recurrent_mask: the kernel that finishes a step also writes h_t * mask, the next GEMM's
+  input (``hrec``); backward multiplies the recurrent GEMM's result by the mask;
+- zoneout, cell_clip, grad_clip: blends and clamps inside the pointwise kernels;
+- with a projection, proj_clip and zoneout_h act on the projected h: a small epilogue kernel
+  after the projection GEMM (forward) and prologue kernel before it (backward) do them.
+
 The pointwise kernels update state tensors in place (each element read and written by the
 same program), so they are launched with heuristic block sizes, not autotuned.
 """
@@ -23,15 +36,22 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gates import (GRU, LSTM, RNN_RELU, gru_backward, gru_forward, lstm_backward, lstm_forward,
-                     rnn_backward, rnn_forward, store_gate_columns)
+from ._gates import (GRU, LSTM, RNN_RELU, clamp, gru_backward, gru_forward, layer_norm_rows,
+                     layer_norm_rows_backward, lstm_backward, lstm_forward, rnn_backward,
+                     rnn_forward, sigmoid, store_gate_columns, tanh)
 
 
 # ---------------------------------------------------------------- heuristics
 
-def _blocks(rows: int, hidden: int):
+def _blocks(rows: int, hidden: int, whole_rows: bool = False):
     """Tile of BLOCK_B rows x BLOCK_H hidden units, at most 1K elements per program: the LSTM
-    kernels then need ~126 registers/thread at 4 warps on sm_90 (ptxas), 2K would need 255."""
+    kernels then need ~126 registers/thread at 4 warps on sm_90 (ptxas), 2K would need 255.
+    ``whole_rows`` (layer norm): BLOCK_H covers all H units, one program column; more warps
+    for wide rows."""
+    if whole_rows:
+        block_h = triton.next_power_of_2(max(hidden, 1))
+        block_b = min(triton.next_power_of_2(max(rows, 1)), max(1, 1024 // block_h))
+        return block_b, block_h, max(1, min(16, block_b * block_h // 256))
     block_h = min(triton.next_power_of_2(max(hidden, 1)), 128)
     block_b = min(triton.next_power_of_2(max(rows, 1)), max(1, 1024 // block_h))
     num_warps = max(1, min(4, block_b * block_h // 256))
@@ -43,14 +63,24 @@ def _blocks(rows: int, hidden: int):
 @triton.jit
 def _step_forward_kernel(
     xp_ptr,    # [n, G*H] input projection rows of this step (input dtype)
-    hh_ptr,    # [n, G*H] float32 h_prev @ w_hh.T, without bias
+    hh_ptr,    # [n, G*H] float32 h_rec @ w_hh.T, without bias
     b_ptr,     # [G*H] b_hh (read only if HAS_BIAS)
-    h_ptr,     # [n, H] float32 hidden state: in h_prev (gru), out new h (no projection)
-    c_ptr,     # [n, H] float32 cell state: in c_prev, out new c (lstm)
+    h_ptr,     # [n, H] float32 hidden state: in h_prev (gru, zoneout), out h_t (no projection)
+    c_ptr,     # [n, H] float32 cell state: in c_prev, out c_t (lstm)
     ws_ptr,    # [n, WS_STRIDE] workspace rows of this step (float32 for half inputs)
     out_ptr,   # [n, H] output rows of this step (no projection)
-    n, H, WS_STRIDE,
+    lnw_ptr,   # [G*H] ln_weight (LN)
+    lnb_ptr,   # [G*H] ln_bias (LN)
+    lncw_ptr,  # [H] ln_c_weight (LN_C)
+    lncb_ptr,  # [H] ln_c_bias (LN_C)
+    rmask_ptr,  # [n, H] recurrent_mask rows (MASK, no projection)
+    hrec_ptr,  # [n, H] float32 out: h_t * recurrent_mask, the next GEMM's input (MASK)
+    zh_ptr,    # [n, H] zoneout_h rows of this step (ZONEOUT_H, no projection)
+    zc_ptr,    # [n, H] zoneout_c rows of this step (ZONEOUT_C)
+    n, H, WS_STRIDE, LN_OFF, LNC_OFF, cell_clip,
     CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr,
+    LN: tl.constexpr, LN_C: tl.constexpr, MASK: tl.constexpr, ZONEOUT_H: tl.constexpr,
+    ZONEOUT_C: tl.constexpr, CELL_CLIP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
@@ -62,27 +92,54 @@ def _step_forward_kernel(
     ws = ws_ptr + rows * WS_STRIDE + cols
     state = rows * H + cols
 
-    # gate g: input part x_g and recurrent part r_g (bias included), float32
+    # gate g: input part x_g and recurrent part r_g (layer norm and bias included), float32
     x0 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
     r0 = tl.load(hh, mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        r0 += tl.load(b_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+    x1, x2, x3, r1, r2, r3 = x0, x0, x0, r0, r0, r0  # placeholders for gates a cell lacks
     if G > 1:
         x1 = tl.load(xp + H, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(xp + 2 * H, mask=mask, other=0.0).to(tl.float32)
         r1 = tl.load(hh + H, mask=mask, other=0.0).to(tl.float32)
         r2 = tl.load(hh + 2 * H, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            r1 += tl.load(b_ptr + H + cols, mask=cols < H, other=0.0).to(tl.float32)
-            r2 += tl.load(b_ptr + 2 * H + cols, mask=cols < H, other=0.0).to(tl.float32)
-
-    if CELL == LSTM:
+    if G > 3:
         x3 = tl.load(xp + 3 * H, mask=mask, other=0.0).to(tl.float32)
         r3 = tl.load(hh + 3 * H, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
+    if LN:  # the program holds whole rows: BLOCK_H >= H
+        r0, r1, r2, r3, rstd = layer_norm_rows(r0, r1, r2, r3, mask, G * H, G)
+        _store_tiles(ws + LN_OFF, H, r0, r1, r2, r3, mask, G)
+        tl.store(ws_ptr + rows * WS_STRIDE + LN_OFF + G * H, rstd, mask=rows < n)
+        r0, r1, r2, r3 = _affine_tiles(r0, r1, r2, r3, lnw_ptr, lnb_ptr, cols, H, G)
+    if HAS_BIAS:
+        r0 += tl.load(b_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+        if G > 1:
+            r1 += tl.load(b_ptr + H + cols, mask=cols < H, other=0.0).to(tl.float32)
+            r2 += tl.load(b_ptr + 2 * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+        if G > 3:
             r3 += tl.load(b_ptr + 3 * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+
+    if CELL == LSTM:
         c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
-        i, f, g, o, c, h = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev)
+        if LN_C or CELL_CLIP or ZONEOUT_C:
+            i = sigmoid(x0 + r0)
+            f = sigmoid(x1 + r1)
+            g = tanh(x2 + r2)
+            o = sigmoid(x3 + r3)
+            c = f * c_prev + i * g
+            if CELL_CLIP:
+                c = clamp(c, cell_clip)
+            y = c
+            if LN_C:
+                c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
+                tl.store(ws + LNC_OFF, c_hat, mask=mask)
+                tl.store(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, rstd_c, mask=rows < n)
+                y = (c_hat * tl.load(lncw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+                     + tl.load(lncb_ptr + cols, mask=cols < H, other=0.0).to(tl.float32))
+            h = o * tanh(y)
+            if ZONEOUT_C:
+                z_c = tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32)
+                c = (1.0 - z_c) * c + z_c * c_prev
+        else:
+            i, f, g, o, c, h = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev)
         store_gate_columns(ws, H, i, f, g, o, mask)
         tl.store(ws + 4 * H, c, mask=mask)
         tl.store(c_ptr + state, c, mask=mask)
@@ -96,8 +153,15 @@ def _step_forward_kernel(
         h = rnn_forward(x0 + r0, CELL == RNN_RELU)
 
     if not HAS_PROJ:
+        if ZONEOUT_H:
+            z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
+            h_old = tl.load(h_ptr + state, mask=mask, other=0.0)
+            h = (1.0 - z_h) * h + z_h * h_old
         tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(h_ptr + state, h.to(h_ptr.dtype.element_ty), mask=mask)
+        if MASK:
+            keep = tl.load(rmask_ptr + state, mask=mask, other=0.0).to(tl.float32)
+            tl.store(hrec_ptr + state, h * keep, mask=mask)
 
 
 @triton.jit
@@ -110,10 +174,19 @@ def _step_backward_kernel(
     h_ptr,      # [n, H] output rows of this step (rnn: the derivative is read off h)
     dc_ptr,     # [n, H] float32 cell grad: in from later steps, out w.r.t. c_prev (lstm)
     gx_ptr,     # [n, G*H] out: grad_xproj rows (input dtype)
-    dhh_ptr,    # [n, G*H] out (if STORE_DHH): grad w.r.t. h_prev @ w_hh.T + b_hh, float32
-    ddir_ptr,   # [n, H] float32 out (gru): direct part of grad h_prev (may alias dh_ptr)
-    n, H, WS_STRIDE,
+    dhh_ptr,    # [n, G*H] out (if STORE_DHH): grad w.r.t. the recurrent pre-activation, f32
+    ddir_ptr,   # [n, H] float32 out (gru, ZONEOUT_H): direct part of grad h_prev (may alias dh)
+    lnw_ptr,    # [G*H] ln_weight (LN)
+    lncw_ptr,   # [H] ln_c_weight (LN_C)
+    lncb_ptr,   # [H] ln_c_bias (LN_C)
+    zh_ptr,     # [n, H] zoneout_h rows (ZONEOUT_H: no projection)
+    zc_ptr,     # [n, H] zoneout_c rows (ZONEOUT_C)
+    da_ptr,     # [n, G*H] float32 out (LN): LNback of d_hh, the operand of both GEMMs
+    dy_ptr,     # [n, H] float32 out (LN_C): grad w.r.t. y = LN(c), for ln_c's gradients
+    n, H, WS_STRIDE, LN_OFF, LNC_OFF, cell_clip, grad_clip,
     CELL: tl.constexpr, ADD_DOUT: tl.constexpr, STORE_DHH: tl.constexpr,
+    LN: tl.constexpr, LN_C: tl.constexpr, ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr,
+    CELL_CLIP: tl.constexpr, GRAD_CLIP: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
@@ -128,42 +201,96 @@ def _step_backward_kernel(
     dh = tl.load(dh_ptr + state, mask=mask, other=0.0)
     if ADD_DOUT:
         dh += tl.load(dout_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    direct = dh  # zoneout: the part of dh that goes straight to h_prev
+    if ZONEOUT_H:
+        z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
+        direct = z_h * dh
+        dh = (1.0 - z_h) * dh
 
     if CELL == LSTM:
         i = tl.load(ws, mask=mask, other=0.0)
         f = tl.load(ws + H, mask=mask, other=0.0)
         g = tl.load(ws + 2 * H, mask=mask, other=0.0)
         o = tl.load(ws + 3 * H, mask=mask, other=0.0)
-        c = tl.load(ws + 4 * H, mask=mask, other=0.0)
         c_prev = tl.load(cprev_ptr + state, mask=mask, other=0.0)
         dc = tl.load(dc_ptr + state, mask=mask, other=0.0)
-        dai, daf, dag, dao, dc_prev = lstm_backward(i, f, g, o, c, c_prev, dh, dc)
+        if LN_C or CELL_CLIP or ZONEOUT_C or GRAD_CLIP:
+            dc_direct = dc
+            if ZONEOUT_C:
+                z_c = tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32)
+                dc_direct = z_c * dc
+                dc = (1.0 - z_c) * dc
+            c_raw = f * c_prev + i * g  # the workspace holds c_t, after clip and zoneout
+            y = c_raw
+            if CELL_CLIP:
+                y = clamp(c_raw, cell_clip)
+            if LN_C:
+                c_hat = tl.load(ws + LNC_OFF, mask=mask, other=0.0)
+                rstd_c = tl.load(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, mask=rows < n,
+                                 other=0.0)
+                w_c = tl.load(lncw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+                y = c_hat * w_c + tl.load(lncb_ptr + cols, mask=cols < H,
+                                          other=0.0).to(tl.float32)
+            tanh_y = tanh(y)
+            dy = dh * o * (1.0 - tanh_y * tanh_y)
+            dao = dh * tanh_y * o * (1.0 - o)
+            if LN_C:
+                tl.store(dy_ptr + state, dy, mask=mask)
+                dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat,
+                                                       c_hat, c_hat, rstd_c, mask, H, 1)
+            dc = dc + dy
+            if CELL_CLIP:
+                dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
+            dai = dc * g * i * (1.0 - i)
+            daf = dc * c_prev * f * (1.0 - f)
+            dag = dc * i * (1.0 - g * g)
+            dc_prev = dc * f
+            if ZONEOUT_C:
+                dc_prev += dc_direct
+            if GRAD_CLIP:
+                dai = clamp(dai, grad_clip)
+                daf = clamp(daf, grad_clip)
+                dag = clamp(dag, grad_clip)
+                dao = clamp(dao, grad_clip)
+        else:
+            c = tl.load(ws + 4 * H, mask=mask, other=0.0)
+            dai, daf, dag, dao, dc_prev = lstm_backward(i, f, g, o, c, c_prev, dh, dc)
         tl.store(gx, dai.to(ty), mask=mask)
         tl.store(gx + H, daf.to(ty), mask=mask)
         tl.store(gx + 2 * H, dag.to(ty), mask=mask)
         tl.store(gx + 3 * H, dao.to(ty), mask=mask)
         tl.store(dc_ptr + state, dc_prev, mask=mask)
+        if ZONEOUT_H:
+            tl.store(ddir_ptr + state, direct, mask=mask)
         if STORE_DHH:
-            dhh = dhh_ptr + rows * (G * H) + cols
-            tl.store(dhh, dai, mask=mask)
-            tl.store(dhh + H, daf, mask=mask)
-            tl.store(dhh + 2 * H, dag, mask=mask)
-            tl.store(dhh + 3 * H, dao, mask=mask)
+            _store_tiles(dhh_ptr + rows * (G * H) + cols, H, dai, daf, dag, dao, mask, G)
+        if LN:
+            _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dai, daf, dag, dao,
+                                 n, H, WS_STRIDE, LN_OFF, G)
     elif CELL == GRU:
         r = tl.load(ws, mask=mask, other=0.0)
         z = tl.load(ws + H, mask=mask, other=0.0)
         nn = tl.load(ws + 2 * H, mask=mask, other=0.0)
         hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
         h_prev = tl.load(hprev_ptr + state, mask=mask, other=0.0).to(tl.float32)
-        dar, daz, dan, dhn, direct = gru_backward(r, z, nn, hn, h_prev, dh)
+        if GRAD_CLIP:
+            dan = clamp(dh * (1.0 - z) * (1.0 - nn * nn), grad_clip)
+            daz = clamp(dh * (h_prev - nn) * z * (1.0 - z), grad_clip)
+            dar = clamp(dan * hn * r * (1.0 - r), grad_clip)
+            dhn = dan * r
+            gru_direct = dh * z
+        else:
+            dar, daz, dan, dhn, gru_direct = gru_backward(r, z, nn, hn, h_prev, dh)
+        if ZONEOUT_H:
+            gru_direct += direct
         tl.store(gx, dar.to(ty), mask=mask)
         tl.store(gx + H, daz.to(ty), mask=mask)
         tl.store(gx + 2 * H, dan.to(ty), mask=mask)
-        dhh = dhh_ptr + rows * (G * H) + cols
-        tl.store(dhh, dar, mask=mask)
-        tl.store(dhh + H, daz, mask=mask)
-        tl.store(dhh + 2 * H, dhn, mask=mask)
-        tl.store(ddir_ptr + state, direct, mask=mask)
+        _store_tiles(dhh_ptr + rows * (G * H) + cols, H, dar, daz, dhn, dhn, mask, G)
+        tl.store(ddir_ptr + state, gru_direct, mask=mask)
+        if LN:
+            _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dar, daz, dhn, dhn,
+                                 n, H, WS_STRIDE, LN_OFF, G)
     else:
         h = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
         da = rnn_backward(h, dh, CELL == RNN_RELU)
@@ -172,16 +299,141 @@ def _step_backward_kernel(
             tl.store(dhh_ptr + rows * (G * H) + cols, da, mask=mask)
 
 
+@triton.jit
+def _proj_epilogue_kernel(
+    p_ptr,      # [n, P] float32 h_pre @ w_hr.T
+    h_ptr,      # [n, P] float32 hidden state: in h_prev, out h_t
+    out_ptr,    # [n, P] output rows of this step
+    ws_ptr,     # [n, WS_STRIDE] workspace rows (PROJ_CLIP: p goes to column P_OFF)
+    zh_ptr,     # [n, P] zoneout_h rows (ZONEOUT_H)
+    rmask_ptr,  # [n, P] recurrent_mask rows (MASK)
+    hrec_ptr,   # [n, P] float32 out: h_t * recurrent_mask (MASK)
+    n, H, WS_STRIDE, P_OFF, proj_clip,
+    PROJ_CLIP: tl.constexpr, ZONEOUT_H: tl.constexpr, MASK: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Forward of a projected lstm step after the projection GEMM (H here is P)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    mask = (rows < n) & (cols < H)
+    state = rows * H + cols
+    h = tl.load(p_ptr + state, mask=mask, other=0.0)
+    if PROJ_CLIP:
+        tl.store(ws_ptr + rows * WS_STRIDE + P_OFF + cols, h, mask=mask)
+        h = clamp(h, proj_clip)
+    if ZONEOUT_H:
+        z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
+        h = (1.0 - z_h) * h + z_h * tl.load(h_ptr + state, mask=mask, other=0.0)
+    tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(h_ptr + state, h, mask=mask)
+    if MASK:
+        keep = tl.load(rmask_ptr + state, mask=mask, other=0.0).to(tl.float32)
+        tl.store(hrec_ptr + state, h * keep, mask=mask)
+
+
+@triton.jit
+def _proj_prologue_kernel(
+    dh_ptr,     # [n, P] float32 carried grad of h_t: in; out its direct part (ZONEOUT_H)
+    dout_ptr,   # [n, P] grad_output rows
+    ws_ptr,     # [n, WS_STRIDE] workspace rows (PROJ_CLIP: p at column P_OFF)
+    zh_ptr,     # [n, P] zoneout_h rows (ZONEOUT_H)
+    dp_ptr,     # [n, P] float32 out: grad w.r.t. p = h_pre @ w_hr.T
+    n, H, WS_STRIDE, P_OFF, proj_clip,
+    PROJ_CLIP: tl.constexpr, ZONEOUT_H: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Backward of a projected lstm step before the projection GEMM (H here is P)."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    mask = (rows < n) & (cols < H)
+    state = rows * H + cols
+    d = tl.load(dh_ptr + state, mask=mask, other=0.0)
+    d += tl.load(dout_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    if ZONEOUT_H:
+        z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dh_ptr + state, z_h * d, mask=mask)
+        d = (1.0 - z_h) * d
+    if PROJ_CLIP:
+        p = tl.load(ws_ptr + rows * WS_STRIDE + P_OFF + cols, mask=mask, other=0.0)
+        d = tl.where(tl.abs(p) <= proj_clip, d, 0.0)
+    tl.store(dp_ptr + state, d, mask=mask)
+
+
+# ---------------------------------------------------------------- helpers of the kernels
+
+@triton.jit
+def _store_tiles(ptr, H, t0, t1, t2, t3, mask, TILES: tl.constexpr):
+    """The first TILES per-gate tiles at columns 0, H, 2H, 3H of ``ptr``."""
+    tl.store(ptr, t0, mask=mask)
+    if TILES > 1:
+        tl.store(ptr + H, t1, mask=mask)
+        tl.store(ptr + 2 * H, t2, mask=mask)
+    if TILES > 3:
+        tl.store(ptr + 3 * H, t3, mask=mask)
+
+
+@triton.jit
+def _load_tile(ptr, cols, H):
+    return tl.load(ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _affine_tiles(t0, t1, t2, t3, w_ptr, b_ptr, cols, H, TILES: tl.constexpr):
+    """t_g * w[gH + cols] + b[gH + cols] for the first TILES gates."""
+    t0 = t0 * _load_tile(w_ptr, cols, H) + _load_tile(b_ptr, cols, H)
+    if TILES > 1:
+        t1 = t1 * _load_tile(w_ptr + H, cols, H) + _load_tile(b_ptr + H, cols, H)
+        t2 = t2 * _load_tile(w_ptr + 2 * H, cols, H) + _load_tile(b_ptr + 2 * H, cols, H)
+    if TILES > 3:
+        t3 = t3 * _load_tile(w_ptr + 3 * H, cols, H) + _load_tile(b_ptr + 3 * H, cols, H)
+    return t0, t1, t2, t3
+
+
+@triton.jit
+def _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, d0, d1, d2, d3,
+                         n, H, WS_STRIDE, LN_OFF, G: tl.constexpr):
+    """da = LNback(d_hh * ln_weight, a_hat, rstd) over the G*H columns of whole rows."""
+    ws = ws_ptr + rows * WS_STRIDE + LN_OFF + cols
+    a0 = tl.load(ws, mask=mask, other=0.0)
+    a1 = tl.load(ws + H, mask=mask, other=0.0)
+    a2 = tl.load(ws + 2 * H, mask=mask, other=0.0)
+    a3 = a0
+    if G > 3:
+        a3 = tl.load(ws + 3 * H, mask=mask, other=0.0)
+    rstd = tl.load(ws_ptr + rows * WS_STRIDE + LN_OFF + G * H, mask=rows < n, other=0.0)
+    g0 = d0 * _load_tile(lnw_ptr, cols, H)
+    g1 = d1 * _load_tile(lnw_ptr + H, cols, H)
+    g2 = d2 * _load_tile(lnw_ptr + 2 * H, cols, H)
+    g3 = g0
+    if G > 3:
+        g3 = d3 * _load_tile(lnw_ptr + 3 * H, cols, H)
+    t0, t1, t2, t3 = layer_norm_rows_backward(g0, g1, g2, g3, a0, a1, a2, a3, rstd, mask,
+                                              G * H, G)
+    _store_tiles(da_ptr + rows * (G * H) + cols, H, t0, t1, t2, t3, mask, G)
+
+
 # ---------------------------------------------------------------- launchers
 
-def _launch(kernel, n, hidden, *args, **meta):
-    block_b, block_h, num_warps = _blocks(n, hidden)
+def _launch(kernel, n, hidden, *args, whole_rows=False, **meta):
+    block_b, block_h, num_warps = _blocks(n, hidden, whole_rows)
     grid = (triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))
     kernel[grid](*args, BLOCK_B=block_b, BLOCK_H=block_h, num_warps=num_warps, **meta)
 
 
-def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, output, ws):
-    """Fill ``output`` [N, P] and ``ws`` [N, W]; return the final float32 (h, c) states."""
+def _rows(tensor, rows, dummy):
+    """``tensor[rows]`` of an optional tensor (a kernel argument that is not read: dummy)."""
+    return dummy if tensor is None else tensor[rows]
+
+
+def _offset(layout, name):
+    return 0 if layout is None or name not in layout else layout[name].start
+
+
+def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, output, ws,
+            options=None, layout=None):
+    """Fill ``output`` [N, P] and ``ws`` [N, W]; return the final float32 (h, c) states.
+    ``options``: a StepOptions (fastrnn.variants) or None; ``layout``: its workspace columns
+    (fastrnn.variants.workspace_layout)."""
     H = w_hh.shape[0] // (4 if cell_id == LSTM else 3 if cell_id == GRU else 1)
     f32 = torch.float32
     h = h0.to(f32, copy=True)
@@ -189,26 +441,54 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
     w_t = w_hh.to(f32).t()
     wr_t = None if w_hr is None else w_hr.to(f32).t()
     dummy = ws
+    opt = lambda name: getattr(options, name, None)  # noqa: E731
+    ln_w, ln_b, lnc_w, lnc_b = (opt(k) for k in ("ln_weight", "ln_bias", "ln_c_weight",
+                                                  "ln_c_bias"))
+    keep, z_h, z_c = opt("recurrent_mask"), opt("zoneout_h"), opt("zoneout_c")
+    cell_clip, proj_clip = opt("cell_clip"), opt("proj_clip")
+    proj = w_hr is not None
+    h_rec = None if keep is None else h * keep.to(f32)  # what the recurrent GEMM sees
+    meta = dict(CELL=cell_id, HAS_BIAS=b_hh is not None, HAS_PROJ=proj, LN=ln_w is not None,
+                LN_C=lnc_w is not None, MASK=keep is not None and not proj,
+                ZONEOUT_H=z_h is not None and not proj, ZONEOUT_C=z_c is not None,
+                CELL_CLIP=cell_clip is not None)
+    whole_rows = ln_w is not None or lnc_w is not None
+    epilogue = proj and (keep is not None or z_h is not None or proj_clip is not None)
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         n, rows = sizes[t], slice(offsets[t], offsets[t + 1])
-        hh = torch.mm(h[:n], w_t)
+        hh = torch.mm((h if h_rec is None else h_rec)[:n], w_t)
         _launch(_step_forward_kernel, n, H,
                 xproj[rows], hh, dummy if b_hh is None else b_hh, h[:n],
                 dummy if c is None else c[:n], ws[rows], output[rows],
-                n, H, ws.shape[1],
-                CELL=cell_id, HAS_BIAS=b_hh is not None, HAS_PROJ=w_hr is not None)
-        if w_hr is not None:
+                ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy,
+                lnc_w if lnc_w is not None else dummy, lnc_b if lnc_b is not None else dummy,
+                _rows(keep, slice(0, n), dummy), _rows(h_rec, slice(0, n), dummy),
+                _rows(z_h, rows, dummy), _rows(z_c, rows, dummy),
+                n, H, ws.shape[1], _offset(layout, "a_hat"), _offset(layout, "c_hat"),
+                float(cell_clip or 0.0), whole_rows=whole_rows, **meta)
+        if epilogue:
+            p = torch.mm(ws[rows, 5 * H:6 * H].to(f32), wr_t)
+            _launch(_proj_epilogue_kernel, n, p.shape[1],
+                    p, h[:n], output[rows], ws[rows], _rows(z_h, rows, dummy),
+                    _rows(keep, slice(0, n), dummy), _rows(h_rec, slice(0, n), dummy),
+                    n, p.shape[1], ws.shape[1], _offset(layout, "p"), float(proj_clip or 0.0),
+                    PROJ_CLIP=proj_clip is not None, ZONEOUT_H=z_h is not None,
+                    MASK=keep is not None)
+        elif proj:
             torch.mm(ws[rows, 5 * H:6 * H].to(f32), wr_t, out=h[:n])
             output[rows] = h[:n]
     return h, c
 
 
 def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
-             sizes, offsets, reverse, output, ws):
-    """-> (grad_xproj, grad_h0 fp32, grad_c0 fp32 or None, d_hh_all, d_out_all or None).
+             sizes, offsets, reverse, output, ws, options=None, layout=None):
+    """-> (grad_xproj, grad_h0 fp32, grad_c0 fp32 or None, d_hh_all, d_a_all,
+    d_out_all or None, dy_all or None).
 
     ``h_prev_all``/``c_prev_all`` [N, .]: every row's state before its step. The caller
-    forms the weight gradients from d_hh_all (and d_out_all for the projection).
+    forms the weight gradients: d_a_all is the GEMM operand (LNback of d_hh_all with layer
+    norm, else d_hh_all itself), d_out_all the gradient of the projection's output, dy_all
+    that of the normalised cell state (layer_norm_cell).
     """
     G = 4 if cell_id == LSTM else 3 if cell_id == GRU else 1
     H = w_hh.shape[0] // G
@@ -227,9 +507,34 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
     w_hr32 = None if w_hr is None else w_hr.to(torch.float32)
     w32 = w_hh.to(torch.float32)
     dummy = ws
+    opt = lambda name: getattr(options, name, None)  # noqa: E731
+    ln_w, lnc_w, lnc_b = opt("ln_weight"), opt("ln_c_weight"), opt("ln_c_bias")
+    keep, z_h, z_c = opt("recurrent_mask"), opt("zoneout_h"), opt("zoneout_c")
+    cell_clip, proj_clip, grad_clip = opt("cell_clip"), opt("proj_clip"), opt("grad_clip")
+    proj = w_hr is not None
+    d_a = d_hh if ln_w is None else torch.empty(N, G * H, dtype=torch.float32,
+                                                device=output.device)
+    dy_all = None if lnc_w is None else torch.empty(N, H, dtype=torch.float32,
+                                                    device=output.device)
+    keep32 = None if keep is None else keep.to(torch.float32)
+    meta = dict(CELL=cell_id, ADD_DOUT=not proj, STORE_DHH=store_dhh, LN=ln_w is not None,
+                LN_C=lnc_w is not None, ZONEOUT_H=z_h is not None and not proj,
+                ZONEOUT_C=z_c is not None, CELL_CLIP=cell_clip is not None,
+                GRAD_CLIP=grad_clip is not None)
+    whole_rows = ln_w is not None or lnc_w is not None
+    prologue = proj and (z_h is not None or proj_clip is not None)
+    # dh[:n] holds a direct part of grad h_prev after the kernels: gru's z * dh, zoneout's
+    has_direct = cell_id == GRU or z_h is not None
     for t in (range(len(sizes)) if reverse else reversed(range(len(sizes)))):
         n, rows = sizes[t], slice(offsets[t], offsets[t + 1])
-        if w_hr is not None:
+        if prologue:
+            _launch(_proj_prologue_kernel, n, w_hr.shape[0],
+                    dh[:n], grad_output[rows], ws[rows], _rows(z_h, rows, dummy),
+                    d_out_all[rows], n, w_hr.shape[0], ws.shape[1], _offset(layout, "p"),
+                    float(proj_clip or 0.0),
+                    PROJ_CLIP=proj_clip is not None, ZONEOUT_H=z_h is not None)
+            dh_cell, dout = torch.mm(d_out_all[rows], w_hr32), dummy
+        elif proj:
             d_out = torch.add(dh[:n], grad_output[rows], out=d_out_all[rows])
             dh_cell, dout = torch.mm(d_out, w_hr32), dummy
         else:
@@ -240,11 +545,18 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
                 dummy if c_prev_all is None else c_prev_all[rows],
                 output[rows], dummy if dc is None else dc[:n],
                 grad_xproj[rows], d_hh[rows], dh[:n],
-                n, H, ws.shape[1],
-                CELL=cell_id, ADD_DOUT=w_hr is None, STORE_DHH=store_dhh)
-        recurrent = torch.mm(d_hh[rows], w32)
-        if cell_id == GRU:
-            dh[:n] += recurrent  # the kernel stored the direct part z * dh
+                ln_w if ln_w is not None else dummy,
+                lnc_w if lnc_w is not None else dummy, lnc_b if lnc_b is not None else dummy,
+                _rows(z_h, rows, dummy), _rows(z_c, rows, dummy),
+                d_a[rows], _rows(dy_all, rows, dummy),
+                n, H, ws.shape[1], _offset(layout, "a_hat"), _offset(layout, "c_hat"),
+                float(cell_clip or 0.0), float(grad_clip or 0.0),
+                whole_rows=whole_rows, **meta)
+        recurrent = torch.mm(d_a[rows], w32)
+        if keep32 is not None:
+            recurrent *= keep32[:n]
+        if has_direct:
+            dh[:n] += recurrent  # the kernels stored the direct part
         else:
             dh[:n] = recurrent
-    return grad_xproj, dh, dc, d_hh, d_out_all
+    return grad_xproj, dh, dc, d_hh, d_a, d_out_all, dy_all

@@ -1,0 +1,316 @@
+"""Variant options (issue #8) on the triton backend's step path, against the reference backend.
+
+Runs under the Triton interpreter on CPU like tests/test_triton.py (whose setup, problem
+builder, NaN poisoning and tolerance helpers it shares). Tiny shapes: the interpreter is slow.
+Every option alone and all together, for lstm, lstm with projection and gru, dense and packed
+(ragged, with a length-1 sequence), both directions; float32 to 1e-5 relative against the
+float64 reference; float16 / bfloat16 within twice PyTorch's own same-dtype error; the
+workspace crossing backends both ways.
+"""
+import pytest
+import torch
+
+from test_triton import (DEVICE, GATES, REFERENCE, TritonBackend, assert_float32_close,  # noqa: F401
+                         cast, errors, make_problem, poison, to)
+from fastrnn.variants import StepOptions, workspace_width
+
+GRAD_NAMES = ("grad_xproj", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr",
+              "grad_ln_weight", "grad_ln_bias", "grad_ln_c_weight", "grad_ln_c_bias")
+LSTM_OPTIONS = ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
+                "cell_clip", "grad_clip")
+PROJ_OPTIONS = LSTM_OPTIONS + ("proj_clip",)
+GRU_OPTIONS = ("layer_norm", "recurrent_mask", "zoneout_h", "grad_clip")
+ALL = {"lstm": LSTM_OPTIONS, "lstm_proj": PROJ_OPTIONS, "gru": GRU_OPTIONS}
+# (batch, steps, hidden, lengths or None, reverse)
+CASES = {
+    "plain": (3, 4, 5, None, False),
+    "packed_reverse": (3, 4, 5, [4, 3, 1], True),
+    "packed": (3, 4, 5, [4, 2, 1], False),
+    "tiny": (1, 1, 1, None, True),
+}
+PROJ = 3
+
+
+def make_options(cell, features, inputs, seed=2):
+    """float64 StepOptions for ``features``. Clip limits sit inside the values' range, so
+    every clip is active somewhere; zoneout weights mix 0, 1 (keep the state) and 0.3 (the
+    eval-mode expectation); the recurrent mask is a dropout mask (0 or 1/0.7)."""
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    G, (B, P) = GATES[cell], inputs["h0"].shape
+    H, N = inputs["w_hh"].shape[0] // G, inputs["xproj"].shape[0]
+    zone = lambda w: torch.tensor([0.0, 1.0, 0.3], dtype=torch.float64)[  # noqa: E731
+        torch.randint(0, 3, (N, w), generator=gen)]
+    values = {}
+    if "layer_norm" in features:
+        values.update(ln_weight=0.5 + rand(G * H), ln_bias=rand(G * H) - 0.5)
+    if "layer_norm_cell" in features:
+        values.update(ln_c_weight=0.5 + rand(H), ln_c_bias=rand(H) - 0.5)
+    if "recurrent_mask" in features:
+        values["recurrent_mask"] = (rand(B, P) < 0.7).double() / 0.7
+    if "zoneout_h" in features:
+        values["zoneout_h"] = zone(P)
+    if "zoneout_c" in features:
+        values["zoneout_c"] = zone(H)
+    values.update({name: limit for name, limit in (("cell_clip", 0.4), ("proj_clip", 0.3),
+                                                   ("grad_clip", 0.05)) if name in features})
+    return StepOptions(**values)
+
+
+def cast_options(options, dtype):
+    return StepOptions(*[v.to(dtype) if isinstance(v, torch.Tensor) else v for v in options])
+
+
+def run(backend, cell, inputs, grads, reverse, options, ws_backend=None):
+    """Forward with ``backend``, backward with ``ws_backend`` (default the same) on its
+    workspace. -> dict of every output, the workspace and all ten gradients, on the CPU."""
+    device = "cpu" if backend is REFERENCE and ws_backend in (None, REFERENCE) else DEVICE
+    inputs, grads = to(inputs, device), to(grads, device)
+    options = StepOptions(*[v.to(device) if isinstance(v, torch.Tensor) else v
+                            for v in options])
+    out, h_n, c_n, ws = backend.forward(cell, reverse=reverse, options=options, **inputs)
+    op_in = {k: inputs[k] for k in ("h0", "c0", "w_hh", "b_hh", "w_hr", "batch_sizes")}
+    back = (ws_backend or backend).backward(cell, reverse=reverse, output=out, workspace=ws,
+                                            options=options, **op_in, **grads)
+    assert len(back) == 10
+    result = dict(output=out, h_n=h_n, c_n=c_n, workspace=ws, **dict(zip(GRAD_NAMES, back)))
+    return {k: v.cpu() for k, v in result.items() if v is not None}
+
+
+def problem(cell, case, features, seed=0):
+    """-> (cell name, float64 inputs, grads, reverse, options)."""
+    proj = PROJ if cell == "lstm_proj" else 0
+    cell = "lstm" if proj else cell
+    batch, steps, hidden, lengths, reverse = CASES[case]
+    inputs, grads = make_problem(cell, batch, steps, hidden, lengths, proj, seed=seed)
+    if cell == "gru" and "grad_clip" in features:
+        # d_r = clamp(d_n * hn * r(1-r)) with |d_n| <= grad_clip exceeds the clip only where
+        # |hn| > 4: make hn that large somewhere
+        inputs["b_hh"][2 * hidden:] *= 12
+    return cell, inputs, grads, reverse, make_options(cell, features, inputs)
+
+
+def check_float32(cell, case, features, pairs=("triton>triton",)):
+    """``pairs``: forward backend > backward backend, run in turn."""
+    cell, inputs, grads, reverse, options = problem(cell, case, features)
+    expected = run(REFERENCE, cell, inputs, grads, reverse, options)
+    G, H = GATES[cell], inputs["w_hh"].shape[0] // GATES[cell]
+    proj = 0 if inputs["w_hr"] is None else inputs["w_hr"].shape[0]
+    assert expected["workspace"].shape[1] == workspace_width(cell, H, proj, options.features())
+    inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
+    options = cast_options(options, torch.float32)
+    backends = {"triton": TritonBackend(), "reference": REFERENCE}
+    for pair in pairs:
+        first, second = (backends[name] for name in pair.split(">"))
+        actual = run(first, cell, inputs, grads, reverse, options, second)
+        assert_float32_close(actual, expected)
+
+
+# ---------------------------------------------------------------- float32 parity
+
+@pytest.mark.parametrize("feature", LSTM_OPTIONS)
+def test_lstm_option_alone(feature):
+    check_float32("lstm", "packed_reverse", (feature,))
+
+
+@pytest.mark.parametrize("feature", ("proj_clip", "zoneout_h", "recurrent_mask"))
+def test_lstm_projection_option_alone(feature):
+    check_float32("lstm_proj", "packed", (feature,))
+
+
+@pytest.mark.parametrize("feature", GRU_OPTIONS)
+def test_gru_option_alone(feature):
+    check_float32("gru", "packed_reverse", (feature,))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("cell", list(ALL))
+def test_all_options_together(cell, case):
+    check_float32(cell, case, ALL[cell])
+
+
+@pytest.mark.parametrize("cell", list(ALL))
+def test_workspace_crosses_backends(cell):
+    """Triton forward -> reference backward, and reference forward -> triton backward."""
+    check_float32(cell, "packed_reverse", ALL[cell],
+                  pairs=("triton>reference", "reference>triton"))
+
+
+def test_wide_rows_layer_norm():
+    """H=40: layer-norm rows of 160 columns padded to 4 x 64 lanes, batch 9 over 3 programs
+    (16 rows per program at BLOCK_H=64 would be one; the padding must stay out of the row
+    statistics)."""
+    lengths = [5, 5, 4, 4, 3, 3, 2, 2, 1]
+    inputs, grads = make_problem("lstm", 9, 5, 40, lengths, seed=3)
+    options = make_options("lstm", LSTM_OPTIONS, inputs)
+    expected = run(REFERENCE, "lstm", inputs, grads, False, options)
+    actual = run(TritonBackend(), "lstm", cast(inputs, torch.float32),
+                 cast(grads, torch.float32), False, cast_options(options, torch.float32))
+    assert_float32_close(actual, expected)
+
+
+# ---------------------------------------------------------------- float16 / bfloat16
+
+def pytorch_loop(cell, inputs, grads, reverse, options, dtype):
+    """PyTorch's own result in ``dtype``: the spec's step written in plain PyTorch ops
+    (tests/variant_loops.py) on dense [T, B] inputs, gradients by autograd."""
+    from variant_loops import run_direction
+    B = inputs["h0"].shape[0]
+    G, P = GATES[cell], inputs["h0"].shape[1]
+    H = inputs["w_hh"].shape[0] // G
+    T = inputs["xproj"].shape[0] // B
+    leaves = {k: v.to(dtype).requires_grad_() for k, v in inputs.items()
+              if isinstance(v, torch.Tensor) and k != "batch_sizes"}
+    opts = {k: v.to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v
+            for k, v in options._asdict().items() if v is not None}
+    step = {k: v for k, v in opts.items() if k in ("cell_clip", "proj_clip", "grad_clip")}
+    if "ln_weight" in opts:
+        step["ln_hh"] = (opts["ln_weight"], opts["ln_bias"])
+    if "ln_c_weight" in opts:
+        step["ln_c"] = (opts["ln_c_weight"], opts["ln_c_bias"])
+    zh, zc = opts.get("zoneout_h"), opts.get("zoneout_c")
+    out, h_n, c_n = run_direction(
+        cell, leaves["xproj"].view(T, B, G * H), leaves["h0"], leaves.get("c0"),
+        leaves["w_hh"], leaves.get("b_hh"), leaves.get("w_hr"), reverse,
+        rec_mask=opts.get("recurrent_mask"),
+        z_h=None if zh is None else zh.view(T, B, P),
+        z_c=None if zc is None else zc.view(T, B, H), **step)
+    loss = (out.reshape(T * B, P).double() * grads["grad_output"]).sum()
+    loss = loss + (h_n.double() * grads["grad_h_n"]).sum()
+    if c_n is not None:
+        loss = loss + (c_n.double() * grads["grad_c_n"]).sum()
+    loss.backward()
+    result = dict(output=out.reshape(T * B, P), h_n=h_n, c_n=c_n)
+    for name, leaf in list(leaves.items()) + [(k, v) for k, v in opts.items()
+                                              if k.startswith("ln_")]:
+        result["grad_" + name] = leaf.grad
+    return {k: v.detach() for k, v in result.items() if v is not None}
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("cell", list(ALL))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
+def test_half_precision_error_within_twice_pytorch(dtype, cell, reverse):
+    """As tests/test_triton.py: error against a float64 reference of the same rounded inputs
+    at most twice that of PyTorch's own same-dtype result (floored at one unit of the dtype's
+    precision at the tensor's scale), here with every option on."""
+    proj = PROJ if cell == "lstm_proj" else 0
+    features, cell = ALL[cell], "lstm" if proj else cell
+    inputs, grads = make_problem(cell, 4, 5, 8, None, proj, seed=1)
+    options = make_options(cell, features, inputs, seed=4)
+    rounded = lambda t: cast(cast(t, dtype), torch.float64)  # noqa: E731
+    inputs, grads = rounded(inputs), rounded(grads)
+    options = cast_options(cast_options(options, dtype), torch.float64)
+    truth = run(REFERENCE, cell, inputs, grads, reverse, options)
+    ours = run(TritonBackend(), cell, cast(inputs, dtype), cast(grads, dtype), reverse,
+               cast_options(options, dtype))
+    theirs = pytorch_loop(cell, inputs, grads, reverse, options, dtype)
+    del truth["workspace"], ours["workspace"]
+    assert theirs.keys() == truth.keys()
+    for name, error in errors(ours, truth).items():
+        assert ours[name].dtype == dtype, name
+        baseline = max(errors({name: theirs[name]}, {name: truth[name]})[name],
+                       torch.finfo(dtype).eps * truth[name].abs().max().item())
+        assert error <= 2 * baseline, f"{name}: error {error:.3g} > 2 x {baseline:.3g}"
+
+
+# ---------------------------------------------------------------- contract details
+
+def test_zoneout_one_keeps_previous_state_bit_for_bit():
+    """zoneout weight 1 on every row: h_t and c_t are h0 and c0 exactly."""
+    cell, inputs, grads, reverse, _ = problem("lstm", "plain", ())
+    inputs = cast(inputs, torch.float32)
+    N, (B, P) = inputs["xproj"].shape[0], inputs["h0"].shape
+    ones = torch.ones(N, P)
+    out, h_n, c_n, _ = TritonBackend().forward(
+        cell, reverse=reverse, options=StepOptions(zoneout_h=ones, zoneout_c=ones.clone(),
+                                                   ln_weight=torch.ones(4 * P),
+                                                   ln_bias=torch.zeros(4 * P)), **inputs)
+    assert torch.equal(h_n, inputs["h0"]) and torch.equal(c_n, inputs["c0"])
+    assert torch.equal(out, inputs["h0"].repeat(N // B, 1))
+
+
+def test_no_option_set_is_the_plain_recurrence():
+    """options with every field None: exactly the numbers of options=None, ten gradients
+    with the last four None."""
+    cell, inputs, grads, reverse, _ = problem("gru", "packed_reverse", ())
+    inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
+    plain = TritonBackend("step").forward(cell, reverse=reverse, **inputs)
+    empty = TritonBackend("step").forward(cell, reverse=reverse, options=StepOptions(),
+                                          **inputs)
+    for a, b in zip(plain, empty):
+        assert (a is None and b is None) or torch.equal(a, b)
+    op_in = {k: inputs[k] for k in ("h0", "c0", "w_hh", "b_hh", "w_hr", "batch_sizes")}
+    back = TritonBackend("step").backward(cell, reverse=reverse, output=plain[0],
+                                          workspace=plain[3], options=StepOptions(),
+                                          **op_in, **grads)
+    assert len(back) == 10 and back[6:] == (None,) * 4
+
+
+def test_zero_steps_with_options():
+    cell, inputs, grads, reverse, options = problem("lstm", "plain", LSTM_OPTIONS)
+    inputs = cast(inputs, torch.float32)
+    options = cast_options(options, torch.float32)._replace(
+        zoneout_h=torch.zeros(0, 5), zoneout_c=torch.zeros(0, 5))
+    inputs["xproj"] = inputs["xproj"][:0]
+    out, h_n, c_n, ws = TritonBackend().forward(cell, reverse=reverse, options=options,
+                                                **inputs)
+    assert ws.shape == (0, workspace_width("lstm", 5, 0, options.features()))
+    back = TritonBackend().backward(
+        cell, reverse=reverse, output=out, workspace=ws, options=options,
+        grad_output=out, grad_h_n=h_n, grad_c_n=c_n,
+        **{k: inputs[k] for k in ("h0", "c0", "w_hh", "b_hh", "w_hr", "batch_sizes")})
+    assert [tuple(g.shape) for g in back[6:]] == [(20,), (20,), (5,), (5,)]
+    assert all(not g.any() for g in back[6:])
+
+
+def test_options_use_the_step_path(monkeypatch):
+    """auto runs options on the step path even where the persistent kernel fits; a forced
+    persistent kernel refuses them, naming them, and so does unsupported_reason."""
+    from fastrnn.backends.triton import persistent
+    monkeypatch.delenv("FASTRNN_TRITON_KERNEL", raising=False)
+    monkeypatch.setattr(persistent, "forward", None)  # calling them would fail
+    monkeypatch.setattr(persistent, "backward", None)
+    check_float32("gru", "plain", ("zoneout_h",))
+    cpu = torch.device("cpu")
+    assert TritonBackend().unsupported_reason("lstm", torch.float32, cpu, 8, 0,
+                                              ("layer_norm",)) is None
+    reason = TritonBackend("persistent").unsupported_reason("lstm", torch.float32, cpu, 8, 0,
+                                                            ("layer_norm", "cell_clip"))
+    assert "layer_norm, cell_clip" in reason and "persistent" in reason
+    assert TritonBackend("persistent").unsupported_reason("lstm", torch.float32, cpu, 8,
+                                                          0) is None
+    assert "rnn_tanh" in TritonBackend().unsupported_reason("rnn_tanh", torch.float32, cpu, 8,
+                                                            0, ("zoneout_h",))
+    cell, inputs, grads, reverse, options = problem("lstm", "tiny", ("cell_clip",))
+    with pytest.raises(ValueError, match="cell_clip"):
+        TritonBackend("persistent").forward(cell, reverse=reverse, options=options,
+                                            **cast(inputs, torch.float32))
+
+
+@pytest.mark.parametrize("cell", ["lstm_proj", "gru"])
+def test_through_the_op_with_autograd(cell):
+    """fastrnn.ops with backend="triton" and every option: forward and the autograd backward
+    (every input's and every layer-norm parameter's gradient) match the reference."""
+    from fastrnn.ops import recurrence
+    cell, inputs, grads, reverse, options = problem(cell, "packed_reverse", ALL[cell])
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
+        args = to(cast(inputs, dtype), DEVICE)
+        opts = cast_options(options, dtype)
+        opts = StepOptions(*[v.to(DEVICE) if isinstance(v, torch.Tensor) else v for v in opts])
+        leaves = {k: v.requires_grad_() for k, v in args.items()
+                  if isinstance(v, torch.Tensor) and k != "batch_sizes"}
+        leaves.update({k: v.requires_grad_() for k, v in opts._asdict().items()
+                       if k.startswith("ln_") and v is not None})
+        out, h_n, c_n = recurrence(cell, **args, reverse=reverse, backend=backend,
+                                   options=opts)
+        g = to(cast(grads, dtype), DEVICE)
+        loss = (out * g["grad_output"]).sum() + (h_n * g["grad_h_n"]).sum()
+        if c_n is not None:
+            loss = loss + (c_n * g["grad_c_n"]).sum()
+        loss.backward()
+        results[backend] = dict(output=out, h_n=h_n, **({} if c_n is None else dict(c_n=c_n)),
+                                **{f"grad_{k}": v.grad for k, v in leaves.items()})
+        results[backend] = {k: v.detach().cpu() for k, v in results[backend].items()}
+    assert_float32_close(results["triton"], results["reference"])

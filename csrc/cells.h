@@ -87,19 +87,52 @@ FASTRNN_HD T sigmoid_(T x) { return T(1) / (T(1) + exp_(-x)); }
 template <typename T>
 FASTRNN_HD T relu_(T x) { return x > T(0) ? x : T(0); }
 
+// ------------------------------------------------------------------ variant pieces
+// (VARIANTS_SPEC.md) The variant path passes limit = +inf for an absent clip and z = 0 for
+// an absent zoneout, so one branch-free code path serves every combination.
+template <typename T>
+FASTRNN_HD T clamp_(T x, T limit) { return x < -limit ? -limit : (x > limit ? limit : x); }
+
+// 1 where |x| <= limit (the clamp passes the gradient), else 0.
+template <typename T>
+FASTRNN_HD T inside_(T x, T limit) { return (x < T(0) ? -x : x) <= limit ? T(1) : T(0); }
+
+// Zoneout, exactly this form so that z = 1 keeps the previous state bit for bit.
+template <typename T>
+FASTRNN_HD T blend_(T z, T x_new, T x_prev) { return (T(1) - z) * x_new + z * x_prev; }
+
+FASTRNN_HD float rsqrt_(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.f / sqrtf(x);
+#else
+  return 1.f / std::sqrt(x);
+#endif
+}
+FASTRNN_HD double rsqrt_(double x) { return 1.0 / sqrt(x); }
+
+constexpr double kLayerNormEps = 1e-5;
+
 // ------------------------------------------------------------------ LSTM
 // Gates (i, f, g, o); c = f * c_prev + i * g; h = o * tanh(c).
 template <typename T>
 struct LSTMGates { T i, f, g, o, c, h; };
 
+// The gates and the raw new cell state, without h (variants clip or normalise c first).
 template <typename T>
-FASTRNN_HD LSTMGates<T> lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+FASTRNN_HD LSTMGates<T> lstm_gates(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
   LSTMGates<T> s;
   s.i = sigmoid_(pre_i);
   s.f = sigmoid_(pre_f);
   s.g = tanh_(pre_g);
   s.o = sigmoid_(pre_o);
   s.c = s.f * c_prev + s.i * s.g;
+  s.h = T(0);
+  return s;
+}
+
+template <typename T>
+FASTRNN_HD LSTMGates<T> lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+  LSTMGates<T> s = lstm_gates(pre_i, pre_f, pre_g, pre_o, c_prev);
   s.h = s.o * tanh_(s.c);
   return s;
 }
@@ -117,6 +150,19 @@ FASTRNN_HD LSTMGrads<T> lstm_backward(T dh, T dc, T i, T f, T g, T o, T c, T c_p
   d.df = dc * c_prev * f * (T(1) - f);
   d.dg = dc * i * (T(1) - g * g);
   d.do_ = dh * tanh_c * o * (T(1) - o);
+  d.dc_prev = dc * f;
+  return d;
+}
+
+// Variant backward of the gates i, f, g given dc = dL/dc_new (after the clip mask): each
+// pre-activation gradient clamped to +-clip (+inf: none). dc_prev excludes zoneout's part.
+template <typename T>
+FASTRNN_HD LSTMGrads<T> lstm_backward_gates(T dc, T i, T f, T g, T c_prev, T clip) {
+  LSTMGrads<T> d;
+  d.di = clamp_(dc * g * i * (T(1) - i), clip);
+  d.df = clamp_(dc * c_prev * f * (T(1) - f), clip);
+  d.dg = clamp_(dc * i * (T(1) - g * g), clip);
+  d.do_ = T(0);
   d.dc_prev = dc * f;
   return d;
 }
@@ -149,6 +195,18 @@ FASTRNN_HD GRUGrads<T> gru_backward(T dh, T r, T z, T n, T hn, T h_prev) {
   d.dx_n = dh * (T(1) - z) * (T(1) - n * n);
   d.dx_r = d.dx_n * hn * r * (T(1) - r);
   d.dx_z = dh * (h_prev - n) * z * (T(1) - z);
+  d.dhh_n = d.dx_n * r;
+  d.dh_prev_direct = dh * z;
+  return d;
+}
+
+// gru_backward with every pre-activation gradient clamped to +-clip (grad_clip; +inf: none).
+template <typename T>
+FASTRNN_HD GRUGrads<T> gru_backward_clipped(T dh, T r, T z, T n, T hn, T h_prev, T clip) {
+  GRUGrads<T> d;
+  d.dx_n = clamp_(dh * (T(1) - z) * (T(1) - n * n), clip);
+  d.dx_r = clamp_(d.dx_n * hn * r * (T(1) - r), clip);
+  d.dx_z = clamp_(dh * (h_prev - n) * z * (T(1) - z), clip);
   d.dhh_n = d.dx_n * r;
   d.dh_prev_direct = dh * z;
   return d;

@@ -61,10 +61,62 @@ inline int64_t num_gates(Cell cell) {
   return cell == Cell::LSTM ? 4 : (cell == Cell::GRU ? 3 : 1);
 }
 
-inline int64_t workspace_width(Cell cell, int64_t H, bool proj) {
-  if (cell == Cell::LSTM) return 5 * H + (proj ? H : 0);
-  if (cell == Cell::GRU) return 4 * H;
-  return 0;
+// The variant options of a call (VARIANTS_SPEC.md): the trailing arguments of the ops.
+struct Options {
+  Tensor ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask, zoneout_h, zoneout_c;
+  c10::optional<double> cell_clip, proj_clip, grad_clip;
+
+  bool ln() const { return ln_weight.defined(); }
+  bool ln_c() const { return ln_c_weight.defined(); }
+  bool mask() const { return recurrent_mask.defined(); }
+  bool any() const {
+    return ln() || ln_c() || mask() || zoneout_h.defined() || zoneout_c.defined() ||
+           cell_clip.has_value() || proj_clip.has_value() || grad_clip.has_value();
+  }
+};
+
+inline Options make_options(
+    const c10::optional<Tensor>& ln_weight, const c10::optional<Tensor>& ln_bias,
+    const c10::optional<Tensor>& ln_c_weight, const c10::optional<Tensor>& ln_c_bias,
+    const c10::optional<Tensor>& recurrent_mask, const c10::optional<Tensor>& zoneout_h,
+    const c10::optional<Tensor>& zoneout_c, c10::optional<double> cell_clip,
+    c10::optional<double> proj_clip, c10::optional<double> grad_clip) {
+  auto get = [](const c10::optional<Tensor>& t) {
+    return t.has_value() && t->defined() ? t->contiguous() : Tensor();
+  };
+  Options o;
+  o.ln_weight = get(ln_weight);
+  o.ln_bias = get(ln_bias);
+  o.ln_c_weight = get(ln_c_weight);
+  o.ln_c_bias = get(ln_c_bias);
+  o.recurrent_mask = get(recurrent_mask);
+  o.zoneout_h = get(zoneout_h);
+  o.zoneout_c = get(zoneout_c);
+  o.cell_clip = cell_clip;
+  o.proj_clip = proj_clip;
+  o.grad_clip = grad_clip;
+  return o;
+}
+
+// Workspace columns (fastrnn/ops.py, VARIANTS_SPEC.md): the plain ones, then per option
+// lstm [a_hat | rstd] [c_hat | rstd_c] [p], gru [a_hat | rstd]. Offsets of the option columns.
+struct Columns {
+  int64_t width, ln, ln_c, p;
+};
+
+inline Columns workspace_columns(Cell cell, int64_t H, int64_t P, bool proj,
+                                 const Options& o = Options()) {
+  Columns c{0, 0, 0, 0};
+  if (cell == Cell::LSTM) {
+    c.ln = 5 * H + (proj ? H : 0);
+    c.ln_c = c.ln + (o.ln() ? 4 * H + 1 : 0);
+    c.p = c.ln_c + (o.ln_c() ? H + 1 : 0);
+    c.width = c.p + (o.proj_clip.has_value() ? P : 0);
+  } else if (cell == Cell::GRU) {
+    c.ln = c.ln_c = c.p = 4 * H;
+    c.width = c.ln + (o.ln() ? 3 * H + 1 : 0);
+  }
+  return c;
 }
 
 // Steps in packed time-major order (fastrnn/ops.py): sizes[t] live rows starting at
@@ -167,13 +219,57 @@ struct Shapes {
   Cell cell;
   int64_t G, H, P, B, N, W;
   bool proj;
+  Columns cols;
 };
+
+// The options' shapes and values (VARIANTS_SPEC.md); the modules have checked them already,
+// this is for direct callers of the ops.
+inline void check_options(const Shapes& s, const Options& o, const Tensor& like) {
+  if (!o.any()) return;
+  TORCH_CHECK(s.cell == Cell::LSTM || s.cell == Cell::GRU,
+              "fastrnn native: variant options exist for lstm and gru only");
+  TORCH_CHECK(s.cell == Cell::LSTM || !(o.ln_c_weight.defined() || o.ln_c_bias.defined() ||
+                                        o.zoneout_c.defined() || o.cell_clip.has_value() ||
+                                        o.proj_clip.has_value()),
+              "fastrnn native: ln_c_weight, ln_c_bias, zoneout_c, cell_clip and proj_clip "
+              "are lstm options; gru takes ln_weight, ln_bias, recurrent_mask, zoneout_h and "
+              "grad_clip");
+  TORCH_CHECK(o.ln_weight.defined() == o.ln_bias.defined(),
+              "fastrnn native: ln_weight and ln_bias come together (both or neither)");
+  TORCH_CHECK(o.ln_c_weight.defined() == o.ln_c_bias.defined(),
+              "fastrnn native: ln_c_weight and ln_c_bias come together (both or neither)");
+  auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
+    if (!t.defined()) return;
+    TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "fastrnn native: ", name, " must be ",
+                at::IntArrayRef(shape), ", got ", t.sizes());
+    TORCH_CHECK(t.scalar_type() == like.scalar_type() && t.device() == like.device(),
+                "fastrnn native: ", name, " must have the dtype and device of xproj (",
+                like.scalar_type(), ", ", like.device(), "), got ", t.scalar_type(), " on ",
+                t.device());
+  };
+  check(o.ln_weight, "ln_weight", {s.G * s.H});
+  check(o.ln_bias, "ln_bias", {s.G * s.H});
+  check(o.ln_c_weight, "ln_c_weight", {s.H});
+  check(o.ln_c_bias, "ln_c_bias", {s.H});
+  check(o.recurrent_mask, "recurrent_mask", {s.B, s.P});
+  check(o.zoneout_h, "zoneout_h", {s.N, s.P});
+  check(o.zoneout_c, "zoneout_c", {s.N, s.H});
+  for (const auto& clip : {std::make_pair("cell_clip", o.cell_clip),
+                           std::make_pair("proj_clip", o.proj_clip),
+                           std::make_pair("grad_clip", o.grad_clip)}) {
+    TORCH_CHECK(!clip.second.has_value() || *clip.second > 0, "fastrnn native: ", clip.first,
+                " must be a positive number or None, got ", clip.second.value_or(0));
+  }
+  TORCH_CHECK(!o.proj_clip.has_value() || s.proj,
+              "fastrnn native: proj_clip needs a projection (w_hr)");
+}
 
 // Shapes of the op (fastrnn/ops.py); `rows`/`cols` are those of xproj (in backward: N
 // and the implied G*H). All tensors share the dtype and device of `like`.
 inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t cols,
                            const Tensor& like, const Tensor& h0, const Tensor& c0,
-                           const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr) {
+                           const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr,
+                           const Options& options) {
   Shapes s;
   s.cell = parse_cell(cell_name);
   s.G = num_gates(s.cell);
@@ -206,22 +302,65 @@ inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t col
                 like.scalar_type(), ", ", like.device(), "), got ", t->scalar_type(),
                 " on ", t->device());
   }
-  s.W = workspace_width(s.cell, s.H, s.proj);
+  check_options(s, options, like);
+  s.cols = workspace_columns(s.cell, s.H, s.P, s.proj, options);
+  s.W = s.cols.width;
   return s;
 }
+
+// The kernels' view of the options. `zeros` (at least max(H, P) zeros) stands in for an
+// absent zoneout, +inf for an absent clip: the variant code has no per-option branches.
+template <typename scalar_t, typename acc_t>
+StepOptions<scalar_t, acc_t> step_options(const Shapes& s, const Options& o,
+                                          const Tensor& zeros) {
+  StepOptions<scalar_t, acc_t> so;
+  so.on = o.any();
+  if (!so.on) return so;
+  auto ptr = [](const Tensor& t) -> const scalar_t* {
+    return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+  };
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  so.proj_clip_on = o.proj_clip.has_value();
+  so.ln_weight = ptr(o.ln_weight);
+  so.ln_bias = ptr(o.ln_bias);
+  so.ln_c_weight = ptr(o.ln_c_weight);
+  so.ln_c_bias = ptr(o.ln_c_bias);
+  so.zoneout_h = o.zoneout_h.defined() ? ptr(o.zoneout_h) : ptr(zeros);
+  so.zh_stride = o.zoneout_h.defined() ? s.P : 0;
+  so.zoneout_c = o.zoneout_c.defined() ? ptr(o.zoneout_c) : ptr(zeros);
+  so.zc_stride = o.zoneout_c.defined() ? s.H : 0;
+  so.cell_clip = o.cell_clip.has_value() ? static_cast<acc_t>(*o.cell_clip) : inf;
+  so.proj_clip = o.proj_clip.has_value() ? static_cast<acc_t>(*o.proj_clip) : inf;
+  so.grad_clip = o.grad_clip.has_value() ? static_cast<acc_t>(*o.grad_clip) : inf;
+  so.ln_col = s.cols.ln;
+  so.ln_c_col = s.cols.ln_c;
+  so.p_col = s.cols.p;
+  return so;
+}
+
+#define FASTRNN_OPTION_PARAMS                                                              \
+  const c10::optional<Tensor>&ln_weight, const c10::optional<Tensor>&ln_bias,              \
+      const c10::optional<Tensor>&ln_c_weight, const c10::optional<Tensor>&ln_c_bias,      \
+      const c10::optional<Tensor>&recurrent_mask, const c10::optional<Tensor>&zoneout_h,   \
+      const c10::optional<Tensor>&zoneout_c, c10::optional<double> cell_clip,              \
+      c10::optional<double> proj_clip, c10::optional<double> grad_clip
+#define FASTRNN_OPTION_ARGS                                                                \
+  ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask, zoneout_h, zoneout_c,        \
+      cell_clip, proj_clip, grad_clip
 
 template <class Dev>
 std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     c10::string_view cell_name, const Tensor& xproj_in, const Tensor& h0_in,
     const c10::optional<Tensor>& c0_in, const Tensor& w_hh_in,
     const c10::optional<Tensor>& b_hh_in, const c10::optional<Tensor>& w_hr_in,
-    const c10::optional<Tensor>& batch_sizes, bool reverse) {
+    const c10::optional<Tensor>& batch_sizes, bool reverse, FASTRNN_OPTION_PARAMS) {
   c10::OptionalDeviceGuard guard(at::device_of(xproj_in));
   TORCH_CHECK(xproj_in.dim() == 2, "fastrnn native: xproj must be 2-D [N, G*hidden], got ",
               xproj_in.sizes());
+  const Options opt = make_options(FASTRNN_OPTION_ARGS);
   const Shapes s = check_shapes(cell_name, xproj_in.size(0), xproj_in.size(1), xproj_in, h0_in,
                                 defined_or_empty(c0_in), w_hh_in, defined_or_empty(b_hh_in),
-                                defined_or_empty(w_hr_in));
+                                defined_or_empty(w_hr_in), opt);
   Dev::check_dtype(xproj_in.scalar_type());
   const Layout layout = make_layout(s.N, s.B, batch_sizes, reverse);
   const auto dtype = xproj_in.scalar_type();
@@ -240,6 +379,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor c_state = s.cell == Cell::LSTM ? c0_in->to(acc_dtype).contiguous().clone() : Tensor();
   Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
   Tensor hh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
+  Tensor h_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // h * recurrent_mask
+  const Tensor zeros = opt.any() ? at::zeros({std::max(s.H, s.P)}, opts) : Tensor();
+  // The projected rows need a pass of their own only for proj_clip / zoneout_h.
+  const bool projection_pass = s.proj && (opt.proj_clip.has_value() || opt.zoneout_h.defined());
 
   const typename Dev::Gemm recurrent_gemm(w_hh_t, s.B);
   Dev::dispatch(dtype, [&](auto type_tag) {
@@ -258,16 +401,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     a.output = output.data_ptr<scalar_t>();
     a.ws = workspace.data_ptr<acc_t>();
     a.hh = s.proj ? hh.data_ptr<scalar_t>() : nullptr;
+    a.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
     for (int64_t t : layout.order) {
       const int64_t rows = layout.sizes[t], row = layout.offsets[t];
       Tensor hgates_live = hgates.narrow(0, 0, rows);
-      recurrent_gemm(hgates_live, h_state.narrow(0, 0, rows));
+      if (opt.mask()) {
+        Tensor h_rec_live = h_rec.narrow(0, 0, rows);
+        at::mul_out(h_rec_live, h_state.narrow(0, 0, rows), opt.recurrent_mask.narrow(0, 0, rows));
+        recurrent_gemm(hgates_live, h_rec_live);
+      } else {
+        recurrent_gemm(hgates_live, h_state.narrow(0, 0, rows));
+      }
       a.row = row;
       Dev::template forward_step<scalar_t, acc_t>(s.cell, a, rows);
       if (s.proj) {
         Tensor out_rows = output.narrow(0, row, rows);
         at::mm_out(out_rows, hh.narrow(0, 0, rows), w_hr_t);
-        h_state.narrow(0, 0, rows).copy_(out_rows);
+        if (projection_pass) {
+          Dev::template projection_forward_step<scalar_t, acc_t>(a, rows);
+        } else {
+          h_state.narrow(0, 0, rows).copy_(out_rows);
+        }
       }
     }
   });
@@ -275,21 +429,25 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   return {output, h_state, c_n, workspace};
 }
 
+using BackwardResult =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
 template <class Dev>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
+BackwardResult recurrence_backward(
     c10::string_view cell_name, const Tensor& grad_output_in,
     const c10::optional<Tensor>& grad_h_n, const c10::optional<Tensor>& grad_c_n,
     const Tensor& h0_in, const c10::optional<Tensor>& c0_in, const Tensor& w_hh,
     const c10::optional<Tensor>& b_hh, const c10::optional<Tensor>& w_hr_in,
     const c10::optional<Tensor>& batch_sizes, bool reverse, const Tensor& output_in,
-    const Tensor& workspace_in) {
+    const Tensor& workspace_in, FASTRNN_OPTION_PARAMS) {
   c10::OptionalDeviceGuard guard(at::device_of(output_in));
   TORCH_CHECK(output_in.dim() == 2, "fastrnn native: output must be 2-D [N, state], got ",
               output_in.sizes());
+  const Options opt = make_options(FASTRNN_OPTION_ARGS);
   // xproj is not an input of backward: its shape [N, G*H] is implied.
   const Shapes s = check_shapes(cell_name, output_in.size(0), w_hh.size(0), output_in, h0_in,
                                 defined_or_empty(c0_in), w_hh, defined_or_empty(b_hh),
-                                defined_or_empty(w_hr_in));
+                                defined_or_empty(w_hr_in), opt);
   const auto dtype = output_in.scalar_type();
   Dev::check_dtype(dtype);
   const auto acc_dtype = at::toOpMathType(dtype);
@@ -322,9 +480,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
                    : at::zeros({s.B, s.H}, acc_opts);
   }
   Tensor grad_xproj = new_buffer({s.N, s.G * s.H}, opts);
+  // Gradient of hh (= of xproj for lstm/rnn) and of the GEMM result a = h_rec @ w_hh.T
+  // (differs from hh's only through the layer norm).
   Tensor grad_hgates = s.cell == Cell::GRU ? new_buffer({s.N, s.G * s.H}, opts) : grad_xproj;
-  Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/d output row
+  Tensor grad_a = opt.ln() ? new_buffer({s.N, s.G * s.H}, opts) : grad_hgates;
+  Tensor grad_y = opt.ln_c() ? new_buffer({s.N, s.H}, acc_opts) : Tensor();
+  Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row
   Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
+  Tensor dh_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // dL/dh_rec
+  const Tensor zeros = opt.any() ? at::zeros({std::max(s.H, s.P)}, opts) : Tensor();
+  // The step kernels leave a direct part of dL/dh_prev in dh_state for the GEMM to add to
+  // (gru's z * dh; zoneout's z_h * dh; the variant path always writes it).
+  const bool direct_part = s.cell == Cell::GRU || opt.any();
 
   const typename Dev::Gemm recurrent_gemm(w_hh, s.B);  // dL/dh_prev = d(hgates) @ w_hh
   Dev::dispatch(dtype, [&](auto type_tag) {
@@ -344,6 +511,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
     a.c0 = c0.defined() ? c0.data_ptr<acc_t>() : nullptr;
     a.grad_xproj = grad_xproj.data_ptr<scalar_t>();
     a.grad_hgates = grad_hgates.data_ptr<scalar_t>();
+    a.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
+    a.grad_a = grad_a.data_ptr<scalar_t>();
+    a.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;
+    a.grad_p = s.proj ? grad_out_all.data_ptr<scalar_t>() : nullptr;
     const int64_t T = static_cast<int64_t>(layout.order.size());
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = layout.order[k];
@@ -354,17 +525,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
       Tensor dh_live = dh_state.narrow(0, 0, rows);
       if (s.proj) {
         Tensor d_out = grad_out_all.narrow(0, row, rows);
-        at::add_out(d_out, grad_output.narrow(0, row, rows), dh_live);
+        if (opt.any()) {
+          Dev::template projection_backward_step<scalar_t, acc_t>(a, rows);
+        } else {
+          at::add_out(d_out, grad_output.narrow(0, row, rows), dh_live);
+        }
         Tensor dhh_live = dhh.narrow(0, 0, rows);
         at::mm_out(dhh_live, d_out, w_hr);
       }
       Dev::template backward_step<scalar_t, acc_t>(s.cell, a, rows);
-      // dL/dh_prev = d(hgates) @ w_hh (+ the direct part the gru kernel left in dh_state).
-      recurrent_gemm(dh_live, grad_hgates.narrow(0, row, rows), s.cell == Cell::GRU);
+      // dL/dh_prev = (d(a) @ w_hh) * recurrent_mask + the direct part left in dh_state.
+      Tensor grad_a_rows = grad_a.narrow(0, row, rows);
+      if (opt.mask()) {
+        Tensor dh_rec_live = dh_rec.narrow(0, 0, rows);
+        recurrent_gemm(dh_rec_live, grad_a_rows);
+        dh_live.addcmul_(dh_rec_live, opt.recurrent_mask.narrow(0, 0, rows));
+      } else {
+        recurrent_gemm(dh_live, grad_a_rows, direct_part);
+      }
     }
   });
 
-  // h_prev of every row, for the one weight-gradient GEMM over all steps.
+  // h_rec (h_prev, masked) of every row, for the one weight-gradient GEMM over all steps.
   Tensor h_prev_all = new_buffer({s.N, s.P}, opts);
   for (size_t k = 0; k < layout.order.size(); ++k) {
     const int64_t t = layout.order[k];
@@ -374,13 +556,27 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> recurrence_backward(
       h_prev_all.narrow(0, row, kept).copy_(output.narrow(0, layout.offsets[layout.order[k - 1]], kept));
     }
     if (kept < rows) h_prev_all.narrow(0, row + kept, rows - kept).copy_(h0.narrow(0, kept, rows - kept));
+    if (opt.mask()) h_prev_all.narrow(0, row, rows).mul_(opt.recurrent_mask.narrow(0, 0, rows));
   }
-  Tensor grad_w_hh = at::mm(grad_hgates.t(), h_prev_all);
+  Tensor grad_w_hh = at::mm(grad_a.t(), h_prev_all);
   Tensor grad_b_hh = grad_hgates.sum(0);
   Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), workspace.narrow(1, 5 * s.H, s.H).to(dtype))
                             : at::empty({0}, opts);
   Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
-  return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr};
+  // Absent options' gradients: empty, and distinct tensors (outputs may not alias).
+  Tensor grad_ln_weight = at::empty({0}, opts), grad_ln_bias = at::empty({0}, opts),
+         grad_ln_c_weight = at::empty({0}, opts), grad_ln_c_bias = at::empty({0}, opts);
+  if (opt.ln()) {  // sum over rows of d_hh * a_hat, and of d_hh (= grad_b_hh)
+    grad_ln_weight = (grad_hgates.to(acc_dtype) * workspace.narrow(1, s.cols.ln, s.G * s.H))
+                         .sum(0).to(dtype);
+    grad_ln_bias = grad_b_hh.clone();
+  }
+  if (opt.ln_c()) {
+    grad_ln_c_weight = (grad_y * workspace.narrow(1, s.cols.ln_c, s.H)).sum(0).to(dtype);
+    grad_ln_c_bias = grad_y.sum(0).to(dtype);
+  }
+  return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr,
+          grad_ln_weight, grad_ln_bias, grad_ln_c_weight, grad_ln_c_bias};
 }
 
 }  // namespace fastrnn

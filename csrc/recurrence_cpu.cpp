@@ -108,6 +108,75 @@ inline int64_t grain_rows(int64_t H, int64_t G) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, G * H));
 }
 
+// How a variant row runs on the CPU (step.h): one thread, plain loops over the row; the sums
+// keep 16 partial lanes so the compiler vectorises them (and the result does not depend on
+// how rows are split over threads).
+struct CpuRow {
+  static constexpr bool leader() { return true; }
+
+  template <class F>
+  void for_each(int64_t n, F&& f) const {
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j) f(j);
+  }
+
+  template <typename T, class F>
+  T sum(int64_t n, F&& f) const {
+    constexpr int kLanes = 16;
+    T lane[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) lane[l] += f(j + l);
+    }
+    for (int l = 0; j < n; ++j, ++l) lane[l] += f(j);
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) lane[l] += lane[l + width];
+    }
+    return lane[0];
+  }
+
+  template <typename T, class F>
+  Sums<T> sum2(int64_t n, F&& f) const {
+    constexpr int kLanes = 16;
+    T lane_a[kLanes] = {}, lane_b[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        const Sums<T> v = f(j + l);
+        lane_a[l] += v.a;
+        lane_b[l] += v.b;
+      }
+    }
+    for (int l = 0; j < n; ++j, ++l) {
+      const Sums<T> v = f(j);
+      lane_a[l] += v.a;
+      lane_b[l] += v.b;
+    }
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) {
+        lane_a[l] += lane_a[l + width];
+        lane_b[l] += lane_b[l + width];
+      }
+    }
+    return Sums<T>{lane_a[0], lane_b[0]};
+  }
+};
+
+// Calls body(Variant<ln, ln_c>()) with the options' layer norms as compile-time constants.
+template <typename scalar_t, typename acc_t, class Body>
+void with_variant(const StepOptions<scalar_t, acc_t>& o, Body&& body) {
+  const bool ln = o.ln_weight != nullptr, ln_c = o.ln_c_weight != nullptr;
+  if (ln && ln_c) {
+    body(Variant<true, true>());
+  } else if (ln) {
+    body(Variant<true, false>());
+  } else if (ln_c) {
+    body(Variant<false, true>());
+  } else {
+    body(Variant<false, false>());
+  }
+}
+
 struct CpuDevice {
   using Gemm = CpuGemm;
 
@@ -130,6 +199,7 @@ struct CpuDevice {
   // the compiler sees them constant inside and vectorises the loop.
   template <typename scalar_t, typename acc_t>
   static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& args, int64_t rows) {
+    if (args.opt.on) return variant_forward_step(cell, args, rows);
     with_cell(cell, [&](auto c) {
       at::parallel_for(0, rows, grain_rows(args.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
         auto run_rows = [&](auto proj) {  // proj: std::bool_constant
@@ -151,6 +221,7 @@ struct CpuDevice {
 
   template <typename scalar_t, typename acc_t>
   static void backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& args, int64_t rows) {
+    if (args.opt.on) return variant_backward_step(cell, args, rows);
     with_cell(cell, [&](auto c) {
       at::parallel_for(0, rows, grain_rows(args.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
         const BackwardStep<scalar_t, acc_t> a = args;
@@ -167,6 +238,67 @@ struct CpuDevice {
           }
         }
       });
+    });
+  }
+
+  // Variant steps (lstm and gru with options): a row at a time (step.h), rows in parallel.
+  template <typename scalar_t, typename acc_t>
+  static void variant_forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& args,
+                                   int64_t rows) {
+    with_variant(args.opt, [&](auto v) {
+      using V = decltype(v);
+      at::parallel_for(0, rows, grain_rows(args.H, num_gates(cell)), [&](int64_t b0, int64_t b1) {
+        const ForwardStep<scalar_t, acc_t> a = args;
+        for (int64_t b = b0; b < b1; ++b) {
+          if (cell == Cell::LSTM) {
+            lstm_forward_row<V>(a, b, CpuRow());
+          } else {
+            gru_forward_row<V>(a, b, CpuRow());
+          }
+        }
+      });
+    });
+  }
+
+  template <typename scalar_t, typename acc_t>
+  static void variant_backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& args,
+                                    int64_t rows) {
+    with_variant(args.opt, [&](auto v) {
+      using V = decltype(v);
+      at::parallel_for(0, rows, grain_rows(args.H, num_gates(cell)), [&](int64_t b0, int64_t b1) {
+        const BackwardStep<scalar_t, acc_t> a = args;
+        for (int64_t b = b0; b < b1; ++b) {
+          if (cell == Cell::LSTM) {
+            lstm_backward_row<V>(a, b, CpuRow());
+          } else {
+            gru_backward_row<V>(a, b, CpuRow());
+          }
+        }
+      });
+    });
+  }
+
+  // The projected rows of a variant lstm step: proj_clip and zoneout_h (step.h).
+  template <typename scalar_t, typename acc_t>
+  static void projection_forward_step(const ForwardStep<scalar_t, acc_t>& args, int64_t rows) {
+    at::parallel_for(0, rows, grain_rows(args.P, 1), [&](int64_t b0, int64_t b1) {
+      const ForwardStep<scalar_t, acc_t> a = args;
+      for (int64_t b = b0; b < b1; ++b) {
+#pragma GCC ivdep
+        for (int64_t j = 0; j < a.P; ++j) projection_forward_element(a, b, j);
+      }
+    });
+  }
+
+  template <typename scalar_t, typename acc_t>
+  static void projection_backward_step(const BackwardStep<scalar_t, acc_t>& args,
+                                       int64_t rows) {
+    at::parallel_for(0, rows, grain_rows(args.P, 1), [&](int64_t b0, int64_t b1) {
+      const BackwardStep<scalar_t, acc_t> a = args;
+      for (int64_t b = b0; b < b1; ++b) {
+#pragma GCC ivdep
+        for (int64_t j = 0; j < a.P; ++j) projection_backward_element(a, b, j);
+      }
     });
   }
 };

@@ -9,6 +9,38 @@
 
 namespace fastrnn {
 
+// The variant options of a call (VARIANTS_SPEC.md) as the kernels see them. `on` is false
+// when none is given: the plain element code below runs, exactly as without options. In the
+// variant path an absent zoneout reads a row of zeros (row stride 0) and an absent clip is
+// +inf, so every combination runs the same branch-free code.
+template <typename scalar_t, typename acc_t>
+struct StepOptions {
+  bool on = false;
+  bool proj_clip_on = false;                  // the workspace has the [p] columns
+  const scalar_t* ln_weight = nullptr;        // [G*H] (layer norm of h_rec @ w_hh.T)
+  const scalar_t* ln_bias = nullptr;          // [G*H]
+  const scalar_t* ln_c_weight = nullptr;      // [H]   (layer norm of the new cell state)
+  const scalar_t* ln_c_bias = nullptr;        // [H]
+  const scalar_t* zoneout_h = nullptr;        // [N, P]: row r at zoneout_h + r * zh_stride
+  const scalar_t* zoneout_c = nullptr;        // [N, H]
+  int64_t zh_stride = 0, zc_stride = 0;
+  acc_t cell_clip = acc_t(0), proj_clip = acc_t(0), grad_clip = acc_t(0);
+  int64_t ln_col = 0, ln_c_col = 0, p_col = 0;  // workspace columns of a_hat, c_hat, p
+};
+
+// Compile-time shape of a variant row: whether the two layer norms (which need row
+// reductions, hence extra phases) are on. Everything else is branch-free data.
+template <bool LN, bool LNC>
+struct Variant {
+  static constexpr bool ln = LN, ln_c = LNC;
+};
+
+template <typename T>
+struct RowStats { T mean, rstd; };
+
+template <typename T>
+struct Sums { T a, b; };
+
 // scalar_t: the tensors' dtype; acc_t: gate math and workspace (float for half types).
 template <typename scalar_t, typename acc_t>
 struct ForwardStep {
@@ -23,6 +55,7 @@ struct ForwardStep {
   scalar_t* output = nullptr;        // [N, P]
   acc_t* ws = nullptr;               // [N, W]
   scalar_t* hh = nullptr;            // [B, H] h before the projection (proj only)
+  StepOptions<scalar_t, acc_t> opt;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -44,6 +77,11 @@ struct BackwardStep {
   scalar_t* grad_xproj = nullptr;    // [N, G*H]
   scalar_t* grad_hgates = nullptr;   // [N, G*H] gradient of h_prev @ w_hh.T + b_hh (gru;
                                      // for lstm/rnn it equals grad_xproj)
+  // variant path only:
+  StepOptions<scalar_t, acc_t> opt;
+  scalar_t* grad_a = nullptr;        // [N, G*H] (layer norm) gradient of h_rec @ w_hh.T
+  acc_t* grad_y = nullptr;           // [N, H] (cell layer norm) dL/dy, y = LN(c_new)
+  scalar_t* grad_p = nullptr;        // [N, P] (proj) dL/dp, p = h_pre @ w_hr.T
 };
 
 template <typename scalar_t, typename acc_t>
@@ -136,6 +174,286 @@ FASTRNN_HD void backward_element(Cell cell, const BackwardStep<scalar_t, acc_t>&
     acc_t h = static_cast<acc_t>(a.output[r * H + j]);
     a.grad_xproj[r * H + j] = static_cast<scalar_t>(rnn_backward<acc_t>(cell, dh, h));
   }
+}
+
+// ------------------------------------------------------------------ variant rows
+// A variant step runs per ROW: the layer norms need the row's statistics before (forward)
+// or after (backward) the element math. `Row` is the device's way of running a row:
+//   row.for_each(n, f)   f(j) for j in [0, n), all done (and visible) when it returns;
+//   row.sum(n, f), row.sum2(n, f)   sums over j of f(j) (a T, or a Sums<T>), known to all;
+//   row.leader()         true for the one worker that stores a row's scalars.
+// CPU (recurrence_cpu.cpp): one thread per row, plain loops. CUDA: one block per row.
+
+template <typename T, class Row, class F>
+FASTRNN_HD RowStats<T> row_mean_rstd(const Row& row, int64_t n, F&& f) {
+  RowStats<T> st;
+  st.mean = row.template sum<T>(n, f) / T(n);
+  const T var = row.template sum<T>(n, [&](int64_t k) {
+    const T d = f(k) - st.mean;
+    return d * d;
+  }) / T(n);
+  st.rstd = rsqrt_(var + T(kLayerNormEps));
+  return st;
+}
+
+// Statistics of the row's recurrent pre-activation a = h_rec @ w_hh.T; rstd to the workspace.
+template <class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD RowStats<acc_t> recurrent_norm_stats(const ForwardStep<scalar_t, acc_t>& a,
+                                                int64_t b, int64_t GH, const Row& row) {
+  RowStats<acc_t> st{acc_t(0), acc_t(1)};
+  if constexpr (V::ln) {
+    const scalar_t* hg = a.hgates + b * GH;
+    st = row_mean_rstd<acc_t>(row, GH, [&](int64_t k) { return static_cast<acc_t>(hg[k]); });
+    if (row.leader()) a.ws[(a.row + b) * a.W + a.opt.ln_col + GH] = st.rstd;
+  }
+  return st;
+}
+
+// hh of gate column k: the (normalised, scaled, shifted) recurrent pre-activation + b_hh.
+template <class V, typename scalar_t, typename acc_t>
+FASTRNN_HD acc_t recurrent_input(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t GH,
+                                 int64_t k, RowStats<acc_t> st) {
+  acc_t hh = static_cast<acc_t>(a.hgates[b * GH + k]);
+  if constexpr (V::ln) {
+    const acc_t hat = (hh - st.mean) * st.rstd;
+    a.ws[(a.row + b) * a.W + a.opt.ln_col + k] = hat;
+    hh = hat * static_cast<acc_t>(a.opt.ln_weight[k]) + static_cast<acc_t>(a.opt.ln_bias[k]);
+  }
+  return hh + static_cast<acc_t>(a.bias[k]);
+}
+
+// h = o * tanh(y), then either kept for the projection GEMM or zoned out and stored.
+template <typename scalar_t, typename acc_t>
+FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j,
+                             acc_t y, acc_t o) {
+  const int64_t H = a.H, r = a.row + b;
+  const acc_t h = o * tanh_(y);
+  if (a.proj) {
+    a.ws[r * a.W + 5 * H + j] = h;
+    a.hh[b * H + j] = static_cast<scalar_t>(h);
+  } else {
+    scalar_t* h_state = a.h_state + b * H + j;
+    const acc_t z = static_cast<acc_t>(a.opt.zoneout_h[r * a.opt.zh_stride + j]);
+    const scalar_t h_t = static_cast<scalar_t>(blend_(z, h, static_cast<acc_t>(*h_state)));
+    a.output[r * H + j] = h_t;
+    *h_state = h_t;
+  }
+}
+
+template <class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                 const Row& row) {
+  const int64_t H = a.H, GH = 4 * H, r = a.row + b;
+  const StepOptions<scalar_t, acc_t>& o = a.opt;
+  acc_t* ws = a.ws + r * a.W;
+  const RowStats<acc_t> st = recurrent_norm_stats<V>(a, b, GH, row);
+  row.for_each(H, [&](int64_t j) {
+    auto pre = [&](int k) {
+      return static_cast<acc_t>(a.xproj[r * GH + k * H + j]) +
+             recurrent_input<V>(a, b, GH, k * H + j, st);
+    };
+    acc_t* c = a.c_state + b * H + j;
+    const acc_t c_prev = *c;
+    const LSTMGates<acc_t> s = lstm_gates<acc_t>(pre(0), pre(1), pre(2), pre(3), c_prev);
+    const acc_t c_new = clamp_(s.c, o.cell_clip);
+    const acc_t c_t = blend_(static_cast<acc_t>(o.zoneout_c[r * o.zc_stride + j]), c_new, c_prev);
+    ws[j] = s.i;
+    ws[H + j] = s.f;
+    ws[2 * H + j] = s.g;
+    ws[3 * H + j] = s.o;
+    ws[4 * H + j] = c_t;
+    *c = c_t;
+    if constexpr (V::ln_c) {
+      ws[o.ln_c_col + j] = c_new;  // normalised in place below
+    } else {
+      lstm_store_h(a, b, j, c_new, s.o);
+    }
+  });
+  if constexpr (V::ln_c) {
+    const RowStats<acc_t> sc =
+        row_mean_rstd<acc_t>(row, H, [&](int64_t j) { return ws[o.ln_c_col + j]; });
+    if (row.leader()) ws[o.ln_c_col + H] = sc.rstd;
+    row.for_each(H, [&](int64_t j) {
+      const acc_t hat = (ws[o.ln_c_col + j] - sc.mean) * sc.rstd;
+      ws[o.ln_c_col + j] = hat;
+      const acc_t y = hat * static_cast<acc_t>(o.ln_c_weight[j]) +
+                      static_cast<acc_t>(o.ln_c_bias[j]);
+      lstm_store_h(a, b, j, y, ws[3 * H + j]);
+    });
+  }
+}
+
+template <class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void gru_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                const Row& row) {
+  const int64_t H = a.H, GH = 3 * H, r = a.row + b;
+  acc_t* ws = a.ws + r * a.W;
+  const RowStats<acc_t> st = recurrent_norm_stats<V>(a, b, GH, row);
+  row.for_each(H, [&](int64_t j) {
+    const scalar_t* x = a.xproj + r * GH + j;
+    scalar_t* h_state = a.h_state + b * H + j;
+    const acc_t h_prev = static_cast<acc_t>(*h_state);
+    const GRUGates<acc_t> s = gru_forward<acc_t>(
+        static_cast<acc_t>(x[0]), static_cast<acc_t>(x[H]), static_cast<acc_t>(x[2 * H]),
+        recurrent_input<V>(a, b, GH, j, st), recurrent_input<V>(a, b, GH, H + j, st),
+        recurrent_input<V>(a, b, GH, 2 * H + j, st), h_prev);
+    ws[j] = s.r;
+    ws[H + j] = s.z;
+    ws[2 * H + j] = s.n;
+    ws[3 * H + j] = s.hn;
+    const acc_t z = static_cast<acc_t>(a.opt.zoneout_h[r * a.opt.zh_stride + j]);
+    const scalar_t h_t = static_cast<scalar_t>(blend_(z, s.h, h_prev));
+    a.output[r * H + j] = h_t;
+    *h_state = h_t;
+  });
+}
+
+// After the projection GEMM wrote p = h_pre @ w_hr.T into the output rows: keep p (for
+// proj_clip's backward), clip, zone out, store output and state. One element (b, j < P).
+template <typename scalar_t, typename acc_t>
+FASTRNN_HD void projection_forward_element(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                           int64_t j) {
+  const int64_t P = a.P, r = a.row + b;
+  const StepOptions<scalar_t, acc_t>& o = a.opt;
+  const acc_t p = static_cast<acc_t>(a.output[r * P + j]);
+  if (o.proj_clip_on) a.ws[r * a.W + o.p_col + j] = p;
+  scalar_t* h_state = a.h_state + b * P + j;
+  const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
+  const scalar_t h_t =
+      static_cast<scalar_t>(blend_(z, clamp_(p, o.proj_clip), static_cast<acc_t>(*h_state)));
+  a.output[r * P + j] = h_t;
+  *h_state = h_t;
+}
+
+// Backward of the above (before the dL/dh_pre = dp @ w_hr GEMM): dL/dh_t splits into the
+// zoned-out part (to h_prev directly, left in dh_state) and dp (to grad_p).
+template <typename scalar_t, typename acc_t>
+FASTRNN_HD void projection_backward_element(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                            int64_t j) {
+  const int64_t P = a.P, r = a.row + b;
+  const StepOptions<scalar_t, acc_t>& o = a.opt;
+  scalar_t* dh_state = a.dh_state + b * P + j;
+  const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * P + j]) + static_cast<acc_t>(*dh_state);
+  const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
+  acc_t dp = (acc_t(1) - z) * dh_t;
+  if (o.proj_clip_on) dp = dp * inside_(a.ws[r * a.W + o.p_col + j], o.proj_clip);
+  a.grad_p[r * P + j] = static_cast<scalar_t>(dp);
+  *dh_state = static_cast<scalar_t>(z * dh_t);
+}
+
+// Layer-norm backward of the recurrent pre-activation: d_hh (the row's gradient of hh, in
+// d_hh_row) -> grad_a = LNback(d_hh * ln_weight, a_hat, rstd).
+template <class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                        int64_t GH, const scalar_t* d_hh_row, const Row& row) {
+  const int64_t r = a.row + b;
+  const acc_t* hat = a.ws + r * a.W + a.opt.ln_col;
+  const acc_t rstd = hat[GH];
+  const scalar_t* w = a.opt.ln_weight;
+  auto g = [&](int64_t k) { return static_cast<acc_t>(d_hh_row[k]) * static_cast<acc_t>(w[k]); };
+  Sums<acc_t> m = row.template sum2<acc_t>(GH, [&](int64_t k) {
+    const acc_t gk = g(k);
+    return Sums<acc_t>{gk, gk * hat[k]};
+  });
+  m.a = m.a / acc_t(GH);
+  m.b = m.b / acc_t(GH);
+  scalar_t* out = a.grad_a + r * GH;
+  row.for_each(GH, [&](int64_t k) {
+    out[k] = static_cast<scalar_t>(rstd * (g(k) - m.a - hat[k] * m.b));
+  });
+}
+
+template <class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                  const Row& row) {
+  const int64_t H = a.H, GH = 4 * H, r = a.row + b;
+  const StepOptions<scalar_t, acc_t>& o = a.opt;
+  const acc_t* ws = a.ws + r * a.W;
+  const acc_t* c_prev_row = b < a.prev_rows ? a.ws + (a.prev_row + b) * a.W + 4 * H
+                                            : a.c0 + b * H;
+  scalar_t* gx = a.grad_xproj + r * GH;
+  // dc_y: dL/dc_new through y (and h); adds the carried part, masks by the clip, and
+  // finishes the gates i, f, g and dL/dc_prev.
+  auto finish = [&](int64_t j, acc_t dc_y) {
+    const acc_t i = ws[j], f = ws[H + j], g = ws[2 * H + j], c_prev = c_prev_row[j];
+    const acc_t c_raw = f * c_prev + i * g;
+    acc_t* dc_state = a.dc_state + b * H + j;
+    const acc_t dc_t = *dc_state;
+    const acc_t zc = static_cast<acc_t>(o.zoneout_c[r * o.zc_stride + j]);
+    const acc_t dc = ((acc_t(1) - zc) * dc_t + dc_y) * inside_(c_raw, o.cell_clip);
+    const LSTMGrads<acc_t> d = lstm_backward_gates(dc, i, f, g, c_prev, o.grad_clip);
+    gx[j] = static_cast<scalar_t>(d.di);
+    gx[H + j] = static_cast<scalar_t>(d.df);
+    gx[2 * H + j] = static_cast<scalar_t>(d.dg);
+    *dc_state = d.dc_prev + zc * dc_t;
+  };
+  row.for_each(H, [&](int64_t j) {
+    acc_t dh;  // dL/dh before the projection, zoneout's direct part split off
+    if (a.dhh != nullptr) {
+      dh = static_cast<acc_t>(a.dhh[b * H + j]);
+    } else {
+      scalar_t* dh_state = a.dh_state + b * H + j;
+      const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
+      const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
+      *dh_state = static_cast<scalar_t>(z * dh_t);
+      dh = (acc_t(1) - z) * dh_t;
+    }
+    const acc_t og = ws[3 * H + j];
+    acc_t y;
+    if constexpr (V::ln_c) {
+      y = ws[o.ln_c_col + j] * static_cast<acc_t>(o.ln_c_weight[j]) +
+          static_cast<acc_t>(o.ln_c_bias[j]);
+    } else {
+      y = clamp_(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
+    }
+    const acc_t tanh_y = tanh_(y);
+    const acc_t dy = dh * og * (acc_t(1) - tanh_y * tanh_y);
+    gx[3 * H + j] = static_cast<scalar_t>(clamp_(dh * tanh_y * og * (acc_t(1) - og), o.grad_clip));
+    if constexpr (V::ln_c) {
+      a.grad_y[r * H + j] = dy;
+    } else {
+      finish(j, dy);
+    }
+  });
+  if constexpr (V::ln_c) {
+    const acc_t* hat = ws + o.ln_c_col;
+    const acc_t rstd = hat[H];
+    const acc_t* dy = a.grad_y + r * H;
+    auto g = [&](int64_t j) { return dy[j] * static_cast<acc_t>(o.ln_c_weight[j]); };
+    Sums<acc_t> m = row.template sum2<acc_t>(H, [&](int64_t j) {
+      const acc_t gj = g(j);
+      return Sums<acc_t>{gj, gj * hat[j]};
+    });
+    m.a = m.a / acc_t(H);
+    m.b = m.b / acc_t(H);
+    row.for_each(H, [&](int64_t j) { finish(j, rstd * (g(j) - m.a - hat[j] * m.b)); });
+  }
+  if constexpr (V::ln) recurrent_norm_backward(a, b, GH, gx, row);
+}
+
+template <class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void gru_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                 const Row& row) {
+  const int64_t H = a.H, GH = 3 * H, r = a.row + b;
+  const StepOptions<scalar_t, acc_t>& o = a.opt;
+  const acc_t* ws = a.ws + r * a.W;
+  const scalar_t* h_prev_row = b < a.prev_rows ? a.output + (a.prev_row + b) * H : a.h0 + b * H;
+  scalar_t* gx = a.grad_xproj + r * GH;
+  scalar_t* gh = a.grad_hgates + r * GH;
+  row.for_each(H, [&](int64_t j) {
+    scalar_t* dh_state = a.dh_state + b * H + j;
+    const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
+    const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
+    const GRUGrads<acc_t> d = gru_backward_clipped<acc_t>(
+        (acc_t(1) - z) * dh_t, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
+        static_cast<acc_t>(h_prev_row[j]), o.grad_clip);
+    gx[j] = gh[j] = static_cast<scalar_t>(d.dx_r);
+    gx[H + j] = gh[H + j] = static_cast<scalar_t>(d.dx_z);
+    gx[2 * H + j] = static_cast<scalar_t>(d.dx_n);
+    gh[2 * H + j] = static_cast<scalar_t>(d.dhh_n);
+    *dh_state = static_cast<scalar_t>(d.dh_prev_direct + z * dh_t);
+  });
+  if constexpr (V::ln) recurrent_norm_backward(a, b, GH, gh, row);
 }
 
 }  // namespace fastrnn

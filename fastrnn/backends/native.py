@@ -17,20 +17,40 @@ import torch
 
 from .. import build
 from ..cells import CELLS, accumulate_dtype
+from ..variants import OPTION_FIELDS, StepOptions, features as option_features, workspace_width
 from .base import Backend
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Variant options (fastrnn.variants) each device's kernels run and are tested for. The CUDA
+# kernels compile but have not run on a GPU yet: until they are verified there, calls with
+# options on CUDA go to the reference backend.
+SUPPORTED_FEATURES = {
+    "cpu": ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
+            "cell_clip", "proj_clip", "grad_clip"),
+    "cuda": (),
+}
+
+
+def _option_args(options: Optional[StepOptions]):
+    """The native ops' ten trailing option arguments (None where off)."""
+    return tuple(options) if options is not None else (None,) * len(StepOptions._fields)
 
 
 def _register_fakes() -> None:
     """Shapes of the native ops' results (fastrnn/ops.py), for tracing."""
 
     @torch.library.register_fake("fastrnn::native_forward")
-    def _forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
+    def _forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
+                      ln_weight=None, ln_bias=None, ln_c_weight=None, ln_c_bias=None,
+                      recurrent_mask=None, zoneout_h=None, zoneout_c=None, cell_clip=None,
+                      proj_clip=None, grad_clip=None):
+        options = StepOptions(ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask,
+                              zoneout_h, zoneout_c, cell_clip, proj_clip, grad_clip)
         kind = CELLS[cell]
         hidden = w_hh.shape[0] // kind.num_gates
-        width = kind.workspace_width(hidden, w_hr is not None)
+        proj = w_hr.shape[0] if w_hr is not None else 0
+        width = workspace_width(cell, hidden, proj, option_features(options))
         output = xproj.new_empty(xproj.shape[0], h0.shape[1])
         c_n = c0.new_empty(c0.shape) if kind.has_cell_state else xproj.new_empty(0)
         workspace = xproj.new_empty(xproj.shape[0], width, dtype=accumulate_dtype(xproj.dtype))
@@ -38,13 +58,17 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fastrnn::native_backward")
     def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
-                       batch_sizes, reverse, output, workspace):
+                       batch_sizes, reverse, output, workspace, ln_weight=None, ln_bias=None,
+                       ln_c_weight=None, ln_c_bias=None, recurrent_mask=None, zoneout_h=None,
+                       zoneout_c=None, cell_clip=None, proj_clip=None, grad_clip=None):
         kind = CELLS[cell]
         grad_xproj = output.new_empty(output.shape[0], w_hh.shape[0])
         grad_c0 = c0.new_empty(c0.shape) if kind.has_cell_state else output.new_empty(0)
         grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else output.new_empty(0)
+        ln = [t.new_empty(t.shape) if t is not None else output.new_empty(0)
+              for t in (ln_weight, ln_bias, ln_c_weight, ln_c_bias)]
         return (grad_xproj, h0.new_empty(h0.shape), grad_c0, w_hh.new_empty(w_hh.shape),
-                w_hh.new_empty(w_hh.shape[0]), grad_w_hr)
+                w_hh.new_empty(w_hh.shape[0]), grad_w_hr, *ln)
 
 
 class NativeBackend(Backend):
@@ -73,7 +97,7 @@ class NativeBackend(Backend):
             return "no CUDA device is available"
         return self._load()
 
-    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size):
+    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size, features=()):
         device = torch.device(device)
         allowed = CUDA_DTYPES if device.type == "cuda" else CPU_DTYPES
         if dtype not in allowed:
@@ -82,23 +106,37 @@ class NativeBackend(Backend):
                     f"not {str(dtype).replace('torch.', '')}")
         if cell not in CELLS:
             return f"unknown cell {cell!r}"
+        if features and not OPTION_FIELDS.get(cell):
+            return f"{cell} takes no variant options (got {', '.join(features)})"
+        missing = [f for f in features if f not in SUPPORTED_FEATURES.get(device.type, ())]
+        if missing:
+            why = (" (the CUDA variant kernels are compiled but not yet verified on a GPU)"
+                   if device.type == "cuda" else "")
+            return (f"the native {device.type} kernels do not run the options "
+                    f"{', '.join(missing)}{why}")
         return None
 
-    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
+    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
+                options=None):
         self._require()
         output, h_n, c_n, workspace = torch.ops.fastrnn.native_forward(
-            cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse)
+            cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
+            *_option_args(options))
         return output, h_n, (c_n if CELLS[cell].has_cell_state else None), workspace
 
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
-                 batch_sizes, reverse, output, workspace):
+                 batch_sizes, reverse, output, workspace, options=None):
         self._require()
         grads = torch.ops.fastrnn.native_backward(
             cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes,
-            reverse, output, workspace)
-        grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads
-        return (grad_xproj, grad_h0, grad_c0 if CELLS[cell].has_cell_state else None,
-                grad_w_hh, grad_b_hh, grad_w_hr if w_hr is not None else None)
+            reverse, output, workspace, *_option_args(options))
+        grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads[:6]
+        result = (grad_xproj, grad_h0, grad_c0 if CELLS[cell].has_cell_state else None,
+                  grad_w_hh, grad_b_hh, grad_w_hr if w_hr is not None else None)
+        if options is None:
+            return result
+        return result + tuple(None if given is None else grad
+                              for given, grad in zip(options[:4], grads[6:]))
 
     def _require(self):
         reason = self._load()

@@ -1,0 +1,346 @@
+"""The native backend's variant options (issue #8, fastrnn.variants / fastrnn.ops): layer norm
+of the recurrent pre-activation and of the cell state, recurrent mask, zoneout, cell / proj
+clip, recurrent gradient clip. Parity with the reference backend (the spec in code), forward
+and backward, each option alone and all together; the shared workspace layout; gradcheck;
+poisoned buffers; option checks; which devices claim the options.
+
+Skips when the extension cannot be built here, unless FASTRNN_REQUIRE_NATIVE=1 (CI).
+"""
+import os
+
+import pytest
+import torch
+
+import fastrnn  # noqa: F401  (defines the public ops)
+from fastrnn import backends, ops
+from fastrnn.cells import CELLS
+from fastrnn.variants import StepOptions
+
+from parity import assert_close
+
+native = backends.get("native")
+reference = backends.get("reference")
+REASON = native.unavailable_reason(torch.device("cpu"))
+if REASON is not None and os.environ.get("FASTRNN_REQUIRE_NATIVE") == "1":
+    raise RuntimeError(f"FASTRNN_REQUIRE_NATIVE=1 but the native backend is unavailable: {REASON}")
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
+
+# (cell, proj) cases and the options each has.
+CASES = {"lstm": ("lstm", False), "lstm_proj": ("lstm", True), "gru": ("gru", False)}
+FEATURES = {
+    "lstm": ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
+             "cell_clip", "grad_clip"),
+    "lstm_proj": ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
+                  "cell_clip", "proj_clip", "grad_clip"),
+    "gru": ("layer_norm", "recurrent_mask", "zoneout_h", "grad_clip"),
+}
+SINGLE = [(case, feature) for case, features in FEATURES.items() for feature in features]
+DTYPES = [torch.float64, torch.float32]
+LENGTHS = [6, 4, 4, 1, 1]  # packed layout: ragged, with length-1 sequences
+
+
+def make_case(cell, proj, hidden=5, batch=5, steps=6, lengths=None, dtype=torch.float64,
+              seed=0):
+    """Random op inputs; `lengths` (sorted, descending) makes a packed layout."""
+    gen = torch.Generator().manual_seed(seed)
+    kind = CELLS[cell]
+    gates, width = kind.num_gates, proj or hidden
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
+
+    if lengths is not None:
+        batch = len(lengths)
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(max(lengths))],
+                                   dtype=torch.long)
+        rows = int(batch_sizes.sum())
+    else:
+        batch_sizes, rows = None, steps * batch
+    scale = hidden ** -0.5
+    return dict(
+        xproj=rand(rows, gates * hidden), h0=rand(batch, width),
+        c0=rand(batch, hidden) if kind.has_cell_state else None,
+        w_hh=rand(gates * hidden, width, scale=scale), b_hh=rand(gates * hidden),
+        w_hr=rand(width, hidden, scale=scale) if proj else None, batch_sizes=batch_sizes)
+
+
+def make_options(cell, case, features, seed=2):
+    """Random values for the given options; clips small enough that they engage."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = case["xproj"].dtype
+    rows, gates = case["xproj"].shape
+    batch, width = case["h0"].shape
+    hidden = gates // CELLS[cell].num_gates
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dtype)
+
+    def zoneout(*shape):  # kept (1), replaced (0) and the eval-mode expectation (0.25)
+        choice = torch.randint(0, 3, shape, generator=gen)
+        return torch.tensor([0.0, 1.0, 0.25], dtype=dtype)[choice]
+
+    kw = {}
+    if "layer_norm" in features:
+        kw.update(ln_weight=1 + 0.3 * rand(gates), ln_bias=0.3 * rand(gates))
+    if "layer_norm_cell" in features:
+        kw.update(ln_c_weight=1 + 0.3 * rand(hidden), ln_c_bias=0.3 * rand(hidden))
+    if "recurrent_mask" in features:
+        keep = torch.rand(batch, width, generator=gen) < 0.7
+        kw["recurrent_mask"] = keep.to(dtype) / 0.7
+    if "zoneout_h" in features:
+        kw["zoneout_h"] = zoneout(rows, width)
+    if "zoneout_c" in features:
+        kw["zoneout_c"] = zoneout(rows, hidden)
+    if "cell_clip" in features:
+        kw["cell_clip"] = 0.5
+    if "proj_clip" in features:
+        kw["proj_clip"] = 0.3
+    if "grad_clip" in features:
+        kw["grad_clip"] = 0.05
+    return StepOptions(**kw)
+
+
+def upstream(fwd, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [None if t is None else torch.randn(t.shape, generator=gen, dtype=t.dtype)
+            for t in fwd[:3]]
+
+
+def forward(backend, cell, case, reverse, options):
+    return backend.forward(cell, case["xproj"], case["h0"], case["c0"], case["w_hh"],
+                           case["b_hh"], case["w_hr"], case["batch_sizes"], reverse, options)
+
+
+def backward(backend, cell, case, reverse, fwd, grads, options):
+    return backend.backward(cell, *grads, case["h0"], case["c0"], case["w_hh"], case["b_hh"],
+                            case["w_hr"], case["batch_sizes"], reverse, fwd[0], fwd[3], options)
+
+
+def compare(actual, expected, dtype, what):
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert (a is None) == (e is None), f"{what} {i}: {a} vs {e}"
+        if a is not None:
+            assert_close(a, e, dtype, f"{what} {i}")
+
+
+def exact(case, options):
+    """The same inputs in float64 (already float32-rounded for a float32 case)."""
+    to64 = lambda v: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+    return ({k: to64(v) for k, v in case.items()},
+            None if options is None else StepOptions(*[to64(v) for v in options]))
+
+
+def check_against_reference(cell, case, reverse, options, dtype):
+    """Native in `dtype` against the reference in float64 on the same inputs. (For float32
+    the reference's own float32 result is not the yardstick: with a layer norm of a row of
+    small variance, rstd up to 1/sqrt(1e-5) amplifies rounding, and the reference's float32
+    error alone can exceed 1e-5; the native kernel must be within 1e-5 of the exact value.)"""
+    fwd_n = forward(native, cell, case, reverse, options)
+    case64, options64 = exact(case, options)
+    fwd_r = forward(reference, cell, case64, reverse, options64)
+    cast = lambda ts: [None if t is None else t.to(dtype) for t in ts]  # noqa: E731
+    compare(fwd_n, cast(fwd_r), dtype, f"{cell} forward")
+    grads = upstream(fwd_n)
+    bwd_n = backward(native, cell, case, reverse, fwd_n, grads, options)
+    bwd_r = backward(reference, cell, case64, reverse, fwd_r,
+                     [None if g is None else g.double() for g in grads], options64)
+    compare(bwd_n, cast(bwd_r), dtype, f"{cell} backward")
+    return fwd_n, bwd_n
+
+
+def differs(a, b):
+    return any(x is not None and (x - y).abs().max().item() > 1e-3 for x, y in zip(a, b))
+
+
+# ------------------------------------------------------------------ parity with reference
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,reverse", [("dense", True), ("packed", False)],
+                         ids=["dense_rev", "packed_fwd"])
+@pytest.mark.parametrize("name,feature", SINGLE, ids=[f"{c}-{f}" for c, f in SINGLE])
+def test_each_option_alone(name, feature, layout, reverse, dtype):
+    cell, proj = CASES[name]
+    case = make_case(cell, 3 if proj else 0, dtype=dtype,
+                     lengths=LENGTHS if layout == "packed" else None)
+    options = make_options(cell, case, (feature,))
+    assert options.features() == (feature,)
+    fwd, bwd = check_against_reference(cell, case, reverse, options, dtype)
+    # The option is not a no-op on this case (a kernel ignoring it would fail above).
+    plain_fwd = forward(native, cell, case, reverse, None)
+    if feature == "grad_clip":
+        plain_bwd = backward(native, cell, case, reverse, plain_fwd, upstream(plain_fwd), None)
+        assert differs(bwd[:6], plain_bwd), "grad_clip did not clip anything"
+    else:
+        assert differs(fwd[:3], plain_fwd[:3]), f"{feature} changed nothing"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("layout", ["dense", "packed"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_all_options_together(name, layout, reverse, dtype):
+    cell, proj = CASES[name]
+    case = make_case(cell, 3 if proj else 0, dtype=dtype,
+                     lengths=LENGTHS if layout == "packed" else None)
+    check_against_reference(cell, case, reverse, make_options(cell, case, FEATURES[name]), dtype)
+
+
+ODD = {"T1": dict(steps=1, batch=3, hidden=4), "H1": dict(steps=4, batch=3, hidden=1),
+       "B1": dict(steps=5, batch=1, hidden=4), "H37": dict(steps=3, batch=2, hidden=37)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", list(ODD))
+@pytest.mark.parametrize("name", list(CASES))
+def test_odd_sizes(name, size, dtype):
+    cell, proj = CASES[name]
+    case = make_case(cell, 2 if proj else 0, dtype=dtype, **ODD[size])
+    check_against_reference(cell, case, True, make_options(cell, case, FEATURES[name]), dtype)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_layer_norms_without_bias(name):
+    cell, proj = CASES[name]
+    case = dict(make_case(cell, 3 if proj else 0, lengths=LENGTHS), b_hh=None)
+    features = ("layer_norm", "layer_norm_cell") if cell == "lstm" else ("layer_norm",)
+    check_against_reference(cell, case, False, make_options(cell, case, features),
+                            torch.float64)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_backward_consumes_the_other_backends_forward(name):
+    """The workspace layout with every option is shared: each backend's backward runs on
+    the other's forward."""
+    cell, proj = CASES[name]
+    case = make_case(cell, 3 if proj else 0, lengths=LENGTHS)
+    options = make_options(cell, case, FEATURES[name])
+    fwd_n = forward(native, cell, case, True, options)
+    fwd_r = forward(reference, cell, case, True, options)
+    assert fwd_n[3].shape == fwd_r[3].shape
+    grads = upstream(fwd_r)
+    expected = backward(reference, cell, case, True, fwd_r, grads, options)
+    compare(backward(reference, cell, case, True, fwd_n, grads, options), expected,
+            torch.float64, "reference backward of native forward")
+    compare(backward(native, cell, case, True, fwd_r, grads, options), expected,
+            torch.float64, "native backward of reference forward")
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_output_element_is_written(name, monkeypatch):
+    """FASTRNN_NATIVE_POISON=1 NaN-fills every output and scratch buffer first."""
+    monkeypatch.setenv("FASTRNN_NATIVE_POISON", "1")
+    cell, proj = CASES[name]
+    for reverse in (False, True):
+        case = make_case(cell, 3 if proj else 0, lengths=[5, 5, 3, 1])
+        options = make_options(cell, case, FEATURES[name])
+        fwd, bwd = check_against_reference(cell, case, reverse, options, torch.float64)
+        for t in list(fwd) + list(bwd):
+            assert t is None or not t.isnan().any()
+
+
+def test_zoneout_of_one_keeps_the_state_bit_for_bit():
+    case = make_case("lstm", 0, batch=3, steps=4)
+    ones = torch.ones(12, 5, dtype=torch.float64)
+    output, h_n, c_n, _ = forward(native, "lstm", case, False,
+                                  StepOptions(zoneout_h=ones, zoneout_c=ones))
+    assert torch.equal(h_n, case["h0"]) and torch.equal(c_n, case["c0"])
+    assert torch.equal(output, case["h0"].repeat(4, 1))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_empty_steps(name):
+    cell, proj = CASES[name]
+    case = make_case(cell, 2 if proj else 0, batch=3, steps=0)
+    options = make_options(cell, case, FEATURES[name])
+    fwd_n = forward(native, cell, case, False, options)
+    fwd_r = forward(reference, cell, case, False, options)
+    compare(fwd_n, fwd_r, torch.float64, "forward")
+    grads = [torch.zeros_like(fwd_n[0]), torch.ones_like(fwd_n[1]),
+             None if fwd_n[2] is None else torch.ones_like(fwd_n[2])]
+    compare(backward(native, cell, case, False, fwd_n, grads, options),
+            backward(reference, cell, case, False, fwd_r, grads, options), torch.float64,
+            "backward")
+
+
+# ------------------------------------------------------------------ registration, autograd
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_opcheck_native_ops(name):
+    cell, proj = CASES[name]
+    case = make_case(cell, 2 if proj else 0, hidden=3, lengths=[3, 2, 1])
+    options = make_options(cell, case, FEATURES[name])
+    args = (cell, case["xproj"], case["h0"], case["c0"], case["w_hh"], case["b_hh"],
+            case["w_hr"], case["batch_sizes"], True, *options)
+    torch.library.opcheck(torch.ops.fastrnn.native_forward.default, args)
+    output, h_n, c_n, workspace = torch.ops.fastrnn.native_forward(*args)
+    grads = upstream((output, h_n, c_n if cell == "lstm" else None))
+    torch.library.opcheck(torch.ops.fastrnn.native_backward.default,
+                          (cell, grads[0], grads[1], grads[2], case["h0"], case["c0"],
+                           case["w_hh"], case["b_hh"], case["w_hr"], case["batch_sizes"], True,
+                           output, workspace, *options))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradcheck_public_op(name):
+    """Every differentiable input, layer-norm parameters included. grad_clip is left out: it
+    changes backward on purpose (the reference parity tests cover it)."""
+    cell, proj = CASES[name]
+    case = make_case(cell, 2 if proj else 0, hidden=3, lengths=[3, 2, 1])
+    options = make_options(cell, case, [f for f in FEATURES[name] if f != "grad_clip"])
+    names = [n for n in ("xproj", "h0", "c0", "w_hh", "b_hh", "w_hr") if case[n] is not None]
+    option_names = [n for n in ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")
+                    if getattr(options, n) is not None]
+    leaves = [case[n].clone().requires_grad_() for n in names]
+    leaves += [getattr(options, n).clone().requires_grad_() for n in option_names]
+
+    def fn(*tensors):
+        given = dict(zip(names + option_names, tensors))
+        opts = options._replace(**{n: given[n] for n in option_names})
+        out = ops.recurrence(cell, given["xproj"], given["h0"], given.get("c0"), given["w_hh"],
+                             given["b_hh"], given.get("w_hr"), case["batch_sizes"], True,
+                             "native", opts)
+        return tuple(t for t in out if t is not None)
+
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+# ------------------------------------------------------------------ what the backend claims
+
+def test_unsupported_reason_names_the_features():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    every = FEATURES["lstm_proj"]
+    assert native.unsupported_reason("lstm", torch.float32, cpu, 5, 3, every) is None
+    assert native.unsupported_reason("gru", torch.float64, cpu, 5, 0, FEATURES["gru"]) is None
+    # CUDA variant kernels compile but are unverified: refused, named, so auto falls back.
+    reason = native.unsupported_reason("lstm", torch.float32, cuda, 5, 0, ("layer_norm",))
+    assert reason is not None and "layer_norm" in reason
+    assert native.unsupported_reason("lstm", torch.float32, cuda, 5, 0) is None
+    reason = native.unsupported_reason("rnn_tanh", torch.float32, cpu, 5, 0, ("zoneout_h",))
+    assert reason is not None and "zoneout_h" in reason
+
+
+def test_rejects_bad_options():
+    case = make_case("lstm", 0, lengths=[3, 2])
+    good = make_options("lstm", case, ("layer_norm", "zoneout_h"))
+
+    def run(options, cell="lstm", w_hr=None):
+        return torch.ops.fastrnn.native_forward(
+            cell, case["xproj"], case["h0"], case["c0"], case["w_hh"], case["b_hh"], w_hr,
+            case["batch_sizes"], False, *options)
+
+    with pytest.raises(RuntimeError, match="ln_weight and ln_bias"):
+        run(good._replace(ln_bias=None))
+    with pytest.raises(RuntimeError, match=r"zoneout_h must be \[5, 5\]"):
+        run(good._replace(zoneout_h=good.zoneout_h[:-1]))
+    with pytest.raises(RuntimeError, match="ln_weight must have the dtype"):
+        run(good._replace(ln_weight=good.ln_weight.float()))
+    with pytest.raises(RuntimeError, match="cell_clip must be a positive"):
+        run(StepOptions(cell_clip=-1.0))
+    with pytest.raises(RuntimeError, match="proj_clip needs a projection"):
+        run(StepOptions(proj_clip=1.0))
+    gru = make_case("gru", 0, lengths=[3, 2])
+    with pytest.raises(RuntimeError, match="lstm options"):
+        torch.ops.fastrnn.native_forward("gru", gru["xproj"], gru["h0"], None, gru["w_hh"],
+                                         None, None, gru["batch_sizes"], False,
+                                         *StepOptions(cell_clip=1.0))

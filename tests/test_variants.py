@@ -695,6 +695,128 @@ def test_op_zoneout_one_keeps_the_state_bit_for_bit(cell, proj, backend):
         assert torch.equal(result[2], args["c0"].detach())
 
 
+def spec_workspace_width(cell, hidden, proj, options):
+    """VARIANTS_SPEC.md's workspace columns, summed."""
+    gates = loops.NUM_GATES[cell] * hidden
+    if cell == "gru":
+        return 4 * hidden + (gates + 1 if options.get("ln_weight") is not None else 0)
+    width = 5 * hidden + (hidden if proj else 0)
+    width += gates + 1 if options.get("ln_weight") is not None else 0
+    width += hidden + 1 if options.get("ln_c_weight") is not None else 0
+    return width + (proj if options.get("proj_clip") is not None else 0)
+
+
+def call_backward(cell, args, options, grads, batch_sizes, reverse, output, workspace, backend):
+    detached = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    opts = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
+    if cell == "lstm":
+        return torch.ops.fastrnn.lstm_backward(
+            *grads, detached["h0"], detached["c0"], detached["w_hh"], detached["b_hh"],
+            detached["w_hr"], batch_sizes, reverse, output, workspace, backend, **opts)
+    return torch.ops.fastrnn.gru_backward(*grads, detached["h0"], detached["w_hh"],
+                                          detached["b_hh"], batch_sizes, reverse, output,
+                                          workspace, backend, **opts)
+
+
+WORKSPACE_OPTIONS = {"all": None, "no_layer_norm": ("ln_weight", "ln_bias", "ln_c_weight",
+                                                    "ln_c_bias")}
+
+
+@pytest.mark.parametrize("which", list(WORKSPACE_OPTIONS))
+@pytest.mark.parametrize("cell,proj", OP_CASES)
+def test_workspace_shared_by_every_backend(cell, proj, which):
+    """The workspace has the spec's width and dtype, and every backend's backward reads
+    every backend's forward workspace to the same gradients; absent options' gradients are
+    empty [0] tensors."""
+    batch_sizes = OP_LAYOUTS["packed"]
+    args, options = op_case(cell, torch.float64, batch_sizes=batch_sizes, proj=proj)
+    options["grad_clip"] = 0.05
+    for name in WORKSPACE_OPTIONS[which] or ():
+        options.pop(name, None)
+    features = op_features_of(options)
+    names = [b for b in BACKENDS if backends.get(b).unsupported_reason(
+        cell, torch.float64, torch.device("cpu"), 3, proj, features) is None]
+    if not names:
+        pytest.skip(f"no CPU backend runs {cell} {features}")
+    rows = int(batch_sizes.sum())
+    width = spec_workspace_width(cell, 3, proj, options)
+    gen = torch.Generator().manual_seed(2)
+    expected = None
+    for forward_backend in names:
+        with torch.no_grad():
+            result = call_op_full(cell, args, options, batch_sizes, True, forward_backend)
+        output, workspace = result[0], result[-1]
+        assert list(workspace.shape) == [rows, width], \
+            f"{forward_backend}: workspace {list(workspace.shape)}, spec [{rows}, {width}]"
+        assert workspace.dtype == torch.float64
+        if expected is None:
+            upstream = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in result[:-1]]
+        for backward_backend in names:
+            grads = call_backward(cell, args, options, upstream, batch_sizes, True, output,
+                                  workspace, backward_backend)
+            if expected is None:
+                expected = grads
+                continue
+            assert len(grads) == len(expected)
+            for i, (a, b) in enumerate(zip(grads, expected)):
+                assert_close(a, b, torch.float64,
+                             f"grad {i}: forward {forward_backend}, backward {backward_backend}")
+    option_grads = expected[-4:] if cell == "lstm" else expected[-2:]
+    option_names = ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")[:len(option_grads)]
+    for name, grad in zip(option_names, option_grads):
+        if options.get(name) is None:
+            assert list(grad.shape) == [0], f"grad {name} of an absent option: {grad.shape}"
+        else:
+            assert grad.shape == options[name].shape, name
+
+
+def call_op_full(cell, args, options, batch_sizes, reverse, backend):
+    if cell == "lstm":
+        return torch.ops.fastrnn.lstm_forward(
+            args["xproj"], args["h0"], args["c0"], args["w_hh"], args["b_hh"], args["w_hr"],
+            batch_sizes, reverse, backend, **options)
+    return torch.ops.fastrnn.gru_forward(args["xproj"], args["h0"], args["w_hh"],
+                                         args["b_hh"], batch_sizes, reverse, backend, **options)
+
+
+@pytest.mark.parametrize("cell,proj", OP_CASES)
+def test_op_grad_clip_leaves_the_forward_alone(cell, proj):
+    batch_sizes = OP_LAYOUTS["packed"]
+    args, options = op_case(cell, torch.float64, batch_sizes=batch_sizes, proj=proj)
+    for backend in BACKENDS:
+        features = op_features_of(dict(options, grad_clip=0.01))
+        if backends.get(backend).unsupported_reason(cell, torch.float64, torch.device("cpu"),
+                                                    3, proj, features) is not None:
+            continue
+        with torch.no_grad():
+            clipped = call_op_full(cell, args, dict(options, grad_clip=0.01), batch_sizes,
+                                   False, backend)
+            plain = call_op_full(cell, args, options, batch_sizes, False, backend)
+        for a, b in zip(clipped, plain):
+            assert torch.equal(a, b), f"{backend}: grad_clip changed the forward"
+
+
+BAD_OP_OPTIONS = [
+    ("lstm", 0, dict(cell_clip=0.0), "cell_clip"),
+    ("lstm", 0, dict(cell_clip=-1.0), "cell_clip"),
+    ("lstm", 0, dict(grad_clip=-0.5), "grad_clip"),
+    ("lstm", 0, dict(proj_clip=0.5), "proj_clip"),          # no w_hr
+    ("lstm", 2, dict(proj_clip=0.0), "proj_clip"),
+    ("lstm", 0, dict(ln_c_bias=None), "ln_c"),               # weight without bias
+    ("gru", 0, dict(grad_clip=0.0), "grad_clip"),
+    ("gru", 0, dict(ln_bias=None), "ln_"),
+]
+
+
+@pytest.mark.parametrize("cell,proj,change,name", BAD_OP_OPTIONS,
+                         ids=[f"{c}-{n}-{v}" for c, _, v, n in BAD_OP_OPTIONS])
+def test_op_rejects_bad_options(cell, proj, change, name):
+    args, options = op_case(cell, torch.float64, batch_sizes=None, proj=proj)
+    options = dict(options, **change)
+    with pytest.raises((ValueError, RuntimeError), match=name):
+        call_op_full(cell, args, options, None, False, "reference")
+
+
 # ----------------------------------------------------------------------------- parameters
 
 def ln_names(cell, num_layers, bidirectional, suffixed=True):

@@ -35,7 +35,7 @@ STRUCTURE = ("num_layers", "bidirectional", "batch_first", "proj_size", "dropout
 
 def op_features(cell, options, training):
     """The spec's feature names of the op calls a module with ``options`` makes."""
-    p_h, p_c = loops._zoneout_pair(cell, options.get("zoneout", 0.0))
+    p_h, p_c = loops.zoneout_pair(cell, options.get("zoneout", 0.0))
     on = set()
     if options.get("layer_norm"):
         on.add("layer_norm")
@@ -542,16 +542,19 @@ def op_case(cell, dtype, *, batch_sizes, hidden=3, proj=0, batch=3, steps=4, see
     return args, options
 
 
-def call_op(cell, args, options, batch_sizes, reverse, backend):
+def call_op_full(cell, args, options, batch_sizes, reverse, backend):
+    """The forward op with the option keyword arguments: (output, h_n[, c_n], workspace)."""
     if cell == "lstm":
-        result = torch.ops.fastrnn.lstm_forward(
+        return torch.ops.fastrnn.lstm_forward(
             args["xproj"], args["h0"], args["c0"], args["w_hh"], args["b_hh"], args["w_hr"],
             batch_sizes, reverse, backend, **options)
-    else:
-        result = torch.ops.fastrnn.gru_forward(args["xproj"], args["h0"], args["w_hh"],
-                                               args["b_hh"], batch_sizes, reverse, backend,
-                                               **options)
-    return list(result[:-1])  # the workspace is the backends' own business
+    return torch.ops.fastrnn.gru_forward(args["xproj"], args["h0"], args["w_hh"],
+                                         args["b_hh"], batch_sizes, reverse, backend, **options)
+
+
+def call_op(cell, args, options, batch_sizes, reverse, backend):
+    """The op's results without the workspace (the layout is checked on its own)."""
+    return list(call_op_full(cell, args, options, batch_sizes, reverse, backend)[:-1])
 
 
 def loop_op(cell, args, options, batch_sizes, reverse):
@@ -563,21 +566,23 @@ def loop_op(cell, args, options, batch_sizes, reverse):
     else:
         sizes = batch_sizes.tolist()
     offsets = [sum(sizes[:t]) for t in range(len(sizes))]
-    step_options = dict(grad_clip=options.get("grad_clip"),
-                        ln_hh=(options["ln_weight"], options["ln_bias"]))
+    def pair(weight, bias):
+        return None if options.get(weight) is None else (options[weight], options[bias])
+
+    step_options = dict(grad_clip=options.get("grad_clip"), ln_hh=pair("ln_weight", "ln_bias"))
     if cell == "lstm":
-        step_options.update(ln_c=(options["ln_c_weight"], options["ln_c_bias"]),
+        step_options.update(ln_c=pair("ln_c_weight", "ln_c_bias"),
                             cell_clip=options.get("cell_clip"),
                             proj_clip=options.get("proj_clip"))
     outs, hs, cs, all_rows = [], [], [], []
     for s in range(batch):
         rows = torch.tensor([offsets[t] + s for t in range(len(sizes)) if sizes[t] > s])
-        zc = options.get("zoneout_c")
+        rec, zh, zc = (options.get(n) for n in ("recurrent_mask", "zoneout_h", "zoneout_c"))
         out, h, c = loops.run_direction(
             cell, args["xproj"][rows].unsqueeze(1), args["h0"][s:s + 1],
             args["c0"][s:s + 1] if cell == "lstm" else None, args["w_hh"], args["b_hh"],
-            args["w_hr"], reverse, rec_mask=options["recurrent_mask"][s:s + 1],
-            z_h=options["zoneout_h"][rows].unsqueeze(1),
+            args["w_hr"], reverse, rec_mask=None if rec is None else rec[s:s + 1],
+            z_h=None if zh is None else zh[rows].unsqueeze(1),
             z_c=None if zc is None else zc[rows].unsqueeze(1), **step_options)
         outs.append(out.squeeze(1))
         hs.append(h[0])
@@ -585,6 +590,14 @@ def loop_op(cell, args, options, batch_sizes, reverse):
         all_rows.append(rows)
     result = [torch.cat(outs)[torch.cat(all_rows).argsort()], torch.stack(hs)]
     return result + ([torch.stack(cs)] if cell == "lstm" else [])
+
+
+def loop_results(cell, args, options, batch_sizes, reverse, wrt):
+    """The loop's results and gradients under the upstream gradient compare() uses."""
+    outs = loop_op(cell, args, options, batch_sizes, reverse)
+    gen = torch.Generator().manual_seed(1234)
+    upstream = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+    return outs + list(torch.autograd.grad(outs, wrt, upstream))
 
 
 OP_LAYOUTS = {"dense": None, "packed": torch.tensor([3, 3, 2, 1])}
@@ -617,15 +630,8 @@ def test_op_every_option_matches_loop(cell, proj, layout, reverse, dtype, backen
     wrt = [dict(args, **options)[k] for k in names]
     ref = compare(outs_fast, outs_ref, wrt, names, dtype)
     without = {k: v for k, v in options.items() if k != "grad_clip"}
-    assert_differs(ref, _loop_results(cell, args, without, batch_sizes, reverse, wrt),
+    assert_differs(ref, loop_results(cell, args, without, batch_sizes, reverse, wrt),
                    "grad_clip")
-
-
-def _loop_results(cell, args, options, batch_sizes, reverse, wrt):
-    outs = loop_op(cell, args, options, batch_sizes, reverse)
-    gen = torch.Generator().manual_seed(1234)
-    upstream = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
-    return outs + list(torch.autograd.grad(outs, wrt, upstream))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -768,15 +774,6 @@ def test_workspace_shared_by_every_backend(cell, proj, which):
             assert list(grad.shape) == [0], f"grad {name} of an absent option: {grad.shape}"
         else:
             assert grad.shape == options[name].shape, name
-
-
-def call_op_full(cell, args, options, batch_sizes, reverse, backend):
-    if cell == "lstm":
-        return torch.ops.fastrnn.lstm_forward(
-            args["xproj"], args["h0"], args["c0"], args["w_hh"], args["b_hh"], args["w_hr"],
-            batch_sizes, reverse, backend, **options)
-    return torch.ops.fastrnn.gru_forward(args["xproj"], args["h0"], args["w_hh"],
-                                         args["b_hh"], batch_sizes, reverse, backend, **options)
 
 
 @pytest.mark.parametrize("cell,proj", OP_CASES)

@@ -188,7 +188,8 @@ def run_module(cell, params, seqs, h0, c0, *, num_layers, bidirectional, layer_n
     return outputs, h_n, c_n
 
 
-def _zoneout_pair(cell, zoneout):
+def zoneout_pair(cell, zoneout):
+    """(p_h, p_c): a single probability is both for an LSTM; a GRU has no cell state."""
     if isinstance(zoneout, (tuple, list)):
         return float(zoneout[0]), float(zoneout[1])
     return float(zoneout), (float(zoneout) if cell == "lstm" else 0.0)
@@ -223,7 +224,7 @@ def draw_module_masks(cell, *, num_layers, bidirectional, hidden, proj, rows, ba
     direction) and ("between", layer)."""
     dirs = 2 if bidirectional else 1
     width = proj or hidden
-    p_h, p_c = _zoneout_pair(cell, zoneout)
+    p_h, p_c = zoneout_pair(cell, zoneout)
     masks = {}
     for layer in range(num_layers):
         for d in range(dirs):
@@ -251,7 +252,7 @@ class CellMasks:
                  zoneout=0.0):
         self.cell, self.hidden, self.dtype = cell, hidden, dtype
         self.weight_drop, self.recurrent_dropout = weight_drop, recurrent_dropout
-        self.p_h, self.p_c = _zoneout_pair(cell, zoneout)
+        self.p_h, self.p_c = zoneout_pair(cell, zoneout)
         self.reset()
 
     def reset(self):

@@ -248,16 +248,19 @@ class LayerNormLoopLSTM(nn.Module):
     Stochastic options act in training mode and draw their masks like fastrnn does (torch's
     global RNG, per layer then per direction: recurrent mask, zoneout_h, zoneout_c), so the
     same seed gives the same masks; in eval mode zoneout uses its probability (expectation).
+    ``mask_dtype`` draws the masks in another dtype than the computation's (a float64 twin of
+    a float32 model then gets the float32 model's masks: RNG streams may differ by dtype).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1,
                  bidirectional: bool = False, hoist: bool = True, recurrent_dropout: float = 0.0,
-                 zoneout=0.0, device=None, dtype=None):
+                 zoneout=0.0, mask_dtype=None, device=None, dtype=None):
         super().__init__()
         self.hidden_size, self.num_layers, self.hoist = hidden_size, num_layers, hoist
         self.num_directions = 2 if bidirectional else 1
         self.recurrent_dropout = float(recurrent_dropout)
         self.zoneout = tuple(zoneout) if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+        self.mask_dtype = mask_dtype
         bound = 1.0 / math.sqrt(hidden_size)
         kw = dict(device=device, dtype=dtype)
         gates = 4 * hidden_size
@@ -280,21 +283,22 @@ class LayerNormLoopLSTM(nn.Module):
         """(recurrent_mask [B, H], zoneout_h [T, B, H], zoneout_c [T, B, H]), None where off."""
         steps, batch, h = x.size(0), x.size(1), self.hidden_size
         p, (p_h, p_c) = self.recurrent_dropout, self.zoneout
+        kw = dict(dtype=self.mask_dtype or x.dtype, device=x.device)
         mask = zone_h = zone_c = None
         if self.training:
             if p > 0:
-                mask = x.new_empty(batch, h).bernoulli_(1 - p)
+                mask = torch.empty(batch, h, **kw).bernoulli_(1 - p)
                 mask = mask.div_(1 - p) if p < 1 else mask
             if p_h > 0:
-                zone_h = x.new_empty(steps * batch, h).bernoulli_(p_h).view(steps, batch, h)
+                zone_h = torch.empty(steps * batch, h, **kw).bernoulli_(p_h).view(steps, batch, h)
             if p_c > 0:
-                zone_c = x.new_empty(steps * batch, h).bernoulli_(p_c).view(steps, batch, h)
+                zone_c = torch.empty(steps * batch, h, **kw).bernoulli_(p_c).view(steps, batch, h)
         else:
             if p_h > 0:
-                zone_h = x.new_full((steps, batch, h), p_h)
+                zone_h = torch.full((steps, batch, h), p_h, **kw)
             if p_c > 0:
-                zone_c = x.new_full((steps, batch, h), p_c)
-        return mask, zone_h, zone_c
+                zone_c = torch.full((steps, batch, h), p_c, **kw)
+        return tuple(None if m is None else m.to(x.dtype) for m in (mask, zone_h, zone_c))
 
     def forward(self, x: Tensor, hx=None):
         if isinstance(x, nn.utils.rnn.PackedSequence) or x.dim() != 3:

@@ -138,3 +138,64 @@ def test_python_dash_m_bench_lists_cases(capsys, monkeypatch):
     assert [l.split()[0] for l in lines] == ["gru/packed/inference/float32",
                                              "gru/packed/training/float32"]
     assert all(l.split()[1] == "torch.nn" for l in lines)
+
+
+# ---- the LayerNorm LSTM suite (bench/suites/variants.py) ------------------------------
+
+def test_variants_suite_checks_every_provider_and_summarises(tmp_path, capsys):
+    from bench.suites import variants
+    code = cli.main(["--tiny", "--device", "cpu", "--suite", "variants", "--config", "batch1",
+                     "--out", str(tmp_path), "--no-progress", "--no-plots"])
+    assert code == 0
+    capsys.readouterr()
+    [json_path] = glob.glob(str(tmp_path / "*.json"))
+    records = json.load(open(json_path))["results"]
+    # layer norm, plain and regularised cases; inference and training (regularised: training)
+    assert sorted({r["case"] for r in records}) == [
+        "ln-lstm-reg/batch1/training/float32", "ln-lstm/batch1/inference/float32",
+        "ln-lstm/batch1/training/float32", "plain-lstm/batch1/inference/float32",
+        "plain-lstm/batch1/training/float32"]
+    loops = [r for r in records if r["provider"].startswith("ts-ln-loop")]
+    assert len(loops) == 5 and all(r["status"] == "ok" for r in loops), loops
+    assert all(r["speedup"] == 1.0 for r in loops if r["provider"] == r["baseline"])
+    for r in records:
+        assert r["status"] in ("ok", "skipped"), r   # never wrong, never an error
+        if r["status"] == "ok" and r["provider"] != r["baseline"]:
+            assert r["check"]["error"] <= 1e-5 or r["check"]["against"] == "gold", r
+    # the summary puts fastrnn against both loops and plain nn.LSTM
+    summary = variants.summarize(records)
+    assert "| batch1 | training | float32 | ts-ln-loop-naive |" in summary
+    assert "nn.LSTM (no LN)" in summary and ">= 5x" in summary
+
+
+def test_layer_norm_loop_is_fastrnn_layer_norm_lstm_in_float64():
+    """The TorchScript loop computes fastrnn.LSTM(layer_norm=True)'s contract (biases after
+    the norms, the cell state carried before its norm), with the same recurrent dropout and
+    zoneout masks from the same seed, forward and backward."""
+    import fastrnn
+    from bench.loops import LayerNormLoopLSTM
+    torch.manual_seed(0)
+    steps, batch, inputs, hidden = 6, 3, 5, 4
+    for options in ({}, dict(recurrent_dropout=0.3, zoneout=(0.2, 0.4))):
+        for hoist in (True, False):
+            ours = fastrnn.LSTM(inputs, hidden, layer_norm=True, backend="reference",
+                                dtype=torch.float64, **options)
+            with torch.no_grad():   # gains and biases away from 1 and 0: a swap must show
+                for name, p in ours.named_parameters():
+                    p.add_(0.1 * torch.randn_like(p))
+            loop = LayerNormLoopLSTM(inputs, hidden, hoist=hoist, dtype=torch.float64, **options)
+            loop.load_state_dict(ours.state_dict())
+            x = torch.randn(steps, batch, inputs, dtype=torch.float64, requires_grad=True)
+            h0 = torch.randn(1, batch, hidden, dtype=torch.float64)
+            results = []
+            for module in (ours, loop):
+                torch.manual_seed(1)
+                out, (h_n, c_n) = module(x, (h0, 2 * h0))
+                grads = torch.autograd.grad((out.sum() + h_n.pow(2).sum() + c_n.sum()),
+                                            [x] + list(module.parameters()))
+                named = dict(zip(["x"] + [n for n, _ in module.named_parameters()], grads))
+                results.append({"out": out, "h_n": h_n, "c_n": c_n, **named})
+            assert results[0].keys() == results[1].keys()
+            for name, want in results[0].items():
+                torch.testing.assert_close(results[1][name], want, rtol=1e-10, atol=1e-10,
+                                           msg=f"{name} ({options}, hoist={hoist})")

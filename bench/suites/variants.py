@@ -103,10 +103,12 @@ def fastrnn_variant_module(spec: rnn.Spec, backend: str, variant: str):
 
 def loop_variant_module(spec: rnn.Spec, variant: str, hoist: bool = True,
                         dtype: Optional[torch.dtype] = None):
+    """The TorchScript loop; in ``dtype`` (the gold run) it keeps the case dtype's masks."""
     c = spec.config
     options = REGULARISERS if variant == "ln-lstm-reg" else {}
     return LayerNormLoopLSTM(c.input, c.hidden, c.layers, c.bidirectional, hoist=hoist,
-                             device=spec.device, dtype=dtype or spec.dtype, **options)
+                             mask_dtype=spec.dtype, device=spec.device,
+                             dtype=dtype or spec.dtype, **options)
 
 
 def _dtypes(options: Options) -> List[torch.dtype]:

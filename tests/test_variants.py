@@ -557,9 +557,9 @@ def call_op(cell, args, options, batch_sizes, reverse, backend):
     return list(call_op_full(cell, args, options, batch_sizes, reverse, backend)[:-1])
 
 
-def loop_op(cell, args, options, batch_sizes, reverse):
+def loop_op(cell, args, options, batch_sizes, reverse, workspace=None):
     """The op by the hand loop: op-order sequence s runs on its own length, rows
-    offset[t] + s."""
+    offset[t] + s. workspace (a dict) receives each row's workspace columns by name."""
     batch = args["h0"].shape[0]
     if batch_sizes is None:
         sizes = [batch] * (args["xproj"].shape[0] // batch)
@@ -577,13 +577,18 @@ def loop_op(cell, args, options, batch_sizes, reverse):
     outs, hs, cs, all_rows = [], [], [], []
     for s in range(batch):
         rows = torch.tensor([offsets[t] + s for t in range(len(sizes)) if sizes[t] > s])
+        records = [] if workspace is not None else None
         rec, zh, zc = (options.get(n) for n in ("recurrent_mask", "zoneout_h", "zoneout_c"))
         out, h, c = loops.run_direction(
             cell, args["xproj"][rows].unsqueeze(1), args["h0"][s:s + 1],
             args["c0"][s:s + 1] if cell == "lstm" else None, args["w_hh"], args["b_hh"],
             args["w_hr"], reverse, rec_mask=None if rec is None else rec[s:s + 1],
             z_h=None if zh is None else zh[rows].unsqueeze(1),
-            z_c=None if zc is None else zc[rows].unsqueeze(1), **step_options)
+            z_c=None if zc is None else zc[rows].unsqueeze(1), records=records,
+            **step_options)
+        for t, row in enumerate(rows.tolist()):
+            if records is not None:
+                workspace[row] = records[t]
         outs.append(out.squeeze(1))
         hs.append(h[0])
         cs.append(None if c is None else c[0])
@@ -774,6 +779,39 @@ def test_workspace_shared_by_every_backend(cell, proj, which):
             assert list(grad.shape) == [0], f"grad {name} of an absent option: {grad.shape}"
         else:
             assert grad.shape == options[name].shape, name
+
+
+WORKSPACE_COLUMNS = {"lstm": ("gates", "c", "h_pre", "a_hat", "rstd", "c_hat", "rstd_c", "p"),
+                     "gru": ("gates", "a_hat", "rstd")}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cell,proj", OP_CASES)
+def test_workspace_columns_are_the_spec(cell, proj, dtype, backend):
+    """Column by column, the spec's workspace: activated gates (gru: and hn), the carried
+    c_t, h before the projection, the normalised recurrent pre-activation and its rstd, the
+    normalised cell state and its rstd, the projection before proj_clip."""
+    batch_sizes = OP_LAYOUTS["packed"]
+    args, options = op_case(cell, dtype, batch_sizes=batch_sizes, proj=proj)
+    if proj:
+        options["proj_clip"] = 0.2
+    skip_unless_supported(backend, cell, dtype, 3, proj, op_features_of(options))
+    with torch.no_grad():
+        workspace = call_op_full(cell, args, options, batch_sizes, True, backend)[-1]
+        per_row = {}
+        loop_op(cell, args, options, batch_sizes, True, workspace=per_row)
+    names = [n for n in WORKSPACE_COLUMNS[cell] if n in per_row[0]]
+    expected = torch.stack([torch.cat([per_row[row][n].reshape(-1) for n in names])
+                            for row in range(len(per_row))])
+    assert workspace.shape == expected.shape, f"workspace {list(workspace.shape)}, " \
+                                              f"spec {list(expected.shape)} ({names})"
+    start = 0
+    for name in names:
+        width = per_row[0][name].numel()
+        assert_close(workspace[:, start:start + width], expected[:, start:start + width],
+                     dtype, f"workspace column {name}")
+        start += width
 
 
 @pytest.mark.parametrize("cell,proj", OP_CASES)

@@ -32,11 +32,20 @@ def clip_grad(x, limit):
     return x if limit is None else _ClipGrad.apply(x, limit)
 
 
-def layer_norm(x, weight, bias):
-    """Over the last dimension, biased variance, eps 1e-5 (as F.layer_norm)."""
+def normalize(x):
+    """(x_hat, rstd) over the last dimension, biased variance, eps 1e-5 (as F.layer_norm)."""
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    return (x - mean) / torch.sqrt(var + LAYER_NORM_EPS) * weight + bias
+    rstd = 1 / torch.sqrt(var + LAYER_NORM_EPS)
+    return (x - mean) * rstd, rstd
+
+
+def layer_norm(x, weight, bias, record=None, names=("a_hat", "rstd")):
+    """x_hat * weight + bias; record[names] = (x_hat, rstd) when a record is kept."""
+    x_hat, rstd = normalize(x)
+    if record is not None:
+        record[names[0]], record[names[1]] = x_hat, rstd
+    return x_hat * weight + bias
 
 
 def zoneout(new, prev, z):
@@ -44,60 +53,77 @@ def zoneout(new, prev, z):
     return new if z is None else (1 - z) * new + z * prev
 
 
-def recurrent_preactivation(h_prev, w_hh, b_hh, ln_hh, rec_mask):
+def recurrent_preactivation(h_prev, w_hh, b_hh, ln_hh, rec_mask, record=None):
     """LN(h_rec @ w_hh.T) + b_hh with h_rec = h_prev * mask (the mask feeds the GEMM only)."""
     h_rec = h_prev if rec_mask is None else h_prev * rec_mask
     hh = h_rec @ w_hh.T
     if ln_hh is not None:
-        hh = layer_norm(hh, *ln_hh)
+        hh = layer_norm(hh, *ln_hh, record)
     return hh if b_hh is None else hh + b_hh
 
 
 def lstm_step(xp, h_prev, c_prev, w_hh, b_hh=None, w_hr=None, *, ln_hh=None, ln_c=None,
               rec_mask=None, z_h=None, z_c=None, cell_clip=None, proj_clip=None,
-              grad_clip=None):
+              grad_clip=None, record=None):
     """One LSTM step on [rows, ...]: returns the carried (h_t, c_t).
-    ln_hh / ln_c: (weight, bias) pairs or None; masks broadcast against the rows."""
-    hh = recurrent_preactivation(h_prev, w_hh, b_hh, ln_hh, rec_mask)
+    ln_hh / ln_c: (weight, bias) pairs or None; masks broadcast against the rows.
+    record: a dict that receives the spec's workspace columns of the step (by name)."""
+    hh = recurrent_preactivation(h_prev, w_hh, b_hh, ln_hh, rec_mask, record)
     pre = clip_grad(xp + hh, grad_clip)
     i, f, g, o = pre.chunk(4, -1)
     i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
     c_new = f * c_prev + i * g
     if cell_clip is not None:
         c_new = c_new.clamp(-cell_clip, cell_clip)
-    y = c_new if ln_c is None else layer_norm(c_new, *ln_c)
+    y = c_new if ln_c is None else layer_norm(c_new, *ln_c, record, ("c_hat", "rstd_c"))
     h_new = o * torch.tanh(y)
+    if record is not None:
+        record["gates"] = torch.cat([i, f, g, o], -1)
     if w_hr is not None:
+        if record is not None:
+            record["h_pre"] = h_new
         h_new = h_new @ w_hr.T
+        if record is not None and proj_clip is not None:
+            record["p"] = h_new
         if proj_clip is not None:
             h_new = h_new.clamp(-proj_clip, proj_clip)
-    return zoneout(h_new, h_prev, z_h), zoneout(c_new, c_prev, z_c)
+    h_t, c_t = zoneout(h_new, h_prev, z_h), zoneout(c_new, c_prev, z_c)
+    if record is not None:
+        record["c"] = c_t
+    return h_t, c_t
 
 
 def gru_step(xp, h_prev, w_hh, b_hh=None, *, ln_hh=None, rec_mask=None, z_h=None,
-             grad_clip=None):
+             grad_clip=None, record=None):
     """One GRU step on [rows, ...]: returns h_t. The gradient clip sits on each gate's
     pre-activation: x_r + hh_r, x_z + hh_z and x_n + r * hh_n."""
-    hh = recurrent_preactivation(h_prev, w_hh, b_hh, ln_hh, rec_mask)
+    hh = recurrent_preactivation(h_prev, w_hh, b_hh, ln_hh, rec_mask, record)
     x_r, x_z, x_n = xp.chunk(3, -1)
     hh_r, hh_z, hh_n = hh.chunk(3, -1)
     r = torch.sigmoid(clip_grad(x_r + hh_r, grad_clip))
     z = torch.sigmoid(clip_grad(x_z + hh_z, grad_clip))
     n = torch.tanh(clip_grad(x_n + r * hh_n, grad_clip))
     h_new = (1 - z) * n + z * h_prev       # h_prev unmasked
+    if record is not None:
+        record["gates"] = torch.cat([r, z, n, hh_n], -1)
     return zoneout(h_new, h_prev, z_h)
 
 
 def run_direction(cell, xproj, h0, c0, w_hh, b_hh, w_hr, reverse, *, rec_mask=None,
-                  z_h=None, z_c=None, **step_options):
+                  z_h=None, z_c=None, records=None, **step_options):
     """One direction over equal-length sequences: xproj [L, rows, G*H], h0 [rows, P],
     c0 [rows, H] (lstm), rec_mask [rows, P], z_h [L, rows, P], z_c [L, rows, H], the zoneout
-    weights of the row written at each time step. Returns (output [L, rows, P], h_n, c_n)."""
+    weights of the row written at each time step. Returns (output [L, rows, P], h_n, c_n);
+    records (a list) receives each time step's workspace columns."""
     steps = range(xproj.shape[0])
     out = [None] * len(steps)
+    if records is not None:
+        records[:] = [None] * len(steps)
     h, c = h0, c0
     for t in (reversed(steps) if reverse else steps):
         zh = None if z_h is None else z_h[t]
+        if records is not None:
+            step_options["record"] = records[t] = {}
         if cell == "lstm":
             zc = None if z_c is None else z_c[t]
             h, c = lstm_step(xproj[t], h, c, w_hh, b_hh, w_hr, rec_mask=rec_mask, z_h=zh,

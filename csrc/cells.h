@@ -110,7 +110,8 @@ FASTRNN_HD float rsqrt_(float x) {
 }
 FASTRNN_HD double rsqrt_(double x) { return 1.0 / sqrt(x); }
 
-constexpr double kLayerNormEps = 1e-5;
+// The layer norms' epsilon (fastrnn.variants.LAYER_NORM_EPS).
+#define FASTRNN_LAYER_NORM_EPS 1e-5
 
 // ------------------------------------------------------------------ LSTM
 // Gates (i, f, g, o); c = f * c_prev + i * g; h = o * tanh(c).

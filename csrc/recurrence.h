@@ -57,6 +57,21 @@ void with_cell(Cell cell, Body&& body) {
   }
 }
 
+// Calls body(Variant<ln, ln_c>()) with the options' layer norms as compile-time constants.
+template <typename scalar_t, typename acc_t, class Body>
+void with_variant(const StepOptions<scalar_t, acc_t>& o, Body&& body) {
+  const bool ln = o.ln_weight != nullptr, ln_c = o.ln_c_weight != nullptr;
+  if (ln && ln_c) {
+    body(Variant<true, true>());
+  } else if (ln) {
+    body(Variant<true, false>());
+  } else if (ln_c) {
+    body(Variant<false, true>());
+  } else {
+    body(Variant<false, false>());
+  }
+}
+
 inline int64_t num_gates(Cell cell) {
   return cell == Cell::LSTM ? 4 : (cell == Cell::GRU ? 3 : 1);
 }

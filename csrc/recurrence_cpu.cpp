@@ -162,21 +162,6 @@ struct CpuRow {
   }
 };
 
-// Calls body(Variant<ln, ln_c>()) with the options' layer norms as compile-time constants.
-template <typename scalar_t, typename acc_t, class Body>
-void with_variant(const StepOptions<scalar_t, acc_t>& o, Body&& body) {
-  const bool ln = o.ln_weight != nullptr, ln_c = o.ln_c_weight != nullptr;
-  if (ln && ln_c) {
-    body(Variant<true, true>());
-  } else if (ln) {
-    body(Variant<true, false>());
-  } else if (ln_c) {
-    body(Variant<false, true>());
-  } else {
-    body(Variant<false, false>());
-  }
-}
-
 struct CpuDevice {
   using Gemm = CpuGemm;
 

@@ -6,6 +6,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
 
+#include <climits>
+
 #include "recurrence.h"
 
 namespace fastrnn {
@@ -29,6 +31,129 @@ __global__ void backward_kernel(BackwardStep<scalar_t, acc_t> a, int64_t rows) {
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     backward_element<scalar_t, acc_t>(C, a, i / a.H, i % a.H);
   }
+}
+
+// ------------------------------------------------------------------ variant steps
+// Options (step.h, VARIANTS_SPEC.md) run a row per block: the layer norms need the row's
+// sums between the element phases. CudaRow is step.h's `Row` for one block: threads stride
+// over the row, phases end with a barrier, sums are block reductions (fixed order:
+// deterministic). The __CUDA_ARCH__ guards only keep the host pass of nvcc quiet; these
+// run on the device alone.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Sum of v over the block, known to every thread. scratch: 32 shared values.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int warps = (blockDim.x + 31) / 32;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    T total = lane < warps ? scratch[lane] : T(0);
+    total = warp_sum(total);
+    if (lane == 0) scratch[0] = total;
+  }
+  __syncthreads();
+  const T result = scratch[0];
+  __syncthreads();  // scratch may be reused by the next sum
+  return result;
+}
+
+template <typename acc_t>
+struct CudaRow {
+  acc_t* scratch;  // 64 shared values
+
+  __host__ __device__ bool leader() const {
+#if defined(__CUDA_ARCH__)
+    return threadIdx.x == 0;
+#else
+    return true;
+#endif
+  }
+
+  template <class F>
+  __host__ __device__ void for_each(int64_t n, F&& f) const {
+#if defined(__CUDA_ARCH__)
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) f(j);
+    __syncthreads();
+#endif
+  }
+
+  template <typename T, class F>
+  __host__ __device__ T sum(int64_t n, F&& f) const {
+    T v = T(0);
+#if defined(__CUDA_ARCH__)
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) v += f(j);
+    v = block_sum<T>(v, scratch);
+#endif
+    return v;
+  }
+
+  template <typename T, class F>
+  __host__ __device__ Sums<T> sum2(int64_t n, F&& f) const {
+    Sums<T> v{T(0), T(0)};
+#if defined(__CUDA_ARCH__)
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const Sums<T> x = f(j);
+      v.a += x.a;
+      v.b += x.b;
+    }
+    v.a = block_sum<T>(v.a, scratch);
+    v.b = block_sum<T>(v.b, scratch + 32);
+#endif
+    return v;
+  }
+};
+
+template <Cell C, class V, typename scalar_t, typename acc_t>
+__global__ void variant_forward_kernel(ForwardStep<scalar_t, acc_t> a) {
+  __shared__ acc_t scratch[64];
+  const CudaRow<acc_t> row{scratch};
+  if constexpr (C == Cell::LSTM) {
+    lstm_forward_row<V>(a, blockIdx.x, row);
+  } else {
+    gru_forward_row<V>(a, blockIdx.x, row);
+  }
+}
+
+template <Cell C, class V, typename scalar_t, typename acc_t>
+__global__ void variant_backward_kernel(BackwardStep<scalar_t, acc_t> a) {
+  __shared__ acc_t scratch[64];
+  const CudaRow<acc_t> row{scratch};
+  if constexpr (C == Cell::LSTM) {
+    lstm_backward_row<V>(a, blockIdx.x, row);
+  } else {
+    gru_backward_row<V>(a, blockIdx.x, row);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void projection_forward_kernel(ForwardStep<scalar_t, acc_t> a, int64_t rows) {
+  const int64_t n = rows * a.P;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    projection_forward_element(a, i / a.P, i % a.P);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void projection_backward_kernel(BackwardStep<scalar_t, acc_t> a, int64_t rows) {
+  const int64_t n = rows * a.P;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    projection_backward_element(a, i / a.P, i % a.P);
+  }
+}
+
+// Threads of a row block: a warp multiple covering H, at most 512 (rows of 4H then take
+// a few elements per thread).
+inline unsigned int row_threads(int64_t H) {
+  return static_cast<unsigned int>(std::min<int64_t>(512, std::max<int64_t>(32, (H + 31) / 32 * 32)));
 }
 
 inline unsigned int num_blocks(int64_t rows, int64_t H) {
@@ -60,6 +185,20 @@ struct CudaDevice {
   static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& a, int64_t rows) {
     if (rows * a.H == 0) return;
     auto stream = at::cuda::getCurrentCUDAStream();
+    if (a.opt.on) {
+      TORCH_CHECK(rows <= INT_MAX, "fastrnn native CUDA: too many rows in one step");
+      with_variant(a.opt, [&](auto v) {
+        if (cell == Cell::LSTM) {
+          variant_forward_kernel<Cell::LSTM, decltype(v), scalar_t, acc_t>
+              <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
+        } else {
+          variant_forward_kernel<Cell::GRU, decltype(v), scalar_t, acc_t>
+              <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      return;
+    }
     with_cell(cell, [&](auto c) {
       forward_kernel<decltype(c)::value, scalar_t, acc_t>
           <<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
@@ -71,11 +210,41 @@ struct CudaDevice {
   static void backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& a, int64_t rows) {
     if (rows * a.H == 0) return;
     auto stream = at::cuda::getCurrentCUDAStream();
+    if (a.opt.on) {
+      TORCH_CHECK(rows <= INT_MAX, "fastrnn native CUDA: too many rows in one step");
+      with_variant(a.opt, [&](auto v) {
+        if (cell == Cell::LSTM) {
+          variant_backward_kernel<Cell::LSTM, decltype(v), scalar_t, acc_t>
+              <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
+        } else {
+          variant_backward_kernel<Cell::GRU, decltype(v), scalar_t, acc_t>
+              <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+      return;
+    }
     with_cell(cell, [&](auto c) {
       backward_kernel<decltype(c)::value, scalar_t, acc_t>
           <<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+  }
+
+  template <typename scalar_t, typename acc_t>
+  static void projection_forward_step(const ForwardStep<scalar_t, acc_t>& a, int64_t rows) {
+    if (rows * a.P == 0) return;
+    projection_forward_kernel<scalar_t, acc_t>
+        <<<num_blocks(rows, a.P), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a, rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  template <typename scalar_t, typename acc_t>
+  static void projection_backward_step(const BackwardStep<scalar_t, acc_t>& a, int64_t rows) {
+    if (rows * a.P == 0) return;
+    projection_backward_kernel<scalar_t, acc_t>
+        <<<num_blocks(rows, a.P), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a, rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 

@@ -192,7 +192,7 @@ FASTRNN_HD RowStats<T> row_mean_rstd(const Row& row, int64_t n, F&& f) {
     const T d = f(k) - st.mean;
     return d * d;
   }) / T(n);
-  st.rstd = rsqrt_(var + T(kLayerNormEps));
+  st.rstd = rsqrt_(var + T(FASTRNN_LAYER_NORM_EPS));
   return st;
 }
 

@@ -340,20 +340,29 @@ def test_all_options_input_forms(cell, form, backend):
                  lengths=(4, 2, 2))
 
 
-ODD_SIZES = {  # (input, hidden, steps, batch)
-    "T1": (3, 4, 1, 2), "H1": (2, 1, 4, 3), "B1": (3, 4, 5, 1), "T63": (3, 3, 63, 2)}
+ODD_SIZES = {  # (input, hidden, steps, batch); H37 / B17 cross vector widths and row blocks
+    "T1": (3, 4, 1, 2), "H1": (2, 1, 4, 3), "B1": (3, 4, 5, 1), "T63": (3, 3, 63, 2),
+    "H37": (5, 37, 3, 2), "B17": (3, 4, 3, 17)}
+
+
+# Measured: over 63 steps with every option, float32 itself is ~1e-5 relative off the float64
+# truth in the LN / projection weight gradients (the reference backend 1.1e-5, native 4e-6,
+# this file's float32 loop 6e-6), so two float32 runs cannot agree to 1e-5 there: T=63 is held
+# to float64's 1e-10 only. The other sizes stay within ~2e-6 in float32.
+SIZE_DTYPES = [(size, dtype) for size in ODD_SIZES for dtype in DTYPES
+               if not (size == "T63" and dtype == torch.float32)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("size", list(ODD_SIZES))
+@pytest.mark.parametrize("size,dtype", SIZE_DTYPES, ids=[f"{s}-{d}" for s, d in SIZE_DTYPES])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_all_options_odd_sizes(cell, size, backend):
+def test_all_options_odd_sizes(cell, size, dtype, backend):
     input_size, hidden, steps, batch = ODD_SIZES[size]
     options = dict(ALL[cell])
     if hidden == 1:  # proj_size must be smaller than hidden_size
         options.pop("proj_size", None)
         options.pop("proj_clip", None)
-    check_module(cell, options, backend, torch.float64, steps=steps, batch=batch,
+    check_module(cell, options, backend, dtype, steps=steps, batch=batch,
                  input_size=input_size, hidden=hidden)
 
 

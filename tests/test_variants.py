@@ -790,6 +790,64 @@ def test_workspace_shared_by_every_backend(cell, proj, which):
             assert grad.shape == options[name].shape, name
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def cast_values(values, dtype):
+    """Tensors cast (as fresh leaves that require grad where the originals did)."""
+    return {k: v.detach().to(dtype).requires_grad_(v.requires_grad)
+            if isinstance(v, torch.Tensor) else v for k, v in values.items()}
+
+
+def op_results(results_fn, args, options, upstream):
+    """Outputs and gradients (of every tensor that requires grad) of one op run."""
+    outs = results_fn(args, options)
+    names = [k for k, v in list(args.items()) + list(options.items())
+             if isinstance(v, torch.Tensor) and v.requires_grad]
+    wrt = [dict(args, **options)[k] for k in names]
+    grads = torch.autograd.grad(outs, wrt, [u.to(o.dtype) for u, o in zip(upstream, outs)])
+    return [o.detach() for o in outs] + list(grads), ["output", "h_n", "c_n"][:len(outs)] + names
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("cell,proj", OP_CASES)
+def test_op_half_precision_within_twice_pytorch(cell, proj, dtype, backend):
+    """fp16 / bf16 with every option: the error against a float64 run of the same rounded
+    inputs is at most twice PyTorch's own same-dtype error (the hand loop in that dtype),
+    floored at one unit of the dtype's precision at the tensor's scale."""
+    batch_sizes = OP_LAYOUTS["packed"]
+    args, options = op_case(cell, torch.float64, batch_sizes=batch_sizes, proj=proj)
+    options["grad_clip"] = 0.05
+    skip_unless_supported(backend, cell, dtype, 3, proj, op_features_of(options))
+    exact_args = cast_values(cast_values(args, dtype), torch.float64)
+    exact_options = cast_values(cast_values(options, dtype), torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(int(batch_sizes.sum()), proj or 3), (3, proj or 3)] + ([(3, 3)] if cell == "lstm"
+                                                                         else [])
+    upstream = [torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).double()
+                for shape in shapes]
+
+    def loop(a, o):
+        return loop_op(cell, a, o, batch_sizes, False)
+
+    def op(a, o):
+        return call_op(cell, a, o, batch_sizes, False, backend)
+
+    truth, names = op_results(loop, exact_args, exact_options, upstream)
+    theirs, _ = op_results(loop, cast_values(exact_args, dtype),
+                           cast_values(exact_options, dtype), upstream)
+    ours, _ = op_results(op, cast_values(exact_args, dtype), cast_values(exact_options, dtype),
+                         upstream)
+    eps = torch.finfo(dtype).eps
+    for name, mine, pytorch, exact in zip(names, ours, theirs, truth):
+        assert mine.dtype == dtype, f"{name}: {mine.dtype}"
+        error = (mine.double() - exact).abs().max().item()
+        baseline = max((pytorch.double() - exact).abs().max().item(),
+                       eps * max(1.0, exact.abs().max().item()))
+        assert error <= 2 * baseline, f"{name}: error {error:.3g} > 2 x {baseline:.3g}"
+
+
 WORKSPACE_COLUMNS = {"lstm": ("gates", "c", "h_pre", "a_hat", "rstd", "c_hat", "rstd_c", "p"),
                      "gru": ("gates", "a_hat", "rstd")}
 

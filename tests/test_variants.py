@@ -28,7 +28,6 @@ MODULES = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}
 CELL_MODULES = {"lstm": fastrnn.LSTMCell, "gru": fastrnn.GRUCell}
 FEATURE_ORDER = ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
                  "cell_clip", "proj_clip", "grad_clip")
-STRUCTURE = ("num_layers", "bidirectional", "batch_first", "proj_size", "dropout", "bias")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -742,46 +741,45 @@ WORKSPACE_OPTIONS = {"all": None, "no_layer_norm": ("ln_weight", "ln_bias", "ln_
                                                     "ln_c_bias")}
 
 
+BACKEND_PAIRS = [(f, b) for f in BACKENDS for b in BACKENDS]
+
+
+@pytest.mark.parametrize("forward_backend,backward_backend", BACKEND_PAIRS,
+                         ids=[f"{f}-{b}" for f, b in BACKEND_PAIRS])
 @pytest.mark.parametrize("which", list(WORKSPACE_OPTIONS))
 @pytest.mark.parametrize("cell,proj", OP_CASES)
-def test_workspace_shared_by_every_backend(cell, proj, which):
-    """The workspace has the spec's width and dtype, and every backend's backward reads
-    every backend's forward workspace to the same gradients; absent options' gradients are
-    empty [0] tensors."""
+def test_workspace_shared_by_every_backend(cell, proj, which, forward_backend,
+                                           backward_backend):
+    """The workspace has the spec's width and dtype, and one backend's backward reads
+    another's forward workspace to the reference's gradients; absent options' gradients
+    are empty [0] tensors."""
     batch_sizes = OP_LAYOUTS["packed"]
     args, options = op_case(cell, torch.float64, batch_sizes=batch_sizes, proj=proj)
     options["grad_clip"] = 0.05
     for name in WORKSPACE_OPTIONS[which] or ():
         options.pop(name, None)
     features = op_features_of(options)
-    names = [b for b in BACKENDS if backends.get(b).unsupported_reason(
-        cell, torch.float64, torch.device("cpu"), 3, proj, features) is None]
-    if not names:
-        pytest.skip(f"no CPU backend runs {cell} {features}")
-    rows = int(batch_sizes.sum())
-    width = spec_workspace_width(cell, 3, proj, options)
-    gen = torch.Generator().manual_seed(2)
-    expected = None
-    for forward_backend in names:
+    for backend in {forward_backend, backward_backend}:
+        skip_unless_supported(backend, cell, torch.float64, 3, proj, features)
+
+    def forward_backward(forward_name, backward_name):
         with torch.no_grad():
-            result = call_op_full(cell, args, options, batch_sizes, True, forward_backend)
-        output, workspace = result[0], result[-1]
-        assert list(workspace.shape) == [rows, width], \
-            f"{forward_backend}: workspace {list(workspace.shape)}, spec [{rows}, {width}]"
-        assert workspace.dtype == torch.float64
-        if expected is None:
-            upstream = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in result[:-1]]
-        for backward_backend in names:
-            grads = call_backward(cell, args, options, upstream, batch_sizes, True, output,
-                                  workspace, backward_backend)
-            if expected is None:
-                expected = grads
-                continue
-            assert len(grads) == len(expected)
-            for i, (a, b) in enumerate(zip(grads, expected)):
-                assert_close(a, b, torch.float64,
-                             f"grad {i}: forward {forward_backend}, backward {backward_backend}")
-    option_grads = expected[-4:] if cell == "lstm" else expected[-2:]
+            result = call_op_full(cell, args, options, batch_sizes, True, forward_name)
+        gen = torch.Generator().manual_seed(2)
+        upstream = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in result[:-1]]
+        return result[-1], call_backward(cell, args, options, upstream, batch_sizes, True,
+                                         result[0], result[-1], backward_name)
+
+    workspace, grads = forward_backward(forward_backend, backward_backend)
+    rows, width = int(batch_sizes.sum()), spec_workspace_width(cell, 3, proj, options)
+    assert list(workspace.shape) == [rows, width], \
+        f"{forward_backend}: workspace {list(workspace.shape)}, spec [{rows}, {width}]"
+    assert workspace.dtype == torch.float64
+    _, expected = forward_backward("reference", "reference")
+    assert len(grads) == len(expected)
+    for i, (a, b) in enumerate(zip(grads, expected)):
+        assert_close(a, b, torch.float64, f"grad {i}")
+    option_grads = grads[-4:] if cell == "lstm" else grads[-2:]
     option_names = ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")[:len(option_grads)]
     for name, grad in zip(option_names, option_grads):
         if options.get(name) is None:
@@ -881,21 +879,19 @@ def test_workspace_columns_are_the_spec(cell, proj, dtype, backend):
         start += width
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell,proj", OP_CASES)
-def test_op_grad_clip_leaves_the_forward_alone(cell, proj):
+def test_op_grad_clip_leaves_the_forward_alone(cell, proj, backend):
     batch_sizes = OP_LAYOUTS["packed"]
     args, options = op_case(cell, torch.float64, batch_sizes=batch_sizes, proj=proj)
-    for backend in BACKENDS:
-        features = op_features_of(dict(options, grad_clip=0.01))
-        if backends.get(backend).unsupported_reason(cell, torch.float64, torch.device("cpu"),
-                                                    3, proj, features) is not None:
-            continue
-        with torch.no_grad():
-            clipped = call_op_full(cell, args, dict(options, grad_clip=0.01), batch_sizes,
-                                   False, backend)
-            plain = call_op_full(cell, args, options, batch_sizes, False, backend)
-        for a, b in zip(clipped, plain):
-            assert torch.equal(a, b), f"{backend}: grad_clip changed the forward"
+    skip_unless_supported(backend, cell, torch.float64, 3, proj,
+                          op_features_of(dict(options, grad_clip=0.01)))
+    with torch.no_grad():
+        clipped = call_op_full(cell, args, dict(options, grad_clip=0.01), batch_sizes, False,
+                               backend)
+        plain = call_op_full(cell, args, options, batch_sizes, False, backend)
+    for a, b in zip(clipped, plain):
+        assert torch.equal(a, b), "grad_clip changed the forward"
 
 
 BAD_OP_OPTIONS = [
@@ -910,13 +906,14 @@ BAD_OP_OPTIONS = [
 ]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("cell,proj,change,name", BAD_OP_OPTIONS,
                          ids=[f"{c}-{n}-{v}" for c, _, v, n in BAD_OP_OPTIONS])
-def test_op_rejects_bad_options(cell, proj, change, name):
+def test_op_rejects_bad_options(cell, proj, change, name, backend):
     args, options = op_case(cell, torch.float64, batch_sizes=None, proj=proj)
     options = dict(options, **change)
     with pytest.raises((ValueError, RuntimeError), match=name):
-        call_op_full(cell, args, options, None, False, "reference")
+        call_op_full(cell, args, options, None, False, backend)
 
 
 # ----------------------------------------------------------------------------- parameters

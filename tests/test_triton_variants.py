@@ -10,8 +10,9 @@ workspace crossing backends both ways.
 import pytest
 import torch
 
-from test_triton import (DEVICE, GATES, REFERENCE, TritonBackend, assert_float32_close,  # noqa: F401
-                         cast, errors, make_problem, poison, to)
+from test_triton import (DEVICE, GATES, REFERENCE, TritonBackend, assert_float32_close,
+                         cast, errors, make_problem, to)
+from test_triton import poison  # noqa: F401  (the autouse NaN-filling fixture)
 from fastrnn.variants import StepOptions, workspace_width
 
 GRAD_NAMES = ("grad_xproj", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr",
@@ -94,7 +95,7 @@ def check_float32(cell, case, features, pairs=("triton>triton",)):
     """``pairs``: forward backend > backward backend, run in turn."""
     cell, inputs, grads, reverse, options = problem(cell, case, features)
     expected = run(REFERENCE, cell, inputs, grads, reverse, options)
-    G, H = GATES[cell], inputs["w_hh"].shape[0] // GATES[cell]
+    H = inputs["w_hh"].shape[0] // GATES[cell]
     proj = 0 if inputs["w_hr"] is None else inputs["w_hr"].shape[0]
     assert expected["workspace"].shape[1] == workspace_width(cell, H, proj, options.features())
     inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)

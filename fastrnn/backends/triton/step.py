@@ -553,9 +553,12 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
                 float(cell_clip or 0.0), float(grad_clip or 0.0),
                 whole_rows=whole_rows, **meta)
         recurrent = torch.mm(d_a[rows], w32)
-        if keep32 is not None:
-            recurrent *= keep32[:n]
-        if has_direct:
+        if keep32 is not None:  # the mask scales the GEMM's part only, not the direct one
+            if has_direct:
+                dh[:n].addcmul_(recurrent, keep32[:n])
+            else:
+                torch.mul(recurrent, keep32[:n], out=dh[:n])
+        elif has_direct:
             dh[:n] += recurrent  # the kernels stored the direct part
         else:
             dh[:n] = recurrent

@@ -290,8 +290,10 @@ STOCHASTIC = ("recurrent_dropout", "weight_drop")
 def test_option_alone(cell, option, training, dtype, backend):
     options = (LSTM_ALONE if cell == "lstm" else GRU_ALONE)[option]
     ref = check_module(cell, options, backend, dtype, training=training)
-    if training or option not in STOCHASTIC:
+    if (training or option not in STOCHASTIC) and dtype == torch.float64 \
+            and backend == BACKENDS[0]:
         # the same module without the option (proj_size kept) must give other numbers
+        # (a property of the test case: checked once, not per backend and dtype)
         base = {k: v for k, v in options.items() if k in ("proj_size", "bias")}
         plain = check_module(cell, base, backend, dtype, training=training)
         assert_differs(ref, plain, option)

@@ -220,13 +220,13 @@ def test_half_precision_error_within_twice_pytorch(dtype, cell, reverse):
 def test_zoneout_one_keeps_previous_state_bit_for_bit():
     """zoneout weight 1 on every row: h_t and c_t are h0 and c0 exactly."""
     cell, inputs, grads, reverse, _ = problem("lstm", "plain", ())
-    inputs = cast(inputs, torch.float32)
+    inputs = to(cast(inputs, torch.float32), DEVICE)
     N, (B, P) = inputs["xproj"].shape[0], inputs["h0"].shape
-    ones = torch.ones(N, P)
-    out, h_n, c_n, _ = TritonBackend().forward(
-        cell, reverse=reverse, options=StepOptions(zoneout_h=ones, zoneout_c=ones.clone(),
-                                                   ln_weight=torch.ones(4 * P),
-                                                   ln_bias=torch.zeros(4 * P)), **inputs)
+    ones = torch.ones(N, P, device=DEVICE)
+    options = StepOptions(zoneout_h=ones, zoneout_c=ones.clone(),
+                          ln_weight=torch.ones(4 * P, device=DEVICE),
+                          ln_bias=torch.zeros(4 * P, device=DEVICE))
+    out, h_n, c_n, _ = TritonBackend().forward(cell, reverse=reverse, options=options, **inputs)
     assert torch.equal(h_n, inputs["h0"]) and torch.equal(c_n, inputs["c0"])
     assert torch.equal(out, inputs["h0"].repeat(N // B, 1))
 
@@ -235,7 +235,7 @@ def test_no_option_set_is_the_plain_recurrence():
     """options with every field None: exactly the numbers of options=None, ten gradients
     with the last four None."""
     cell, inputs, grads, reverse, _ = problem("gru", "packed_reverse", ())
-    inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
+    inputs, grads = to(cast(inputs, torch.float32), DEVICE), to(cast(grads, torch.float32), DEVICE)
     plain = TritonBackend("step").forward(cell, reverse=reverse, **inputs)
     empty = TritonBackend("step").forward(cell, reverse=reverse, options=StepOptions(),
                                           **inputs)
@@ -250,9 +250,11 @@ def test_no_option_set_is_the_plain_recurrence():
 
 def test_zero_steps_with_options():
     cell, inputs, grads, reverse, options = problem("lstm", "plain", LSTM_OPTIONS)
-    inputs = cast(inputs, torch.float32)
-    options = cast_options(options, torch.float32)._replace(
-        zoneout_h=torch.zeros(0, 5), zoneout_c=torch.zeros(0, 5))
+    inputs = to(cast(inputs, torch.float32), DEVICE)
+    options = StepOptions(*[v.to(DEVICE) if isinstance(v, torch.Tensor) else v
+                            for v in cast_options(options, torch.float32)])
+    options = options._replace(zoneout_h=torch.zeros(0, 5, device=DEVICE),
+                               zoneout_c=torch.zeros(0, 5, device=DEVICE))
     inputs["xproj"] = inputs["xproj"][:0]
     out, h_n, c_n, ws = TritonBackend().forward(cell, reverse=reverse, options=options,
                                                 **inputs)

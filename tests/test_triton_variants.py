@@ -138,11 +138,11 @@ def test_workspace_crosses_backends(cell):
 
 
 def test_wide_rows_layer_norm():
-    """H=40: layer-norm rows of 160 columns padded to 4 x 64 lanes, batch 9 over 3 programs
-    (16 rows per program at BLOCK_H=64 would be one; the padding must stay out of the row
-    statistics)."""
-    lengths = [5, 5, 4, 4, 3, 3, 2, 2, 1]
-    inputs, grads = make_problem("lstm", 9, 5, 40, lengths, seed=3)
+    """H=130: layer-norm rows of 520 columns in 4 tiles of 256 lanes (the padding must stay out
+    of the row statistics), 4 rows per program, so batch 9 takes 3 programs, then fewer as
+    the ragged sequences end."""
+    lengths = [4, 4, 3, 3, 2, 2, 1, 1, 1]
+    inputs, grads = make_problem("lstm", 9, 4, 130, lengths, seed=3)
     options = make_options("lstm", LSTM_OPTIONS, inputs)
     expected = run(REFERENCE, "lstm", inputs, grads, False, options)
     actual = run(TritonBackend(), "lstm", cast(inputs, torch.float32),

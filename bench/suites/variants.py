@@ -51,9 +51,20 @@ VARIANTS = {"ln-lstm": LN_FEATURES, "plain-lstm": (), "ln-lstm-reg": REG_FEATURE
 LN_NAMES = ("ln_weight_ih", "ln_bias_ih", "ln_weight_hh", "ln_bias_hh", "ln_weight_c", "ln_bias_c")
 
 
+# Gain of the recurrent layer norm in the benchmark weights. At gain 1 (the usual initial
+# value) with torch.nn's initial weights the LN-LSTM recurrence is chaotic: LN rescales the
+# small h @ w_hh.T to unit variance, so float32 rounding grows to ~4e-4 relative over 100
+# steps in every implementation (the TorchScript loop, fastrnn's reference and native alike,
+# measured against float64), and a check at that noise level could not tell a subtly wrong
+# kernel from a right one. Around 0.5 the float32 error stays near 2e-6 and the check is
+# sharp (1e-5 relative). The values do not change the work timed.
+RECURRENT_LN_GAIN = 0.5
+
+
 class LayerNormCaseData(rnn.CaseData):
     """rnn.CaseData (same seeded nn.LSTM weights, inputs and output gradients) plus layer norm
-    parameters: gains 1 + 0.1 N(0,1) and biases 0.1 N(0,1), each drawn separately."""
+    parameters: gains 1 + 0.1 N(0,1) (the recurrent one times RECURRENT_LN_GAIN) and biases
+    0.1 N(0,1), each drawn separately."""
 
     def __init__(self, spec: rnn.Spec, seed: int):
         super().__init__(spec, seed)
@@ -69,8 +80,11 @@ class LayerNormCaseData(rnn.CaseData):
                     for name in LN_NAMES:
                         size = c.hidden if name.endswith("_c") else 4 * c.hidden
                         value = 0.1 * torch.randn(size, generator=gen)
-                        self._norms[f"{name}_l{layer}{suffix}"] = (
-                            value + 1 if "weight" in name else value)
+                        if "weight" in name:
+                            value = value + 1
+                        if name == "ln_weight_hh":
+                            value = value * RECURRENT_LN_GAIN
+                        self._norms[f"{name}_l{layer}{suffix}"] = value
         return {**state, **self._norms}, x, lengths, grads
 
     def clear(self):
@@ -89,14 +103,14 @@ def _features_reason(backend: str, spec: rnn.Spec, features: Tuple[str, ...]) ->
 
 
 def fastrnn_variant_module(spec: rnn.Spec, backend: str, variant: str):
-    """``fastrnn.LSTM(..., backend=backend)`` with the variant's options, or Skip."""
+    """``fastrnn.LSTM(layer_norm=True, backend=backend)`` (and the regularisers for
+    ln-lstm-reg), or Skip naming why the backend cannot."""
     import fastrnn
     reason = _features_reason(backend, spec, VARIANTS[variant])
     if reason:
         raise Skip(reason)
     c = spec.config
-    options = {"ln-lstm": dict(layer_norm=True), "plain-lstm": {},
-               "ln-lstm-reg": dict(layer_norm=True, **REGULARISERS)}[variant]
+    options = dict(layer_norm=True, **(REGULARISERS if variant == "ln-lstm-reg" else {}))
     return fastrnn.LSTM(c.input, c.hidden, num_layers=c.layers, bidirectional=c.bidirectional,
                         device=spec.device, dtype=spec.dtype, backend=backend, **options)
 

@@ -177,6 +177,7 @@ FASTRNN_HD void backward_element(Cell cell, const BackwardStep<scalar_t, acc_t>&
 }
 
 // ------------------------------------------------------------------ variant rows
+
 // A variant step runs per ROW: the layer norms need the row's statistics before (forward)
 // or after (backward) the element math. `Row` is the device's way of running a row:
 //   row.for_each(n, f)   f(j) for j in [0, n), all done (and visible) when it returns;
@@ -203,7 +204,9 @@ FASTRNN_HD RowStats<acc_t> recurrent_norm_stats(const ForwardStep<scalar_t, acc_
   RowStats<acc_t> st{acc_t(0), acc_t(1)};
   if constexpr (V::ln) {
     const scalar_t* hg = a.hgates + b * GH;
-    st = row_mean_rstd<acc_t>(row, GH, [&](int64_t k) { return static_cast<acc_t>(hg[k]); });
+    st = row_mean_rstd<acc_t>(row, GH, [&](int64_t k) {
+      return static_cast<acc_t>(hg[k]);
+    });
     if (row.leader()) a.ws[(a.row + b) * a.W + a.opt.ln_col + GH] = st.rstd;
   }
   return st;
@@ -271,7 +274,9 @@ FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t 
   });
   if constexpr (V::ln_c) {
     const RowStats<acc_t> sc =
-        row_mean_rstd<acc_t>(row, H, [&](int64_t j) { return ws[o.ln_c_col + j]; });
+        row_mean_rstd<acc_t>(row, H, [&](int64_t j) {
+          return ws[o.ln_c_col + j];
+        });
     if (row.leader()) ws[o.ln_c_col + H] = sc.rstd;
     row.for_each(H, [&](int64_t j) {
       const acc_t hat = (ws[o.ln_c_col + j] - sc.mean) * sc.rstd;
@@ -350,7 +355,9 @@ FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, 
   const acc_t* hat = a.ws + r * a.W + a.opt.ln_col;
   const acc_t rstd = hat[GH];
   const scalar_t* w = a.opt.ln_weight;
-  auto g = [&](int64_t k) { return static_cast<acc_t>(d_hh_row[k]) * static_cast<acc_t>(w[k]); };
+  auto g = [&](int64_t k) {
+    return static_cast<acc_t>(d_hh_row[k]) * static_cast<acc_t>(w[k]);
+  };
   Sums<acc_t> m = row.template sum2<acc_t>(GH, [&](int64_t k) {
     const acc_t gk = g(k);
     return Sums<acc_t>{gk, gk * hat[k]};
@@ -393,7 +400,8 @@ FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_
       dh = static_cast<acc_t>(a.dhh[b * H + j]);
     } else {
       scalar_t* dh_state = a.dh_state + b * H + j;
-      const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
+      const acc_t dh_t =
+          static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
       const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
       *dh_state = static_cast<scalar_t>(z * dh_t);
       dh = (acc_t(1) - z) * dh_t;
@@ -419,14 +427,18 @@ FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_
     const acc_t* hat = ws + o.ln_c_col;
     const acc_t rstd = hat[H];
     const acc_t* dy = a.grad_y + r * H;
-    auto g = [&](int64_t j) { return dy[j] * static_cast<acc_t>(o.ln_c_weight[j]); };
+    auto g = [&](int64_t j) {
+      return dy[j] * static_cast<acc_t>(o.ln_c_weight[j]);
+    };
     Sums<acc_t> m = row.template sum2<acc_t>(H, [&](int64_t j) {
       const acc_t gj = g(j);
       return Sums<acc_t>{gj, gj * hat[j]};
     });
     m.a = m.a / acc_t(H);
     m.b = m.b / acc_t(H);
-    row.for_each(H, [&](int64_t j) { finish(j, rstd * (g(j) - m.a - hat[j] * m.b)); });
+    row.for_each(H, [&](int64_t j) {
+      finish(j, rstd * (g(j) - m.a - hat[j] * m.b));
+    });
   }
   if constexpr (V::ln) recurrent_norm_backward(a, b, GH, gx, row);
 }

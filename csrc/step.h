@@ -243,21 +243,28 @@ FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, i
   }
 }
 
-template <class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
-                                 const Row& row) {
-  const int64_t H = a.H, GH = 4 * H, r = a.row + b;
-  const StepOptions<scalar_t, acc_t>& o = a.opt;
-  acc_t* ws = a.ws + r * a.W;
-  const RowStats<acc_t> st = recurrent_norm_stats<V>(a, b, GH, row);
-  row.for_each(H, [&](int64_t j) {
-    auto pre = [&](int k) {
-      return static_cast<acc_t>(a.xproj[r * GH + k * H + j]) +
-             recurrent_input<V>(a, b, GH, k * H + j, st);
-    };
+// Phase 1 of a variant lstm row, element j: gates, cell clip, zoneout of c, and h unless
+// the cell layer norm must see the whole row first. (The big element bodies are function
+// objects, not lambdas: GCC always inlines these into the CPU row loop, which must happen
+// for the loop to be vectorised; it declined to inline the equivalent lambdas.)
+template <class V, typename scalar_t, typename acc_t>
+struct LSTMForwardGates {
+  ForwardStep<scalar_t, acc_t> a;  // a copy: nothing the loop stores can alias its fields
+  int64_t b;
+  RowStats<acc_t> st;
+
+  FASTRNN_HD void operator()(int64_t j) const {
+    const int64_t H = a.H, GH = 4 * H, r = a.row + b;
+    const StepOptions<scalar_t, acc_t>& o = a.opt;
+    acc_t* ws = a.ws + r * a.W;
+    const scalar_t* x = a.xproj + r * GH + j;
     acc_t* c = a.c_state + b * H + j;
     const acc_t c_prev = *c;
-    const LSTMGates<acc_t> s = lstm_gates<acc_t>(pre(0), pre(1), pre(2), pre(3), c_prev);
+    const LSTMGates<acc_t> s = lstm_gates<acc_t>(
+        static_cast<acc_t>(x[0]) + recurrent_input<V>(a, b, GH, j, st),
+        static_cast<acc_t>(x[H]) + recurrent_input<V>(a, b, GH, H + j, st),
+        static_cast<acc_t>(x[2 * H]) + recurrent_input<V>(a, b, GH, 2 * H + j, st),
+        static_cast<acc_t>(x[3 * H]) + recurrent_input<V>(a, b, GH, 3 * H + j, st), c_prev);
     const acc_t c_new = clamp_(s.c, o.cell_clip);
     const acc_t c_t = blend_(static_cast<acc_t>(o.zoneout_c[r * o.zc_stride + j]), c_new, c_prev);
     ws[j] = s.i;
@@ -267,11 +274,21 @@ FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t 
     ws[4 * H + j] = c_t;
     *c = c_t;
     if constexpr (V::ln_c) {
-      ws[o.ln_c_col + j] = c_new;  // normalised in place below
+      ws[o.ln_c_col + j] = c_new;  // normalised in place by the next phase
     } else {
       lstm_store_h(a, b, j, c_new, s.o);
     }
-  });
+  }
+};
+
+template <class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                 const Row& row) {
+  const int64_t H = a.H, GH = 4 * H, r = a.row + b;
+  const StepOptions<scalar_t, acc_t>& o = a.opt;
+  acc_t* ws = a.ws + r * a.W;
+  const RowStats<acc_t> st = recurrent_norm_stats<V>(a, b, GH, row);
+  row.for_each(H, LSTMForwardGates<V, scalar_t, acc_t>{a, b, st});
   if constexpr (V::ln_c) {
     const RowStats<acc_t> sc =
         row_mean_rstd<acc_t>(row, H, [&](int64_t j) {
@@ -288,13 +305,15 @@ FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t 
   }
 }
 
-template <class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD void gru_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
-                                const Row& row) {
-  const int64_t H = a.H, GH = 3 * H, r = a.row + b;
-  acc_t* ws = a.ws + r * a.W;
-  const RowStats<acc_t> st = recurrent_norm_stats<V>(a, b, GH, row);
-  row.for_each(H, [&](int64_t j) {
+template <class V, typename scalar_t, typename acc_t>
+struct GRUForwardElement {
+  ForwardStep<scalar_t, acc_t> a;
+  int64_t b;
+  RowStats<acc_t> st;
+
+  FASTRNN_HD void operator()(int64_t j) const {
+    const int64_t H = a.H, GH = 3 * H, r = a.row + b;
+    acc_t* ws = a.ws + r * a.W;
     const scalar_t* x = a.xproj + r * GH + j;
     scalar_t* h_state = a.h_state + b * H + j;
     const acc_t h_prev = static_cast<acc_t>(*h_state);
@@ -310,7 +329,14 @@ FASTRNN_HD void gru_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b
     const scalar_t h_t = static_cast<scalar_t>(blend_(z, s.h, h_prev));
     a.output[r * H + j] = h_t;
     *h_state = h_t;
-  });
+  }
+};
+
+template <class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void gru_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                const Row& row) {
+  const RowStats<acc_t> st = recurrent_norm_stats<V>(a, b, 3 * a.H, row);
+  row.for_each(a.H, GRUForwardElement<V, scalar_t, acc_t>{a, b, st});
 }
 
 // After the projection GEMM wrote p = h_pre @ w_hr.T into the output rows: keep p (for

@@ -283,16 +283,103 @@ def summarize(records: List[dict], device: str = "cpu") -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---- interleaved timing (a machine shared with other jobs) -------------------------------
+
+def interleaved(config_name: str, mode: str, rounds: int, device="cpu", seed: int = 0) -> dict:
+    """Time the ln-lstm providers and plain nn.LSTM of one config round robin (each round
+    calls every provider once), so that changes in machine load hit them all alike; each
+    provider is checked against the loop first, as in the suite. -> {provider: [ms, ...]}"""
+    import time
+    from ..check import judge
+    from ..timing import _sync
+    options = Options(size="quick", device=torch.device(device), seed=seed)
+    ln = _case(options, "ln-lstm", config_name, mode, torch.float32)
+    plain = _case(options, "plain-lstm", config_name, mode, torch.float32)
+    calls = {"ts-ln-loop": ln.providers["ts-ln-loop"]()}
+    expected = calls["ts-ln-loop"]()
+    for name, factory in ln.providers.items():
+        if name in calls:
+            continue
+        try:
+            call = factory()
+        except Skip:
+            continue
+        verdict = judge(call(), expected, torch.float32, ln.gold)
+        if not verdict.ok:
+            raise AssertionError(f"{name}: {verdict.message}")
+        calls[name] = call
+    calls["nn.LSTM (no LN)"] = plain.providers["torch.nn"]()
+    for call in calls.values():   # one more warm-up each
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            _sync(options.device)
+            start = time.perf_counter()
+            call()
+            _sync(options.device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def interleaved_table(runs: List[Tuple[str, str, dict]]) -> str:
+    """Markdown of interleaved() results: median (IQR) and the same ratios as summarize()."""
+    import statistics
+    lines = ["| config | mode | provider | ms median (IQR) | x ts-ln-loop | x naive loop | / nn.LSTM |",
+             "|---|---|---|---|---|---|---|"]
+    for config, mode, times in runs:
+        med = {k: statistics.median(v) for k, v in times.items()}
+        for name, ts in times.items():
+            q = statistics.quantiles(ts, n=4, method="inclusive")
+            lines.append(f"| {config} | {mode} | {name} | {med[name]:.4g} ({q[0]:.3g}-{q[2]:.3g}) "
+                         f"| {med['ts-ln-loop'] / med[name]:.2f} "
+                         f"| {med['ts-ln-loop-naive'] / med[name]:.2f} "
+                         f"| {med[name] / med['nn.LSTM (no LN)']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+USAGE = """usage:
+  python -m bench.suites.variants RESULT.json
+      print the Markdown summary of a saved run against the issue's targets
+  python -m bench.suites.variants --interleave OUT.json [--threads N] [--rounds R] [--device D]
+                                  [CONFIG/MODE ...]   (default: every config and mode)
+      round-robin timing of the layer norm providers and nn.LSTM; writes OUT.json, prints
+      the Markdown table"""
+
+
 def main(argv=None) -> int:
     import json
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m bench.suites.variants RESULT.json  (prints the Markdown summary)",
-              file=sys.stderr)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if len(argv) == 1 and not argv[0].startswith("-"):
+        with open(argv[0]) as f:
+            data = json.load(f)
+        print(summarize(data["results"], data["meta"].get("device", "cpu")), end="")
+        return 0
+    if len(argv) < 2 or argv[0] != "--interleave":
+        print(USAGE, file=sys.stderr)
         return 2
-    with open(argv[0]) as f:
-        data = json.load(f)
-    print(summarize(data["results"], data["meta"].get("device", "cpu")), end="")
+    out, rest = argv[1], argv[2:]
+    settings = {"--threads": None, "--rounds": "7", "--device": "cpu"}
+    picks = []
+    while rest:
+        if rest[0] in settings and len(rest) > 1:
+            settings[rest[0]], rest = rest[1], rest[2:]
+        else:
+            picks.append(rest.pop(0))
+    if settings["--threads"]:
+        torch.set_num_threads(int(settings["--threads"]))
+    picks = picks or [f"{c}/{m}" for c in CONFIG_NAMES for m in rnn.MODES]
+    runs = []
+    for pick in picks:
+        config, mode = pick.split("/")
+        runs.append((config, mode, interleaved(config, mode, int(settings["--rounds"]),
+                                               settings["--device"])))
+    from ..report import metadata
+    meta = metadata(torch.device(settings["--device"]), "interleaved", {})
+    with open(out, "w") as f:
+        json.dump({"meta": meta, "rounds": int(settings["--rounds"]),
+                   "runs": [dict(config=c, mode=m, ms=t) for c, m, t in runs]}, f, indent=1)
+    print(interleaved_table(runs), end="")
     return 0
 
 

@@ -6,9 +6,18 @@
 // recurrence_cuda.cu: one kernel). Backward runs the steps in reverse and accumulates the
 // weight gradients as single GEMMs over all steps at the end.
 //
+// Variant options (lstm/gru; VARIANTS_SPEC.md, fastrnn/ops.py) are small pieces of the same
+// loop: the recurrent mask multiplies h before the GEMM (and dL/dh_rec after it), the
+// pointwise pass becomes step.h's variant row (layer norms, clips, zoneout), a projection
+// pass follows the w_hr GEMM when proj_clip / zoneout_h need it, and the layer-norm
+// parameter gradients are column sums at the end. Without options nothing of this runs.
+//
 // Dev provides:
 //   template <class scalar_t, class acc_t> static void forward_step(Cell, const ForwardStep&, int64_t rows);
 //   template <class scalar_t, class acc_t> static void backward_step(Cell, const BackwardStep&, int64_t rows);
+//       (both run the variant rows of step.h when the step's options are on)
+//   template <class scalar_t, class acc_t> static void projection_forward_step(const ForwardStep&, int64_t rows);
+//   template <class scalar_t, class acc_t> static void projection_backward_step(const BackwardStep&, int64_t rows);
 //   static void check_dtype(at::ScalarType);       // clear error for dtypes it lacks
 //   template <class F> static void dispatch(at::ScalarType, F f);  // f(scalar_t{}) per dtype
 //   using Gemm = ...;  // out[rows, N] (+)= a[rows, K] @ w[K, N] with w fixed for the call

@@ -1,6 +1,8 @@
 // One time step of the recurrence for ONE element (live row b, hidden unit j): loads, the
 // gate math of cells.h, stores. The CPU loop calls these for every j of a row; the CUDA
-// kernels call them once per thread. Layouts are those of fastrnn/ops.py:
+// kernels call them once per thread. With variant options a step runs per ROW instead
+// (the "variant rows" below: the layer norms need row sums). Layouts are those of
+// fastrnn/ops.py:
 //   packed rows: step t owns rows [row, row + rows) of xproj/output/workspace/grad_xproj;
 //   row b of a step is sequence b, so the live rows of a step are the first `rows` states.
 #pragma once

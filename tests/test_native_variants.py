@@ -102,8 +102,8 @@ def make_options(cell, case, features, seed=2):
 
 def upstream(fwd, seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [None if t is None else torch.randn(t.shape, generator=gen, dtype=t.dtype)
-            for t in fwd[:3]]
+    return [None if t is None else
+            torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in fwd[:3]]
 
 
 def forward(backend, cell, case, reverse, options):
@@ -261,6 +261,31 @@ def test_empty_steps(name):
     compare(backward(native, cell, case, False, fwd_n, grads, options),
             backward(reference, cell, case, False, fwd_r, grads, options), torch.float64,
             "backward")
+
+
+# ------------------------------------------------------------------ CUDA (skipped without a GPU)
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("hidden", [37, 600])  # 600: rows wider than one block of threads
+@pytest.mark.parametrize("layout,reverse", [("dense", True), ("packed", False)],
+                         ids=["dense_rev", "packed_fwd"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_variant_kernels_match_reference(name, layout, reverse, hidden, dtype,
+                                              monkeypatch):
+    """The CUDA variant kernels (row per block) against the reference, every option on.
+    Until this passes on a GPU, NativeBackend refuses options on CUDA."""
+    monkeypatch.setenv("FASTRNN_NATIVE_POISON", "1")
+    cell, proj = CASES[name]
+    case = make_case(cell, 11 if proj else 0, hidden=hidden, dtype=dtype,
+                     lengths=LENGTHS if layout == "packed" else None)
+    options = make_options(cell, case, FEATURES[name])
+    cuda = lambda v: v.cuda() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+    case = {k: cuda(v) for k, v in case.items()}
+    options = StepOptions(*[cuda(v) for v in options])
+    fwd, bwd = check_against_reference(cell, case, reverse, options, dtype)
+    for t in list(fwd) + list(bwd):
+        assert t is None or not t.isnan().any()
 
 
 # ------------------------------------------------------------------ registration, autograd

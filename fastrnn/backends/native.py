@@ -5,6 +5,11 @@ defines ``torch.ops.fastrnn.native_forward`` / ``native_backward``, one generic 
 direction taking the cell name. Their fake (meta) impls live here, so they trace under
 ``torch.compile`` and pass ``torch.library.opcheck``.
 
+Variant options (fastrnn.variants, lstm and gru) are the ops' trailing arguments; backward
+then also returns the layer-norm parameters' gradients. The CPU kernels run every option
+(tests/test_native_variants.py); the CUDA variant kernels compile but have not run on a GPU,
+so :meth:`NativeBackend.unsupported_reason` refuses options on CUDA (``auto`` falls back).
+
 When the extension cannot be built, :meth:`NativeBackend.unavailable_reason` says why (with
 the build log's path), so ``backend="auto"`` falls back to the reference backend with one
 warning and ``backend="native"`` raises that reason.

@@ -27,7 +27,7 @@ if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
   timeout 240 python3 -m pytest -q -m gpu tests/ > "$OUT/gpu-tests.log" 2>&1
   echo "gpu tests exit $?" >> "$OUT/gpu-tests.log"
   TRITON_INTERPRET=0 FASTRNN_TEST_TRITON_DEVICE=cuda timeout 240 \
-    python3 -m pytest -q tests/test_triton.py > "$OUT/triton-cuda-tests.log" 2>&1
+    python3 -m pytest -q tests/test_triton*.py > "$OUT/triton-cuda-tests.log" 2>&1
   echo "triton cuda tests exit $?" >> "$OUT/triton-cuda-tests.log"
   timeout 120 python3 -m fastrnn.backends.triton.compile_check --all -v > "$OUT/triton-ptxas.log" 2>&1
   tail -n 3 "$OUT/build.log" "$OUT/gpu-tests.log" "$OUT/triton-cuda-tests.log"

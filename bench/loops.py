@@ -42,7 +42,8 @@ def gru_step(gx: Tensor, h: Tensor, w_hh: Tensor, b_hh: Tensor) -> Tensor:
 
 def _script_lstm_layer(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor,
                        b_ih: Tensor, b_hh: Tensor, reverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    gx = torch.matmul(x, w_ih.t()) + (b_ih + b_hh)
+    # unbind, not gx[t]: each gx[t]'s backward is a zero tensor of gx's full size
+    gx = (torch.matmul(x, w_ih.t()) + (b_ih + b_hh)).unbind(0)
     steps = x.size(0)
     outs: List[Tensor] = []
     for s in range(steps):
@@ -56,7 +57,7 @@ def _script_lstm_layer(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tens
 
 def _script_gru_layer(x: Tensor, h: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor,
                       b_hh: Tensor, reverse: bool) -> Tuple[Tensor, Tensor]:
-    gx = torch.matmul(x, w_ih.t()) + b_ih
+    gx = (torch.matmul(x, w_ih.t()) + b_ih).unbind(0)
     steps = x.size(0)
     outs: List[Tensor] = []
     for s in range(steps):
@@ -94,7 +95,7 @@ def _time_order(steps: int, reverse: bool):
 def _compiled_lstm_layer(step):
     """The scripted LSTM layer's loop in Python around a compiled step."""
     def layer(x, h, c, w_ih, w_hh, b_ih, b_hh, reverse):
-        gx = torch.matmul(x, w_ih.t()) + (b_ih + b_hh)
+        gx = (torch.matmul(x, w_ih.t()) + (b_ih + b_hh)).unbind(0)
         outs = [None] * x.size(0)
         for t in _time_order(x.size(0), reverse):
             h, c = step(gx[t], h, c, w_hh)
@@ -105,7 +106,7 @@ def _compiled_lstm_layer(step):
 
 def _compiled_gru_layer(step):
     def layer(x, h, w_ih, w_hh, b_ih, b_hh, reverse):
-        gx = torch.matmul(x, w_ih.t()) + b_ih
+        gx = (torch.matmul(x, w_ih.t()) + b_ih).unbind(0)
         outs = [None] * x.size(0)
         for t in _time_order(x.size(0), reverse):
             h = step(gx[t], h, w_hh, b_hh)

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-COLUMNS = ("case", "provider", "status", "median ms", "IQR ms", "tokens/s", "vs torch.nn",
+COLUMNS = ("case", "provider", "status", "median ms", "IQR ms", "tokens/s", "vs baseline",
            "GFLOP/s", "% GEMM", "peak MB")
 
 
@@ -126,12 +126,14 @@ def markdown(records: List[dict], meta: dict, plots: List[str]) -> str:
         f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, "
         f"{meta['torch_threads']} torch threads",
         f"- GEMM ceiling (best square torch.mm, measured at the start and end of this run): {ceil}",
-        "- `vs torch.nn`: torch.nn median time / provider median time in this run "
+        "- `vs baseline`: the case's baseline median time (torch.nn; in the variants suite the "
+        "TorchScript LayerNorm loop) / provider median time in this run "
         "(> 1 is faster); `% GEMM`: achieved GFLOP/s (matmul FLOPs only) over the ceiling; "
         "`peak MB`: " + ("CUDA max_memory_allocated growth during one call"
                           if meta["device"].startswith("cuda") else
                           "growth of the process's peak RSS during one call"),
-        "- providers are checked against torch.nn before timing; WRONG ones are not timed", "",
+        "- providers are checked against the baseline before timing; WRONG ones are not timed",
+        "",
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows(records):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")

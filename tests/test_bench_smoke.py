@@ -96,7 +96,7 @@ def test_tiny_run_writes_everything_and_flags_wrong_provider(tmp_path, capsys, i
         assert r["status"] == "skipped" and "flux capacitor" in r["reason"]
 
     # the table on stdout: header, one line per record, wrong and skipped visible
-    assert "vs torch.nn" in stdout and "GFLOP/s" in stdout
+    assert "vs baseline" in stdout and "GFLOP/s" in stdout
     assert stdout.count("WRONG") == 6
     assert "skipped: needs a flux capacitor" in stdout
 

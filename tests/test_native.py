@@ -22,6 +22,7 @@ from fastrnn import backends, build, ops
 from fastrnn.backends.native import NativeBackend
 from fastrnn.cells import CELLS
 
+from backend_cases import compare_all, make_case, run_backward, run_forward, upstream
 from parity import assert_close
 
 native = backends.get("native")
@@ -36,59 +37,6 @@ CELL_NAMES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 CELL_CASES = [("lstm", False), ("lstm", True), ("gru", False), ("rnn_tanh", False),
               ("rnn_relu", False)]
 CELL_IDS = ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"]
-
-
-def make_case(cell, hidden=5, proj=0, batch=4, steps=6, lengths=None, bias=True,
-              dtype=torch.float64, seed=0):
-    """Random op inputs; `lengths` (sorted, descending) makes a packed layout."""
-    gen = torch.Generator().manual_seed(seed)
-    kind = CELLS[cell]
-    gates, width = kind.num_gates, proj or hidden
-
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
-
-    if lengths is not None:
-        batch_sizes = torch.tensor([sum(L > t for L in lengths) for t in range(max(lengths))],
-                                   dtype=torch.long)
-        rows = int(batch_sizes.sum())
-    else:
-        batch_sizes, rows = None, steps * batch
-    scale = hidden ** -0.5
-    return dict(
-        xproj=rand(rows, gates * hidden), h0=rand(batch, width),
-        c0=rand(batch, hidden) if kind.has_cell_state else None,
-        w_hh=rand(gates * hidden, width, scale=scale),
-        b_hh=rand(gates * hidden) if bias else None,
-        w_hr=rand(width, hidden, scale=scale) if proj else None,
-        batch_sizes=batch_sizes)
-
-
-def upstream(outputs, seed=1):
-    """Random gradients for (output, h_n, c_n)."""
-    gen = torch.Generator().manual_seed(seed)
-    return [None if t is None else
-            torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
-            for t in outputs[:3]]
-
-
-def run_forward(backend, cell, case, reverse):
-    return backend.forward(cell, case["xproj"], case["h0"], case["c0"], case["w_hh"],
-                           case["b_hh"], case["w_hr"], case["batch_sizes"], reverse)
-
-
-def run_backward(backend, cell, case, reverse, fwd, grads):
-    grad_output, grad_h_n, grad_c_n = grads
-    return backend.backward(cell, grad_output, grad_h_n, grad_c_n, case["h0"], case["c0"],
-                            case["w_hh"], case["b_hh"], case["w_hr"], case["batch_sizes"],
-                            reverse, fwd[0], fwd[3])
-
-
-def compare_all(actual, expected, dtype, what):
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert (a is None) == (e is None), f"{what} {i}: {a} vs {e}"
-        if a is not None:
-            assert_close(a, e, dtype, f"{what} {i}")
 
 
 def check_against_reference(cell, case, reverse, dtype):

@@ -16,7 +16,8 @@ from fastrnn import backends, ops
 from fastrnn.cells import CELLS
 from fastrnn.variants import StepOptions
 
-from parity import assert_close
+import backend_cases
+from backend_cases import compare_all, run_backward, run_forward, upstream
 
 native = backends.get("native")
 reference = backends.get("reference")
@@ -39,29 +40,8 @@ DTYPES = [torch.float64, torch.float32]
 LENGTHS = [6, 4, 4, 1, 1]  # packed layout: ragged, with length-1 sequences
 
 
-def make_case(cell, proj, hidden=5, batch=5, steps=6, lengths=None, dtype=torch.float64,
-              seed=0):
-    """Random op inputs; `lengths` (sorted, descending) makes a packed layout."""
-    gen = torch.Generator().manual_seed(seed)
-    kind = CELLS[cell]
-    gates, width = kind.num_gates, proj or hidden
-
-    def rand(*shape, scale=1.0):
-        return torch.randn(*shape, generator=gen, dtype=dtype) * scale
-
-    if lengths is not None:
-        batch = len(lengths)
-        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(max(lengths))],
-                                   dtype=torch.long)
-        rows = int(batch_sizes.sum())
-    else:
-        batch_sizes, rows = None, steps * batch
-    scale = hidden ** -0.5
-    return dict(
-        xproj=rand(rows, gates * hidden), h0=rand(batch, width),
-        c0=rand(batch, hidden) if kind.has_cell_state else None,
-        w_hh=rand(gates * hidden, width, scale=scale), b_hh=rand(gates * hidden),
-        w_hr=rand(width, hidden, scale=scale) if proj else None, batch_sizes=batch_sizes)
+def make_case(cell, proj, batch=5, **kwargs):
+    return backend_cases.make_case(cell, proj=proj, batch=batch, **kwargs)
 
 
 def make_options(cell, case, features, seed=2):
@@ -100,30 +80,6 @@ def make_options(cell, case, features, seed=2):
     return StepOptions(**kw)
 
 
-def upstream(fwd, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return [None if t is None else
-            torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device) for t in fwd[:3]]
-
-
-def forward(backend, cell, case, reverse, options):
-    return backend.forward(cell, case["xproj"], case["h0"], case["c0"], case["w_hh"],
-                           case["b_hh"], case["w_hr"], case["batch_sizes"], reverse, options)
-
-
-def backward(backend, cell, case, reverse, fwd, grads, options):
-    return backend.backward(cell, *grads, case["h0"], case["c0"], case["w_hh"], case["b_hh"],
-                            case["w_hr"], case["batch_sizes"], reverse, fwd[0], fwd[3], options)
-
-
-def compare(actual, expected, dtype, what):
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert (a is None) == (e is None), f"{what} {i}: {a} vs {e}"
-        if a is not None:
-            assert_close(a, e, dtype, f"{what} {i}")
-
-
 def exact(case, options):
     """The same inputs in float64 (already float32-rounded for a float32 case)."""
     to64 = lambda v: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
@@ -136,16 +92,16 @@ def check_against_reference(cell, case, reverse, options, dtype):
     the reference's own float32 result is not the yardstick: with a layer norm of a row of
     small variance, rstd up to 1/sqrt(1e-5) amplifies rounding, and the reference's float32
     error alone can exceed 1e-5; the native kernel must be within 1e-5 of the exact value.)"""
-    fwd_n = forward(native, cell, case, reverse, options)
+    fwd_n = run_forward(native, cell, case, reverse, options)
     case64, options64 = exact(case, options)
-    fwd_r = forward(reference, cell, case64, reverse, options64)
+    fwd_r = run_forward(reference, cell, case64, reverse, options64)
     cast = lambda ts: [None if t is None else t.to(dtype) for t in ts]  # noqa: E731
-    compare(fwd_n, cast(fwd_r), dtype, f"{cell} forward")
+    compare_all(fwd_n, cast(fwd_r), dtype, f"{cell} forward")
     grads = upstream(fwd_n)
-    bwd_n = backward(native, cell, case, reverse, fwd_n, grads, options)
-    bwd_r = backward(reference, cell, case64, reverse, fwd_r,
+    bwd_n = run_backward(native, cell, case, reverse, fwd_n, grads, options)
+    bwd_r = run_backward(reference, cell, case64, reverse, fwd_r,
                      [None if g is None else g.double() for g in grads], options64)
-    compare(bwd_n, cast(bwd_r), dtype, f"{cell} backward")
+    compare_all(bwd_n, cast(bwd_r), dtype, f"{cell} backward")
     return fwd_n, bwd_n
 
 
@@ -167,9 +123,9 @@ def test_each_option_alone(name, feature, layout, reverse, dtype):
     assert options.features() == (feature,)
     fwd, bwd = check_against_reference(cell, case, reverse, options, dtype)
     # The option is not a no-op on this case (a kernel ignoring it would fail above).
-    plain_fwd = forward(native, cell, case, reverse, None)
+    plain_fwd = run_forward(native, cell, case, reverse)
     if feature == "grad_clip":
-        plain_bwd = backward(native, cell, case, reverse, plain_fwd, upstream(plain_fwd), None)
+        plain_bwd = run_backward(native, cell, case, reverse, plain_fwd, upstream(plain_fwd))
         assert differs(bwd[:6], plain_bwd), "grad_clip did not clip anything"
     else:
         assert differs(fwd[:3], plain_fwd[:3]), f"{feature} changed nothing"
@@ -215,15 +171,15 @@ def test_backward_consumes_the_other_backends_forward(name):
     cell, proj = CASES[name]
     case = make_case(cell, 3 if proj else 0, lengths=LENGTHS)
     options = make_options(cell, case, FEATURES[name])
-    fwd_n = forward(native, cell, case, True, options)
-    fwd_r = forward(reference, cell, case, True, options)
+    fwd_n = run_forward(native, cell, case, True, options)
+    fwd_r = run_forward(reference, cell, case, True, options)
     assert fwd_n[3].shape == fwd_r[3].shape
     grads = upstream(fwd_r)
-    expected = backward(reference, cell, case, True, fwd_r, grads, options)
-    compare(backward(reference, cell, case, True, fwd_n, grads, options), expected,
-            torch.float64, "reference backward of native forward")
-    compare(backward(native, cell, case, True, fwd_r, grads, options), expected,
-            torch.float64, "native backward of reference forward")
+    expected = run_backward(reference, cell, case, True, fwd_r, grads, options)
+    compare_all(run_backward(reference, cell, case, True, fwd_n, grads, options), expected,
+                torch.float64, "reference backward of native forward")
+    compare_all(run_backward(native, cell, case, True, fwd_r, grads, options), expected,
+                torch.float64, "native backward of reference forward")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -242,8 +198,8 @@ def test_every_output_element_is_written(name, monkeypatch):
 def test_zoneout_of_one_keeps_the_state_bit_for_bit():
     case = make_case("lstm", 0, batch=3, steps=4)
     ones = torch.ones(12, 5, dtype=torch.float64)
-    output, h_n, c_n, _ = forward(native, "lstm", case, False,
-                                  StepOptions(zoneout_h=ones, zoneout_c=ones))
+    output, h_n, c_n, _ = run_forward(native, "lstm", case, False,
+                                      StepOptions(zoneout_h=ones, zoneout_c=ones))
     assert torch.equal(h_n, case["h0"]) and torch.equal(c_n, case["c0"])
     assert torch.equal(output, case["h0"].repeat(4, 1))
 
@@ -253,14 +209,14 @@ def test_empty_steps(name):
     cell, proj = CASES[name]
     case = make_case(cell, 2 if proj else 0, batch=3, steps=0)
     options = make_options(cell, case, FEATURES[name])
-    fwd_n = forward(native, cell, case, False, options)
-    fwd_r = forward(reference, cell, case, False, options)
-    compare(fwd_n, fwd_r, torch.float64, "forward")
+    fwd_n = run_forward(native, cell, case, False, options)
+    fwd_r = run_forward(reference, cell, case, False, options)
+    compare_all(fwd_n, fwd_r, torch.float64, "forward")
     grads = [torch.zeros_like(fwd_n[0]), torch.ones_like(fwd_n[1]),
              None if fwd_n[2] is None else torch.ones_like(fwd_n[2])]
-    compare(backward(native, cell, case, False, fwd_n, grads, options),
-            backward(reference, cell, case, False, fwd_r, grads, options), torch.float64,
-            "backward")
+    compare_all(run_backward(native, cell, case, False, fwd_n, grads, options),
+                run_backward(reference, cell, case, False, fwd_r, grads, options),
+                torch.float64, "backward")
 
 
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)

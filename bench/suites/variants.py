@@ -20,13 +20,14 @@ Three kinds of case per config (``variant`` in the results), each checked before
 
 The providers of a case share the same weights (an ``nn.LSTM`` state_dict plus random layer
 norm gains and biases, so a swapped or dropped norm parameter fails the check) and inputs.
-The ``vs torch.nn`` column of the generic table is the time ratio against the case's
+The ``vs baseline`` column of the generic table is the time ratio against the case's
 baseline; ``python -m bench.suites.variants RESULT.json`` prints the summary against the
 issue's targets (fastrnn vs both loops and vs nn.LSTM across cases).
 
 Configs (bench.suites.rnn.CONFIGS): fastrnns (T=100, B=64, I=H=512), batch1, batch8,
-hidden256. The records carry no ``cell`` parameter, so the rnn suite's speed-up plots (which
-are against torch.nn) leave them out; select this suite with ``--suite variants``.
+hidden256 (``--quick``: fastrnns and batch1). The records carry no ``cell`` parameter, so
+the rnn suite's speed-up plots (which are against torch.nn) leave them out; select this
+suite with ``--suite variants``.
 """
 from __future__ import annotations
 
@@ -42,6 +43,9 @@ from ..loops import LayerNormLoopLSTM
 from . import rnn
 
 CONFIG_NAMES = ("fastrnns", "batch1", "batch8", "hidden256")
+# --quick (the default of `python -m bench`, the README's main job) keeps the standard config
+# and the small batch where the loop's per-step overhead shows; --full runs all four.
+QUICK_CONFIG_NAMES = ("fastrnns", "batch1")
 LN_FEATURES = ("layer_norm", "layer_norm_cell")
 # The regularised case: p of recurrent dropout, (p_h, p_c) of zoneout (Krueger et al. use
 # 0.05 / 0.5 for LSTM h / c on language modelling; the cost does not depend on the values).
@@ -199,7 +203,7 @@ def _case(options: Options, variant: str, config_name: str, mode: str,
 
 
 def variant_cases(options: Options):
-    for config_name in CONFIG_NAMES:
+    for config_name in QUICK_CONFIG_NAMES if options.size == "quick" else CONFIG_NAMES:
         for mode in rnn.MODES:
             for dtype in _dtypes(options):
                 for variant in VARIANTS:

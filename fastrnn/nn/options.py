@@ -148,9 +148,12 @@ def input_projection(module, x: Tensor, w_ih: Tensor, b_ih: Optional[Tensor], ge
     """x @ w_ih.T (+ its layer norm) + b_ih for every row; ``get(stem)`` finds a parameter."""
     if not module.layer_norm:
         return F.linear(x, w_ih, b_ih)
-    xproj = F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), get("ln_weight_ih"),
-                         get("ln_bias_ih"), LAYER_NORM_EPS)
-    return xproj if b_ih is None else xproj + b_ih
+    # b_ih joins the norm's bias (a vector add) instead of a pass over all [T*B, G*H] rows.
+    bias = get("ln_bias_ih")
+    if b_ih is not None:
+        bias = b_ih if bias is None else bias + b_ih
+    return F.layer_norm(F.linear(x, w_ih), (w_ih.shape[0],), get("ln_weight_ih"), bias,
+                        LAYER_NORM_EPS)
 
 
 def weight_drop(module, w_hh: Tensor) -> Tensor:

@@ -377,7 +377,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     c10::string_view cell_name, const Tensor& xproj_in, const Tensor& h0_in,
     const c10::optional<Tensor>& c0_in, const Tensor& w_hh_in,
     const c10::optional<Tensor>& b_hh_in, const c10::optional<Tensor>& w_hr_in,
-    const c10::optional<Tensor>& batch_sizes, bool reverse, FASTRNN_OPTION_PARAMS) {
+    const c10::optional<Tensor>& batch_sizes, bool reverse, FASTRNN_OPTION_PARAMS,
+    bool need_workspace) {
   c10::OptionalDeviceGuard guard(at::device_of(xproj_in));
   TORCH_CHECK(xproj_in.dim() == 2, "fastrnn native: xproj must be 2-D [N, G*hidden], got ",
               xproj_in.sizes());
@@ -398,7 +399,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   const Tensor w_hr_t = s.proj ? w_hr_in->t() : Tensor();
 
   Tensor output = new_buffer({s.N, s.P}, opts);
-  Tensor workspace = new_buffer({s.N, s.W}, acc_opts);
+  // Without backward to feed (need_workspace false) the workspace is one step of scratch,
+  // reused by every step, and an empty [0, W] is returned.
+  Tensor workspace = new_buffer({need_workspace ? s.N : std::min(s.N, s.B), s.W}, acc_opts);
   Tensor h_state = h0_in.contiguous().clone();  // running h; ends as h_n
   Tensor c_state = s.cell == Cell::LSTM ? c0_in->to(acc_dtype).contiguous().clone() : Tensor();
   Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
@@ -437,6 +440,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
         recurrent_gemm(hgates_live, h_state.narrow(0, 0, rows));
       }
       a.row = row;
+      a.ws_first = need_workspace ? row : 0;
       Dev::template forward_step<scalar_t, acc_t>(s.cell, a, rows);
       if (s.proj) {
         Tensor out_rows = output.narrow(0, row, rows);
@@ -450,6 +454,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     }
   });
   Tensor c_n = c_state.defined() ? c_state.to(dtype) : at::empty({0}, opts);
+  if (!need_workspace) workspace = at::empty({0, s.W}, acc_opts);
   return {output, h_state, c_n, workspace};
 }
 

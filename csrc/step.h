@@ -48,6 +48,8 @@ template <typename scalar_t, typename acc_t>
 struct ForwardStep {
   int64_t H = 0, P = 0, W = 0;  // hidden size, state width (proj or H), workspace width
   int64_t row = 0;              // first packed row of this step
+  int64_t ws_first = 0;         // its first workspace row: `row`, or 0 when the workspace is
+                                // one step of scratch (a forward that keeps none, inference)
   bool proj = false;            // lstm with w_hr: h goes to hh (then the projection GEMM)
   const scalar_t* xproj = nullptr;   // [N, G*H]
   const scalar_t* hgates = nullptr;  // [B, G*H] h_prev @ w_hh.T of the live rows
@@ -58,6 +60,8 @@ struct ForwardStep {
   acc_t* ws = nullptr;               // [N, W]
   scalar_t* hh = nullptr;            // [B, H] h before the projection (proj only)
   StepOptions<scalar_t, acc_t> opt;
+
+  FASTRNN_HD acc_t* ws_row(int64_t b) const { return ws + (ws_first + b) * W; }
 };
 
 template <typename scalar_t, typename acc_t>
@@ -100,7 +104,7 @@ FASTRNN_HD void forward_element(Cell cell, const ForwardStep<scalar_t, acc_t>& a
     };
     acc_t* c = a.c_state + b * H + j;
     LSTMGates<acc_t> s = lstm_forward<acc_t>(pre(0), pre(1), pre(2), pre(3), *c);
-    acc_t* ws = a.ws + r * a.W + j;
+    acc_t* ws = a.ws_row(b) + j;
     ws[0] = s.i;
     ws[H] = s.f;
     ws[2 * H] = s.g;
@@ -123,7 +127,7 @@ FASTRNN_HD void forward_element(Cell cell, const ForwardStep<scalar_t, acc_t>& a
     GRUGates<acc_t> s = gru_forward<acc_t>(static_cast<acc_t>(x[0]), static_cast<acc_t>(x[H]),
                                            static_cast<acc_t>(x[2 * H]), hh(0), hh(1), hh(2),
                                            static_cast<acc_t>(*h));
-    acc_t* ws = a.ws + r * a.W + j;
+    acc_t* ws = a.ws_row(b) + j;
     ws[0] = s.r;
     ws[H] = s.z;
     ws[2 * H] = s.n;
@@ -209,7 +213,7 @@ FASTRNN_HD RowStats<acc_t> recurrent_norm_stats(const ForwardStep<scalar_t, acc_
     st = row_mean_rstd<acc_t>(row, GH, [&](int64_t k) {
       return static_cast<acc_t>(hg[k]);
     });
-    if (row.leader()) a.ws[(a.row + b) * a.W + a.opt.ln_col + GH] = st.rstd;
+    if (row.leader()) a.ws_row(b)[a.opt.ln_col + GH] = st.rstd;
   }
   return st;
 }
@@ -221,7 +225,7 @@ FASTRNN_HD acc_t recurrent_input(const ForwardStep<scalar_t, acc_t>& a, int64_t 
   acc_t hh = static_cast<acc_t>(a.hgates[b * GH + k]);
   if constexpr (V::ln) {
     const acc_t hat = (hh - st.mean) * st.rstd;
-    a.ws[(a.row + b) * a.W + a.opt.ln_col + k] = hat;
+    a.ws_row(b)[a.opt.ln_col + k] = hat;
     hh = hat * static_cast<acc_t>(a.opt.ln_weight[k]) + static_cast<acc_t>(a.opt.ln_bias[k]);
   }
   return hh + static_cast<acc_t>(a.bias[k]);
@@ -234,7 +238,7 @@ FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, i
   const int64_t H = a.H, r = a.row + b;
   const acc_t h = o * tanh_(y);
   if (a.proj) {
-    a.ws[r * a.W + 5 * H + j] = h;
+    a.ws_row(b)[5 * H + j] = h;
     a.hh[b * H + j] = static_cast<scalar_t>(h);
   } else {
     scalar_t* h_state = a.h_state + b * H + j;
@@ -258,7 +262,7 @@ struct LSTMForwardGates {
   FASTRNN_HD void operator()(int64_t j) const {
     const int64_t H = a.H, GH = 4 * H, r = a.row + b;
     const StepOptions<scalar_t, acc_t>& o = a.opt;
-    acc_t* ws = a.ws + r * a.W;
+    acc_t* ws = a.ws_row(b);
     const scalar_t* x = a.xproj + r * GH + j;
     acc_t* c = a.c_state + b * H + j;
     const acc_t c_prev = *c;
@@ -286,9 +290,9 @@ struct LSTMForwardGates {
 template <class V, class Row, typename scalar_t, typename acc_t>
 FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
                                  const Row& row) {
-  const int64_t H = a.H, GH = 4 * H, r = a.row + b;
+  const int64_t H = a.H, GH = 4 * H;
   const StepOptions<scalar_t, acc_t>& o = a.opt;
-  acc_t* ws = a.ws + r * a.W;
+  acc_t* ws = a.ws_row(b);
   const RowStats<acc_t> st = recurrent_norm_stats<V>(a, b, GH, row);
   row.for_each(H, LSTMForwardGates<V, scalar_t, acc_t>{a, b, st});
   if constexpr (V::ln_c) {
@@ -315,7 +319,7 @@ struct GRUForwardElement {
 
   FASTRNN_HD void operator()(int64_t j) const {
     const int64_t H = a.H, GH = 3 * H, r = a.row + b;
-    acc_t* ws = a.ws + r * a.W;
+    acc_t* ws = a.ws_row(b);
     const scalar_t* x = a.xproj + r * GH + j;
     scalar_t* h_state = a.h_state + b * H + j;
     const acc_t h_prev = static_cast<acc_t>(*h_state);
@@ -349,7 +353,7 @@ FASTRNN_HD void projection_forward_element(const ForwardStep<scalar_t, acc_t>& a
   const int64_t P = a.P, r = a.row + b;
   const StepOptions<scalar_t, acc_t>& o = a.opt;
   const acc_t p = static_cast<acc_t>(a.output[r * P + j]);
-  if (o.proj_clip_on) a.ws[r * a.W + o.p_col + j] = p;
+  if (o.proj_clip_on) a.ws_row(b)[o.p_col + j] = p;
   scalar_t* h_state = a.h_state + b * P + j;
   const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
   const scalar_t h_t =

@@ -41,6 +41,10 @@ Shapes (G gates: lstm 4, gru 3, rnn 1; H hidden; P = proj_size if w_hr is given 
           hidden state before the projection (H more) when w_hr is given;
     gru:  [r | z | n | hn] activated gates and hn = h_prev @ W_hn.T + b_hn, 4H;
     rnn:  nothing (W = 0): the derivative is read off ``output``.
+- ``need_workspace`` (the forward's last argument, after the variant options; default
+  True): False says no backward will follow (``recurrence`` passes it when no input needs
+  a gradient), and the workspace comes back empty [0, W]; the native kernels then keep one
+  step of it as scratch instead of all N rows. Backward of such a forward raises.
 - Backward returns the gradient of every tensor input, in input dtype; ``grad_b_hh`` [G*H]
   is returned even when b_hh is None (callers ignore it), ``grad_w_hr`` is an empty [0]
   tensor when w_hr is None.
@@ -116,7 +120,8 @@ def _schemas(kind: CellKind):
     options = "".join(f", {'Tensor' if name in variants.TENSOR_FIELDS else 'float'}? {name}=None"
                       for name in variants.OPTION_FIELDS[kind.name])
     grad_options = "".join(f", Tensor grad_{name}" for name in variants.GRAD_FIELDS[kind.name])
-    forward = forward.replace("str backend)", f"str backend{options})")
+    forward = forward.replace("str backend)",
+                              f"str backend{options}, bool need_workspace=True)")
     backward = (f"{kind.name}_backward(Tensor grad_output, Tensor grad_h_n, {grad_c_n}Tensor h0, "
                 f"{c_in}Tensor w_hh, Tensor? b_hh, {proj}Tensor? batch_sizes, bool reverse, "
                 f"Tensor output, Tensor workspace, str backend{options}) -> (Tensor grad_xproj, "
@@ -140,14 +145,18 @@ def _options(kind, args, arity, kwargs):
 
 
 def _forward_args(kind, args, kwargs=None):
+    """-> (tensor arguments as keywords, backend, options, need_workspace)."""
+    kwargs = kwargs or {}
     arity = _FORWARD_ARITY[kind.has_cell_state]
     if kind.has_cell_state:
         xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend = args[:arity]
     else:
         (xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend), c0, w_hr = args[:arity], None, None
+    last = arity + len(variants.OPTION_FIELDS[kind.name])   # need_workspace, after the options
+    need_workspace = args[last] if len(args) > last else kwargs.get("need_workspace", True)
     return (dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
                  batch_sizes=batch_sizes, reverse=reverse), backend,
-            _options(kind, args, arity, kwargs or {}))
+            _options(kind, args, arity, kwargs), bool(need_workspace))
 
 
 def _backward_args(kind, args, kwargs=None):
@@ -250,13 +259,16 @@ def _register(kind: CellKind):
                        kw["h0"].shape[1], kw["w_hr"] is not None, kw["xproj"].dtype)
 
     def forward_impl(*args, **kwargs):
-        kw, backend, options = _forward_args(kind, args, kwargs)
+        kw, backend, options, need_workspace = _forward_args(kind, args, kwargs)
         _check(kind, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
                kw["batch_sizes"])
         check_options(kw, options)
         backend = _resolve(backend, kind, kw["xproj"], kw["w_hh"], kw["w_hr"], options)
         extra = {} if options is None else {"options": options}
-        output, h_n, c_n, workspace = backends.get(backend).forward(kind.name, **kw, **extra)
+        output, h_n, c_n, workspace = backends.get(backend).forward(
+            kind.name, **kw, **extra, need_workspace=need_workspace)
+        if not need_workspace and workspace.shape[0] > 0:   # a backend that kept it anyway
+            workspace = workspace.new_empty(0, workspace.shape[1])
         result = (output, h_n) + ((c_n,) if kind.has_cell_state else ()) + (workspace,)
         return _fresh(result, args)
 
@@ -277,7 +289,7 @@ def _register(kind: CellKind):
         return _fresh(result, args)
 
     def forward_fake(*args, **kwargs):
-        kw, _, options = _forward_args(kind, args, kwargs)
+        kw, _, options, need_workspace = _forward_args(kind, args, kwargs)
         _check(kind, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
                kw["batch_sizes"], read_batch_sizes=False)
         check_options(kw, options)
@@ -288,8 +300,8 @@ def _register(kind: CellKind):
         result = (xproj.new_empty(xproj.shape[0], h0.shape[1]), torch.empty_like(h0))
         if kind.has_cell_state:
             result += (torch.empty_like(kw["c0"]),)
-        return result + (xproj.new_empty(xproj.shape[0], width,
-                                         dtype=accumulate_dtype(xproj.dtype)),)
+        rows = xproj.shape[0] if need_workspace else 0
+        return result + (xproj.new_empty(rows, width, dtype=accumulate_dtype(xproj.dtype)),)
 
     def backward_fake(*args, **kwargs):
         kw, _, options = _backward_args(kind, args, kwargs)
@@ -308,7 +320,7 @@ def _register(kind: CellKind):
         return result
 
     def setup_context(ctx, inputs, output):
-        kw, backend, options = _forward_args(kind, inputs)
+        kw, backend, options, ctx.need_workspace = _forward_args(kind, inputs)
         ctx.backend = backend
         ctx.batch_sizes, ctx.reverse = kw["batch_sizes"], kw["reverse"]
         ctx.has_bias, ctx.has_proj = kw["b_hh"] is not None, kw["w_hr"] is not None
@@ -320,6 +332,11 @@ def _register(kind: CellKind):
                               *[getattr(options, name) for name in variants.TENSOR_FIELDS])
 
     def backward(ctx, *grads):
+        if not ctx.need_workspace:
+            raise RuntimeError(
+                f"fastrnn: this {kind.name} forward ran with need_workspace=False, which keeps "
+                "nothing for backward; call it with need_workspace=True (the default) when "
+                "gradients are needed")
         h0, c0, w_hh, b_hh, w_hr, output, workspace, *option_tensors = ctx.saved_tensors
         tensors = dict(zip(variants.TENSOR_FIELDS, option_tensors))
         option_args = [tensors[name] if name in tensors else value
@@ -345,7 +362,7 @@ def _register(kind: CellKind):
         for name in variants.OPTION_FIELDS[kind.name]:
             given = name in tensors and tensors[name] is not None
             grads_in.append(option_grads[name] if given and name in option_grads else None)
-        return tuple(grads_in)
+        return tuple(grads_in) + (None,)  # need_workspace
 
     _lib.impl(f"{kind.name}_forward", forward_impl, "CompositeExplicitAutograd")
     _lib.impl(f"{kind.name}_backward", backward_impl, "CompositeExplicitAutograd")
@@ -371,6 +388,11 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
     ``options``: the variant options (lstm and gru only), None for the plain recurrence."""
     kind = CELLS[cell]
     op = getattr(torch.ops.fastrnn, f"{cell}_forward")
+    # Without a gradient to compute, the op keeps no workspace for backward (less memory,
+    # and the native kernels skip writing it).
+    need_workspace = torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad
+        for t in (xproj, h0, c0, w_hh, b_hh, w_hr, *(options or ())))
     extra = ()
     if options is not None:
         foreign = [name for name, value in options._asdict().items()
@@ -380,7 +402,8 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
         extra = tuple(getattr(options, name) for name in variants.OPTION_FIELDS[cell])
     if kind.has_cell_state:
         output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
-                                 *extra)
+                                 *extra, need_workspace=need_workspace)
         return output, h_n, c_n
-    output, h_n, _ = op(xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend, *extra)
+    output, h_n, _ = op(xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend, *extra,
+                        need_workspace=need_workspace)
     return output, h_n, None

@@ -195,6 +195,25 @@ def test_every_output_element_is_written(name, monkeypatch):
             assert t is None or not t.isnan().any()
 
 
+@pytest.mark.parametrize("layout,reverse", [("dense", True), ("packed", False)],
+                         ids=["dense_rev", "packed_fwd"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_without_workspace_is_bit_identical(name, layout, reverse):
+    """need_workspace=False: one step of scratch workspace (the layer norms write and read
+    their rows there) gives the same results bit for bit, and an empty workspace."""
+    cell, proj = CASES[name]
+    case = make_case(cell, 3 if proj else 0, dtype=torch.float32,
+                     lengths=LENGTHS if layout == "packed" else None)
+    options = make_options(cell, case, FEATURES[name])
+    args = [cell] + [case[k] for k in ("xproj", "h0", "c0", "w_hh", "b_hh", "w_hr",
+                                        "batch_sizes")] + [reverse, *options]
+    kept = torch.ops.fastrnn.native_forward(*args)
+    dropped = torch.ops.fastrnn.native_forward(*args, need_workspace=False)
+    for a, b in zip(kept[:3], dropped[:3]):
+        assert torch.equal(a, b)
+    assert dropped[3].shape == (0, kept[3].shape[1])
+
+
 def test_zoneout_of_one_keeps_the_state_bit_for_bit():
     case = make_case("lstm", 0, batch=3, steps=4)
     ones = torch.ones(12, 5, dtype=torch.float64)

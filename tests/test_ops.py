@@ -204,3 +204,51 @@ def test_opcheck_zero_steps(cell, proj, backend):
     torch.library.opcheck(forward, args + [None, False, backend])
     _, h_n, *_ = forward(*args, None, False, backend)
     torch.testing.assert_close(h_n, inputs["h0"].detach())
+
+
+# ------------------------------------------------------------------ need_workspace=False
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("cell,proj", CASES)
+def test_forward_without_workspace(cell, proj, layout, reverse, backend):
+    """need_workspace=False: the same results bit for bit, an empty [0, W] workspace, and the
+    fake impl agrees (opcheck); a backward of such a forward says why it cannot run."""
+    batch_sizes = LAYOUTS[layout]
+    inputs = make_op_inputs(cell, proj, batch_sizes, dtype=torch.float32)
+    args = tensor_args(cell, inputs) + [batch_sizes, reverse, backend]
+    forward = getattr(torch.ops.fastrnn, f"{cell}_forward").default
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    torch.library.opcheck(forward, detached, {"need_workspace": False})
+    with torch.no_grad():
+        kept = forward(*args)
+        dropped = forward(*args, need_workspace=False)
+    for a, b in zip(kept[:-1], dropped[:-1]):
+        assert torch.equal(a, b)
+    assert dropped[-1].shape == (0, kept[-1].shape[1])
+    outputs = forward(*args, need_workspace=False)
+    with pytest.raises(RuntimeError, match="need_workspace=False"):
+        outputs[0].sum().backward()
+
+
+@pytest.mark.parametrize("grad", ["no_grad", "eval_with_grad", "training"])
+def test_modules_ask_for_a_workspace_only_when_a_gradient_can_follow(grad, monkeypatch):
+    reference = backends.get("reference")
+    asked = []
+    original = reference.forward
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["need_workspace"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "forward", spy)
+    lstm = fastrnn.LSTM(3, 4, num_layers=2, backend="reference")
+    x = torch.randn(5, 2, 3)
+    if grad == "no_grad":
+        with torch.no_grad():
+            lstm(x)
+    else:
+        lstm.train(grad == "training")
+        lstm(x)[0].sum().backward()
+    assert asked == [grad != "no_grad"] * 2

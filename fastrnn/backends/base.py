@@ -46,10 +46,13 @@ class Backend:
 
     def forward(self, cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor],
                 w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
-                batch_sizes: Optional[Tensor], reverse: bool, options=None):
+                batch_sizes: Optional[Tensor], reverse: bool, options=None,
+                need_workspace: bool = True):
         """-> (output [N, P], h_n [B, P], c_n [B, H] or None, workspace [N, W]).
         ``options``: None or a fastrnn.variants.StepOptions (only if unsupported_reason
-        accepted its features)."""
+        accepted its features). ``need_workspace`` false: no backward will follow, so the
+        workspace may come back empty [0, W] (a backend that returns it whole anyway is
+        correct; the op then drops it)."""
         raise NotImplementedError
 
     def backward(self, cell: str, grad_output: Tensor, grad_h_n: Tensor,

@@ -49,7 +49,7 @@ def _register_fakes() -> None:
     def _forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
                       ln_weight=None, ln_bias=None, ln_c_weight=None, ln_c_bias=None,
                       recurrent_mask=None, zoneout_h=None, zoneout_c=None, cell_clip=None,
-                      proj_clip=None, grad_clip=None):
+                      proj_clip=None, grad_clip=None, need_workspace=True):
         options = StepOptions(ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask,
                               zoneout_h, zoneout_c, cell_clip, proj_clip, grad_clip)
         kind = CELLS[cell]
@@ -58,7 +58,8 @@ def _register_fakes() -> None:
         width = workspace_width(cell, hidden, proj, option_features(options))
         output = xproj.new_empty(xproj.shape[0], h0.shape[1])
         c_n = c0.new_empty(c0.shape) if kind.has_cell_state else xproj.new_empty(0)
-        workspace = xproj.new_empty(xproj.shape[0], width, dtype=accumulate_dtype(xproj.dtype))
+        rows = xproj.shape[0] if need_workspace else 0
+        workspace = xproj.new_empty(rows, width, dtype=accumulate_dtype(xproj.dtype))
         return output, h0.new_empty(h0.shape), c_n, workspace
 
     @torch.library.register_fake("fastrnn::native_backward")
@@ -122,11 +123,11 @@ class NativeBackend(Backend):
         return None
 
     def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
-                options=None):
+                options=None, need_workspace=True):
         self._require()
         output, h_n, c_n, workspace = torch.ops.fastrnn.native_forward(
             cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
-            *_option_args(options))
+            *_option_args(options), need_workspace)
         return output, h_n, (c_n if CELLS[cell].has_cell_state else None), workspace
 
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,

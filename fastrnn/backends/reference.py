@@ -165,7 +165,8 @@ class ReferenceBackend(Backend):
         return None
 
     def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
-                options=None):
+                options=None, need_workspace=True):
+        # need_workspace is not used: the spec computes every column (ops.py drops them).
         math = CELL_MATH[cell]
         acc = accumulate_dtype(xproj.dtype)
         opts = StepOptions(*[v.to(acc) if isinstance(v, torch.Tensor) else v

@@ -95,7 +95,10 @@ class TritonBackend(Backend):
 
     # ------------------------------------------------------------ forward
 
-    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, options=None):
+    def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, options=None,
+                need_workspace=True):
+        # need_workspace is not used yet: the kernels write every step's rows (ops.py drops
+        # them when it is false).
         cell_id, G = CELL_IDS[cell], NUM_GATES[cell]
         xproj, h0, c0, w_hh, b_hh, w_hr = map(_c, (xproj, h0, c0, w_hh, b_hh, w_hr))
         options, features, layout = _options(cell, options, w_hh, w_hr)

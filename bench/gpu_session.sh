@@ -11,7 +11,9 @@
 # targets. "all": tests, then bench, then variants, as far as the deadline allows.
 # A device call is limited to 10 minutes and a session to 15 minutes of device time,
 # start-up included: every step gets at most what is left of DEADLINE seconds (default 540)
-# from the script's start, so the call always returns with its logs. Run "tests" first.
+# from the script's start, so the call always returns with its logs. Run "tests" first
+# (e.g. DEADLINE=450), then, on the still-warm machine, "bench" with what is left
+# (e.g. DEADLINE=150 ... bench --config fastrnns,batch1,batch16 --cell lstm).
 # Uses the machine's own python3 with the repository on PYTHONPATH (no install, no network).
 set -u
 OUT=${OUT:?set OUT to the directory that comes back}
@@ -47,8 +49,11 @@ if [ "$STAGE" = tests ] || [ "$STAGE" = all ]; then
   step 300 build.log python3 -m fastrnn.build --cuda -v
   python3 -c "import fastrnn; print(fastrnn.available_backends('cuda'))" >> "$OUT/env.log" 2>&1
   step 180 gpu-tests.log python3 -m pytest -q -m gpu tests/
+  # plain kernels first: they decide whether triton can join auto's CUDA order
   TRITON_INTERPRET=0 FASTRNN_TEST_TRITON_DEVICE=cuda \
-    step 180 triton-cuda-tests.log python3 -m pytest -q tests/test_triton.py tests/test_triton_variants.py
+    step 150 triton-cuda-tests.log python3 -m pytest -q tests/test_triton.py
+  TRITON_INTERPRET=0 FASTRNN_TEST_TRITON_DEVICE=cuda \
+    step 90 triton-cuda-variant-tests.log python3 -m pytest -q tests/test_triton_variants.py
   # the subset: --all compiles every tile and option variant (minutes per core)
   step 60 triton-ptxas.log python3 -m fastrnn.backends.triton.compile_check -v
 fi

@@ -215,6 +215,9 @@ struct CpuDevice {
           for (int64_t j = 0; j < a.H; ++j) backward_element<scalar_t, acc_t>(c, a, b, j);
         };
         for (int64_t b = b0; b < b1; ++b) {
+          // The same call in every branch on purpose: inlined there, each copy sees whether
+          // the row continues the previous step and whether dhh is given as constants, so
+          // its j loop has no branch and vectorises.
           const bool continues = b < a.prev_rows;
           if (a.dhh != nullptr) {
             if (continues) row(b); else row(b);

@@ -1,10 +1,24 @@
 """Random inputs for a backend's forward / backward (the op contract of fastrnn.ops), and the
-calls and comparisons the native tests share."""
+calls, comparisons and skip rule the native tests share."""
+import os
+
+import pytest
 import torch
 
+from fastrnn import backends
 from fastrnn.cells import CELLS
 
 from parity import assert_close
+
+
+def native_available_mark():
+    """Skip a native test module when the extension cannot be built here (with the reason),
+    unless FASTRNN_REQUIRE_NATIVE=1 (CI), where that is a failure."""
+    reason = backends.get("native").unavailable_reason(torch.device("cpu"))
+    if reason is not None and os.environ.get("FASTRNN_REQUIRE_NATIVE") == "1":
+        raise RuntimeError(f"FASTRNN_REQUIRE_NATIVE=1 but the native backend is unavailable: "
+                           f"{reason}")
+    return pytest.mark.skipif(reason is not None, reason=f"native backend unavailable: {reason}")
 
 
 def make_case(cell, hidden=5, proj=0, batch=4, steps=6, lengths=None, bias=True,

@@ -22,15 +22,13 @@ from fastrnn import backends, build, ops
 from fastrnn.backends.native import NativeBackend
 from fastrnn.cells import CELLS
 
-from backend_cases import compare_all, make_case, run_backward, run_forward, upstream
+from backend_cases import (compare_all, make_case, native_available_mark, run_backward,
+                           run_forward, upstream)
 from parity import assert_close
 
 native = backends.get("native")
 reference = backends.get("reference")
-REASON = native.unavailable_reason(torch.device("cpu"))
-if REASON is not None and os.environ.get("FASTRNN_REQUIRE_NATIVE") == "1":
-    raise RuntimeError(f"FASTRNN_REQUIRE_NATIVE=1 but the native backend is unavailable: {REASON}")
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
+pytestmark = native_available_mark()
 
 CELL_NAMES = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 # (cell, proj): lstm with and without projection, the others without.

@@ -6,7 +6,6 @@ poisoned buffers; option checks; which devices claim the options.
 
 Skips when the extension cannot be built here, unless FASTRNN_REQUIRE_NATIVE=1 (CI).
 """
-import os
 
 import pytest
 import torch
@@ -17,14 +16,12 @@ from fastrnn.cells import CELLS
 from fastrnn.variants import StepOptions
 
 import backend_cases
-from backend_cases import compare_all, run_backward, run_forward, upstream
+from backend_cases import (compare_all, native_available_mark, run_backward, run_forward,
+                           upstream)
 
 native = backends.get("native")
 reference = backends.get("reference")
-REASON = native.unavailable_reason(torch.device("cpu"))
-if REASON is not None and os.environ.get("FASTRNN_REQUIRE_NATIVE") == "1":
-    raise RuntimeError(f"FASTRNN_REQUIRE_NATIVE=1 but the native backend is unavailable: {REASON}")
-pytestmark = pytest.mark.skipif(REASON is not None, reason=f"native backend unavailable: {REASON}")
+pytestmark = native_available_mark()
 
 # (cell, proj) cases and the options each has.
 CASES = {"lstm": ("lstm", False), "lstm_proj": ("lstm", True), "gru": ("gru", False)}

@@ -444,3 +444,28 @@ def test_char_lm_example_runs_the_same_with_both_rnns(tmp_path, capsys):
     assert len(runs["torch"]) == 5
     torch.testing.assert_close(torch.tensor(runs["fastrnn"]), torch.tensor(runs["torch"]),
                                rtol=1e-10, atol=1e-10)
+
+
+def test_char_lm_example_runs_fastrnn_only_options(tmp_path, capsys):
+    """The fastrnn-only options build a fastrnn LSTM with them from the same starting
+    weights (a cell clip that never engages gives the plain run's losses), they change the
+    run, and torch.nn refuses them."""
+    char_lm = _char_lm_module()
+    corpus = tmp_path / "small.txt"
+    with open(char_lm.CORPUS, encoding="utf-8") as f:
+        corpus.write_text(f.read(3000), encoding="utf-8")
+    args = ["--corpus", str(corpus), "--hidden", "16", "--batch-size", "4", "--bptt", "10",
+            "--epochs", "1", "--max-steps", "5", "--no-progress", "--sample-length", "20",
+            "--log-every", "0", "--dtype", "float64"]
+    plain = char_lm.main(args)
+    torch.testing.assert_close(torch.tensor(char_lm.main(args + ["--cell-clip", "1e6"])),
+                               torch.tensor(plain), rtol=1e-10, atol=1e-10)
+    varied = char_lm.main(args + ["--layer-norm", "--recurrent-dropout", "0.25",
+                                  "--zoneout", "0.05", "0.1", "--cell-clip", "5"])
+    out = capsys.readouterr().out
+    assert "layer_norm=True, recurrent_dropout=0.25, zoneout=(0.05, 0.1), cell_clip=5.0" in out
+    assert len(varied) == 5 and all(math.isfinite(loss) for loss in varied)
+    assert varied != plain
+    with pytest.raises(SystemExit):
+        char_lm.main(args + ["--rnn", "torch", "--layer-norm"])
+    assert "torch.nn.LSTM has no layer_norm" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
-from parity import cpu_backends, run_both, twin_of
+from parity import cpu_backends, flatten, run_both, twin_of
 
 DTYPES = [torch.float64, torch.float32]
 MODULES = {"lstm": (nn.LSTM, {}), "lstm_proj": (nn.LSTM, {"proj_size": 2}),
@@ -157,3 +157,80 @@ def test_cell_parity(kind, steps, bias, batched, init_state, dtype, backend):
         return (x, hx), [x, *(hx if isinstance(hx, tuple) else (hx,))]
 
     run_both(Unroll(cell, steps), Unroll(fast, steps), make_args, dtype)
+
+
+# ------------------------------------------------- auto on a device without verified kernels
+
+@pytest.fixture
+def torch_path_on_cpu(monkeypatch):
+    """Make the CPU behave like CUDA today: no verified fastrnn kernel, so "auto" runs
+    torch.nn's own forward for modules without options. -> the list of op calls made."""
+    from fastrnn import backends, ops
+    monkeypatch.setattr(backends, "AUTO_TORCH_PATH", {"cpu"})
+    monkeypatch.setattr(backends, "_default", None)
+    monkeypatch.delenv("FASTRNN_BACKEND", raising=False)
+    calls = []
+    original = ops.recurrence
+    monkeypatch.setattr(ops, "recurrence", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("form", ["batched", "packed_unsorted"])
+@pytest.mark.parametrize("kind", list(MODULES))
+def test_auto_runs_torch_nn_where_kernels_are_unverified(kind, form, torch_path_on_cpu):
+    """The same numbers as torch.nn bit for bit (its own code on the same parameters, in
+    training mode with dropout between layers under the same seed), no fastrnn op."""
+    cls, extra = MODULES[kind]
+    torch.manual_seed(0)
+    reference = cls(3, 4, num_layers=2, bidirectional=True, dropout=0.3, **extra).double()
+    fast = twin_of(reference, "auto")
+    make_args = make_inputs(reference, form, True, torch.float64)
+    results = []
+    for module in (reference, fast):
+        args, leaves = make_args()
+        torch.manual_seed(7)
+        outs = flatten(module(*args))
+        grads = torch.autograd.grad(sum(o.sum() for o in outs), leaves + list(module.parameters()))
+        results.append(outs + list(grads))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert torch_path_on_cpu == []
+
+
+@pytest.mark.parametrize("cls", [nn.LSTMCell, nn.GRUCell, nn.RNNCell])
+def test_auto_cells_run_torch_nn_where_kernels_are_unverified(cls, torch_path_on_cpu):
+    torch.manual_seed(0)
+    reference = cls(3, 4).double()
+    fast = twin_of(reference, "auto")
+    x = torch.randn(2, 3, dtype=torch.float64)
+    for a, b in zip(flatten(reference(x)), flatten(fast(x))):
+        assert torch.equal(a, b)
+    assert torch_path_on_cpu == []
+
+
+def test_torch_path_only_for_auto_without_options(torch_path_on_cpu):
+    """A named backend, or an option torch.nn does not have, runs fastrnn's op."""
+    x = torch.randn(5, 2, 3)
+    import fastrnn
+    fastrnn.LSTM(3, 4, backend="reference")(x)
+    fastrnn.LSTM(3, 4, layer_norm=True)(x)
+    fastrnn.GRUCell(3, 4, layer_norm=True)(x[0])
+    assert torch_path_on_cpu == ["lstm", "lstm", "gru"]
+
+
+def test_auto_runs_fastrnn_kernels_on_cpu():
+    from fastrnn import backends
+    assert "cpu" not in backends.AUTO_TORCH_PATH and "cuda" in backends.AUTO_TORCH_PATH
+
+
+def test_torch_path_is_not_taken_under_torch_compile(torch_path_on_cpu):
+    """Dynamo cannot trace torch.nn's RNN kernels; compiled, the module runs fastrnn's op."""
+    import fastrnn
+    torch.manual_seed(0)
+    lstm = fastrnn.LSTM(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    expected = lstm(x)[0]
+    assert torch_path_on_cpu == []
+    compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")(x)[0]
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
+    assert torch_path_on_cpu   # traced through ops.recurrence

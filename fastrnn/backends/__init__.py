@@ -20,9 +20,15 @@ from .base import Backend
 # TRITON_INTERPRET=1, for tests, so it is never chosen automatically there.
 # CUDA: the native and triton CUDA kernels compile and link, and their gate math is tested on
 # CPU, but they have not yet run on a GPU; until a GPU session verifies them (tests on CUDA,
-# bench/gpu_session.sh) "auto" keeps the reference there and they serve only when named.
+# bench/gpu_session.sh) they serve only when named, and "auto" runs torch.nn's own path
+# there (AUTO_TORCH_PATH), or the reference for calls with variant options.
 BACKEND_NAMES = ("reference", "native", "triton")
 _AUTO_ORDER = {"cuda": ("reference",), "cpu": ("native", "reference")}
+# Devices where "auto" runs torch.nn's own implementation (cuDNN) for a module without
+# variant options, because no fastrnn kernel is verified there yet: the reference backend is
+# right but runs step by step, far slower than cuDNN. A GPU session that verifies the CUDA
+# kernels removes "cuda" here and puts them first in _AUTO_ORDER["cuda"].
+AUTO_TORCH_PATH = {"cuda"}
 
 _loaded = {}
 _default = None  # set by set_backend(); None means FASTRNN_BACKEND or "auto"
@@ -131,6 +137,15 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
         if not (candidate == "triton" and device.type == "cpu"):
             skipped.append((candidate, reason))
     return "reference"
+
+
+@torch.compiler.assume_constant_result
+def auto_runs_torch(name: str, device: torch.device) -> bool:
+    """True when a module with backend ``name`` and no variant options should run torch.nn's
+    own forward on ``device`` (see AUTO_TORCH_PATH)."""
+    if name == "auto":
+        name = get_backend()
+    return name == "auto" and torch.device(device).type in AUTO_TORCH_PATH
 
 
 def _unsupported(backend, cell, dtype, device, hidden_size, proj_size, features):

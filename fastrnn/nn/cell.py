@@ -24,8 +24,9 @@ _SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16:
 class RNNCellBase(nn.Module):
     """Twin of ``torch.nn.RNNCellBase``: same parameters, order and initialisation.
 
-    Under ONNX export a cell runs torch.nn's own forward (``_torch_forward``) on the same
-    parameters: standard operators, so the exported file needs no fastrnn.
+    Under ONNX export (standard operators, so the exported file needs no fastrnn), and under
+    backend "auto" on a device without verified fastrnn kernels (options.runs_torch_path), a
+    cell runs torch.nn's own forward (``_torch_forward``) on the same parameters.
     """
 
     __constants__ = ["input_size", "hidden_size", "bias", "backend", *options.DEFAULTS]
@@ -163,9 +164,8 @@ class _SingleStateCell(RNNCellBase):
     """GRUCell and RNNCell: the state is one tensor."""
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        if torch.onnx.is_in_onnx_export():
-            options.refuse_torch_path(self, "ONNX export")
-            return self._torch_forward(input, hx)
+        if options.runs_torch_path(self, input):
+            return options.torch_forward(self, input, hx)
         self._check_dims(input, hx)
         is_batched = input.dim() == 2
         if not is_batched:
@@ -228,9 +228,8 @@ class LSTMCell(RNNCellBase):
                          recurrent_grad_clip=recurrent_grad_clip, forget_bias=forget_bias)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
-        if torch.onnx.is_in_onnx_export():
-            options.refuse_torch_path(self, "ONNX export")
-            return self._torch_forward(input, hx)
+        if options.runs_torch_path(self, input):
+            return options.torch_forward(self, input, hx)
         self._check_dims(input, hx)
         is_batched = input.dim() == 2
         if not is_batched:

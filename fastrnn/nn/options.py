@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
 
+from .. import backends
 from ..variants import LAYER_NORM_EPS, StepOptions
 
 Tensor = torch.Tensor
@@ -116,6 +119,37 @@ def features(module) -> tuple:
           ("proj_clip", getattr(module, "proj_clip", None) is not None),
           ("grad_clip", module.recurrent_grad_clip is not None)]
     return tuple(name for name, is_on in on if is_on)
+
+
+def runs_torch_path(module, input) -> bool:
+    """Whether this call runs torch.nn's own forward on the module's very parameters: under
+    ONNX export (ONNX has standard LSTM/GRU/RNN operators and the exporters emit them for
+    that path; options are refused), and under backend "auto" where no fastrnn kernel is
+    verified for the device (backends.AUTO_TORCH_PATH: cuDNN beats the step-by-step
+    reference), unless variant options are on (only fastrnn runs those)."""
+    if torch.onnx.is_in_onnx_export():
+        refuse_torch_path(module, "ONNX export")
+        return True
+    if torch.compiler.is_compiling():
+        return False   # torch.nn's RNN kernels do not trace (dynamo graph-breaks around
+                       # nn.LSTM itself); fastrnn's op does, on any backend
+    data = input.data if isinstance(input, PackedSequence) else input
+    if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
+        return False
+    return not active(module) and backends.auto_runs_torch(module.backend, data.device)
+
+
+def torch_forward(module, *args):
+    """torch.nn's own forward on the module's parameters. cuDNN warns on every new call
+    site that separate (not flattened) weights are packed per call and to call
+    flatten_parameters(); for fastrnn modules that is by design and the advice does not
+    apply, so the warning is silenced here (outside compiled code)."""
+    if torch.compiler.is_compiling():
+        return module._torch_forward(*args)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="RNN module weights are not part of single "
+                                "contiguous chunk of memory")
+        return module._torch_forward(*args)
 
 
 def refuse_torch_path(module, what: str) -> None:

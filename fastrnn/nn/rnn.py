@@ -230,11 +230,8 @@ class RNNBase(nn.Module):
 
     def _forward(self, input, hx, state_checks):
         """Common forward: unpack/batch the input, run, and repack like torch.nn."""
-        if torch.onnx.is_in_onnx_export():
-            options.refuse_torch_path(self, "ONNX export")
-            # ONNX has standard LSTM/GRU/RNN operators, and the exporters emit them for torch.nn's
-            # own path: run that path on these very parameters, so the file needs no fastrnn.
-            return self._torch_forward(input, hx)
+        if options.runs_torch_path(self, input):
+            return options.torch_forward(self, input, hx)
         kind = CELL_OF_MODE[self.mode]
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         orig_input = input

@@ -234,3 +234,17 @@ def test_torch_path_is_not_taken_under_torch_compile(torch_path_on_cpu):
     compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")(x)[0]
     torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
     assert torch_path_on_cpu   # traced through ops.recurrence
+
+
+def test_torch_path_for_dropout_options_in_eval_mode(torch_path_on_cpu):
+    """recurrent_dropout and weight_drop act in training only: in eval the math is plain, so
+    torch.nn's path serves it; in training fastrnn's op does."""
+    import fastrnn
+    torch.manual_seed(0)
+    reference = nn.LSTM(3, 4).eval()
+    fast = fastrnn.LSTM(3, 4, recurrent_dropout=0.3, weight_drop=0.5).eval()
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(5, 2, 3)
+    assert torch.equal(fast(x)[0], reference(x)[0]) and torch_path_on_cpu == []
+    fast.train()(x)
+    assert torch_path_on_cpu == ["lstm"]

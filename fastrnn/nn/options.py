@@ -126,7 +126,8 @@ def runs_torch_path(module, input) -> bool:
     ONNX export (ONNX has standard LSTM/GRU/RNN operators and the exporters emit them for
     that path; options are refused), and under backend "auto" where no fastrnn kernel is
     verified for the device (backends.AUTO_TORCH_PATH: cuDNN beats the step-by-step
-    reference), unless variant options are on (only fastrnn runs those)."""
+    reference), unless an option changes this call's math (only fastrnn runs those; the
+    dropouts act in training mode only)."""
     if torch.onnx.is_in_onnx_export():
         refuse_torch_path(module, "ONNX export")
         return True
@@ -136,7 +137,8 @@ def runs_torch_path(module, input) -> bool:
     data = input.data if isinstance(input, PackedSequence) else input
     if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
         return False
-    return not active(module) and backends.auto_runs_torch(module.backend, data.device)
+    changes_math = features(module) or (module.weight_drop and module.training)
+    return not changes_math and backends.auto_runs_torch(module.backend, data.device)
 
 
 def torch_forward(module, *args):

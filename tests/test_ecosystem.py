@@ -151,13 +151,12 @@ def _run_autocast(module, form, device, low):
     return outs, grads
 
 
-def _check_autocast(name, device, low):
+def _check_autocast(name, device, low, backend=BACKEND):
     make, form = AUTOCAST_CASES[name]
     torch.manual_seed(0)
     reference = make().to(device)
     truth = copy.deepcopy(reference).double()
-    fast = fastrnn.convert(copy.deepcopy(reference), backend=BACKEND if device == "cpu"
-                           else "auto")
+    fast = fastrnn.convert(copy.deepcopy(reference), backend=backend)
     true_outs, true_grads = _run_autocast(truth, form, device, None)
     torch_outs, torch_grads = _run_autocast(reference, form, device, low)
     fast_outs, fast_grads = _run_autocast(fast, form, device, low)
@@ -180,10 +179,11 @@ def test_autocast_cpu_bfloat16_matches_torch_nn():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
-def test_autocast_cuda_matches_torch_nn(low):
+@pytest.mark.parametrize("backend", ["reference", "native"])  # named: "auto" runs torch.nn's
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])  # own path on CUDA for now
+def test_autocast_cuda_matches_torch_nn(low, backend):
     for name in AUTOCAST_CASES:
-        _check_autocast(name, "cuda", low)
+        _check_autocast(name, "cuda", low, backend)
 
 
 def test_autocast_under_torch_compile_fullgraph():

@@ -248,3 +248,26 @@ def test_torch_path_for_dropout_options_in_eval_mode(torch_path_on_cpu):
     assert torch.equal(fast(x)[0], reference(x)[0]) and torch_path_on_cpu == []
     fast.train()(x)
     assert torch_path_on_cpu == ["lstm"]
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_is_torch_nn_without_warnings(monkeypatch):
+    """Until fastrnn's CUDA kernels are verified, auto on CUDA is cuDNN itself: the same
+    bits as torch.nn, no fastrnn op, and no flatten_parameters() advice from cuDNN."""
+    import warnings
+    from fastrnn import backends, ops
+    monkeypatch.setattr(backends, "_default", None)
+    monkeypatch.delenv("FASTRNN_BACKEND", raising=False)
+    calls = []
+    original = ops.recurrence
+    monkeypatch.setattr(ops, "recurrence", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
+    torch.manual_seed(0)
+    reference = nn.LSTM(3, 4, num_layers=2, bidirectional=True).cuda()
+    fast = twin_of(reference, "auto").cuda()
+    x = torch.randn(5, 2, 3, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = flatten(fast(x))
+    for a, b in zip(got, flatten(reference(x))):
+        assert torch.equal(a, b)
+    assert calls == []

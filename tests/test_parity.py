@@ -162,17 +162,24 @@ def test_cell_parity(kind, steps, bias, batched, init_state, dtype, backend):
 # ------------------------------------------------- auto on a device without verified kernels
 
 @pytest.fixture
-def torch_path_on_cpu(monkeypatch):
-    """Make the CPU behave like CUDA today: no verified fastrnn kernel, so "auto" runs
-    torch.nn's own forward for modules without options. -> the list of op calls made."""
+def op_calls(monkeypatch):
+    """The cells of the fastrnn op calls made (ops.recurrence), with "auto" as the default."""
     from fastrnn import backends, ops
-    monkeypatch.setattr(backends, "AUTO_TORCH_PATH", {"cpu"})
     monkeypatch.setattr(backends, "_default", None)
     monkeypatch.delenv("FASTRNN_BACKEND", raising=False)
     calls = []
     original = ops.recurrence
     monkeypatch.setattr(ops, "recurrence", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
     return calls
+
+
+@pytest.fixture
+def torch_path_on_cpu(monkeypatch, op_calls):
+    """Make the CPU behave like CUDA today: no verified fastrnn kernel, so "auto" runs
+    torch.nn's own forward for modules without options. -> the op calls made."""
+    from fastrnn import backends
+    monkeypatch.setattr(backends, "AUTO_TORCH_PATH", {"cpu"})
+    return op_calls
 
 
 @pytest.mark.parametrize("form", ["batched", "packed_unsorted"])
@@ -251,16 +258,10 @@ def test_torch_path_for_dropout_options_in_eval_mode(torch_path_on_cpu):
 
 
 @pytest.mark.gpu
-def test_auto_on_cuda_is_torch_nn_without_warnings(monkeypatch):
+def test_auto_on_cuda_is_torch_nn_without_warnings(op_calls):
     """Until fastrnn's CUDA kernels are verified, auto on CUDA is cuDNN itself: torch.nn's
     numbers, no fastrnn op, and no flatten_parameters() advice from cuDNN."""
     import warnings
-    from fastrnn import backends, ops
-    monkeypatch.setattr(backends, "_default", None)
-    monkeypatch.delenv("FASTRNN_BACKEND", raising=False)
-    calls = []
-    original = ops.recurrence
-    monkeypatch.setattr(ops, "recurrence", lambda *a, **k: calls.append(a[0]) or original(*a, **k))
     torch.manual_seed(0)
     reference = nn.LSTM(3, 4, num_layers=2, bidirectional=True).cuda()
     fast = twin_of(reference, "auto").cuda()
@@ -270,4 +271,4 @@ def test_auto_on_cuda_is_torch_nn_without_warnings(monkeypatch):
         got = flatten(fast(x))
     for a, b in zip(got, flatten(reference(x))):
         assert_close(a, b, torch.float32)
-    assert calls == []
+    assert op_calls == []

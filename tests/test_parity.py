@@ -225,9 +225,24 @@ def test_torch_path_only_for_auto_without_options(torch_path_on_cpu):
     assert torch_path_on_cpu == ["lstm", "lstm", "gru"]
 
 
-def test_auto_runs_fastrnn_kernels_on_cpu():
+def test_auto_on_cpu_runs_torch_nn_only_for_lstm_inference(op_calls):
+    """On CPU, auto runs fastrnn's kernels, except LSTM calls that need no gradient, where
+    torch.nn's oneDNN LSTM measured faster (backends.AUTO_TORCH_INFERENCE)."""
+    import fastrnn
     from fastrnn import backends
     assert "cpu" not in backends.AUTO_TORCH_PATH and "cuda" in backends.AUTO_TORCH_PATH
+    torch.manual_seed(0)
+    reference = nn.LSTM(3, 4)
+    lstm, gru = twin_of(reference, "auto"), fastrnn.GRU(3, 4)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        assert torch.equal(lstm(x)[0], reference(x)[0])
+        assert op_calls == []
+        gru(x)
+        fastrnn.LSTM(3, 4, backend="native" if "native" in fastrnn.available_backends("cpu")
+                     else "reference")(x)
+    lstm(x)[0].sum().backward()   # training: fastrnn's kernels
+    assert op_calls == ["gru", "lstm", "lstm"]
 
 
 def test_torch_path_is_not_taken_under_torch_compile(torch_path_on_cpu):

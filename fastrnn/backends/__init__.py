@@ -29,6 +29,12 @@ _AUTO_ORDER = {"cuda": ("reference",), "cpu": ("native", "reference")}
 # right but runs step by step, far slower than cuDNN. A GPU session that verifies the CUDA
 # kernels removes "cuda" here and puts them first in _AUTO_ORDER["cuda"].
 AUTO_TORCH_PATH = {"cuda"}
+# (device type, mode) where "auto" runs torch.nn's own forward for calls that need no
+# gradient, because it measured faster than fastrnn's kernels there: LSTM inference on CPU,
+# where oneDNN's fused LSTM runs at ~88% of the GEMM ceiling and the native loop at 0.76-0.99x
+# its speed (bench/results/cpu-ceiling-2026-11-29.md). Training stays native (equal speed,
+# 2.4x on packed sequences), and so do GRU and RNN (native level with or faster than oneDNN).
+AUTO_TORCH_INFERENCE = {("cpu", "LSTM")}
 
 _loaded = {}
 _default = None  # set by set_backend(); None means FASTRNN_BACKEND or "auto"
@@ -140,12 +146,16 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
 
 
 @torch.compiler.assume_constant_result
-def auto_runs_torch(name: str, device: torch.device) -> bool:
-    """True when a module with backend ``name`` and no variant options should run torch.nn's
-    own forward on ``device`` (see AUTO_TORCH_PATH)."""
+def auto_runs_torch(name: str, device: torch.device, mode: str, inference: bool) -> bool:
+    """True when a module (``mode`` LSTM / GRU / RNN) with backend ``name`` and no variant
+    options should run torch.nn's own forward on ``device`` (see AUTO_TORCH_PATH and
+    AUTO_TORCH_INFERENCE); ``inference``: the call needs no gradient."""
     if name == "auto":
         name = get_backend()
-    return name == "auto" and torch.device(device).type in AUTO_TORCH_PATH
+    if name != "auto":
+        return False
+    kind = torch.device(device).type
+    return kind in AUTO_TORCH_PATH or (inference and (kind, mode) in AUTO_TORCH_INFERENCE)
 
 
 def _unsupported(backend, cell, dtype, device, hidden_size, proj_size, features):

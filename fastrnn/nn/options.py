@@ -126,7 +126,8 @@ def runs_torch_path(module, input) -> bool:
     ONNX export (ONNX has standard LSTM/GRU/RNN operators and the exporters emit them for
     that path; options are refused), and under backend "auto" where no fastrnn kernel is
     verified for the device (backends.AUTO_TORCH_PATH: cuDNN beats the step-by-step
-    reference), unless an option changes this call's math (only fastrnn runs those; the
+    reference) or where torch.nn measured faster for inference (AUTO_TORCH_INFERENCE: LSTM
+    on CPU), unless an option changes this call's math (only fastrnn runs those; the
     dropouts act in training mode only)."""
     if torch.onnx.is_in_onnx_export():
         refuse_torch_path(module, "ONNX export")
@@ -138,7 +139,11 @@ def runs_torch_path(module, input) -> bool:
     if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
         return False
     changes_math = features(module) or (module.weight_drop and module.training)
-    return not changes_math and backends.auto_runs_torch(module.backend, data.device)
+    if changes_math:
+        return False
+    inference = not torch.is_grad_enabled() or not any(
+        p.requires_grad for p in module.parameters())
+    return backends.auto_runs_torch(module.backend, data.device, module.mode, inference)
 
 
 def torch_forward(module, *args):

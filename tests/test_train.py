@@ -429,14 +429,19 @@ def test_char_lm_losses_match_between_fastrnn_and_torch_lstm(backend):
     torch.testing.assert_close(losses["fastrnn"], losses["torch"], rtol=1e-10, atol=1e-10)
 
 
-def test_char_lm_example_runs_the_same_with_both_rnns(tmp_path, capsys):
-    char_lm = _char_lm_module()
+def _small_char_lm_args(char_lm, tmp_path):
+    """Arguments of a 5-update float64 run of the example on its corpus' first 3000 chars."""
     corpus = tmp_path / "small.txt"
     with open(char_lm.CORPUS, encoding="utf-8") as f:
         corpus.write_text(f.read(3000), encoding="utf-8")
-    args = ["--corpus", str(corpus), "--hidden", "16", "--batch-size", "4", "--bptt", "10",
+    return ["--corpus", str(corpus), "--hidden", "16", "--batch-size", "4", "--bptt", "10",
             "--epochs", "1", "--max-steps", "5", "--dtype", "float64", "--no-progress",
             "--sample-length", "20", "--log-every", "0"]
+
+
+def test_char_lm_example_runs_the_same_with_both_rnns(tmp_path, capsys):
+    char_lm = _char_lm_module()
+    args = _small_char_lm_args(char_lm, tmp_path)
     runs = {rnn: char_lm.main(args + ["--rnn", rnn] + (["--backend", "reference"] if rnn == "fastrnn" else []))
             for rnn in ("torch", "fastrnn")}
     out = capsys.readouterr().out
@@ -451,12 +456,7 @@ def test_char_lm_example_runs_fastrnn_only_options(tmp_path, capsys):
     weights (a cell clip that never engages gives the plain run's losses), they change the
     run, and torch.nn refuses them."""
     char_lm = _char_lm_module()
-    corpus = tmp_path / "small.txt"
-    with open(char_lm.CORPUS, encoding="utf-8") as f:
-        corpus.write_text(f.read(3000), encoding="utf-8")
-    args = ["--corpus", str(corpus), "--hidden", "16", "--batch-size", "4", "--bptt", "10",
-            "--epochs", "1", "--max-steps", "5", "--no-progress", "--sample-length", "20",
-            "--log-every", "0", "--dtype", "float64"]
+    args = _small_char_lm_args(char_lm, tmp_path)
     plain = char_lm.main(args)
     torch.testing.assert_close(torch.tensor(char_lm.main(args + ["--cell-clip", "1e6"])),
                                torch.tensor(plain), rtol=1e-10, atol=1e-10)

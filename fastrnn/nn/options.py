@@ -141,6 +141,8 @@ def runs_torch_path(module, input) -> bool:
     changes_math = features(module) or (module.weight_drop and module.training)
     if changes_math:
         return False
+    # No parameter gradient wanted (a gradient into the input still flows: torch.nn's path
+    # has autograd, so this only picks the faster implementation).
     inference = not torch.is_grad_enabled() or not any(
         p.requires_grad for p in module.parameters())
     return backends.auto_runs_torch(module.backend, data.device, module.mode, inference)

@@ -320,6 +320,9 @@ def _register(kind: CellKind):
         return result
 
     def setup_context(ctx, inputs, output):
+        # Unused outputs get None, not zeros: a gradient of the workspace then only comes
+        # from a double backward (see backward), and none is allocated otherwise.
+        ctx.set_materialize_grads(False)
         kw, backend, options, ctx.need_workspace = _forward_args(kind, inputs)
         ctx.backend = backend
         ctx.batch_sizes, ctx.reverse = kw["batch_sizes"], kw["reverse"]
@@ -342,6 +345,20 @@ def _register(kind: CellKind):
         option_args = [tensors[name] if name in tensors else value
                        for name, value in zip(variants.OPTION_FIELDS[kind.name],
                                               ctx.option_values)]
+        grad_workspace = grads[-1]
+        if grad_workspace is not None and grad_workspace.numel():
+            # Only a double backward differentiates the workspace (through the
+            # differentiable backward below).
+            return _workspace_backward(kind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
+                                       workspace, option_args)
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must be differentiable itself. The backward ops
+            # are not (their kernels write into preallocated outputs), so the reference
+            # backend's backward runs instead, in plain torch ops that autograd records. It
+            # reads the forward's output and workspace, whose gradients come back to this
+            # function (the branch above); the normal backward below stays as it was.
+            return _differentiable_backward(kind, ctx, grads, h0, c0, w_hh, b_hh, w_hr,
+                                            output, workspace, option_args)
         grad_output = _zeros_if_none(grads[0], output)
         grad_h_n = _zeros_if_none(grads[1], h0)
         args = (grad_output, grad_h_n)
@@ -351,18 +368,7 @@ def _register(kind: CellKind):
             args += (h0, w_hh, b_hh)
         args += (ctx.batch_sizes, ctx.reverse, output, workspace, ctx.backend, *option_args)
         result = list(getattr(torch.ops.fastrnn, f"{kind.name}_backward")(*args))
-        n_state = 2 if kind.has_cell_state else 1
-        grad_xproj, grad_state = result[0], result[1:1 + n_state]
-        grad_w_hh, grad_b_hh = result[1 + n_state], result[2 + n_state]
-        grads_in = [grad_xproj, *grad_state, grad_w_hh, grad_b_hh if ctx.has_bias else None]
-        if kind.has_projection:
-            grads_in.append(result[3 + n_state] if ctx.has_proj else None)
-        grads_in += [None, None, None]  # batch_sizes, reverse, backend
-        option_grads = dict(zip(grad_fields, result[len(result) - len(grad_fields):]))
-        for name in variants.OPTION_FIELDS[kind.name]:
-            given = name in tensors and tensors[name] is not None
-            grads_in.append(option_grads[name] if given and name in option_grads else None)
-        return tuple(grads_in) + (None,)  # need_workspace
+        return _input_grads(kind, ctx, result, option_args)
 
     _lib.impl(f"{kind.name}_forward", forward_impl, "CompositeExplicitAutograd")
     _lib.impl(f"{kind.name}_backward", backward_impl, "CompositeExplicitAutograd")
@@ -374,6 +380,108 @@ def _register(kind: CellKind):
 
 def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
+
+
+def _input_grads(kind: CellKind, ctx, result, option_args):
+    """The forward op's input gradients (None where an input takes none) from the backward
+    op's results ``result`` (a list in that op's schema order)."""
+    grad_fields = variants.GRAD_FIELDS[kind.name]
+    n_state = 2 if kind.has_cell_state else 1
+    grad_xproj, grad_state = result[0], result[1:1 + n_state]
+    grad_w_hh, grad_b_hh = result[1 + n_state], result[2 + n_state]
+    grads_in = [grad_xproj, *grad_state, grad_w_hh, grad_b_hh if ctx.has_bias else None]
+    if kind.has_projection:
+        grads_in.append(result[3 + n_state] if ctx.has_proj else None)
+    grads_in += [None, None, None]  # batch_sizes, reverse, backend
+    option_grads = dict(zip(grad_fields, result[len(result) - len(grad_fields):]))
+    for name, value in zip(variants.OPTION_FIELDS[kind.name], option_args):
+        given = name in variants.TENSOR_FIELDS and value is not None
+        grads_in.append(option_grads[name] if given and name in option_grads else None)
+    return tuple(grads_in) + (None,)  # need_workspace
+
+
+def _double_backward_check(kind: CellKind, option_args):
+    grad_clip = dict(zip(variants.OPTION_FIELDS[kind.name], option_args)).get("grad_clip")
+    if grad_clip is not None:
+        # The clip makes the first-order gradient something other than the forward's
+        # derivative, so no second derivative is the true one: refuse rather than pick one.
+        raise RuntimeError(
+            f"fastrnn: double backward (create_graph=True) of the {kind.name} recurrence is "
+            f"not defined with recurrent_grad_clip (grad_clip={grad_clip}), which clamps the "
+            "gate gradients inside backward; turn recurrent_grad_clip off (e.g. clip with "
+            "torch.nn.utils.clip_grad_norm_ after backward) to take second derivatives")
+
+
+def _backend_grads_to_op(kind: CellKind, grads, like: Tensor):
+    """A backend's backward results (fastrnn.backends.base) in the backward op's order, with
+    zeros for absent gradients as that op returns."""
+    grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads[:6]
+    result = [grad_xproj, grad_h0] + ([grad_c0] if kind.has_cell_state else [])
+    result += [grad_w_hh, grad_b_hh]
+    if kind.has_projection:
+        result.append(like.new_empty(0) if grad_w_hr is None else grad_w_hr)
+    option_grads = dict(zip(variants.GRAD_FIELDS["lstm"], grads[6:]))
+    result += [like.new_empty(0) if option_grads.get(name) is None else option_grads[name]
+               for name in variants.GRAD_FIELDS[kind.name]]
+    return result
+
+
+def _differentiable_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
+                             workspace, option_args):
+    """The backward under create_graph=True: the reference backend's explicit backward (plain
+    torch ops) on the saved tensors, so autograd records it."""
+    _double_backward_check(kind, option_args)
+    options = variants.make(kind.name, dict(zip(variants.OPTION_FIELDS[kind.name],
+                                                option_args)))
+    extra = {} if options is None else {"options": options}
+    result = backends.get("reference").backward(
+        kind.name, _zeros_if_none(grads[0], output), _zeros_if_none(grads[1], h0),
+        _zeros_if_none(grads[2], c0) if kind.has_cell_state else None, h0, c0, w_hh, b_hh,
+        w_hr, ctx.batch_sizes, ctx.reverse, output, workspace, **extra)
+    return _input_grads(kind, ctx, _backend_grads_to_op(kind, result, w_hh), option_args)
+
+
+def _workspace_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
+                        workspace, option_args):
+    """The backward when the workspace has a gradient (a double backward, through
+    _differentiable_backward): autograd through the reference forward, recomputed from the
+    saved inputs with the saved gate values (the reference backend's ``known_gates``), since
+    the input projection is not kept. The recompute gives first derivatives only."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fastrnn: the {kind.name} recurrence has first and second derivatives, not "
+            "third or higher: take the second derivative with create_graph=False")
+    _double_backward_check(kind, option_args)
+    names = variants.OPTION_FIELDS[kind.name]
+    leaf = lambda t: None if t is None else t.detach().requires_grad_()  # noqa: E731
+    learnable = set(variants.GRAD_FIELDS[kind.name])
+    options = variants.make(kind.name, {
+        name: leaf(value) if name in learnable else value
+        for name, value in zip(names, option_args)})
+    gates = variants.workspace_layout(
+        kind.name, w_hh.shape[0] // kind.num_gates, 0 if w_hr is None else w_hr.shape[0],
+        variants.features(options))["gates"]
+    xproj = output.new_zeros(output.shape[0], w_hh.shape[0], requires_grad=True)  # not read
+    inputs = [xproj, leaf(h0), leaf(c0), leaf(w_hh), leaf(b_hh), leaf(w_hr)]
+    inputs += [None if options is None else getattr(options, name)
+               for name in variants.GRAD_FIELDS["lstm"]]
+    with torch.enable_grad():
+        recomputed = backends.get("reference").forward(
+            kind.name, *inputs[:6], ctx.batch_sizes, ctx.reverse, options=options,
+            known_gates=workspace[:, gates])
+    pairs = [(value, grad) for value, grad in zip(
+        [value for value in recomputed if value is not None], grads)
+        if grad is not None and value.requires_grad]
+    wanted = [t for t in inputs if t is not None]
+    found = iter(torch.autograd.grad([v for v, _ in pairs], wanted, [g for _, g in pairs],
+                                     allow_unused=True) if pairs else [None] * len(wanted))
+    result = []
+    for tensor in inputs:
+        grad = None if tensor is None else next(found)
+        result.append(torch.zeros_like(tensor) if tensor is not None and grad is None else grad)
+    if result[4] is None:
+        result[4] = w_hh.new_zeros(w_hh.shape[0])
+    return _input_grads(kind, ctx, _backend_grads_to_op(kind, result, w_hh), option_args)
 
 
 for _kind in CELLS.values():

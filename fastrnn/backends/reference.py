@@ -4,7 +4,8 @@ This is the spec every kernel must match. It runs on any device and any float dt
 (float16/bfloat16 inputs compute in float32). One generic time loop serves every cell kind;
 a cell only supplies its pointwise gate math, forward and backward. Everything is written
 without in-place updates so autograd can also differentiate ``forward`` directly, which is
-how the tests check the explicit backward.
+how the tests check the explicit backward, and how fastrnn.ops takes second derivatives
+(through ``backward``, and through ``forward`` with ``known_gates``).
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from .base import Backend, step_layout
 
 
 # ---------------------------------------------------------------- cell gate math
-# forward(xp, hh, h_prev, c_prev, opts) -> (h, c or None, gate columns, cell LN columns)
+# forward(xp, hh, h_prev, c_prev, opts, known) -> (h, c or None, gate columns, cell LN columns)
 #   xp = input projection of the step, hh = the recurrent pre-activation (after the layer
-#   norm and b_hh), both [rows, G*H]; opts: StepOptions (all None when off).
+#   norm and b_hh), both [rows, G*H]; opts: StepOptions (all None when off); known: None, or
+#   the step's gate columns of a forward already run (see _activate).
 # backward(dh, dc, cols, h_prev, c_prev, h, opts, sums) -> (d_xp, d_hh, d_h_prev direct part
 #   or None, d_c_prev); dh/dc: gradient w.r.t. this step's new h (before projection and
 #   zoneout) and new c; cols: its workspace columns by name; sums: running parameter grads.
@@ -29,11 +31,38 @@ def _clip_grad(grad, limit):
     return grad if limit is None else grad.clamp(-limit, limit)
 
 
+class _KnownActivation(torch.autograd.Function):
+    """``fn(pre)`` whose value is already known: returns the known value, and in backward
+    fn's derivative at it. fastrnn.ops differentiates the workspace of a forward this way
+    without that forward's input projection, which is not kept: every value that depends on
+    the input projection goes through a gate activation, so the known gates stand in for it."""
+
+    @staticmethod
+    def forward(ctx, pre, value, fn):
+        ctx.save_for_backward(value)
+        ctx.fn = fn
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        value, = ctx.saved_tensors
+        slope = value * (1 - value) if ctx.fn == "sigmoid" else 1 - value * value
+        return grad * slope, None, None
+
+
+def _activate(pre, fn, known=None):
+    """``pre.sigmoid()`` or ``pre.tanh()`` (fn names it); with ``known``, see _KnownActivation."""
+    if known is None:
+        return getattr(pre, fn)()
+    return _KnownActivation.apply(pre, known.detach(), fn)
+
+
 class LSTMMath:
     @staticmethod
-    def forward(xp, hh, h_prev, c_prev, opts):
-        i, f, g, o = (xp + hh).chunk(4, 1)
-        i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    def forward(xp, hh, h_prev, c_prev, opts, known=None):
+        known = [None] * 4 if known is None else known.chunk(4, 1)
+        i, f, g, o = (_activate(pre, fn, value) for pre, fn, value in zip(
+            (xp + hh).chunk(4, 1), ("sigmoid", "sigmoid", "tanh", "sigmoid"), known))
         c = f * c_prev + i * g
         if opts.cell_clip is not None:
             c = c.clamp(-opts.cell_clip, opts.cell_clip)
@@ -74,12 +103,13 @@ class LSTMMath:
 
 class GRUMath:
     @staticmethod
-    def forward(xp, hh, h_prev, c_prev, opts):
+    def forward(xp, hh, h_prev, c_prev, opts, known=None):
         x_r, x_z, x_n = xp.chunk(3, 1)
         h_r, h_z, h_n = hh.chunk(3, 1)
-        r = (x_r + h_r).sigmoid()
-        z = (x_z + h_z).sigmoid()
-        n = (x_n + r * h_n).tanh()
+        known_r, known_z, known_n, _ = [None] * 4 if known is None else known.chunk(4, 1)
+        r = _activate(x_r + h_r, "sigmoid", known_r)
+        z = _activate(x_z + h_z, "sigmoid", known_z)
+        n = _activate(x_n + r * h_n, "tanh", known_n)
         h = (1 - z) * n + z * h_prev
         return h, None, [r, z, n, h_n], []
 
@@ -95,7 +125,7 @@ class GRUMath:
 
 class TanhMath:
     @staticmethod
-    def forward(xp, hh, h_prev, c_prev, opts):
+    def forward(xp, hh, h_prev, c_prev, opts, known=None):
         return (xp + hh).tanh(), None, [], []
 
     @staticmethod
@@ -106,7 +136,7 @@ class TanhMath:
 
 class ReluMath:
     @staticmethod
-    def forward(xp, hh, h_prev, c_prev, opts):
+    def forward(xp, hh, h_prev, c_prev, opts, known=None):
         return (xp + hh).relu(), None, [], []
 
     @staticmethod
@@ -165,9 +195,15 @@ class ReferenceBackend(Backend):
         return None
 
     def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
-                options=None, need_workspace=True):
+                options=None, need_workspace=True, known_gates=None):
+        """``known_gates``: None, or the gate columns ([N, 4H]) of the workspace of a forward
+        already run on these arguments (lstm and gru): the gate activations then take those
+        values instead of ones computed from xproj, whose value is not used (see
+        _KnownActivation); autograd through the result is the forward's derivative."""
         # need_workspace is not used: the spec computes every column (ops.py drops them).
         math = CELL_MATH[cell]
+        if known_gates is not None and cell not in ("lstm", "gru"):
+            raise ValueError(f"fastrnn: known_gates is for lstm and gru, not {cell}")
         acc = accumulate_dtype(xproj.dtype)
         opts = StepOptions(*[v.to(acc) if isinstance(v, torch.Tensor) else v
                              for v in (options or StepOptions())])
@@ -187,7 +223,9 @@ class ReferenceBackend(Backend):
                 a_hat, rstd = _layer_norm(h_rec @ w_hh.t())
                 hh, ln_cols = a_hat * opts.ln_weight + opts.ln_bias, [a_hat, rstd]
                 hh = hh if b_hh is None else hh + b_hh
-            h, c, ws, cell_ln_cols = math.forward(xp[rows], hh, h_prev, c_prev, opts)
+            h, c, ws, cell_ln_cols = math.forward(
+                xp[rows], hh, h_prev, c_prev, opts,
+                None if known_gates is None else known_gates[rows].to(acc))
             c = _blend(c, c_prev, None if opts.zoneout_c is None else opts.zoneout_c[rows])
             if c is not None:
                 ws.append(c)

@@ -324,6 +324,7 @@ def _register(kind: CellKind):
         # from a double backward (see backward), and none is allocated otherwise.
         ctx.set_materialize_grads(False)
         kw, backend, options, ctx.need_workspace = _forward_args(kind, inputs)
+        ctx.differentiated = False   # set when a backward ran with create_graph=True
         ctx.backend = backend
         ctx.batch_sizes, ctx.reverse = kw["batch_sizes"], kw["reverse"]
         ctx.has_bias, ctx.has_proj = kw["b_hh"] is not None, kw["w_hr"] is not None
@@ -346,9 +347,10 @@ def _register(kind: CellKind):
                        for name, value in zip(variants.OPTION_FIELDS[kind.name],
                                               ctx.option_values)]
         grad_workspace = grads[-1]
-        if grad_workspace is not None and grad_workspace.numel():
-            # Only a double backward differentiates the workspace (through the
-            # differentiable backward below).
+        if ctx.differentiated and grad_workspace is not None and grad_workspace.numel():
+            # The gradient _differentiable_backward's graph sends into the workspace (a
+            # double backward). Elsewhere the workspace counts as not differentiable, as
+            # tracers and direct callers of the op see it.
             return _workspace_backward(kind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
                                        workspace, option_args)
         if torch.is_grad_enabled():
@@ -357,6 +359,7 @@ def _register(kind: CellKind):
             # backend's backward runs instead, in plain torch ops that autograd records. It
             # reads the forward's output and workspace, whose gradients come back to this
             # function (the branch above); the normal backward below stays as it was.
+            ctx.differentiated = True
             return _differentiable_backward(kind, ctx, grads, h0, c0, w_hh, b_hh, w_hr,
                                             output, workspace, option_args)
         grad_output = _zeros_if_none(grads[0], output)

@@ -54,7 +54,7 @@ def case_inputs(cell, hidden=2, proj=0, lengths=None, seed=0):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", ["plain", "packed_rev"])
 @pytest.mark.parametrize("cell", CELL_NAMES)
 def test_op_gradgradcheck(cell, layout, backend):
     lengths, reverse = LAYOUTS[layout]
@@ -147,6 +147,34 @@ def test_all_options_together(cell, backend):
     f = op_function(cell, backend, True, case["batch_sizes"],
                     lambda *t: StepOptions(**dict(zip(names, t)), **fixed))
     assert gradgradcheck(f, inputs)
+
+
+MODULE_OPTIONS = {
+    "lstm": (fastrnn.LSTM, dict(proj_size=2, layer_norm=True, recurrent_dropout=0.3,
+                                weight_drop=0.3, zoneout=(0.3, 0.2), cell_clip=0.7,
+                                proj_clip=0.4)),
+    "gru": (fastrnn.GRU, dict(layer_norm=True, recurrent_dropout=0.3, weight_drop=0.3,
+                              zoneout=0.3)),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cell", MODULE_OPTIONS)
+def test_module_options_gradgradcheck(cell, training, backend):
+    """Every option of a module at once, through the module (masks drawn as in training:
+    the same seed for every call, so each evaluation uses the same masks)."""
+    cls, kwargs = MODULE_OPTIONS[cell]
+    torch.manual_seed(0)
+    module = cls(2, 3, **kwargs, backend=backend).double().train(training)
+    names = [n for n, _ in module.named_parameters()]
+    params = [p.detach().requires_grad_() for p in module.parameters()]
+    x = torch.randn(3, 2, 2, dtype=DTYPE, requires_grad=True)
+
+    def f(x, *params):
+        torch.manual_seed(1)
+        return torch.func.functional_call(module, dict(zip(names, params)), (x,))[0]
+    assert gradgradcheck(f, [x, *params], fast_mode=True)   # O(1) evaluations, not O(params)
 
 
 # ------------------------------------------------------------------ against torch.nn
@@ -355,3 +383,39 @@ def test_gradcheck_of_known_gates_recompute():
         assert all(torch.allclose(a, b, rtol=1e-12, atol=1e-13) for a, b in zip(
             torch.autograd.grad(outs, inputs, grads),
             torch.autograd.grad(recomputed(*inputs), inputs, grads)))
+
+
+# ------------------------------------------------------------------ triton (interpreter)
+
+@pytest.mark.skipif("triton" not in fastrnn.available_backends("cpu"),
+                    reason="triton backend unavailable on CPU (needs TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("name", ["lstm", "gru", "rnn_tanh"])
+def test_triton_matches_torch(name, packed):
+    """The triton kernels take float32 only: their second derivatives against torch.nn's in
+    float64 on the same float32 values are within 2x torch.nn's own float32 error, plus a few
+    float32 ulps of the scale (the parity rule for reduced precision)."""
+    cls, fast_cls = {"lstm": (nn.LSTM, fastrnn.LSTM), "gru": (nn.GRU, fastrnn.GRU),
+                     "rnn_tanh": (nn.RNN, fastrnn.RNN)}[name]
+    torch.manual_seed(0)
+    single = cls(3, 4)
+    fast = fast_cls(3, 4, backend="triton")
+    fast.load_state_dict(single.state_dict())
+    double = cls(3, 4).double()
+    double.load_state_dict(single.state_dict())
+    gen = torch.Generator().manual_seed(1)
+    if packed:
+        seqs = [torch.randn(n, 3, generator=gen) for n in (3, 1, 2)]
+        x = pack_sequence(seqs, enforce_sorted=False)
+        x64 = pack_sequence([s.double() for s in seqs], enforce_sorted=False)
+        x.data.requires_grad_()
+        x64.data.requires_grad_()
+    else:
+        x = torch.randn(3, 2, 3, generator=gen, requires_grad=True)
+        x64 = x.detach().double().requires_grad_()
+    truth = _param_penalty(double, x64)
+    ulp = torch.finfo(torch.float32).eps
+    for t, e, a in zip(truth, _param_penalty(single, x), _param_penalty(fast, x)):
+        torch_error = (e.double() - t).abs().max().item()
+        error = (a.double() - t).abs().max().item()
+        assert error <= 2 * torch_error + 4 * ulp * t.abs().max().item(), (error, torch_error)

@@ -92,6 +92,17 @@ dh_prev = (d_a @ w_hh) * recurrent_mask + the direct terms. The reference backen
 
 ``backend`` names the backend whose kernels run (``reference``, ``native``, ``triton``); it
 is resolved by the caller (``fastrnn.backends.resolve``), never ``auto`` here.
+
+Double backward. The backward ops are not differentiable (their kernels write into
+preallocated outputs). The forward op's autograd therefore has three paths: a plain backward
+(create_graph=False) calls the backward op of ``backend``, as always; a backward with
+create_graph=True runs the reference backend's explicit backward in plain torch ops on the
+saved tensors, which autograd records; and the gradient that graph then sends into the
+forward's ``output`` and ``workspace`` comes back to the forward op's autograd, which handles a
+workspace gradient by autograd through the reference forward recomputed with the workspace's
+gate values (``known_gates``: the forward keeps no xproj, and every value that depends on it
+passes through a gate activation). Derivatives of third order and any double backward with
+``grad_clip`` (which changes the first derivative by design) raise.
 """
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ LN_NAMES = ("ln_weight_ih", "ln_bias_ih", "ln_weight_hh", "ln_bias_hh", "ln_weig
 # steps in every implementation (the TorchScript loop, fastrnn's reference and native alike,
 # measured against float64), and a check at that noise level could not tell a subtly wrong
 # kernel from a right one. Around 0.5 the float32 error stays near 2e-6 and the check is
-# sharp (1e-5 relative). The values do not change the work timed.
+# sharp. The values do not change the work timed.
 RECURRENT_LN_GAIN = 0.5
 
 

@@ -52,8 +52,8 @@ class Case:
     # suite's model), as numbers or as functions called once the case runs (lazy set-up).
     tokens: Union[int, Callable[[], int]]
     flops: Union[None, float, Callable[[], float]] = None
-    # Optional: the baseline computed in higher precision (float64 for float32 cases, float32
-    # for float16/bfloat16): used by bench.check when outputs differ beyond the plain tolerance.
+    # Optional: the baseline computed in float64 on the case's rounded values: used by
+    # bench.check when a result is not within a few ulps of the baseline.
     gold: Optional[Callable[[], Workload]] = None
     dtype: torch.dtype = torch.float32
     cleanup: Optional[Callable[[], object]] = None   # called after the case ran: free its data

@@ -40,8 +40,38 @@ struct Variant {
 template <typename T>
 struct RowStats { T mean, rstd; };
 
+// The layer norms' row statistics and backward sums are taken in double on the CPU: a row of
+// small variance (rstd up to 1/sqrt(eps) = 316) amplifies their rounding, and a row's few
+// sums cost little next to the step's GEMM. CUDA keeps the accumulation type.
+#ifdef __CUDACC__
+template <typename acc_t>
+using stat_t = acc_t;
+#else
+template <typename acc_t>
+using stat_t = double;
+#endif
+
 template <typename T>
 struct Sums { T a, b; };
+
+// a * b rounded to T, never fused into an FMA with what consumes it. The layer-norm backward
+// uses each g = d * w twice, in the row's mean and in g - mean: both must see the same
+// rounded g, or (row of one element, or of equal values: rstd up to 1/sqrt(eps) = 316) the
+// rounding of g itself shows up 316-fold where the exact result is 0.
+template <typename T>
+FASTRNN_HD T mul_rounded(T a, T b) {
+#ifdef __CUDA_ARCH__
+  if constexpr (sizeof(T) == sizeof(double)) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
+#else
+  T p = a * b;
+  asm("" : "+m"(p));  // opaque to the optimiser: p is the rounded product
+  return p;
+#endif
+}
 
 // scalar_t: the tensors' dtype; acc_t: gate math and workspace (float for half types).
 template <typename scalar_t, typename acc_t>
@@ -205,15 +235,16 @@ FASTRNN_HD RowStats<T> row_mean_rstd(const Row& row, int64_t n, F&& f) {
 
 // Statistics of the row's recurrent pre-activation a = h_rec @ w_hh.T; rstd to the workspace.
 template <class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD RowStats<acc_t> recurrent_norm_stats(const ForwardStep<scalar_t, acc_t>& a,
-                                                int64_t b, int64_t GH, const Row& row) {
-  RowStats<acc_t> st{acc_t(0), acc_t(1)};
+FASTRNN_HD RowStats<stat_t<acc_t>> recurrent_norm_stats(const ForwardStep<scalar_t, acc_t>& a,
+                                                        int64_t b, int64_t GH, const Row& row) {
+  using S = stat_t<acc_t>;
+  RowStats<S> st{S(0), S(1)};
   if constexpr (V::ln) {
     const scalar_t* hg = a.hgates + b * GH;
-    st = row_mean_rstd<acc_t>(row, GH, [&](int64_t k) {
-      return static_cast<acc_t>(hg[k]);
+    st = row_mean_rstd<S>(row, GH, [&](int64_t k) {
+      return static_cast<S>(hg[k]);
     });
-    if (row.leader()) a.ws_row(b)[a.opt.ln_col + GH] = st.rstd;
+    if (row.leader()) a.ws_row(b)[a.opt.ln_col + GH] = static_cast<acc_t>(st.rstd);
   }
   return st;
 }
@@ -221,10 +252,10 @@ FASTRNN_HD RowStats<acc_t> recurrent_norm_stats(const ForwardStep<scalar_t, acc_
 // hh of gate column k: the (normalised, scaled, shifted) recurrent pre-activation + b_hh.
 template <class V, typename scalar_t, typename acc_t>
 FASTRNN_HD acc_t recurrent_input(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t GH,
-                                 int64_t k, RowStats<acc_t> st) {
+                                 int64_t k, RowStats<stat_t<acc_t>> st) {
   acc_t hh = static_cast<acc_t>(a.hgates[b * GH + k]);
   if constexpr (V::ln) {
-    const acc_t hat = (hh - st.mean) * st.rstd;
+    const acc_t hat = static_cast<acc_t>((hh - st.mean) * st.rstd);
     a.ws_row(b)[a.opt.ln_col + k] = hat;
     hh = hat * static_cast<acc_t>(a.opt.ln_weight[k]) + static_cast<acc_t>(a.opt.ln_bias[k]);
   }
@@ -257,7 +288,7 @@ template <class V, typename scalar_t, typename acc_t>
 struct LSTMForwardGates {
   ForwardStep<scalar_t, acc_t> a;  // a copy: nothing the loop stores can alias its fields
   int64_t b;
-  RowStats<acc_t> st;
+  RowStats<stat_t<acc_t>> st;
 
   FASTRNN_HD void operator()(int64_t j) const {
     const int64_t H = a.H, GH = 4 * H, r = a.row + b;
@@ -293,16 +324,17 @@ FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t 
   const int64_t H = a.H, GH = 4 * H;
   const StepOptions<scalar_t, acc_t>& o = a.opt;
   acc_t* ws = a.ws_row(b);
-  const RowStats<acc_t> st = recurrent_norm_stats<V>(a, b, GH, row);
+  const RowStats<stat_t<acc_t>> st = recurrent_norm_stats<V>(a, b, GH, row);
   row.for_each(H, LSTMForwardGates<V, scalar_t, acc_t>{a, b, st});
   if constexpr (V::ln_c) {
-    const RowStats<acc_t> sc =
-        row_mean_rstd<acc_t>(row, H, [&](int64_t j) {
-          return ws[o.ln_c_col + j];
+    using S = stat_t<acc_t>;
+    const RowStats<S> sc =
+        row_mean_rstd<S>(row, H, [&](int64_t j) {
+          return static_cast<S>(ws[o.ln_c_col + j]);
         });
-    if (row.leader()) ws[o.ln_c_col + H] = sc.rstd;
+    if (row.leader()) ws[o.ln_c_col + H] = static_cast<acc_t>(sc.rstd);
     row.for_each(H, [&](int64_t j) {
-      const acc_t hat = (ws[o.ln_c_col + j] - sc.mean) * sc.rstd;
+      const acc_t hat = static_cast<acc_t>((ws[o.ln_c_col + j] - sc.mean) * sc.rstd);
       ws[o.ln_c_col + j] = hat;
       const acc_t y = hat * static_cast<acc_t>(o.ln_c_weight[j]) +
                       static_cast<acc_t>(o.ln_c_bias[j]);
@@ -315,7 +347,7 @@ template <class V, typename scalar_t, typename acc_t>
 struct GRUForwardElement {
   ForwardStep<scalar_t, acc_t> a;
   int64_t b;
-  RowStats<acc_t> st;
+  RowStats<stat_t<acc_t>> st;
 
   FASTRNN_HD void operator()(int64_t j) const {
     const int64_t H = a.H, GH = 3 * H, r = a.row + b;
@@ -341,7 +373,7 @@ struct GRUForwardElement {
 template <class V, class Row, typename scalar_t, typename acc_t>
 FASTRNN_HD void gru_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
                                 const Row& row) {
-  const RowStats<acc_t> st = recurrent_norm_stats<V>(a, b, 3 * a.H, row);
+  const RowStats<stat_t<acc_t>> st = recurrent_norm_stats<V>(a, b, 3 * a.H, row);
   row.for_each(a.H, GRUForwardElement<V, scalar_t, acc_t>{a, b, st});
 }
 
@@ -388,14 +420,15 @@ FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, 
   const acc_t rstd = hat[GH];
   const scalar_t* w = a.opt.ln_weight;
   auto g = [&](int64_t k) {
-    return static_cast<acc_t>(d_hh_row[k]) * static_cast<acc_t>(w[k]);
+    return mul_rounded(static_cast<acc_t>(d_hh_row[k]), static_cast<acc_t>(w[k]));
   };
-  Sums<acc_t> m = row.template sum2<acc_t>(GH, [&](int64_t k) {
-    const acc_t gk = g(k);
-    return Sums<acc_t>{gk, gk * hat[k]};
+  using S = stat_t<acc_t>;
+  Sums<S> m = row.template sum2<S>(GH, [&](int64_t k) {
+    const S gk = g(k);
+    return Sums<S>{gk, gk * hat[k]};
   });
-  m.a = m.a / acc_t(GH);
-  m.b = m.b / acc_t(GH);
+  m.a = m.a / S(GH);
+  m.b = m.b / S(GH);
   scalar_t* out = a.grad_a + r * GH;
   row.for_each(GH, [&](int64_t k) {
     out[k] = static_cast<scalar_t>(rstd * (g(k) - m.a - hat[k] * m.b));
@@ -460,16 +493,17 @@ FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_
     const acc_t rstd = hat[H];
     const acc_t* dy = a.grad_y + r * H;
     auto g = [&](int64_t j) {
-      return dy[j] * static_cast<acc_t>(o.ln_c_weight[j]);
+      return mul_rounded(dy[j], static_cast<acc_t>(o.ln_c_weight[j]));
     };
-    Sums<acc_t> m = row.template sum2<acc_t>(H, [&](int64_t j) {
-      const acc_t gj = g(j);
-      return Sums<acc_t>{gj, gj * hat[j]};
+    using S = stat_t<acc_t>;
+    Sums<S> m = row.template sum2<S>(H, [&](int64_t j) {
+      const S gj = g(j);
+      return Sums<S>{gj, gj * hat[j]};
     });
-    m.a = m.a / acc_t(H);
-    m.b = m.b / acc_t(H);
+    m.a = m.a / S(H);
+    m.b = m.b / S(H);
     row.for_each(H, [&](int64_t j) {
-      finish(j, rstd * (g(j) - m.a - hat[j] * m.b));
+      finish(j, static_cast<acc_t>(rstd * (g(j) - m.a - hat[j] * m.b)));
     });
   }
   if constexpr (V::ln) recurrent_norm_backward(a, b, GH, gx, row);

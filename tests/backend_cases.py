@@ -7,8 +7,7 @@ import torch
 
 from fastrnn import backends
 from fastrnn.cells import CELLS
-
-from parity import assert_close
+from fastrnn.testing import assert_all_close, to_float64
 
 
 def native_available_mark():
@@ -69,9 +68,28 @@ def run_backward(backend, cell, case, reverse, fwd, grads, options=None):
                             reverse, fwd[0], fwd[3], options)
 
 
-def compare_all(actual, expected, dtype, what):
-    assert len(actual) == len(expected), what
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert (a is None) == (e is None), f"{what} {i}: {a} vs {e}"
-        if a is not None:
-            assert_close(a, e, dtype, f"{what} {i}")
+def compare_all(actual, expected, what, truth=None):
+    """Results of a backend against another's (None entries must match), by the rule of
+    fastrnn.testing: float64 directly; below it, against the float64 `truth`."""
+    assert_all_close(actual, expected, truth, what)
+
+
+def check_backend(backend, cell, case, reverse, options=None):
+    """`backend`'s forward and backward against the reference backend's, under the same
+    upstream gradients. Below float64 both are judged against the reference run in float64
+    on the same rounded inputs (the truth). Returns the backend's (forward, backward)."""
+    reference = backends.get("reference")
+    fwd = run_forward(backend, cell, case, reverse, options)
+    fwd_r = run_forward(reference, cell, case, reverse, options)
+    grads = upstream(fwd_r)
+    bwd = run_backward(backend, cell, case, reverse, fwd, grads, options)
+    bwd_r = run_backward(reference, cell, case, reverse, fwd_r, grads, options)
+    truth_fwd = truth_bwd = None
+    if case["xproj"].dtype != torch.float64:
+        case64, options64 = to_float64(case), to_float64(options)
+        truth_fwd = run_forward(reference, cell, case64, reverse, options64)
+        truth_bwd = run_backward(reference, cell, case64, reverse, truth_fwd,
+                                 to_float64(grads), options64)
+    compare_all(fwd, fwd_r, f"{cell} forward", truth_fwd)
+    compare_all(bwd, bwd_r, f"{cell} backward", truth_bwd)
+    return fwd, bwd

@@ -1,12 +1,12 @@
-"""Shared helpers of the parity tests: tolerances, weight copying, running and comparing."""
+"""Shared helpers of the parity tests: weight copying, running and comparing (the tolerance
+rule is fastrnn.testing's)."""
+import copy
 import os
 
 import torch
 
 import fastrnn
-
-# DESIGN.md: float64 to 1e-10, float32 to 1e-5, relative to the size of the reference values.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+from fastrnn import testing
 
 
 def cpu_backends():
@@ -18,15 +18,10 @@ def cpu_backends():
     return [b for b in fastrnn.available_backends("cpu") if b != "triton"]
 
 
-def assert_close(actual, expected, dtype, what=""):
-    """max |actual - expected| <= tol * max(1, max |expected|)."""
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
-    if expected.numel() == 0:
-        return
-    error = (actual - expected).abs().max().item()
-    scale = max(1.0, expected.abs().max().item())
-    assert error <= TOLERANCE[dtype] * scale, f"{what}: error {error:.3g} (scale {scale:.3g})"
+def assert_close(actual, baseline, truth=None, what=""):
+    """fastrnn.testing.assert_close: float64 against the baseline to 1e-10; lower precision
+    against a float64 truth, within 2x the baseline's own error plus a few ulps."""
+    testing.assert_close(actual, baseline, truth, what)
 
 
 def flatten(value):
@@ -68,20 +63,27 @@ def twin_of(module, backend):
 def run_both(reference, fast, make_args, dtype):
     """Run a torch.nn module and its twin on equal fresh inputs; compare outputs and the
     gradients of every input leaf and parameter under the same random upstream gradient.
+    Below float64, torch.nn also runs in float64 on the same rounded weights, inputs and
+    upstream gradients: the truth both are judged against (fastrnn.testing).
 
-    make_args() -> (call_args, leaves): the module's arguments and the tensors to
-    differentiate (the raw sequences when the input is packed)."""
+    make_args(as_dtype=None) -> (call_args, leaves): the module's arguments and the tensors
+    to differentiate (the raw sequences when the input is packed), drawn in the test's dtype
+    and then, when as_dtype is given, converted to it (before requires_grad)."""
+    runs = [(reference, dtype), (fast, dtype)]
+    if dtype != torch.float64:
+        runs.append((copy.deepcopy(reference).double(), torch.float64))
     results = []
-    for module in (reference, fast):
-        args, leaves = make_args()
+    for module, run_dtype in runs:
+        args, leaves = make_args() if run_dtype == dtype else make_args(run_dtype)
         outs = flatten(module(*args))
         gen = torch.Generator().manual_seed(1234)
-        grads_out = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outs]
+        grads_out = [torch.randn(o.shape, generator=gen, dtype=dtype).to(run_dtype)
+                     for o in outs]
         grads = torch.autograd.grad(outs, list(leaves) + list(module.parameters()), grads_out)
-        results.append((outs, grads))
-    (outs_a, grads_a), (outs_b, grads_b) = results
-    assert len(outs_a) == len(outs_b)
-    for i, (b, a) in enumerate(zip(outs_b, outs_a)):
-        assert_close(b, a, dtype, f"output {i}")
-    for i, (b, a) in enumerate(zip(grads_b, grads_a)):
-        assert_close(b, a, dtype, f"grad {i}")
+        results.append(list(outs) + list(grads))
+    assert len(results[0]) == len(results[1])
+    truth = results[2] if len(results) == 3 else None
+    num_outs = len(grads_out)
+    for i, b in enumerate(results[1]):
+        what = f"output {i}" if i < num_outs else f"grad {i - num_outs}"
+        assert_close(b, results[0][i], None if truth is None else truth[i], what)

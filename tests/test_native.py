@@ -22,9 +22,9 @@ from fastrnn import backends, build, ops
 from fastrnn.backends.native import NativeBackend
 from fastrnn.cells import CELLS
 
-from backend_cases import (compare_all, make_case, native_available_mark, run_backward,
-                           run_forward, upstream)
-from parity import assert_close
+from backend_cases import (check_backend, compare_all, make_case, native_available_mark,
+                           run_backward, run_forward, upstream)
+from fastrnn.testing import assert_all_close, to_float64
 
 native = backends.get("native")
 reference = backends.get("reference")
@@ -38,14 +38,8 @@ CELL_IDS = ["lstm", "lstm_proj", "gru", "rnn_tanh", "rnn_relu"]
 
 
 def check_against_reference(cell, case, reverse, dtype):
-    fwd_n = run_forward(native, cell, case, reverse)
-    fwd_r = run_forward(reference, cell, case, reverse)
-    compare_all(fwd_n, fwd_r, dtype, f"{cell} forward")
-    grads = upstream(fwd_r)
-    bwd_n = run_backward(native, cell, case, reverse, fwd_n, grads)
-    bwd_r = run_backward(reference, cell, case, reverse, fwd_r, grads)
-    compare_all(bwd_n, bwd_r, dtype, f"{cell} backward")
-    return fwd_n, bwd_n
+    assert case["xproj"].dtype == dtype
+    return check_backend(native, cell, case, reverse)
 
 
 # ------------------------------------------------------------------ parity with reference
@@ -85,9 +79,9 @@ def test_backward_consumes_the_other_backends_forward(cell, proj):
     grads = upstream(fwd_r)
     expected = run_backward(reference, cell, case, True, fwd_r, grads)
     compare_all(run_backward(reference, cell, case, True, fwd_n, grads), expected,
-                torch.float64, "reference backward of native forward")
+                "reference backward of native forward")
     compare_all(run_backward(native, cell, case, True, fwd_r, grads), expected,
-                torch.float64, "native backward of reference forward")
+                "native backward of reference forward")
 
 
 # ------------------------------------------------------------------ parity with torch.nn
@@ -146,6 +140,14 @@ def run_layer(module, cell, inputs, use_native):
     return [t.detach() for t in outs] + list(grads)
 
 
+def layer_truth(module, cell, inputs):
+    """run_layer of torch.nn in float64 on the same rounded parameters and inputs (None for
+    a float64 module: it is its own truth)."""
+    if next(module.parameters()).dtype == torch.float64:
+        return None
+    return run_layer(copy.deepcopy(module).double(), cell, to_float64(inputs), use_native=False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("layout", ["dense", "packed"])
@@ -157,8 +159,7 @@ def test_matches_torch_nn(cell, proj, layout, bias, dtype):
     inputs = layer_inputs(module, cell, layout, dtype)
     expected = run_layer(module, cell, inputs, use_native=False)
     actual = run_layer(module, cell, inputs, use_native=True)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        assert_close(a, e, dtype, f"result {i}")
+    assert_all_close(actual, expected, layer_truth(module, cell, inputs), "result")
 
 
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
@@ -182,22 +183,12 @@ def test_cuda_matches_reference(cell, proj, reverse, layout, dtype, monkeypatch)
 @pytest.mark.parametrize("layout", ["dense", "packed"])
 @pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
 def test_cuda_half_types_within_twice_torch_error(cell, proj, layout, dtype):
-    """fp16/bf16: the native error against a float64 computation from the same rounded
-    inputs is at most twice torch.nn's own error in that dtype."""
+    """fp16/bf16, by the same rule as float32 (fastrnn.testing)."""
     module = nn_layer(cell, proj, True, dtype, device="cuda")
-    exact_module = copy.deepcopy(module).double()
     inputs = layer_inputs(module, cell, layout, dtype, device="cuda")
-    exact_inputs = dict(inputs, x=inputs["x"].double(), h0=inputs["h0"].double(),
-                        c0=inputs["c0"].double(), grads=[g.double() for g in inputs["grads"]])
-    truth = run_layer(exact_module, cell, exact_inputs, use_native=False)
     torch_half = run_layer(module, cell, inputs, use_native=False)
     native_half = run_layer(module, cell, inputs, use_native=True)
-    eps = torch.finfo(dtype).eps
-    for i, (n, t, e) in enumerate(zip(native_half, torch_half, truth)):
-        err_native = (n.double() - e).abs().max().item()
-        err_torch = (t.double() - e).abs().max().item()
-        floor = eps * max(1.0, e.abs().max().item())  # one rounding of the result itself
-        assert err_native <= 2 * err_torch + floor, f"result {i}: {err_native} vs {err_torch}"
+    assert_all_close(native_half, torch_half, layer_truth(module, cell, inputs), "result")
 
 
 # ------------------------------------------------------------------ robustness
@@ -230,11 +221,11 @@ def test_noncontiguous_inputs(cell, proj):
     strided = {k: noncontiguous(v) for k, v in case.items()}
     assert not strided["xproj"].is_contiguous() and not strided["w_hh"].is_contiguous()
     fwd_n = run_forward(native, cell, strided, False)
-    compare_all(fwd_n, fwd_r, torch.float64, "forward")
+    compare_all(fwd_n, fwd_r, "forward")
     fwd_n = [noncontiguous(t) for t in fwd_n]
     compare_all(run_backward(native, cell, strided, False, fwd_n,
                              [noncontiguous(g) for g in grads]),
-                expected, torch.float64, "backward")
+                expected, "backward")
 
 
 @pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
@@ -384,7 +375,7 @@ torch.save((fwd, bwd), sys.argv[2])
 def test_packed_weight_gemm_matches_plain_gemm(layout, tmp_path):
     """float32 steps use MKL's packed-weight GEMM where torch has it; with it switched off
     (FASTRNN_NATIVE_PACKED_GEMM=0, read once per process) every step is at::mm_out. Both
-    paths give the same results (float32 tolerance)."""
+    paths are right (fastrnn.testing's rule against the reference backend)."""
     lengths = [9, 7, 7, 4, 1] if layout == "packed" else None
     case = make_case("lstm", hidden=33, batch=5, steps=9, lengths=lengths, dtype=torch.float32)
     fwd = run_forward(native, "lstm", case, True)
@@ -397,8 +388,16 @@ def test_packed_weight_gemm_matches_plain_gemm(layout, tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     fwd_plain, bwd_plain = torch.load(tmp_path / "out.pt")
-    compare_all(fwd, fwd_plain, torch.float32, "lstm forward, plain GEMM")
-    compare_all(bwd, bwd_plain, torch.float32, "lstm backward, plain GEMM")
+    # Each path against the reference backend, by the one rule: neither may be worse than
+    # twice the reference's own float32 error against the float64 truth.
+    case64 = to_float64(case)
+    truth_fwd = run_forward(reference, "lstm", case64, True)
+    truth_bwd = run_backward(reference, "lstm", case64, True, truth_fwd, to_float64(grads))
+    fwd_r = run_forward(reference, "lstm", case, True)
+    bwd_r = run_backward(reference, "lstm", case, True, fwd_r, grads)
+    for name, (f, b) in {"packed GEMM": (fwd, bwd), "plain GEMM": (fwd_plain, bwd_plain)}.items():
+        compare_all(f, fwd_r, f"lstm forward, {name}", truth_fwd)
+        compare_all(b, bwd_r, f"lstm backward, {name}", truth_bwd)
 
 
 @pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)

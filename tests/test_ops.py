@@ -1,5 +1,7 @@
 """The op boundary: explicit backward against autograd, gradcheck, opcheck, torch.compile,
 and the ops' own argument checks."""
+import copy
+
 import pytest
 import torch
 
@@ -7,7 +9,22 @@ import fastrnn
 from fastrnn import backends, ops
 from fastrnn.cells import CELLS
 
+from fastrnn.testing import assert_all_close, assert_close
 from parity import cpu_backends
+
+
+def torch_nn_results(model, x):
+    """(baseline, truth) of a fastrnn model: its torch.nn twin (fastrnn.to_torch) in x's dtype,
+    and in float64 on the same rounded weights and input: output, then the gradients of its
+    sum with respect to x and every parameter."""
+    results = []
+    for dtype in (x.dtype, torch.float64):
+        twin = fastrnn.to_torch(copy.deepcopy(model)).to(dtype)
+        leaf = x.detach().to(dtype).requires_grad_()
+        out = twin(leaf)
+        results.append([out.detach()] + list(torch.autograd.grad(out.sum(),
+                                                                 [leaf, *twin.parameters()])))
+    return results
 
 # (cell, proj) pairs: lstm also with a projection.
 CASES = [("lstm", 0), ("lstm", 2), ("gru", 0), ("rnn_tanh", 0), ("rnn_relu", 0)]
@@ -162,13 +179,12 @@ def test_torch_compile_fullgraph_matches_eager():
     model = Model()
     x = torch.randn(6, 2, 4, requires_grad=True)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-    eager_out = model(x)
-    compiled_out = compiled(x)
-    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-6, atol=1e-6)
-    eager_grads = torch.autograd.grad(eager_out.sum(), [x, *model.parameters()])
-    compiled_grads = torch.autograd.grad(compiled_out.sum(), [x, *model.parameters()])
-    for got, want in zip(compiled_grads, eager_grads):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    baseline, truth = torch_nn_results(model, x)
+    for run in (model, compiled):
+        out = run(x)
+        grads = torch.autograd.grad(out.sum(), [x, *model.parameters()])
+        assert_all_close([out.detach(), *grads], baseline, truth,
+                         "compiled" if run is compiled else "eager")
 
 
 def test_torch_compile_inductor_matches_eager():
@@ -176,7 +192,8 @@ def test_torch_compile_inductor_matches_eager():
     lstm = fastrnn.LSTM(4, 5)
     x = torch.randn(6, 2, 4)
     compiled = torch.compile(lstm, fullgraph=True)
-    torch.testing.assert_close(compiled(x)[0], lstm(x)[0], rtol=1e-6, atol=1e-6)
+    torch_lstm = fastrnn.to_torch(copy.deepcopy(lstm))
+    assert_close(compiled(x)[0], torch_lstm(x)[0], torch_lstm.double()(x.double())[0])
 
 
 def test_first_call_under_torch_compile_in_a_fresh_process():

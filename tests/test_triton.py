@@ -27,6 +27,7 @@ elif not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from fastrnn.backends import get as get_backend  # noqa: E402
+from fastrnn.testing import assert_all_close, assert_close  # noqa: E402
 
 
 def _interpreted_package():
@@ -138,19 +139,26 @@ def errors(actual, expected):
     return out
 
 
-def assert_float32_close(actual, expected):
-    """DESIGN.md: float32 to 1e-5 relative to max(1, max |expected|)."""
-    for name, error in errors(actual, expected).items():
+def assert_float32_close(actual, baseline, truth):
+    """fastrnn.testing's rule on every named result: float32, within twice the baseline's own
+    error against the float64 truth (plus a few ulps)."""
+    for name in truth:
         assert actual[name].dtype == torch.float32, name
-        scale = max(1.0, expected[name].abs().max().item())
-        assert error <= 1e-5 * scale, f"{name}: error {error:.3g} (scale {scale:.3g})"
+    assert_all_close(actual, baseline, truth)
+
+
+def float32_expected(cell, inputs, grads, reverse):
+    """(baseline, truth) for a float32 run on these inputs: the reference backend in float32,
+    and in float64 on the same float32-rounded values."""
+    inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
+    return (run(REFERENCE, cell, inputs, grads, reverse),
+            run(REFERENCE, cell, cast(inputs, torch.float64), cast(grads, torch.float64), reverse))
 
 
 def float32_case(cell, kernel, case, proj=0, bias=True):
     batch, steps, hidden, lengths, reverse = CASES[case]
     inputs, grads = make_problem(cell, batch, steps, hidden, lengths, proj, bias)
-    expected = run(REFERENCE, cell, inputs, grads, reverse)
-    return inputs, grads, reverse, expected
+    return inputs, grads, reverse, float32_expected(cell, inputs, grads, reverse)
 
 
 # ---------------------------------------------------------------- float32 parity
@@ -162,7 +170,7 @@ def test_float32_matches_reference(kernel, cell, case):
     inputs, grads, reverse, expected = float32_case(cell, kernel, case)
     actual = run(TritonBackend(kernel), cell, cast(inputs, torch.float32),
                  cast(grads, torch.float32), reverse)
-    assert_float32_close(actual, expected)
+    assert_float32_close(actual, *expected)
 
 
 @pytest.mark.parametrize("case", ["plain", "packed_reverse", "tiny"])
@@ -171,7 +179,7 @@ def test_lstm_projection_float32(kernel, case):
     inputs, grads, reverse, expected = float32_case("lstm", kernel, case, proj=3)
     actual = run(TritonBackend(kernel), "lstm", cast(inputs, torch.float32),
                  cast(grads, torch.float32), reverse)
-    assert_float32_close(actual, expected)
+    assert_float32_close(actual, *expected)
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -180,7 +188,7 @@ def test_without_bias(kernel, cell):
     inputs, grads, reverse, expected = float32_case(cell, kernel, "packed", bias=False)
     actual = run(TritonBackend(kernel), cell, cast(inputs, torch.float32),
                  cast(grads, torch.float32), reverse)
-    assert_float32_close(actual, expected)
+    assert_float32_close(actual, *expected)
 
 
 def test_two_batch_tiles_and_odd_hidden():
@@ -188,10 +196,10 @@ def test_two_batch_tiles_and_odd_hidden():
     lengths 21..10 (each step of the interpreter costs ~0.1 s, so no T=63 here)."""
     lengths = [21] * 5 + list(range(21, 9, -1))
     inputs, grads = make_problem("lstm", 17, 21, 33, lengths)
-    expected = run(REFERENCE, "lstm", inputs, grads, reverse=True)
+    expected = float32_expected("lstm", inputs, grads, True)
     actual = run(TritonBackend("persistent"), "lstm", cast(inputs, torch.float32),
                  cast(grads, torch.float32), True)
-    assert_float32_close(actual, expected)
+    assert_float32_close(actual, *expected)
 
 
 # ---------------------------------------------------------------- shared workspace layout
@@ -205,8 +213,8 @@ def test_workspace_is_shared_with_reference(kernel, cell):
     inputs, grads, reverse, expected = float32_case(cell, kernel, "packed_reverse", proj=proj)
     inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
     triton_backend = TritonBackend(kernel)
-    assert_float32_close(run(triton_backend, cell, inputs, grads, reverse, REFERENCE), expected)
-    assert_float32_close(run(REFERENCE, cell, inputs, grads, reverse, triton_backend), expected)
+    assert_float32_close(run(triton_backend, cell, inputs, grads, reverse, REFERENCE), *expected)
+    assert_float32_close(run(REFERENCE, cell, inputs, grads, reverse, triton_backend), *expected)
 
 
 # ---------------------------------------------------------------- float16 / bfloat16
@@ -275,11 +283,8 @@ def torch_nn_run(cell, inputs, grads, reverse, dtype):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_precision_error_within_twice_pytorch(dtype, kernel, cell, reverse):
-    """DESIGN.md: the error against a float64 reference of the same (rounded) inputs is at
-    most twice that of torch.nn's own result in the same dtype. That baseline is floored at
-    one unit of the dtype's precision at the tensor's scale (eps * max |truth|), which no
-    result in that dtype can be sure to beat: on tensors of a few elements torch.nn's
-    rounding can land closer by luck."""
+    """fastrnn.testing's rule: against a float64 reference of the same (rounded) inputs,
+    torch.nn's own result in the same dtype as the baseline."""
     proj = 4 if cell == "lstm_proj" else 0
     cell = "lstm" if proj else cell
     inputs, grads = make_problem(cell, 4, 6, 8, [6, 5, 3, 1], proj, seed=1)
@@ -288,11 +293,10 @@ def test_half_precision_error_within_twice_pytorch(dtype, kernel, cell, reverse)
     truth = run(REFERENCE, cell, inputs, grads, reverse)
     ours = run(TritonBackend(kernel), cell, cast(inputs, dtype), cast(grads, dtype), reverse)
     theirs = torch_nn_run(cell, inputs, grads, reverse, dtype)
-    for name, error in errors(ours, truth).items():
+    assert ours.keys() == truth.keys() == theirs.keys()
+    for name in truth:
         assert ours[name].dtype == dtype, name
-        baseline = max(errors({name: theirs[name]}, {name: truth[name]})[name],
-                       torch.finfo(dtype).eps * truth[name].abs().max().item())
-        assert error <= 2 * baseline, f"{name}: error {error:.3g} > 2 x {baseline:.3g}"
+        assert_close(ours[name], theirs[name], truth[name], name)
 
 
 # ---------------------------------------------------------------- choice and availability
@@ -320,10 +324,10 @@ def test_auto_runs_step_path_for_large_hidden(monkeypatch):
     monkeypatch.setattr(persistent, "forward", None)  # calling them would fail
     monkeypatch.setattr(persistent, "backward", None)
     inputs, grads = make_problem("gru", 2, 2, 65, None)
-    expected = run(REFERENCE, "gru", inputs, grads, False)
+    expected = float32_expected("gru", inputs, grads, False)
     actual = run(TritonBackend(), "gru", cast(inputs, torch.float32),
                  cast(grads, torch.float32), False)
-    assert_float32_close(actual, expected)
+    assert_float32_close(actual, *expected)
 
 
 def test_availability_and_support():
@@ -350,9 +354,12 @@ def test_through_the_op_with_autograd():
     """fastrnn.ops with backend="triton": forward and autograd backward match the reference."""
     from fastrnn.ops import recurrence
     inputs, grads = make_problem("lstm", 3, 4, 5, [4, 3, 1], proj=2)
+    inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
     results = {}
-    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
-        args = to(cast(inputs, dtype), DEVICE)
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float32),
+                           ("reference", torch.float64)):
+        args = {k: v.clone() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v
+                for k, v in to(cast(inputs, dtype), DEVICE).items()}
         leaves = {k: args[k].requires_grad_() for k in ("xproj", "h0", "c0", "w_hh", "b_hh",
                                                         "w_hr")}
         out, h_n, c_n = recurrence("lstm", **args, reverse=True, backend=backend)
@@ -360,10 +367,11 @@ def test_through_the_op_with_autograd():
         loss = ((out * g["grad_output"]).sum() + (h_n * g["grad_h_n"]).sum()
                 + (c_n * g["grad_c_n"]).sum())
         loss.backward()
-        results[backend] = dict(output=out, h_n=h_n, c_n=c_n,
-                                **{f"grad_{k}": v.grad for k, v in leaves.items()})
-        results[backend] = {k: v.detach().cpu() for k, v in results[backend].items()}
-    assert_float32_close(results["triton"], results["reference"])
+        results[backend, dtype] = {k: v.detach().cpu() for k, v in dict(
+            output=out, h_n=h_n, c_n=c_n,
+            **{f"grad_{k}": v.grad for k, v in leaves.items()}).items()}
+    assert_float32_close(results["triton", torch.float32], results["reference", torch.float32],
+                         results["reference", torch.float64])
 
 
 def test_kernels_compile_for_sm90():

@@ -3,16 +3,17 @@
 Runs under the Triton interpreter on CPU like tests/test_triton.py (whose setup, problem
 builder, NaN poisoning and tolerance helpers it shares). Tiny shapes: the interpreter is slow.
 Every option alone and all together, for lstm, lstm with projection and gru, dense and packed
-(ragged, with a length-1 sequence), both directions; float32 to 1e-5 relative against the
-float64 reference; float16 / bfloat16 within twice PyTorch's own same-dtype error; the
-workspace crossing backends both ways.
+(ragged, with a length-1 sequence), both directions; float32, float16 and bfloat16 by
+fastrnn.testing's rule (against a float64 run of the same rounded inputs, within twice
+PyTorch's own same-dtype error); the workspace crossing backends both ways.
 """
 import pytest
 import torch
 
 from test_triton import (DEVICE, GATES, REFERENCE, TritonBackend, assert_float32_close,
-                         cast, errors, make_problem, to)
+                         cast, make_problem, to)
 from test_triton import poison  # noqa: F401  (the autouse NaN-filling fixture)
+from fastrnn.testing import assert_close
 from fastrnn.variants import StepOptions, workspace_width
 
 GRAD_NAMES = ("grad_xproj", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr",
@@ -91,20 +92,30 @@ def problem(cell, case, features, seed=0):
     return cell, inputs, grads, reverse, make_options(cell, features, inputs)
 
 
+def float32_expected(cell, inputs, grads, reverse, options):
+    """(baseline, truth) for float32 inputs: the reference backend in float32, and in float64
+    on the same values."""
+    to64 = lambda t: cast(t, torch.float64)  # noqa: E731
+    return (run(REFERENCE, cell, inputs, grads, reverse, options),
+            run(REFERENCE, cell, to64(inputs), to64(grads), reverse,
+                cast_options(options, torch.float64)))
+
+
 def check_float32(cell, case, features, pairs=("triton>triton",)):
     """``pairs``: forward backend > backward backend, run in turn."""
     cell, inputs, grads, reverse, options = problem(cell, case, features)
-    expected = run(REFERENCE, cell, inputs, grads, reverse, options)
-    H = inputs["w_hh"].shape[0] // GATES[cell]
-    proj = 0 if inputs["w_hr"] is None else inputs["w_hr"].shape[0]
-    assert expected["workspace"].shape[1] == workspace_width(cell, H, proj, options.features())
     inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
     options = cast_options(options, torch.float32)
+    expected = float32_expected(cell, inputs, grads, reverse, options)
+    H = inputs["w_hh"].shape[0] // GATES[cell]
+    proj = 0 if inputs["w_hr"] is None else inputs["w_hr"].shape[0]
+    assert expected[1]["workspace"].shape[1] == workspace_width(cell, H, proj,
+                                                                options.features())
     backends = {"triton": TritonBackend(), "reference": REFERENCE}
     for pair in pairs:
         first, second = (backends[name] for name in pair.split(">"))
         actual = run(first, cell, inputs, grads, reverse, options, second)
-        assert_float32_close(actual, expected)
+        assert_float32_close(actual, *expected)
 
 
 # ---------------------------------------------------------------- float32 parity
@@ -144,10 +155,10 @@ def test_wide_rows_layer_norm():
     lengths = [4, 4, 3, 3, 2, 2, 1, 1, 1]
     inputs, grads = make_problem("lstm", 9, 4, 130, lengths, seed=3)
     options = make_options("lstm", LSTM_OPTIONS, inputs)
-    expected = run(REFERENCE, "lstm", inputs, grads, False, options)
-    actual = run(TritonBackend(), "lstm", cast(inputs, torch.float32),
-                 cast(grads, torch.float32), False, cast_options(options, torch.float32))
-    assert_float32_close(actual, expected)
+    inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
+    options = cast_options(options, torch.float32)
+    actual = run(TritonBackend(), "lstm", inputs, grads, False, options)
+    assert_float32_close(actual, *float32_expected("lstm", inputs, grads, False, options))
 
 
 # ---------------------------------------------------------------- float16 / bfloat16
@@ -192,9 +203,8 @@ def pytorch_loop(cell, inputs, grads, reverse, options, dtype):
 @pytest.mark.parametrize("cell", list(ALL))
 @pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16))
 def test_half_precision_error_within_twice_pytorch(dtype, cell, reverse):
-    """As tests/test_triton.py: error against a float64 reference of the same rounded inputs
-    at most twice that of PyTorch's own same-dtype result (floored at one unit of the dtype's
-    precision at the tensor's scale), here with every option on."""
+    """As tests/test_triton.py (fastrnn.testing's rule, PyTorch's own same-dtype result as the
+    baseline), here with every option on."""
     proj = PROJ if cell == "lstm_proj" else 0
     features, cell = ALL[cell], "lstm" if proj else cell
     inputs, grads = make_problem(cell, 4, 5, 8, None, proj, seed=1)
@@ -207,12 +217,10 @@ def test_half_precision_error_within_twice_pytorch(dtype, cell, reverse):
                cast_options(options, dtype))
     theirs = pytorch_loop(cell, inputs, grads, reverse, options, dtype)
     del truth["workspace"], ours["workspace"]
-    assert theirs.keys() == truth.keys()
-    for name, error in errors(ours, truth).items():
+    assert theirs.keys() == truth.keys() == ours.keys()
+    for name in truth:
         assert ours[name].dtype == dtype, name
-        baseline = max(errors({name: theirs[name]}, {name: truth[name]})[name],
-                       torch.finfo(dtype).eps * truth[name].abs().max().item())
-        assert error <= 2 * baseline, f"{name}: error {error:.3g} > 2 x {baseline:.3g}"
+        assert_close(ours[name], theirs[name], truth[name], name)
 
 
 # ---------------------------------------------------------------- contract details
@@ -297,11 +305,16 @@ def test_through_the_op_with_autograd(cell):
     (every input's and every layer-norm parameter's gradient) match the reference."""
     from fastrnn.ops import recurrence
     cell, inputs, grads, reverse, options = problem(cell, "packed_reverse", ALL[cell])
+    inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
+    options = cast_options(options, torch.float32)
     results = {}
-    for backend, dtype in (("triton", torch.float32), ("reference", torch.float64)):
-        args = to(cast(inputs, dtype), DEVICE)
+    for backend, dtype in (("triton", torch.float32), ("reference", torch.float32),
+                           ("reference", torch.float64)):
+        args = {k: v.clone() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v
+                for k, v in to(cast(inputs, dtype), DEVICE).items()}
         opts = cast_options(options, dtype)
-        opts = StepOptions(*[v.to(DEVICE) if isinstance(v, torch.Tensor) else v for v in opts])
+        opts = StepOptions(*[v.to(DEVICE).clone() if isinstance(v, torch.Tensor) else v
+                             for v in opts])
         leaves = {k: v.requires_grad_() for k, v in args.items()
                   if isinstance(v, torch.Tensor) and k != "batch_sizes"}
         leaves.update({k: v.requires_grad_() for k, v in opts._asdict().items()
@@ -313,7 +326,8 @@ def test_through_the_op_with_autograd(cell):
         if c_n is not None:
             loss = loss + (c_n * g["grad_c_n"]).sum()
         loss.backward()
-        results[backend] = dict(output=out, h_n=h_n, **({} if c_n is None else dict(c_n=c_n)),
-                                **{f"grad_{k}": v.grad for k, v in leaves.items()})
-        results[backend] = {k: v.detach().cpu() for k, v in results[backend].items()}
-    assert_float32_close(results["triton"], results["reference"])
+        result = dict(output=out, h_n=h_n, **({} if c_n is None else dict(c_n=c_n)),
+                      **{f"grad_{k}": v.grad for k, v in leaves.items()})
+        results[backend, dtype] = {k: v.detach().cpu() for k, v in result.items()}
+    assert_float32_close(results["triton", torch.float32], results["reference", torch.float32],
+                         results["reference", torch.float64])

@@ -199,13 +199,20 @@ class CaseData:
     def clear(self):
         self._master = None
 
-    def workload(self, module: nn.Module, dtype: torch.dtype):
-        """One call: forward (and backward in training); returns named outputs and gradients."""
+    def workload(self, module: nn.Module, dtype: torch.dtype,
+                 rounded_to: Optional[torch.dtype] = None):
+        """One call: forward (and backward in training); returns named outputs and gradients.
+        rounded_to: the values first rounded to that dtype (the gold of a lower-precision
+        case sees the case's own rounded weights, inputs and upstream gradients)."""
         state, x, lengths, grads = self.master()
         device = self.spec.device
-        module.load_state_dict({k: v.to(device, dtype) for k, v in state.items()})
-        x = x.to(device, dtype)
-        grads = {k: v.to(device, dtype) for k, v in grads.items()}
+
+        def to(v):
+            return v.to(device, rounded_to or dtype).to(dtype)
+
+        module.load_state_dict({k: to(v) for k, v in state.items()})
+        x = to(x)
+        grads = {k: to(v) for k, v in grads.items()}
         packed = None
         if lengths is not None:
             packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
@@ -289,13 +296,13 @@ def rnn_cases(options: Options):
                     spec = Spec(cell, config_name, config, mode, dtype, options.device,
                                 options.size)
                     data = CaseData(spec, options.seed)
-                    gold_dtype = torch.float64 if dtype in (torch.float32,) else torch.float32
                     gold_cache = {}
 
-                    def gold(data=data, spec=spec, gold_dtype=gold_dtype, cache=gold_cache):
+                    def gold(data=data, spec=spec, cache=gold_cache):
                         if "result" not in cache:
                             cache["result"] = data.workload(
-                                torch_nn_module(spec, gold_dtype), gold_dtype)()
+                                torch_nn_module(spec, torch.float64), torch.float64,
+                                rounded_to=spec.dtype)()
                         return cache["result"]
 
                     params = dict(cell=cell, config=config_name, mode=mode, dtype=dtype_name,

@@ -26,7 +26,8 @@ from torch.testing._internal import common_modules  # noqa: E402
 
 # Importing torch's test helpers freezes torch.backends' flags (tests may then change them
 # only inside flags() blocks); thaw them so the rest of the suite runs as without this file.
-setattr(torch.backends, "__allow_nonbracketed_mutation_flag", True)
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
+assert not torch.backends.flags_frozen()
 
 MODULE_INFOS = [info for info in common_modules.module_db if info.module_cls in FAST_TWIN]
 BACKENDS = fastrnn.available_backends("cpu")

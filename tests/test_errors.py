@@ -102,12 +102,6 @@ BAD_FORWARDS = {
 @pytest.mark.parametrize("case", list(BAD_FORWARDS))
 def test_forward_errors(pair, case):
     torch_cls, fast_cls = pair
-    if case == "packed_hidden_batch" and torch_cls is nn.LSTM:
-        # torch.nn.LSTM skips its hidden-size check for packed input and fails later inside
-        # ATen ("The size of tensor a (3) must match..."); fastrnn checks it up front.
-        with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(1, 2, 4\), got"):
-            BAD_FORWARDS[case](fast_cls, fast_cls(3, 4))
-        return
     torch.manual_seed(0)
     assert_same_error(lambda: BAD_FORWARDS[case](torch_cls, torch_cls(3, 4)),
                       lambda: BAD_FORWARDS[case](fast_cls, fast_cls(3, 4)))
@@ -303,15 +297,28 @@ def test_packed_input_wrong_hidden_layers(pair, layers, backend):
     torch_cls, fast_cls = pair
     call = lambda cls, m: m(pack_sequence([torch.zeros(3, 3), torch.zeros(2, 3)]),  # noqa: E731
                             _hx(cls, layers, 2, (torch.float32,) * 2))
-    expected = raised(lambda: call(torch_cls, torch_cls(3, 4, 2)))
-    got = raised(lambda: call(fast_cls, fast_cls(3, 4, 2, backend=backend)))
-    if torch_cls is nn.LSTM:
-        # torch.nn.LSTM skips its hidden-size check for packed input and fails inside ATen
-        # ("Expected more hidden states in stacked_rnn"); fastrnn gives the check's message.
-        assert expected[0] is got[0] is RuntimeError
-        assert got[1].startswith("Expected hidden[0] size (2, 2, 4), got ")
-    else:
-        assert got == expected
+    assert_same_error(lambda: call(torch_cls, torch_cls(3, 4, 2)),
+                      lambda: call(fast_cls, fast_cls(3, 4, 2, backend=backend)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+@pytest.mark.parametrize("dims", [2, 4])
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: p[0].__name__)
+def test_packed_input_hidden_dims(pair, dims, enforce_sorted, backend):
+    # torch.nn.LSTM leaves a packed batch's hx unchecked (a 2-D one fails with an IndexError
+    # inside ATen); GRU and RNN check it after putting it in the batch's order.
+    torch_cls, fast_cls = pair
+    shape = (2, 4) if dims == 2 else (1, 2, 4, 1)
+
+    def call(cls, module):
+        lengths = [3, 2] if enforce_sorted else [2, 3]
+        x = pack_sequence([torch.zeros(n, 3) for n in lengths], enforce_sorted=enforce_sorted)
+        h = torch.zeros(shape)
+        return module(x, (h, h) if cls in (nn.LSTM, fastrnn.LSTM) else h)
+
+    assert_same_error(lambda: call(torch_cls, torch_cls(3, 4)),
+                      lambda: call(fast_cls, fast_cls(3, 4, backend=backend)))
 
 
 def _lstm_cell_pair(backend):

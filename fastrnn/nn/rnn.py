@@ -264,12 +264,21 @@ class RNNBase(nn.Module):
                     hx = tuple(h.unsqueeze(1) for h in hx) if kind.has_cell_state \
                         else hx.unsqueeze(1)
             max_batch_size = input.size(0) if self.batch_first else input.size(1)
+        given_hx = hx
         if hx is None:
             hx = self._zeros(input, max_batch_size, real_hidden_size)
             if kind.has_cell_state:
                 hx = (hx, self._zeros(input, max_batch_size, self.hidden_size))
-        self.check_forward_args(input, hx, batch_sizes)
-        hx = self.permute_hidden(hx, sorted_indices)
+        else:   # as torch.nn: a packed batch's hx is put in the batch's order, then checked
+            hx = self.permute_hidden(hx, sorted_indices)
+        try:
+            self.check_forward_args(input, hx, batch_sizes)
+        except RuntimeError:
+            # torch.nn.LSTM does not check a packed batch's hx: a bad one fails inside its
+            # kernel, so that error (type and message) is torch.nn's to raise.
+            if batch_sizes is not None and kind.has_cell_state and not options.active(self):
+                return options.torch_forward(self, orig_input, given_hx)
+            raise
         state = hx if kind.has_cell_state else (hx,)
 
         if batch_sizes is None:

@@ -189,14 +189,14 @@ def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_ba
     """Shape checks for direct callers of the ops (the modules have checked already).
     The fake impl cannot read batch_sizes' values, so it checks shapes only."""
     gates = w_hh.shape[0] if w_hh.dim() == 2 else -1
-    if gates <= 0 or gates % kind.num_gates:
+    if gates < 0 or gates % kind.num_gates:
         raise ValueError(f"fastrnn.{kind.name}: w_hh must be [{kind.num_gates}*hidden, "
                          f"state], got {list(w_hh.shape)}")
-    hidden = gates // kind.num_gates
+    hidden = gates // kind.num_gates   # 0 is allowed: torch.nn's cells take hidden_size 0
     width = w_hr.shape[0] if w_hr is not None else hidden
-    if w_hr is not None and list(w_hr.shape) != [width, hidden]:
-        raise ValueError(f"fastrnn.{kind.name}: w_hr must be [proj, {hidden}], "
-                         f"got {list(w_hr.shape)}")
+    if w_hr is not None and (list(w_hr.shape) != [width, hidden] or not hidden):
+        raise ValueError(f"fastrnn.{kind.name}: w_hr must be [proj, {hidden}] with a hidden "
+                         f"size above 0, got {list(w_hr.shape)}")
     if w_hh.shape[1] != width:
         raise ValueError(f"fastrnn.{kind.name}: w_hh must have {width} columns, "
                          f"got {list(w_hh.shape)}")
@@ -224,18 +224,21 @@ def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_ba
         return
     if not read_batch_sizes:
         return
+    # A malformed PackedSequence: RuntimeError, the type torch.nn's kernels raise for it.
     if batch_sizes.device.type != "cpu" or batch_sizes.dtype != torch.int64 \
             or batch_sizes.dim() != 1:
-        raise ValueError("fastrnn: batch_sizes must be a 1-D int64 CPU tensor, got "
-                         f"{batch_sizes.dtype} {list(batch_sizes.shape)} on "
-                         f"{batch_sizes.device}")
+        raise RuntimeError("fastrnn: batch_sizes must be a 1-D int64 CPU tensor, got "
+                           f"{batch_sizes.dtype} {list(batch_sizes.shape)} on "
+                           f"{batch_sizes.device}")
     sizes = batch_sizes.tolist()
+    # all zero is an empty batch (torch.nn returns empty results for it)
     if sizes and (sizes[0] != batch or any(b > a for a, b in zip(sizes, sizes[1:]))
-                  or sizes[-1] <= 0):
-        raise ValueError(f"fastrnn: batch_sizes must be positive and non-increasing with "
-                         f"batch_sizes[0] == batch ({batch}), got {sizes}")
+                  or (sizes[-1] <= 0 and batch > 0) or sizes[-1] < 0):
+        raise RuntimeError(f"fastrnn: batch_sizes must be positive and non-increasing with "
+                           f"batch_sizes[0] == batch ({batch}), got {sizes}")
     if sum(sizes) != rows:
-        raise ValueError(f"fastrnn: batch_sizes sum to {sum(sizes)} but xproj has {rows} rows")
+        raise RuntimeError(f"fastrnn: batch_sizes sum to {sum(sizes)} but the input has "
+                           f"{rows} rows")
 
 
 def _resolve(name, kind, xproj, w_hh, w_hr, options):

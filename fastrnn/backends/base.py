@@ -28,6 +28,33 @@ def step_layout(num_rows: int, batch: int,
     return sizes, offsets
 
 
+def no_rows_forward(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+                    w_hr: Optional[Tensor], options=None):
+    """Forward of a call without rows (batch 0, or a packed batch of empty steps): nothing
+    runs, the states pass through, as in torch.nn."""
+    from ..cells import CELLS, accumulate_dtype
+    from ..variants import features, workspace_width
+    hidden = w_hh.shape[0] // CELLS[cell].num_gates
+    width = workspace_width(cell, hidden, 0 if w_hr is None else w_hr.shape[0],
+                            features(options))
+    return (xproj.new_empty(0, h0.shape[1]), h0.clone(), None if c0 is None else c0.clone(),
+            xproj.new_empty(0, width, dtype=accumulate_dtype(xproj.dtype)))
+
+
+def no_rows_backward(grad_h_n: Tensor, grad_c_n: Optional[Tensor], w_hh: Tensor,
+                     w_hr: Optional[Tensor], options=None):
+    """Backward of a call without rows: the state gradients pass through, the weights get
+    zeros (torch.nn's gradients for an empty batch)."""
+    grads = (w_hh.new_zeros(0, w_hh.shape[0]), grad_h_n.clone(),
+             None if grad_c_n is None else grad_c_n.clone(), torch.zeros_like(w_hh),
+             w_hh.new_zeros(w_hh.shape[0]), None if w_hr is None else torch.zeros_like(w_hr))
+    if options is None:
+        return grads
+    return grads + tuple(None if t is None else torch.zeros_like(t) for t in
+                         (options.ln_weight, options.ln_bias, options.ln_c_weight,
+                          options.ln_c_bias))
+
+
 class Backend:
     name: str = ""
 

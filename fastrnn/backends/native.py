@@ -23,7 +23,7 @@ import torch
 from .. import build
 from ..cells import CELLS, accumulate_dtype
 from ..variants import OPTION_FIELDS, StepOptions, features as option_features, workspace_width
-from .base import Backend
+from .base import Backend, no_rows_backward, no_rows_forward
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -125,6 +125,8 @@ class NativeBackend(Backend):
     def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
                 options=None, need_workspace=True):
         self._require()
+        if xproj.shape[0] == 0:   # the kernels' layout checks want live rows in every step
+            return no_rows_forward(cell, xproj, h0, c0, w_hh, w_hr, options)
         output, h_n, c_n, workspace = torch.ops.fastrnn.native_forward(
             cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
             *_option_args(options), need_workspace)
@@ -133,6 +135,9 @@ class NativeBackend(Backend):
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
                  batch_sizes, reverse, output, workspace, options=None):
         self._require()
+        if output.shape[0] == 0:
+            return no_rows_backward(grad_h_n, grad_c_n if CELLS[cell].has_cell_state else None,
+                                    w_hh, w_hr, options)
         grads = torch.ops.fastrnn.native_backward(
             cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes,
             reverse, output, workspace, *_option_args(options))

@@ -16,9 +16,13 @@ from .. import backends, ops
 from ..cells import CELLS
 from . import amp, options
 
-# Names torch's C++ checks print for dtypes ("mat1 and mat2 must have the same dtype...").
-_SCALAR_NAMES = {torch.float64: "Double", torch.float32: "Float", torch.float16: "Half",
-                 torch.bfloat16: "BFloat16"}
+
+def dtype_mismatch(state: Tensor, weight: Tensor) -> RuntimeError:
+    """The error torch.nn's matmul gives for a state whose dtype is not the weights'."""
+    def name(dtype):   # ATen's scalar type name: "torch.DoubleTensor" -> "Double"
+        return torch.empty(0, dtype=dtype).type()[len("torch."):-len("Tensor")]
+    return RuntimeError("mat1 and mat2 must have the same dtype, but got "
+                        f"{name(state.dtype)} and {name(weight.dtype)}")
 
 
 class RNNCellBase(nn.Module):
@@ -108,15 +112,12 @@ class RNNCellBase(nn.Module):
         return (self.weight_hh if weight_mask is None else self.weight_hh * weight_mask), mask
 
     def _check_dims(self, input, hx):
+        """torch.nn's GRUCell / RNNCell checks (a hx that is no tensor fails as there)."""
         name = type(self).__name__
         if input.dim() not in (1, 2):
             raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
-        states = hx if isinstance(hx, tuple) else (() if hx is None else (hx,))
-        for index, value in enumerate(states):
-            if value.dim() not in (1, 2):
-                what = f"hx[{index}]" if isinstance(hx, tuple) else "hidden"
-                raise ValueError(f"{name}: Expected {what} to be 1D or 2D, got {value.dim()}D "
-                                 "instead")
+        if hx is not None and hx.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected hidden to be 1D or 2D, got {hx.dim()}D instead")
 
     def _step(self, cell: str, input: Tensor, states: tuple):
         """Checks as ATen's cell ops do, then one step of the recurrence op."""
@@ -135,9 +136,7 @@ class RNNCellBase(nn.Module):
         autocast = amp.cell_plan(self, CELLS[cell].mode, input, states)
         for state in states:
             if state.dtype != self.weight_hh.dtype and autocast is None:
-                raise RuntimeError("mat1 and mat2 must have the same dtype, but got "
-                                   f"{_SCALAR_NAMES.get(state.dtype, state.dtype)} and "
-                                   f"{_SCALAR_NAMES.get(self.weight_hh.dtype, self.weight_hh.dtype)}")
+                raise dtype_mismatch(state, self.weight_hh)
         recurrence = ops.recurrence if autocast is None else autocast.recurrence
         compute = input.dtype if autocast is None else autocast.compute
         variant = options.active(self)
@@ -230,7 +229,16 @@ class LSTMCell(RNNCellBase):
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         if options.runs_torch_path(self, input):
             return options.torch_forward(self, input, hx)
-        self._check_dims(input, hx)
+        # torch.nn.LSTMCell's checks, in its order: hx is any sequence of two tensors
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D "
+                             "instead")
+        if hx is not None:
+            for index, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got "
+                                     f"{value.dim()}D instead")
+        given = hx
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
@@ -239,5 +247,17 @@ class LSTMCell(RNNCellBase):
             hx = (zeros, zeros)
         elif not is_batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        if not isinstance(hx, (tuple, list)) or not all(isinstance(t, Tensor) for t in hx):
+            raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, "
+                            f"not {type(hx).__name__}")
+        if len(hx) != 2:
+            raise RuntimeError("lstm_cell expects two hidden states")
+        if (hx[0].dtype == self.weight_hh.dtype != hx[1].dtype
+                and amp.cell_plan(self, self.mode, input, tuple(hx)) is None):
+            # torch.nn promotes the cell state's dtype into both results (c float64 with
+            # float32 weights gives float64 h and c): only torch.nn's own math does that.
+            options.refuse_torch_path(self, f"a cell state of dtype {hx[1].dtype}")
+            return options.torch_forward(self, input if is_batched else input.squeeze(0),
+                                         given)
         h, c = self._step("lstm", input, tuple(hx))
         return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))

@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 from .. import backends, ops
 from ..cells import CELL_OF_MODE
 from . import amp, options
+from .cell import dtype_mismatch
 
 
 class RNNBase(nn.Module):
@@ -97,7 +98,9 @@ class RNNBase(nn.Module):
             raise ValueError("proj_size has to be smaller than hidden_size")
         if mode not in CELL_OF_MODE:
             raise ValueError("Unrecognized RNN mode: " + mode)
-        gate_size = CELL_OF_MODE[mode].num_gates * hidden_size
+        # As torch.nn computes it: RNN's is hidden_size itself, so a bool fails as there.
+        gates = CELL_OF_MODE[mode].num_gates
+        gate_size = hidden_size if gates == 1 else gates * hidden_size
         # fastrnn's variant options (fastrnn.nn.options); all off = torch.nn exactly.
         checked = options.check(type(self).__name__, mode, dict(
             layer_norm=layer_norm, recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
@@ -187,6 +190,10 @@ class RNNBase(nn.Module):
         autocast = amp.layers_plan(self, input, hx, batch_sizes is not None)
         recurrence = ops.recurrence if autocast is None else autocast.recurrence
         compute = input.dtype if autocast is None else autocast.compute
+        if autocast is None:   # torch.nn's recurrent matmul refuses a state of another dtype
+            for state in hx:
+                if state.dtype != self.weight_ih_l0.dtype:
+                    raise dtype_mismatch(state, self.weight_ih_l0)
         variant = options.active(self)
         features = options.features(self) if variant else ()
         backend = backends.resolve(self.backend, kind.name, input.device, compute,
@@ -230,6 +237,10 @@ class RNNBase(nn.Module):
 
     def _forward(self, input, hx, state_checks):
         """Common forward: unpack/batch the input, run, and repack like torch.nn."""
+        if type(self.num_layers) is not int or type(self.bidirectional) is not bool:
+            # torch.nn's kernels take exactly an int and a bool: its forward raises their
+            # TypeError (the constructor accepts e.g. bidirectional=1, as torch.nn's does).
+            return options.torch_forward(self, input, hx)
         if options.runs_torch_path(self, input):
             return options.torch_forward(self, input, hx)
         kind = CELL_OF_MODE[self.mode]
@@ -253,12 +264,21 @@ class RNNBase(nn.Module):
                     hx = tuple(h.unsqueeze(1) for h in hx) if kind.has_cell_state \
                         else hx.unsqueeze(1)
             max_batch_size = input.size(0) if self.batch_first else input.size(1)
+        given_hx = hx
         if hx is None:
             hx = self._zeros(input, max_batch_size, real_hidden_size)
             if kind.has_cell_state:
                 hx = (hx, self._zeros(input, max_batch_size, self.hidden_size))
-        self.check_forward_args(input, hx, batch_sizes)
-        hx = self.permute_hidden(hx, sorted_indices)
+        else:   # as torch.nn: a packed batch's hx is put in the batch's order, then checked
+            hx = self.permute_hidden(hx, sorted_indices)
+        try:
+            self.check_forward_args(input, hx, batch_sizes)
+        except RuntimeError:
+            # torch.nn.LSTM does not check a packed batch's hx: a bad one fails inside its
+            # kernel, so that error (type and message) is torch.nn's to raise.
+            if batch_sizes is not None and kind.has_cell_state and not options.active(self):
+                return options.torch_forward(self, orig_input, given_hx)
+            raise
         state = hx if kind.has_cell_state else (hx,)
 
         if batch_sizes is None:
@@ -266,8 +286,10 @@ class RNNBase(nn.Module):
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             time_major = input.transpose(0, 1) if self.batch_first else input
             steps, batch = time_major.shape[:2]
-            rows, state = self._run(time_major.reshape(steps * batch, -1), state, None)
-            output = rows.view(steps, batch, -1)
+            # explicit widths: with batch 0 a -1 could not be inferred
+            rows, state = self._run(time_major.reshape(steps * batch, time_major.shape[2]),
+                                    state, None)
+            output = rows.view(steps, batch, rows.shape[1])
             if self.batch_first:
                 output = output.transpose(0, 1)
         else:

@@ -384,7 +384,8 @@ class Holder(nn.Module):
         return self.cell(y[-1])
 
 
-@pytest.mark.parametrize("cls,kwargs", SCRIPT_CASES, ids=lambda v: getattr(v, "__name__", ""))
+@pytest.mark.parametrize("cls,kwargs", SCRIPT_CASES,
+                         ids=["lstm_bidirectional", "lstm_proj", "gru", "rnn_relu"])
 def test_torch_jit_script_compiles_the_torch_nn_twin(cls, kwargs):
     torch.manual_seed(0)
     fast = fastrnn.convert(cls(4, 6, **kwargs), backend=BACKEND).double()
@@ -456,6 +457,11 @@ def test_torch_jit_trace_passes_its_check(name, backend):
         warnings.simplefilter("ignore")  # TracerWarnings about Python values
         traced_eval = torch.jit.trace(fast.eval(), (x,))   # check_trace=True by default
         traced_train = torch.jit.trace(fast.train(), (x,))
+    # auto records torch.nn's operators where it picks torch.nn's path for inference
+    torch_path = name != "lstm_layer_norm" and fastrnn.backends.auto_runs_torch(
+        backend, x.device, fast.mode, inference=True)
+    for traced in (traced_eval, traced_train):
+        assert ("fastrnn::" in str(traced.inlined_graph)) != torch_path, name
     y = torch.randn(7, 3, 8, dtype=torch.float64)
     fast.eval()
     for actual, expected in zip(tensors(traced_eval(y)), tensors(fast(y))):

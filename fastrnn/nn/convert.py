@@ -109,16 +109,6 @@ def _swap_all(module: nn.Module, table, make) -> nn.Module:
         return swap(module, "")
 
 
-def _convert_one(module: nn.Module, path: str, backend: str) -> nn.Module:
-    try:
-        return twin(module, backend)
-    except Exception as exc:  # one odd module must not stop a model half converted
-        warnings.warn(f"fastrnn.convert left {path or 'the root module'} "
-                      f"({type(module).__name__}) as it is: {type(exc).__name__}: {exc}",
-                      stacklevel=4)
-        return module
-
-
 def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
     """Replace every ``torch.nn`` LSTM/GRU/RNN and cell inside ``module`` (the root too) by the
     fastrnn module with the same parameters, buffers, hooks, device, dtype and training mode.
@@ -129,7 +119,20 @@ def convert(module: nn.Module, backend: str = "auto") -> nn.Module:
     rebuilt, with a warning naming it.
     """
     backends.check_name(backend)
-    return _swap_all(module, TWINS, lambda mod, path: _convert_one(mod, path, backend))
+    left = []
+
+    def make(mod, path):
+        try:
+            return twin(mod, backend)
+        except Exception as exc:  # one odd module must not stop a model half converted
+            left.append(f"fastrnn.convert left {path or 'the root module'} "
+                        f"({type(mod).__name__}) as it is: {type(exc).__name__}: {exc}")
+            return mod
+
+    result = _swap_all(module, TWINS, make)
+    for message in left:
+        warnings.warn(message, stacklevel=2)
+    return result
 
 
 def to_torch(module: nn.Module) -> nn.Module:

@@ -5,9 +5,15 @@
     model = fastrnn.convert(model)                    # swap every torch.nn RNN in a model
     model = fastrnn.to_torch(model)                   # and back to plain torch.nn modules
 """
+import torch
+
 from . import ops  # registers the torch.ops.fastrnn ops
 from .backends import available_backends, get_backend, set_backend
 from .nn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert, to_torch
+
+# Saved whole modules load with torch.load's default weights_only=True: their pickled state is
+# what torch.nn's modules hold (tensors, numbers, strings, containers).
+torch.serialization.add_safe_globals([LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell])
 
 __version__ = "0.1.0"
 

@@ -514,10 +514,11 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
     kind = CELLS[cell]
     op = getattr(torch.ops.fastrnn, f"{cell}_forward")
     # Without a gradient to compute, the op keeps no workspace for backward (less memory,
-    # and the native kernels skip writing it).
-    need_workspace = torch.is_grad_enabled() and any(
+    # and the native kernels skip writing it). A trace keeps it: it is replayed with and
+    # without grad (torch.jit.trace checks it by tracing again without grad).
+    need_workspace = torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
         isinstance(t, Tensor) and t.requires_grad
-        for t in (xproj, h0, c0, w_hh, b_hh, w_hr, *(options or ())))
+        for t in (xproj, h0, c0, w_hh, b_hh, w_hr, *(options or ()))))
     extra = ()
     if options is not None:
         foreign = [name for name, value in options._asdict().items()

@@ -364,3 +364,214 @@ def test_to_torch_is_the_inverse_of_convert():
     # gradients flow into the shared Parameter objects
     back(x).sum().backward()
     assert all(p.grad is not None for p in params.values())
+
+
+# -------------------------------------------------------------------------------- TorchScript
+
+SCRIPT_CASES = [(nn.LSTM, dict(num_layers=2, bidirectional=True)), (nn.LSTM, dict(proj_size=3)),
+                (nn.GRU, dict(num_layers=2, batch_first=True)),
+                (nn.RNN, dict(nonlinearity="relu", bias=False))]
+
+
+class Holder(nn.Module):
+    """A model holding an RNN and a cell, called as a scripted model calls them."""
+
+    def __init__(self, rnn, cell):
+        super().__init__()
+        self.rnn = rnn
+        self.cell = cell
+
+    def forward(self, x):
+        y, _ = self.rnn(x)
+        return self.cell(y[-1])
+
+
+@pytest.mark.parametrize("cls,kwargs", SCRIPT_CASES,
+                         ids=["lstm_bidirectional", "lstm_proj", "gru", "rnn_relu"])
+def test_torch_jit_script_compiles_the_torch_nn_twin(cls, kwargs):
+    torch.manual_seed(0)
+    fast = fastrnn.convert(cls(4, 6, **kwargs), backend=BACKEND).double()
+    params = list(fast.parameters())
+    scripted = torch.jit.script(fast)
+    assert scripted.original_name == cls.__name__
+    # what torch.jit.script makes of torch.nn's own module (its overloaded forward included)
+    assert scripted._c._method_names() == torch.jit.script(cls(4, 6, **kwargs))._c._method_names()
+    assert all(a is b for a, b in zip(scripted.parameters(), params)), "same Parameters"
+    # in a model (its forward picks the overload), against fastrnn's eager result
+    torch.manual_seed(0)
+    model = fastrnn.convert(Holder(cls(4, 6, **kwargs), nn.GRUCell(12 if "bidirectional"
+                                   in kwargs else kwargs.get("proj_size", 6), 5)),
+                            backend=BACKEND).double()
+    x = torch.randn(3, 7, 4, dtype=torch.float64)
+    expected = model(x)
+    scripted = torch.jit.script(model)
+    assert "fastrnn::" not in str(scripted.inlined_graph)   # torch.nn's operators only
+    assert_close(scripted(x), expected, torch.float64, "scripted")
+    buffer = io.BytesIO()   # and it saves as TorchScript
+    torch.jit.save(scripted, buffer)
+    buffer.seek(0)
+    assert_close(torch.jit.load(buffer)(x), expected, torch.float64, "saved")
+
+
+@pytest.mark.parametrize("cls", [fastrnn.LSTMCell, fastrnn.GRUCell, fastrnn.RNNCell])
+def test_torch_jit_script_of_cells(cls):
+    torch.manual_seed(0)
+    fast = cls(4, 5, backend=BACKEND).double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    scripted = torch.jit.script(fast)
+    assert scripted.original_name == cls.__name__
+    for actual, expected in zip(tensors(scripted(x)), tensors(fast(x))):
+        assert_close(actual, expected, torch.float64, cls.__name__)
+
+
+@pytest.mark.parametrize("make,option", [
+    (lambda: fastrnn.LSTM(4, 5, layer_norm=True), "layer_norm"),
+    (lambda: fastrnn.GRU(4, 5, zoneout=0.1), "zoneout"),
+    (lambda: fastrnn.LSTMCell(4, 5, cell_clip=3.0), "cell_clip")])
+def test_torch_jit_script_refuses_options_by_name(make, option):
+    with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile .* with {option}"):
+        torch.jit.script(make())
+    # forget_bias only initialises: torch.nn runs the same math
+    torch.jit.script(fastrnn.LSTMCell(4, 5, forget_bias=1.0))
+
+
+# -------------------------------------------------------------------------------- torch.jit.trace
+
+TRACE_CASES = {
+    "lstm": lambda b: fastrnn.LSTM(8, 8, 2, bidirectional=True, backend=b),
+    "lstm_proj": lambda b: fastrnn.LSTM(8, 8, 2, bidirectional=True, proj_size=3, backend=b),
+    "gru": lambda b: fastrnn.GRU(8, 8, 2, bidirectional=True, backend=b),
+    "rnn": lambda b: fastrnn.RNN(8, 8, 2, bidirectional=True, backend=b),
+    "lstm_layer_norm": lambda b: fastrnn.LSTM(8, 8, 2, bidirectional=True, layer_norm=True,
+                                              backend=b),
+}
+
+
+@pytest.mark.parametrize("backend", ["auto", BACKEND])
+@pytest.mark.parametrize("name", TRACE_CASES)
+def test_torch_jit_trace_passes_its_check(name, backend):
+    """torch.jit.trace's default check traces again under no_grad: the graph must not depend
+    on the grad mode. The trace then runs other shapes and backpropagates like eager."""
+    torch.manual_seed(0)
+    fast = TRACE_CASES[name](backend).double()
+    x = torch.randn(5, 2, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings about Python values
+        traced_eval = torch.jit.trace(fast.eval(), (x,))   # check_trace=True by default
+        traced_train = torch.jit.trace(fast.train(), (x,))
+    # auto records torch.nn's operators where it picks torch.nn's path for inference
+    torch_path = name != "lstm_layer_norm" and fastrnn.backends.auto_runs_torch(
+        backend, x.device, fast.mode, inference=True)
+    for traced in (traced_eval, traced_train):
+        assert ("fastrnn::" in str(traced.inlined_graph)) != torch_path, name
+    y = torch.randn(7, 3, 8, dtype=torch.float64)
+    fast.eval()
+    for actual, expected in zip(tensors(traced_eval(y)), tensors(fast(y))):
+        assert_close(actual, expected, torch.float64, f"{name} traced")
+    fast.train()
+    params = list(fast.parameters())
+    actual = torch.autograd.grad(traced_train(y)[0].sum(), params)
+    expected = torch.autograd.grad(fast(y)[0].sum(), params)
+    for a, e, (pname, _) in zip(actual, expected, fast.named_parameters()):
+        assert_close(a, e, torch.float64, f"{name} grad {pname}")
+
+
+# -------------------------------------------------------------------------------- packed compile
+
+def _packed(lengths, enforce_sorted, seed):
+    """A PackedSequence whose data is a leaf (so gradients are taken into it)."""
+    gen = torch.Generator().manual_seed(seed)
+    seqs = [torch.randn(n, 3, generator=gen, dtype=torch.float64) for n in lengths]
+    packed = pack_sequence(seqs, enforce_sorted=enforce_sorted)
+    return packed._replace(data=packed.data.requires_grad_())
+
+
+@pytest.mark.parametrize("given_state", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("cls", [fastrnn.LSTM, fastrnn.GRU])
+def test_packed_input_compiles_to_one_graph(cls, enforce_sorted, given_state):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch.manual_seed(0)
+    kwargs = dict(proj_size=2) if cls is fastrnn.LSTM else {}
+    fast = cls(3, 4, num_layers=2, bidirectional=True, backend=BACKEND, **kwargs).double()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fast, fullgraph=True, backend=counter)
+    params = list(fast.parameters())
+    torch._dynamo.reset()
+    for lengths, seed in (((5, 3, 3, 2), 1), ((6, 4, 2), 2)):  # a second batch and length
+        packed = _packed(lengths if enforce_sorted else lengths[::-1], enforce_sorted, seed)
+        hx = None
+        if given_state:
+            gen = torch.Generator().manual_seed(seed)
+            shape = (4, len(lengths), 2 if cls is fastrnn.LSTM else 4)
+            hx = torch.randn(*shape, generator=gen, dtype=torch.float64)
+            if cls is fastrnn.LSTM:
+                hx = (hx, torch.randn(4, len(lengths), 4, generator=gen, dtype=torch.float64))
+        results = []
+        for module in (compiled, fast):
+            out = tensors(module(packed, hx))
+            weights = [torch.full_like(o, 0.5).cumsum(-1) for o in out]
+            loss = sum((o * w).sum() for o, w in zip(out, weights))
+            results.append(out + list(torch.autograd.grad(loss, [packed.data] + params)))
+        for i, (actual, expected) in enumerate(zip(*results)):
+            assert_close(actual, expected, torch.float64, f"result {i}")
+        if seed == 1:   # (a new shape may recompile; fullgraph=True means no graph break)
+            assert counter.frame_count == 1, f"{counter.frame_count} graphs"
+
+
+def test_packed_input_compiles_without_graph_break_where_the_batch_is_a_shape():
+    """Without fullgraph: no graph break when the batch is a shape (the pack's sort order or a
+    given state). Only a sorted pack without a state must read batch_sizes[0] (one break)."""
+    from torch._dynamo.testing import CompileCounter
+
+    fast = fastrnn.LSTM(3, 4, backend=BACKEND)
+    packed = _packed((4, 2, 5), False, 0)
+    sorted_packed = _packed((5, 4, 2), True, 0)
+    state = (torch.zeros(1, 3, 4, dtype=torch.float64),) * 2
+    for args in ((packed,), (sorted_packed, state)):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        torch.compile(fast.double(), backend=counter)(*args)
+        assert counter.frame_count == 1, args
+
+
+# -------------------------------------------------------------------------------- checkpoints
+
+def test_whole_module_checkpoints_load_with_weights_only():
+    """torch.load's default (weights_only=True) loads saved fastrnn modules; a model of other
+    classes names them, as with torch.nn modules; to_torch() first gives a file without fastrnn."""
+    torch.manual_seed(0)
+    modules = [fastrnn.LSTM(3, 5, num_layers=2, bidirectional=True, backend="reference"),
+               fastrnn.GRU(3, 5, zoneout=0.25, layer_norm=True).eval(),
+               fastrnn.RNNCell(3, 5, nonlinearity="relu", backend=BACKEND)]
+    x = torch.randn(4, 2, 3)
+    for module in modules:
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer)
+        assert type(loaded) is type(module) and loaded.backend == module.backend
+        assert repr(loaded) == repr(module)
+        with torch.no_grad():
+            for a, e in zip(tensors(loaded(x[0] if "Cell" in repr(module) else x)),
+                            tensors(module(x[0] if "Cell" in repr(module) else x))):
+                torch.testing.assert_close(a, e, rtol=0, atol=0)
+    model = fastrnn.convert(Stack(), backend="reference")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with torch.serialization.safe_globals([Stack, nn.Linear]):
+        _assert_same_model(torch.load(buffer), model, torch.randn(2, 6, 3))
+    # for torch.nn users: to_torch (of a copy) before saving
+    buffer = io.BytesIO()
+    torch.save(fastrnn.to_torch(copy.deepcopy(model)), buffer)
+    assert b"fastrnn" not in buffer.getvalue()
+    buffer.seek(0)
+    with torch.serialization.safe_globals([Stack, nn.Linear, nn.LSTM, nn.GRU, nn.RNN,
+                                           nn.LSTMCell]):
+        plain = torch.load(buffer)
+    assert type(plain.lstm) is nn.LSTM and type(model.lstm) is fastrnn.LSTM
+    x = torch.randn(2, 6, 3)
+    with torch.no_grad():
+        assert_close(plain(x), model(x), torch.float32, "to_torch checkpoint")

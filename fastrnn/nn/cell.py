@@ -89,6 +89,12 @@ class RNNCellBase(nn.Module):
         extra = options.describe(self)
         return f"{text}, {extra}" if extra else text
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script compiles the torch.nn twin, on the very same Parameter objects
+        (convert.scriptable_twin)."""
+        from .convert import scriptable_twin  # convert imports this module
+        return scriptable_twin(self)
+
     def reset_dropout_masks(self) -> None:
         """Forget the recurrent_dropout / weight_drop masks: the next training call draws new
         ones. Call it at the start of every sequence (a cell cannot see where one starts)."""

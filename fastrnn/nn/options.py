@@ -142,8 +142,10 @@ def runs_torch_path(module, input) -> bool:
     if changes_math:
         return False
     # No parameter gradient wanted (a gradient into the input still flows: torch.nn's path
-    # has autograd, so this only picks the faster implementation).
-    inference = not torch.is_grad_enabled() or not any(
+    # has autograd, so this only picks the faster implementation). A trace is one recording
+    # for every later call, and torch.jit.trace checks it by tracing again without grad: it
+    # is decided as inference (a deployed trace usually is; it still has autograd).
+    inference = torch.jit.is_tracing() or not torch.is_grad_enabled() or not any(
         p.requires_grad for p in module.parameters())
     return backends.auto_runs_torch(module.backend, data.device, module.mode, inference)
 

@@ -151,6 +151,12 @@ class RNNBase(nn.Module):
         """torch.nn's forward (run under ONNX export) calls this; _flat_weights is always
         current here."""
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script compiles the torch.nn twin, on the very same Parameter objects
+        (convert.scriptable_twin)."""
+        from .convert import scriptable_twin  # convert imports this module
+        return scriptable_twin(self)
+
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self._flat_weights:   # torch.nn's parameters, in its order
@@ -235,6 +241,33 @@ class RNNBase(nn.Module):
         return torch.zeros(self.num_layers * num_directions, batch, size,
                            dtype=input.dtype, device=input.device)
 
+    @staticmethod
+    def _packed_batch_size(batch_sizes: Tensor, sorted_indices, hx):
+        """batch_sizes[0]. Under torch.compile, reading a tensor's value breaks the graph (with
+        fullgraph=True it becomes a size known only at run time), so there the batch comes from
+        a shape where one has it: the given state, else the sort permutation. The op checks it
+        against batch_sizes when it runs."""
+        if torch.compiler.is_compiling():
+            if hx is not None:
+                return (hx[0] if isinstance(hx, (tuple, list)) else hx).size(1)
+            if sorted_indices is not None:
+                return sorted_indices.size(0)
+        return int(batch_sizes[0])
+
+    def _check_args(self, input, hx, batch_sizes, batch) -> None:
+        """torch.nn's check_forward_args. Under torch.compile the state of packed input is
+        checked against ``batch`` (_packed_batch_size), as torch.nn's check reads batch_sizes[0]."""
+        if batch_sizes is None or not torch.compiler.is_compiling():
+            return self.check_forward_args(input, hx, batch_sizes)
+        self.check_input(input, batch_sizes)
+        leading = (self.num_layers * (2 if self.bidirectional else 1), batch)
+        if self.mode != "LSTM":
+            return self.check_hidden_size(hx, leading + (self.hidden_size,))
+        self.check_hidden_size(hx[0], leading + (self.proj_size or self.hidden_size,),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hx[1], leading + (self.hidden_size,),
+                               "Expected hidden[1] size {}, got {}")
+
     def _forward(self, input, hx, state_checks):
         """Common forward: unpack/batch the input, run, and repack like torch.nn."""
         if type(self.num_layers) is not int or type(self.bidirectional) is not bool:
@@ -249,7 +282,7 @@ class RNNBase(nn.Module):
         if isinstance(orig_input, PackedSequence):
             input, batch_sizes, sorted_indices, unsorted_indices = input
             is_batched = True
-            max_batch_size = int(batch_sizes[0])
+            max_batch_size = self._packed_batch_size(batch_sizes, sorted_indices, hx)
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
             if input.dim() not in (2, 3):
@@ -272,7 +305,7 @@ class RNNBase(nn.Module):
         else:   # as torch.nn: a packed batch's hx is put in the batch's order, then checked
             hx = self.permute_hidden(hx, sorted_indices)
         try:
-            self.check_forward_args(input, hx, batch_sizes)
+            self._check_args(input, hx, batch_sizes, max_batch_size)
         except RuntimeError:
             # torch.nn.LSTM does not check a packed batch's hx: a bad one fails inside its
             # kernel, so that error (type and message) is torch.nn's to raise.

@@ -159,6 +159,8 @@ def _child_load_failure(library) -> Optional[str]:
     """Load ``library`` in a child process: None when it loads, else what went wrong there
     (a damaged library may kill the loading process with a signal)."""
     script = "import sys, torch; torch.ops.load_library(sys.argv[1])"
+    if not sys.executable:
+        return "it cannot be test-loaded: this Python does not know its executable"
     try:
         result = subprocess.run([sys.executable, "-c", script, str(library)],
                                 capture_output=True, text=True, timeout=600)
@@ -173,7 +175,8 @@ def _child_load_failure(library) -> Optional[str]:
             name = f"signal {-result.returncode}"
         return f"loading it killed a test process with {name}"
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    return f"it does not load: {lines[-1].strip()[:400] if lines else 'exit code %d' % result.returncode}"
+    last = lines[-1].strip()[:400] if lines else f"exit code {result.returncode}"
+    return f"it does not load: {last}"
 
 
 def library_damage(library) -> Optional[str]:

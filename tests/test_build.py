@@ -50,7 +50,7 @@ FALLBACK_WARNING = "fastrnn: using the reference backend because native:"
 @pytest.fixture(scope="module")
 def built_library():
     """This session's JIT-built library (built now if no other test did yet)."""
-    if build._prebuilt_library(build._loaded == "cuda"):
+    if any(build._prebuilt_library(cuda) for cuda in (False, True)):
         pytest.skip("the native library is an install-time build; these cases need a JIT cache")
     return Path(build.load())
 
@@ -131,7 +131,7 @@ def test_unrepairable_library_falls_back_with_one_warning_or_raises_when_named(c
     assert stderr.count("Warning") == 1 and stderr.count(FALLBACK_WARNING) == 1, stderr
     assert named.startswith("error: fastrnn backend 'native' cannot run gru")
     assert f"building the native {build._loaded} extension" in named
-    assert "registration.o: file too short" in named  # the linker's own words
+    assert "error:" in named and "registration.o" in named  # the linker's own words
 
 
 PREBUILT_CHILD = """
@@ -172,7 +172,7 @@ def test_prebuilt_library_is_verified_before_loading(built_library, tmp_path):
     assert build.digest_path(good).read_text().strip() == build.file_digest(good)
 
 
-def test_digest_is_written_atomically_and_only_for_a_readable_file(tmp_path):
+def test_digest_matches_until_the_library_changes(tmp_path):
     library = tmp_path / "lib.so"
     library.write_bytes(b"\x7fELF" + bytes(100))
     build.write_digest(library)

@@ -53,7 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--from-json", metavar="PATH", help="run nothing: print the table and rewrite "
                    "the Markdown and plots of a saved result (next to it unless --out is given)")
     p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (it is shown only when stderr is a terminal anyway)")
     return p.parse_args(argv)
 
 
@@ -139,12 +140,14 @@ def rewrite(args) -> int:
 
 
 def _progress(total: int, disabled: bool):
-    """A callable that advances a tqdm bar (stderr) by one provider; None closes it."""
+    """A callable that advances a tqdm bar (stderr) by one provider; None closes it.
+
+    Only on a terminal: in a log file or a pipe its carriage-return updates are noise."""
     try:
         from tqdm import tqdm
     except ImportError:
         tqdm = None
-    if disabled or tqdm is None:
+    if disabled or tqdm is None or not sys.stderr.isatty():
         return lambda label: None
     bar = tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True)
     seen = [0]

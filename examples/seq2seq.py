@@ -4,15 +4,22 @@ The task (generated here, no download): reverse a string of digits ("reverse", d
 or sort it ("sort"). The model is fastrnn.seq2seq.Seq2Seq: a bidirectional fastrnn LSTM
 encoder over packed input, a bridge of its final states, and an LSTM-cell decoder with Luong
 attention and input feeding, trained with scheduled sampling (inverse-sigmoid decay of the
-teacher forcing ratio). It is evaluated by exact match with greedy and batched beam search,
-and saves a heat map of the attention weights of one decoded example.
+teacher forcing ratio) with a cosine learning-rate decay, until greedy exact match on a dev
+set holds the target on two evaluations in a row; the best model on the dev set is kept.
+It is evaluated by exact match with greedy and batched beam search, and saves a heat map of
+the attention weights of one decoded example.
 
-    python examples/seq2seq.py                       # reverse, ~2-3 minutes on 2 cores
+Float summation order differs between CPUs, so the training runs differ too: the stopping
+rule above, not a fixed step count, is what makes every run end near 100% (>= 99% on the
+test set in every seed tried).
+
+    python examples/seq2seq.py                       # reverse, ~1-2 minutes on 2 cores
     python examples/seq2seq.py --task sort --out sort_attention.png
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -102,8 +109,9 @@ def main(argv=None):
     p.add_argument("--min-len", type=int, default=3)
     p.add_argument("--max-len", type=int, default=10)
     p.add_argument("--steps", type=int, default=3000, help="most training steps")
-    p.add_argument("--target", type=float, default=0.98,
-                   help="stop training once greedy exact match on the dev set reaches this")
+    p.add_argument("--target", type=float, default=0.995,
+                   help="stop training once greedy exact match on the dev set reaches this on "
+                   "two evaluations in a row")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--embed", type=int, default=32)
@@ -128,15 +136,18 @@ def main(argv=None):
                            hidden_size=args.hidden, bidirectional=True, cell=args.cell,
                            attention=args.attention, backend=args.backend)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    # A decaying rate settles the late oscillations a constant one keeps (dev exact match
+    # swinging by a few percent between evaluations once teacher forcing is off).
+    lr_decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.steps, args.lr / 100)
     # Scheduled sampling: the ratio of ground-truth inputs decays from 1 towards 0.
     schedule = schedules.InverseSigmoid(k=args.tf_decay)
-    dev = make_batch(args.task, 500, args.min_len, args.max_len, torch.Generator().manual_seed(10_000 + args.seed))
+    dev = make_batch(args.task, 2000, args.min_len, args.max_len, torch.Generator().manual_seed(10_000 + args.seed))
     test = make_batch(args.task, 2000, args.min_len, args.max_len, torch.Generator().manual_seed(20_000 + args.seed))
     print(f"fastrnn {fastrnn.__version__}, backends on cpu: {fastrnn.available_backends('cpu')}, "
           f"task={args.task}, params={sum(p.numel() for p in model.parameters())}")
 
     start = time.perf_counter()
-    step = 0
+    step, best_acc, best_state, in_a_row = 0, -1.0, None, 0
     for step in range(1, args.steps + 1):
         src, lengths, tgt = make_batch(args.task, args.batch_size, args.min_len, args.max_len, gen)
         ratio = schedule(step)
@@ -146,20 +157,26 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
+        lr_decay.step()
         if step % 100 == 0:
             acc = evaluate(model, dev)
             print(f"step {step:5d}  loss {loss.item():.4f}  teacher forcing {ratio:.2f}  "
-                  f"dev exact match {acc:.3f}  ({time.perf_counter() - start:.0f} s)", flush=True)
-            if acc >= args.target:
+                  f"dev exact match {acc:.4f}  ({time.perf_counter() - start:.0f} s)", flush=True)
+            if acc >= best_acc:
+                best_acc, best_state = acc, copy.deepcopy(model.state_dict())
+            in_a_row = in_a_row + 1 if acc >= args.target else 0
+            if in_a_row == 2:
                 break
     train_s = time.perf_counter() - start
+    if best_state is not None:
+        model.load_state_dict(best_state)
 
     t0 = time.perf_counter()
     greedy_acc = evaluate(model, test)
     t1 = time.perf_counter()
     beam_acc = evaluate(model, test, beam_size=args.beam_size)
     t2 = time.perf_counter()
-    print(f"trained {step} steps in {train_s:.0f} s")
+    print(f"trained {step} steps in {train_s:.0f} s; kept the model with dev exact match {best_acc:.4f}")
     print(f"test exact match ({test[0].size(0)} sentences): greedy {greedy_acc:.4f} ({t1 - t0:.1f} s), "
           f"beam {args.beam_size} {beam_acc:.4f} ({t2 - t1:.1f} s)")
     src, lengths, _ = test

@@ -23,15 +23,26 @@ Command line (prebuild, e.g. in CI)::
 
 A failed build raises :class:`BuildError` whose message names what failed, the first
 compiler error, the full log's path and how to fix it.
+
+A damaged library (a link killed mid-write, a truncated copy) can crash the process inside
+the dynamic loader (SIGBUS), where no exception can be caught. So a library is loaded only
+when its SHA-256 matches the digest file written beside it (``<library>.sha256``) after a
+build that loaded; one without a digest (built by an older fastrnn) is first loaded in a
+child process. A damaged JIT library is deleted and relinked (ninja judges by timestamps,
+which such a fault can leave looking current); a damaged prebuilt one raises BuildError.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import logging
 import os
 import platform
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import sysconfig
 import time
@@ -90,6 +101,109 @@ def extension_name(cuda: bool) -> str:
     return ("fastrnn_native_cuda" if cuda else "fastrnn_native_cpu") + (f"_{isa}" if isa else "")
 
 
+class _NoCudaRuntimeNote(logging.Filter):
+    def filter(self, record):
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+def _cpp_extension():
+    """torch.utils.cpp_extension, imported without the "No CUDA runtime is found, using
+    CUDA_HOME=..." warning it logs on import on a machine without a GPU: there that is the
+    normal case, and a CUDA build that lacks something says so itself."""
+    if "torch.utils.cpp_extension" not in sys.modules:
+        logger = logging.getLogger("torch.utils.cpp_extension")
+        note = _NoCudaRuntimeNote()
+        logger.addFilter(note)
+        try:
+            from torch.utils import cpp_extension  # noqa: F401
+        finally:
+            logger.removeFilter(note)
+    from torch.utils import cpp_extension
+    return cpp_extension
+
+
+def file_digest(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def digest_path(library) -> Path:
+    return Path(f"{library}.sha256")
+
+
+def write_digest(library) -> None:
+    """Record ``library`` as good (call only after it was built and loaded). Written to a
+    temporary file and renamed, so a killed writer leaves no digest rather than a wrong one;
+    best effort: where the directory is read-only there is no digest."""
+    target = digest_path(library)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(file_digest(library) + "\n")
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _recorded_digest(library) -> Optional[str]:
+    try:
+        return digest_path(library).read_text().strip()
+    except OSError:
+        return None
+
+
+def _child_load_failure(library) -> Optional[str]:
+    """Load ``library`` in a child process: None when it loads, else what went wrong there
+    (a damaged library may kill the loading process with a signal)."""
+    script = "import sys, torch; torch.ops.load_library(sys.argv[1])"
+    if not sys.executable:
+        return "it cannot be test-loaded: this Python does not know its executable"
+    try:
+        result = subprocess.run([sys.executable, "-c", script, str(library)],
+                                capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"a test load in a child process failed: {exc}"
+    if result.returncode == 0:
+        return None
+    if result.returncode < 0:
+        try:
+            name = signal.Signals(-result.returncode).name
+        except ValueError:
+            name = f"signal {-result.returncode}"
+        return f"loading it killed a test process with {name}"
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    last = lines[-1].strip()[:400] if lines else f"exit code {result.returncode}"
+    return f"it does not load: {last}"
+
+
+def library_damage(library) -> Optional[str]:
+    """None when ``library`` is safe to load into this process, else what is wrong with it.
+
+    Safe: its SHA-256 matches the digest recorded after the build that produced it, or, with
+    no digest recorded, it loads in a child process (the digest is then recorded).
+    """
+    recorded = _recorded_digest(library)
+    if recorded is not None:
+        if file_digest(library) == recorded:
+            return None
+        return ("truncated or overwritten: its content does not match the digest recorded "
+                "when it was built")
+    failure = _child_load_failure(library)
+    if failure is None:
+        write_digest(library)
+    return failure
+
+
+def _build_lock(cpp_extension, build_dir: Path):
+    """The lock cpp_extension holds while it builds in ``build_dir``, where it is an OS-level
+    file lock (recent torch); older torch's lock file is left to cpp_extension alone."""
+    lock = getattr(cpp_extension, "FileLock", None)
+    return lock(str(build_dir / "lock")) if lock is not None else contextlib.nullcontext()
+
+
 def _cuda_include_dirs() -> List[str]:
     """CUDA headers that torch's CUDA wheels ship outside the toolkit (cublas_v2.h, ...)."""
     dirs = []
@@ -118,7 +232,7 @@ def _fix_cuda_home(cpp_extension) -> None:
 
 
 def _missing_tool_reason(cuda: bool) -> Optional[str]:
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
     if not cpp_extension.is_ninja_available():
         return "ninja is not installed (fix: pip install ninja)"
     compiler = os.environ.get("CXX", "c++")
@@ -135,9 +249,12 @@ def _missing_tool_reason(cuda: bool) -> Optional[str]:
 
 
 def _first_error(log: str) -> str:
-    for line in log.splitlines():
-        if re.search(r"\berror\b", line, re.IGNORECASE):
-            return line.strip()[:400]
+    """The first compiler or linker diagnostic ("x.cpp:1:2: error: ..."), not cpp_extension's
+    "Error building extension" wrapper; else the first line naming an error; else the last."""
+    for pattern in (r"\berror:", r"\berror\b"):
+        for line in log.splitlines():
+            if re.search(pattern, line, re.IGNORECASE):
+                return line.strip()[:400]
     lines = [line for line in log.splitlines() if line.strip()]
     return lines[-1].strip()[:400] if lines else "(no compiler output)"
 
@@ -176,6 +293,11 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
                              f"in this process; the {variant} variant cannot be loaded too")
     prebuilt = _prebuilt_library(cuda)
     if prebuilt is not None:
+        damage = library_damage(prebuilt)
+        if damage is not None:
+            raise BuildError(f"the prebuilt native library {prebuilt} cannot be loaded: {damage} "
+                             "(fix: reinstall fastrnn with FASTRNN_BUILD_EXT=1 against this "
+                             "torch, or delete the file to build on first use)")
         try:
             torch.ops.load_library(prebuilt)
         except Exception as exc:  # e.g. built against another torch: say so, do not guess
@@ -187,7 +309,7 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
     reason = _missing_tool_reason(cuda)
     if reason is not None:
         raise BuildError(f"cannot build the native {variant} extension: {reason}")
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     src = csrc_dir()
     sources = [str(src / f) for f in CPU_SOURCES + (CUDA_SOURCES if cuda else ())]
@@ -196,7 +318,20 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
     if cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # No GPU to read the arch from: pick one explicitly rather than fail detection.
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH
-    if not any(build_dir.glob(f"{name}*.so")):
+    library = build_dir / f"{name}.so"  # where cpp_extension links it (first load in a process)
+    damage = None
+    if library.exists():
+        with _build_lock(cpp_extension, build_dir):
+            if library.exists():
+                damage = library_damage(library)
+            if damage is not None:  # ninja would load it as it is: delete it to be relinked
+                library.unlink()
+                with contextlib.suppress(OSError):
+                    digest_path(library).unlink()
+    if damage is not None:
+        print(f"fastrnn: the cached native {variant} library {library} is damaged ({damage}); "
+              "rebuilding it...", file=sys.stderr)
+    elif not any(build_dir.glob(f"{name}*.so")):
         print(f"fastrnn: compiling the native {variant} kernels into {build_dir} (first use "
               f"only; takes {'a few minutes' if cuda else 'about a minute'})...", file=sys.stderr)
     log_path = build_dir / "fastrnn_build_error.log"
@@ -226,6 +361,8 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
         raise BuildError(f"building the native {variant} extension '{name}' failed: "
                          f"{_first_error(text)} ({where}; rebuild and see the compiler output "
                          f"with `python -m fastrnn.build{' --cuda' if cuda else ''} -v`)") from exc
+    if _recorded_digest(path) != file_digest(path):
+        write_digest(path)
     _loaded, _loaded_path = variant, path
     return path
 

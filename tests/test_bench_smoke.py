@@ -1,10 +1,15 @@
 """The benchmark suite itself works: it runs at toy sizes, writes its table, JSON, Markdown
 and plots, and reports a provider with wrong results as wrong instead of timing it."""
+import fcntl
 import glob
 import json
 import os
+import pty
 import runpy
+import struct
+import subprocess
 import sys
+import termios
 
 import pytest
 import torch
@@ -148,6 +153,49 @@ def test_python_dash_m_bench_lists_cases(capsys, monkeypatch):
     assert [l.split()[0] for l in lines] == ["gru/packed/inference/float32",
                                              "gru/packed/training/float32"]
     assert all(l.split()[1] == "torch.nn" for l in lines)
+
+
+BENCH_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_RUN = ["-m", "bench", "--tiny", "--device", "cpu", "--suite", "rnn", "--cell", "gru",
+            "--config", "fastrnns", "--mode", "inference", "--provider", "fastrnn:reference",
+            "--no-plots"]
+
+
+def test_progress_bar_only_on_a_terminal(tmp_path):
+    """Output to a pipe or log file gets the table and summary lines, not tqdm's
+    carriage-return updates; a terminal still gets the progress bar."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([BENCH_ROOT] + sys.path))
+    command = [sys.executable] + TINY_RUN + ["--out", str(tmp_path)]
+    # bytes, not text: text mode would turn the carriage returns into newlines
+    piped = subprocess.run(command, cwd=BENCH_ROOT, env=env, capture_output=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr[-2000:]
+    assert b"\r" not in piped.stdout + piped.stderr
+    assert b"run/s" not in piped.stderr
+    assert b"gru/fastrnns/inference/float32" in piped.stdout
+    assert b"results in" in piped.stdout
+
+    pytest.importorskip("tqdm")
+    master, slave = pty.openpty()  # stderr on a terminal, stdout still a pipe
+    # a width, as a real terminal has (tqdm draws nothing in 0 columns)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        on_tty = subprocess.run(command, cwd=BENCH_ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=slave, timeout=300)
+    finally:
+        os.close(slave)
+    terminal = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # EIO: the terminal's other end is closed and drained
+            break
+        if not chunk:
+            break
+        terminal += chunk
+    os.close(master)
+    assert on_tty.returncode == 0, terminal.decode(errors="replace")[-2000:]
+    assert b"run/s" in terminal and b"2/2" in terminal
+    assert b"\r" not in on_tty.stdout and b"results in" in on_tty.stdout
 
 
 # ---- the LayerNorm LSTM suite (bench/suites/variants.py) ------------------------------

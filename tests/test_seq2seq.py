@@ -546,3 +546,32 @@ def test_schedules():
                 lambda: schedules.Linear(0), lambda: schedules.Constant(1.5)):
         with pytest.raises(ValueError):
             bad()
+
+
+# --------------------------------------------------------------------------- the example
+
+def test_example_stops_when_the_dev_target_holds_twice_and_keeps_the_best_model(tmp_path, capsys):
+    """examples/seq2seq.py end to end at a toy size: training stops at the second evaluation
+    in a row that meets --target (0 here: step 200), the best model on the dev set is the one
+    tested, and the heat map is written."""
+    import importlib.util
+    import os
+    import re
+    pytest.importorskip("matplotlib")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("seq2seq_example",
+                                                  os.path.join(root, "examples", "seq2seq.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    heat_map = tmp_path / "attention.png"
+    threads = torch.get_num_threads()
+    try:
+        example.main(["--steps", "1000", "--target", "0", "--hidden", "8", "--embed", "4",
+                      "--batch-size", "8", "--threads", "1", "--out", str(heat_map)])
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    dev = [float(v) for v in re.findall(r"^step .* dev exact match (\S+)", text, re.M)]
+    assert len(dev) == 2 and "trained 200 steps" in text
+    assert f"kept the model with dev exact match {max(dev):.4f}" in text
+    assert heat_map.stat().st_size > 0

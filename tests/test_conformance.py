@@ -133,17 +133,8 @@ def test_sample(info, index, training, backend):
     _compare(got_grads, want_grads, dtype, "gradient")
 
 
-# Until the backward ops have autograd formulas of their own, second derivatives are right
-# only where the backward is plain differentiable PyTorch reading nothing from the forward's
-# workspace: RNN and RNNCell on the reference backend.
-DOUBLE_BACKWARD_XFAIL = pytest.mark.xfail(reason="double backward of the backward ops",
-                                          strict=True)
-
-
 def _double_backward_cases():
-    return [pytest.param(info, backend, id=f"{_name(info)}-{backend}",
-                         marks=() if backend == "reference" and info.module_cls in
-                         (nn.RNN, nn.RNNCell) else DOUBLE_BACKWARD_XFAIL)
+    return [pytest.param(info, backend, id=f"{_name(info)}-{backend}")
             for info in MODULE_INFOS for backend in BACKENDS
             if backend != "triton"]   # float64 only: the triton kernels take float32
 

@@ -233,7 +233,7 @@ def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_ba
     sizes = batch_sizes.tolist()
     # all zero is an empty batch (torch.nn returns empty results for it)
     if sizes and (sizes[0] != batch or any(b > a for a, b in zip(sizes, sizes[1:]))
-                  or (sizes[-1] <= 0 and batch > 0) or sizes[-1] < 0):
+                  or sizes[-1] < min(batch, 1)):
         raise RuntimeError(f"fastrnn: batch_sizes must be positive and non-increasing with "
                            f"batch_sizes[0] == batch ({batch}), got {sizes}")
     if sum(sizes) != rows:

@@ -118,6 +118,7 @@ def _dtype(backend):
     return torch.float32 if backend == "triton" else torch.float64
 
 
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("info,index,training", _sample_cases())
 def test_sample(info, index, training, backend):

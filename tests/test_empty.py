@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import PackedSequence
 import fastrnn
 from fastrnn.cells import CELLS
 
-from parity import run_both, twin_of
+from parity import flatten, run_both, twin_of
 
 # The triton backend runs under its interpreter here (tests/conftest.py); the shapes are tiny.
 BACKENDS = fastrnn.available_backends("cpu")
@@ -185,3 +185,27 @@ def test_layer_norm_cell_hidden_size_zero():
     assert h.shape == c.shape == (2, 0)
     grads = torch.autograd.grad(h.sum() + c.sum(), [x, *cell.parameters()])
     assert all(not g.isnan().any() for g in grads) and not grads[0].any()
+
+
+OPTION_MODULES = {   # fastrnn's own options (torch.nn has none): empty in, empty out
+    "lstm": lambda b: fastrnn.LSTM(3, 4, 2, backend=b, layer_norm=True, zoneout=0.3,
+                                   recurrent_dropout=0.2, cell_clip=1.0),
+    "gru": lambda b: fastrnn.GRU(3, 4, backend=b, layer_norm=True, zoneout=0.3,
+                                 recurrent_dropout=0.2),
+    "lstm_cell": lambda b: fastrnn.LSTMCell(3, 4, backend=b, layer_norm=True, zoneout=0.3,
+                                            recurrent_dropout=0.2),
+    "gru_cell": lambda b: fastrnn.GRUCell(3, 4, backend=b, layer_norm=True, zoneout=0.3),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(OPTION_MODULES))
+def test_options_on_an_empty_batch(name, backend):
+    module = OPTION_MODULES[name](backend).train()
+    x = torch.randn((2, 0, 3) if "cell" not in name else (0, 3), requires_grad=True)
+    outputs = flatten(module(x))
+    assert all(t.numel() == 0 for t in outputs)
+    params = list(module.parameters())
+    grads = torch.autograd.grad(sum(t.sum() for t in outputs), [x, *params])
+    assert [g.shape for g in grads] == [x.shape, *(p.shape for p in params)]
+    assert not any(g.any() for g in grads)

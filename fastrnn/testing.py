@@ -10,7 +10,7 @@ One rule for every dtype (docs/tolerance.md explains why):
   reference backend, or a hand-written loop, in float64). The baseline is torch.nn's own
   result in the same dtype (or the reference backend's where torch.nn cannot run the case);
   the floor is :data:`FLOOR_ULPS` units of the dtype's precision at the output's scale
-  (16 for float32, 4 for float16 and bfloat16).
+  (32 for float32, i.e. 3.8e-6; 4 for float16 and bfloat16).
 
 A fixed float32 bound does not hold across CPUs: summation order, SIMD width and BLAS path
 change the rounding, so a correct kernel can be 1e-5 off on one machine and 1e-6 on another.
@@ -44,11 +44,12 @@ FLOAT64_TOLERANCE = 1e-10
 # err(actual) may be at most RATIO times the baseline's own error against the truth ...
 RATIO = 2.0
 # ... plus this many units of the dtype's precision (eps) at the output's scale: headroom for
-# a tensor the baseline happens to get (nearly) exact. Measured on the test suite's small
-# cases: a correct float32 result needed up to 11 ulps beyond 2x (a bias gradient summed over
-# all steps, layer norms over 4 values, where one amplified rounding decides the error and
-# the ratio of two correct results is a matter of chance); float16 / bfloat16 up to 4.
-FLOOR_ULPS = {torch.float32: 16, torch.float16: 4, torch.bfloat16: 4}
+# a tensor the baseline happens to get (nearly) exact. The test suite's cases are small (a
+# few elements per tensor, up to 63 steps): one amplified rounding can decide a tensor's
+# error, and the ratio of two correct results' errors is then a matter of chance. Measured
+# over the suite's ~26000 such comparisons under three CPU capabilities, correct float32
+# results needed up to 21 ulps beyond 2x (T=63 with every option); float16 / bfloat16 4.
+FLOOR_ULPS = {torch.float32: 32, torch.float16: 4, torch.bfloat16: 4}
 
 Tensors = Union[Sequence[Optional[torch.Tensor]], Mapping[str, Optional[torch.Tensor]]]
 

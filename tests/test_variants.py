@@ -71,6 +71,13 @@ def randomize_layer_norm(module, seed=5):
             if name.startswith("ln_"):
                 noise = torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.5
                 param.copy_(noise + (1.0 if name.startswith("ln_weight") else 0.0))
+                if name.startswith("ln_weight_hh"):
+                    # Around gain 1 the recurrent layer norm makes the recurrence chaotic
+                    # (it rescales h @ w_hh.T to unit variance whatever h's size): float32
+                    # rounding is amplified from step to step, and two correct float32 results
+                    # differ from the float64 truth by chance amounts (a few seeds in ten
+                    # broke 2x torch's error). Around 0.5 the errors stay those of the math.
+                    param.mul_(0.5)
 
 
 def build(cell, options, backend, dtype, input_size=3, hidden=4, seed=0):

@@ -8,6 +8,7 @@ parameters, and second derivatives. Every error input raises the same exception 
 message as torch.nn. The samples are read from the installed torch at collection time, so a
 torch that adds, drops or changes samples is followed, not pinned.
 """
+import copy
 import inspect
 import re
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 import fastrnn
+from fastrnn.testing import to_float64
 
 from parity import FAST_TWIN, assert_close, flatten
 
@@ -31,7 +33,6 @@ assert not torch.backends.flags_frozen()
 
 MODULE_INFOS = [info for info in common_modules.module_db if info.module_cls in FAST_TWIN]
 BACKENDS = fastrnn.available_backends("cpu")
-FLOAT64_BOUND = 1e-10   # float64: relative to max(1, the largest torch.nn value)
 
 
 def _samples(info, dtype, training):
@@ -88,29 +89,29 @@ def _build(info, sample, dtype, backend, training):
     return reference, fast
 
 
-def _first_grads(module, sample, create_graph):
+def _first_grads(module, sample, create_graph, upstream_dtype=None):
     """(outputs, inputs, first derivatives of a fixed random projection of the outputs)."""
     fw_args = _fresh(sample.forward_input.args)
     fw_kwargs = _fresh(sample.forward_input.kwargs)
+    if upstream_dtype is not None:   # the float64 truth of a lower-precision sample
+        fw_args, fw_kwargs = to_float64(fw_args), to_float64(fw_kwargs)
     outputs = flatten(module(*fw_args, **fw_kwargs))
     gen = torch.Generator().manual_seed(1234)
-    upstream = [torch.randn(o.shape, generator=gen, dtype=o.dtype) for o in outputs]
+    # drawn in the sample's dtype, so a float64 truth run gets the same rounded values
+    upstream = [torch.randn(o.shape, generator=gen, dtype=upstream_dtype or o.dtype).to(o.dtype)
+                for o in outputs]
     inputs = _leaves(fw_args) + _leaves(list(fw_kwargs.values())) + list(module.parameters())
     grads = torch.autograd.grad(outputs, inputs, upstream, create_graph=create_graph)
     return outputs, inputs, grads
 
 
-def _compare(actual, expected, dtype, what):
+def _compare(actual, expected, what, truth=None):
+    """fastrnn.testing's rule: float64 against torch.nn; lower precision against the float64
+    ``truth`` (torch.nn in float64 on the same rounded values)."""
     assert len(actual) == len(expected), what
-    for index, (a, e) in enumerate(zip(actual, expected)):
-        label = f"{what} {index}"
-        if dtype == torch.float64:
-            assert a.shape == e.shape and a.dtype == e.dtype, label
-            scale = max(1.0, e.abs().max().item()) if e.numel() else 1.0
-            error = (a - e).abs().max().item() if e.numel() else 0.0
-            assert error <= FLOAT64_BOUND * scale, f"{label}: error {error:.3g}"
-        else:
-            assert_close(a, e, dtype, label)
+    truth = [None] * len(expected) if truth is None else truth
+    for index, (a, e, t) in enumerate(zip(actual, expected, truth)):
+        assert_close(a, e, t, f"{what} {index}")
 
 
 def _dtype(backend):
@@ -130,8 +131,12 @@ def test_sample(info, index, training, backend):
         pytest.skip("without dropout train mode is eval mode (the interpreter is slow)")
     want_out, _, want_grads = _first_grads(reference, sample, False)
     got_out, _, got_grads = _first_grads(fast, sample, False)
-    _compare(got_out, want_out, dtype, "output")
-    _compare(got_grads, want_grads, dtype, "gradient")
+    truth_out = truth_grads = None
+    if dtype != torch.float64:
+        truth_out, _, truth_grads = _first_grads(copy.deepcopy(reference).double(), sample,
+                                                 False, upstream_dtype=dtype)
+    _compare(got_out, want_out, "output", truth_out)
+    _compare(got_grads, want_grads, "gradient", truth_grads)
 
 
 def _double_backward_cases():
@@ -155,7 +160,7 @@ def test_sample_double_backward(info, backend):
                 second = torch.autograd.grad(penalty, inputs, allow_unused=True)
                 results.append([torch.zeros_like(i) if s is None else s
                                 for i, s in zip(inputs, second)])
-            _compare(results[1], results[0], dtype, f"sample {index} second derivative")
+            _compare(results[1], results[0], f"sample {index} second derivative")
 
 
 def _error_cases():

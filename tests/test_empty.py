@@ -62,11 +62,12 @@ def test_module_empty_batch(mode, layout, with_state, backend):
     fast = twin_of(reference, backend)
     shape = (0, 5, 3) if reference.batch_first else (5, 0, 3)
 
-    def make_args():
-        x = _leaf(*shape, dtype=dtype)
+    def make_args(as_dtype=None):
+        dtype_ = as_dtype or dtype
+        x = _leaf(*shape, dtype=dtype_)
         if not with_state:
             return (x,), [x]
-        hx = _state(reference, 0, dtype)
+        hx = _state(reference, 0, dtype_)
         return (x, hx), [x, *(hx if isinstance(hx, tuple) else (hx,))]
 
     run_both(reference, fast, make_args, dtype)
@@ -87,8 +88,9 @@ def test_module_packed_empty_steps(mode, layout, backend):
     reference = MODULES[mode](**LAYOUTS[layout]).to(dtype)
     fast = twin_of(reference, backend)
 
-    def make_args():
-        data = _leaf(0, 3, dtype=dtype)
+    def make_args(as_dtype=None):
+        dtype_ = as_dtype or dtype
+        data = _leaf(0, 3, dtype=dtype_)
         return (PackedSequence(data, torch.tensor([0, 0])),), [data]
 
     run_both(reference, fast, make_args, dtype)
@@ -117,11 +119,12 @@ def test_cell_zero_sizes(cell, shape, with_state, backend):
     fast = twin_of(reference, backend)
     rows = () if batch is None else (batch,)
 
-    def make_args():
-        x = _leaf(*rows, input_size, dtype=dtype)
+    def make_args(as_dtype=None):
+        dtype_ = as_dtype or dtype
+        x = _leaf(*rows, input_size, dtype=dtype_)
         if not with_state:
             return (x,), [x]
-        states = [_leaf(*rows, hidden_size, dtype=dtype, seed=s)
+        states = [_leaf(*rows, hidden_size, dtype=dtype_, seed=s)
                   for s in range(1, 3 if cell == "lstm" else 2)]
         return (x, tuple(states) if cell == "lstm" else states[0]), [x, *states]
 

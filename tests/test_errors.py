@@ -376,7 +376,8 @@ def test_lstm_cell_hx_accepted_like_torch(case, backend):
         results.append(list(outputs) + list(grads))
     want, got, truth = results
     for a, e, t in zip(got, want, truth):
-        assert_close(a, e, t)
+        # a float64 result (c float64 makes h and c float64) is held to torch.nn's own
+        assert_close(a, e, None if e.dtype == torch.float64 else t)
 
 
 @pytest.mark.parametrize("pair", CELL_PAIRS[1:], ids=lambda p: p[0].__name__)

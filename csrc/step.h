@@ -411,6 +411,24 @@ FASTRNN_HD void projection_backward_element(const BackwardStep<scalar_t, acc_t>&
   *dh_state = static_cast<scalar_t>(z * dh_t);
 }
 
+// Layer-norm backward of one row of n values: out(k, rstd * (g(k) - mean(g) - hat[k] *
+// mean(g * hat))), with g(k) the gradient of the normalised value times its gain, and the
+// row means taken in stat_t.
+template <class Row, typename acc_t, class G, class Out>
+FASTRNN_HD void layer_norm_backward_row(const Row& row, int64_t n, const acc_t* hat, acc_t rstd,
+                                        G&& g, Out&& out) {
+  using S = stat_t<acc_t>;
+  Sums<S> m = row.template sum2<S>(n, [&](int64_t k) {
+    const S gk = g(k);
+    return Sums<S>{gk, gk * hat[k]};
+  });
+  m.a = m.a / S(n);
+  m.b = m.b / S(n);
+  row.for_each(n, [&](int64_t k) {
+    out(k, static_cast<acc_t>(rstd * (g(k) - m.a - hat[k] * m.b)));
+  });
+}
+
 // Layer-norm backward of the recurrent pre-activation: d_hh (the row's gradient of hh, in
 // d_hh_row) -> grad_a = LNback(d_hh * ln_weight, a_hat, rstd).
 template <class Row, typename scalar_t, typename acc_t>
@@ -423,16 +441,9 @@ FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, 
   auto g = [&](int64_t k) {
     return mul_rounded(static_cast<acc_t>(d_hh_row[k]), static_cast<acc_t>(w[k]));
   };
-  using S = stat_t<acc_t>;
-  Sums<S> m = row.template sum2<S>(GH, [&](int64_t k) {
-    const S gk = g(k);
-    return Sums<S>{gk, gk * hat[k]};
-  });
-  m.a = m.a / S(GH);
-  m.b = m.b / S(GH);
   scalar_t* out = a.grad_a + r * GH;
-  row.for_each(GH, [&](int64_t k) {
-    out[k] = static_cast<scalar_t>(rstd * (g(k) - m.a - hat[k] * m.b));
+  layer_norm_backward_row(row, GH, hat, rstd, g, [&](int64_t k, acc_t d) {
+    out[k] = static_cast<scalar_t>(d);
   });
 }
 
@@ -496,16 +507,7 @@ FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_
     auto g = [&](int64_t j) {
       return mul_rounded(dy[j], static_cast<acc_t>(o.ln_c_weight[j]));
     };
-    using S = stat_t<acc_t>;
-    Sums<S> m = row.template sum2<S>(H, [&](int64_t j) {
-      const S gj = g(j);
-      return Sums<S>{gj, gj * hat[j]};
-    });
-    m.a = m.a / S(H);
-    m.b = m.b / S(H);
-    row.for_each(H, [&](int64_t j) {
-      finish(j, static_cast<acc_t>(rstd * (g(j) - m.a - hat[j] * m.b)));
-    });
+    layer_norm_backward_row(row, H, hat, rstd, g, finish);
   }
   if constexpr (V::ln) recurrent_norm_backward(a, b, GH, gx, row);
 }

@@ -170,7 +170,6 @@ class _Segmented(torch.autograd.Function):
         for i in reversed(_order(spec, segments)):
             start, end, _, live = segments[i]
             h_start, c_start = ctx.starts[i]
-            ctx.starts[i] = None   # free each boundary once its segment is done
             with torch.enable_grad(), torch.autocast(device, dtype, enabled=enabled):
                 xs = x[start:end].detach().requires_grad_(bool(needs[0]))
                 h = h_start.detach().requires_grad_()

@@ -121,15 +121,17 @@ class _Segmented(torch.autograd.Function):
         # and the rows it does not reach are kept as they were (forward) or still wait for
         # their start from h0 (reverse: a shorter sequence starts later in the walk).
         cur_h, cur_c = h0, c0
-        starts, outputs = [None] * len(segments), [None] * len(segments)
+        starts, output = [None] * len(segments), None
         for i in _order(spec, segments):
             live = segments[i][3]
             h, c = cur_h[:live], None if c0 is None else cur_c[:live]
             starts[i] = (h, c)
             start, end = segments[i][:2]
-            output, h_n, c_n = _run_segment(spec, x[start:end], proj_params, h, c, w_hh, b_hh,
-                                            w_hr, tensors, segments[i])
-            outputs[i] = output
+            rows, h_n, c_n = _run_segment(spec, x[start:end], proj_params, h, c, w_hh, b_hh,
+                                          w_hr, tensors, segments[i])
+            if output is None:   # one buffer, not pieces to concatenate: half the peak
+                output = rows.new_empty(x.shape[0], rows.shape[1])
+            output[start:end] = rows
             rest_h, rest_c = (h0, c0) if spec.reverse else (cur_h, cur_c)
             cur_h = torch.cat([h_n, rest_h[live:]]) if live < h0.shape[0] else h_n
             if c0 is not None:
@@ -139,7 +141,6 @@ class _Segmented(torch.autograd.Function):
         ctx.autocast = (device, torch.is_autocast_enabled(device),
                         torch.get_autocast_dtype(device))
         ctx.save_for_backward(x, *args)
-        output = torch.cat(outputs)
         return (output, cur_h) + ((cur_c,) if c0 is not None else ())
 
     @staticmethod
@@ -190,7 +191,8 @@ class _Segmented(torch.autograd.Function):
             gc = found.pop(0) if c is not None else None
             for (j, _), g in zip(shared, found):
                 if g is not None:
-                    sums[j] = g if sums[j] is None else sums[j] + g
+                    # a copy first: a gradient autograd returned may be shared
+                    sums[j] = g.clone() if sums[j] is None else sums[j].add_(g)
             if spec.reverse:   # the rows past ``live`` came from h0 directly
                 tail_h[live:] += g_h[live:]
                 g_h = torch.cat([gh, torch.zeros_like(g_h[live:])])

@@ -116,27 +116,33 @@ class _Segmented(torch.autograd.Function):
         proj_params, (h0, c0, w_hh, b_hh, w_hr), tensors = \
             args[:spec.n_proj], args[spec.n_proj:spec.n_proj + 5], args[spec.n_proj + 5:]
         segments = _segments(spec, x.shape[0], h0.shape[0])
-        # ``cur`` holds every sequence's state in the batch's order. A packed sequence is
-        # live in the first rows of a step: a segment starts from cur's first ``live`` rows,
-        # and the rows it does not reach are kept as they were (forward) or still wait for
-        # their start from h0 (reverse: a shorter sequence starts later in the walk).
-        cur_h, cur_c = h0, c0
-        starts, output = [None] * len(segments), None
+        # ``cur`` holds every sequence's state in the batch's order. A packed step's live
+        # sequences are its first rows: a segment starts from cur's first ``live`` rows and
+        # leaves the others as they are (ended already, or in reverse not started yet: h0).
+        # The states are written into buffers made once: per-segment allocations kept
+        # between big temporary ones would fragment the heap (glibc keeps such holes).
+        n_seg = len(segments)
+        cur_h = h0.clone()
+        cur_c = None if c0 is None else c0.clone()
+        starts_h = h0.new_empty((n_seg,) + tuple(h0.shape))
+        starts_c = None if c0 is None else c0.new_empty((n_seg,) + tuple(c0.shape))
+        output = None
         for i in _order(spec, segments):
-            live = segments[i][3]
-            h, c = cur_h[:live], None if c0 is None else cur_c[:live]
-            starts[i] = (h, c)
-            start, end = segments[i][:2]
-            rows, h_n, c_n = _run_segment(spec, x[start:end], proj_params, h, c, w_hh, b_hh,
-                                          w_hr, tensors, segments[i])
+            start, end, _, live = segments[i]
+            starts_h[i] = cur_h
+            if c0 is not None:
+                starts_c[i] = cur_c
+            rows, h_n, c_n = _run_segment(
+                spec, x[start:end], proj_params, starts_h[i, :live],
+                None if c0 is None else starts_c[i, :live], w_hh, b_hh, w_hr, tensors,
+                segments[i])
             if output is None:   # one buffer, not pieces to concatenate: half the peak
                 output = rows.new_empty(x.shape[0], rows.shape[1])
             output[start:end] = rows
-            rest_h, rest_c = (h0, c0) if spec.reverse else (cur_h, cur_c)
-            cur_h = torch.cat([h_n, rest_h[live:]]) if live < h0.shape[0] else h_n
+            cur_h[:live] = h_n
             if c0 is not None:
-                cur_c = torch.cat([c_n, rest_c[live:]]) if live < c0.shape[0] else c_n
-        ctx.spec, ctx.segments, ctx.starts = spec, segments, starts
+                cur_c[:live] = c_n
+        ctx.spec, ctx.segments, ctx.starts = spec, segments, (starts_h, starts_c)
         device = x.device.type
         ctx.autocast = (device, torch.is_autocast_enabled(device),
                         torch.get_autocast_dtype(device))
@@ -163,18 +169,17 @@ class _Segmented(torch.autograd.Function):
                   if t is not None and t.requires_grad and not n <= j < n + 2]
         sums = [None] * len(leaves)
         grad_x = torch.zeros_like(x) if needs[0] else None
-        batch = h0.shape[0]
-        g_h, g_c = grad_h_n, grad_c_n          # gradient of ``cur`` after the segment
-        tail_h = torch.zeros_like(h0)          # reverse: gradient straight into h0's rows
-        tail_c = None if c0 is None else torch.zeros_like(c0)
+        # gradient of ``cur`` after the segment; rows past ``live`` pass through unchanged
+        g_h = grad_h_n.clone()
+        g_c = None if c0 is None else grad_c_n.clone()
+        starts_h, starts_c = ctx.starts
         device, enabled, dtype = ctx.autocast
         for i in reversed(_order(spec, segments)):
             start, end, _, live = segments[i]
-            h_start, c_start = ctx.starts[i]
             with torch.enable_grad(), torch.autocast(device, dtype, enabled=enabled):
                 xs = x[start:end].detach().requires_grad_(bool(needs[0]))
-                h = h_start.detach().requires_grad_()
-                c = None if c_start is None else c_start.detach().requires_grad_()
+                h = starts_h[i, :live].detach().requires_grad_()
+                c = None if c0 is None else starts_c[i, :live].detach().requires_grad_()
                 output, h_n, c_n = _run_segment(spec, xs, proj_params, h, c, w_hh, b_hh, w_hr,
                                                 tensors, segments[i])
             wanted = [t for t in (xs, h, c) if t is not None and t.requires_grad]
@@ -187,25 +192,16 @@ class _Segmented(torch.autograd.Function):
                 gx = found.pop(0)
                 if gx is not None:
                     grad_x[start:end] = gx
-            gh = found.pop(0)
-            gc = found.pop(0) if c is not None else None
+            g_h[:live] = found.pop(0)
+            if c is not None:
+                g_c[:live] = found.pop(0)
             for (j, _), g in zip(shared, found):
                 if g is not None:
                     # a copy first: a gradient autograd returned may be shared
                     sums[j] = g.clone() if sums[j] is None else sums[j].add_(g)
-            if spec.reverse:   # the rows past ``live`` came from h0 directly
-                tail_h[live:] += g_h[live:]
-                g_h = torch.cat([gh, torch.zeros_like(g_h[live:])])
-                if gc is not None:
-                    tail_c[live:] += g_c[live:]
-                    g_c = torch.cat([gc, torch.zeros_like(g_c[live:])])
-            else:              # they passed through this segment unchanged
-                g_h = torch.cat([gh, g_h[live:]]) if live < batch else gh
-                if gc is not None:
-                    g_c = torch.cat([gc, g_c[live:]]) if live < batch else gc
-        sums[n] = g_h + tail_h if spec.reverse else g_h
+        sums[n] = g_h
         if c0 is not None:
-            sums[n + 1] = g_c + tail_c if spec.reverse else g_c
+            sums[n + 1] = g_c
         result = [None, grad_x]
         for j, (t, need) in enumerate(zip(args, needs[1:])):
             if not need or t is None:

@@ -229,11 +229,17 @@ class RNNBase(nn.Module):
                     step_options = options.step_options(self, get, mask, zoneout_h, zoneout_c)
                 h0, c0 = hx[0][index], hx[1][index] if kind.has_cell_state else None
                 if segmented:   # the projection is made per segment, in there
+                    run = ops.recurrence
+                    if autocast is not None:   # states cross segments in the compute dtype
+                        run, h0, c0 = autocast.compute_recurrence, autocast.cast(h0), \
+                            autocast.cast(c0)
                     output, h_n, c_n = segments.layer(
-                        recurrence, self._projector(get), layer_input,
+                        run, self._projector(get), layer_input,
                         self._projection_params(w_ih, b_ih, get), kind.name, h0, c0, w_hh,
                         b_hh, w_hr, batch_sizes, direction == 1, backend, step_options,
                         self.checkpoint_every)
+                    if autocast is not None:
+                        output, h_n, c_n = autocast.results(output, h_n, c_n)
                 else:
                     output, h_n, c_n = recurrence(kind.name, xproj, h0, c0, w_hh, b_hh, w_hr,
                                                   batch_sizes, direction == 1, backend,

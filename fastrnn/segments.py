@@ -49,6 +49,9 @@ class _Spec(NamedTuple):
     every: object
 
 
+# Its backward runs autograd itself, which torch.compile cannot trace: compiled code calls the
+# layer eagerly (a graph break; fullgraph=True therefore refuses it).
+@torch.compiler.disable
 def layer(recurrence, project, x: Tensor, proj_params, cell: str, h0: Tensor,
           c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
           batch_sizes: Optional[Tensor], reverse: bool, backend: str,

@@ -223,3 +223,26 @@ def test_bad_values(value):
 def test_repr():
     assert "checkpoint_every=16" in repr(fastrnn.GRU(4, 4, checkpoint_every=16))
     assert "checkpoint_every" not in repr(fastrnn.GRU(4, 4))
+
+
+def test_compiled_module_runs_the_layer_eagerly():
+    _, segmented = make("GRU", 3, backend="reference", num_layers=1)
+    x = torch.randn(7, 2, 5, dtype=torch.float64, requires_grad=True)
+    want, _ = segmented(x)
+    (want_grad,) = torch.autograd.grad(want.sum(), x)
+    got, _ = torch.compile(segmented)(x)
+    (got_grad,) = torch.autograd.grad(got.sum(), x)
+    assert_all_close([got, got_grad], [want, want_grad])
+
+
+def test_bench_suite_and_memory_runner(tmp_path):
+    """The `long` suite checks segmented and torch.nn against the full path (tiny sizes), and
+    bench.long measures and tabulates (a fresh process per point)."""
+    from bench import cli, long
+    assert cli.main(["--tiny", "--device", "cpu", "--suite", "long", "--no-plots",
+                     "--no-progress", "--out", str(tmp_path)]) == 0
+    saved = next(tmp_path.glob("*.json")).read_text()
+    assert '"fastrnn:segmented"' in saved and '"status": "wrong"' not in saved
+    results = [long.measure(p, "gru", 64, 2, 8, 1, 1, 1) for p in ("segmented", "floor")]
+    assert all("error" not in r and r["peak_growth_bytes"] >= 0 for r in results), results
+    assert "| gru | 64 | 2 | 8 | 1 | segmented |" in long.table(results)

@@ -175,8 +175,9 @@ class RNNBase(nn.Module):
     def extra_repr(self) -> str:
         text = nn.RNNBase.extra_repr(self)
         extra = options.describe(self)
-        if self.checkpoint_every is not None:
-            extra = ", ".join(filter(None, (extra, f"checkpoint_every={self.checkpoint_every!r}")))
+        every = getattr(self, "checkpoint_every", None)   # absent from older pickles
+        if every is not None:
+            extra = ", ".join(filter(None, (extra, f"checkpoint_every={every!r}")))
         return f"{text}, {extra}" if extra else text
 
     def _layer_params(self, layer: int, direction: int, getter: bool = False):
@@ -206,6 +207,7 @@ class RNNBase(nn.Module):
                     raise dtype_mismatch(state, self.weight_ih_l0)
         variant = options.active(self)
         features = options.features(self) if variant else ()
+        every = getattr(self, "checkpoint_every", None)   # absent from older pickles
         backend = backends.resolve(self.backend, kind.name, input.device, compute,
                                    self.hidden_size, self.proj_size, features)
         batch, width = hx[0].shape[1], hx[0].shape[2]
@@ -217,7 +219,7 @@ class RNNBase(nn.Module):
             for direction in range(num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_hr, get = self._layer_params(layer, direction, True)
                 index = layer * num_directions + direction
-                segmented = self.checkpoint_every is not None
+                segmented = every is not None
                 if not segmented:
                     xproj = options.input_projection(self, layer_input, w_ih, b_ih, get)
                 step_options = None
@@ -237,7 +239,7 @@ class RNNBase(nn.Module):
                         run, self._projector(get), layer_input,
                         self._projection_params(w_ih, b_ih, get), kind.name, h0, c0, w_hh,
                         b_hh, w_hr, batch_sizes, direction == 1, backend, step_options,
-                        self.checkpoint_every)
+                        every)
                     if autocast is not None:
                         output, h_n, c_n = autocast.results(output, h_n, c_n)
                 else:
@@ -308,7 +310,7 @@ class RNNBase(nn.Module):
             # TypeError (the constructor accepts e.g. bidirectional=1, as torch.nn's does).
             return options.torch_forward(self, input, hx)
         if options.runs_torch_path(self, input) and not (
-                self.checkpoint_every is not None and torch.is_grad_enabled()
+                getattr(self, "checkpoint_every", None) is not None and torch.is_grad_enabled()
                 and not torch.onnx.is_in_onnx_export()):   # torch.nn would keep it all
             return options.torch_forward(self, input, hx)
         kind = CELL_OF_MODE[self.mode]

@@ -32,8 +32,8 @@ class RNNBase(nn.Module):
     """
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias",
-                     "batch_first", "dropout", "bidirectional", "proj_size", "backend", "checkpoint_every",
-                     *options.DEFAULTS]
+                     "batch_first", "dropout", "bidirectional", "proj_size", "backend",
+                     "checkpoint_every", *options.DEFAULTS]
 
     # torch.nn's own input checks, so messages stay exactly those of the installed torch.
     check_input = nn.RNNBase.check_input

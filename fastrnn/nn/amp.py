@@ -41,14 +41,26 @@ class Plan:
     def recurrence(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
                    options=None):
         """ops.recurrence in the compute dtype, results in torch.nn's dtypes."""
-        cast = lambda t: t.to(self.compute) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return self.results(*self.compute_recurrence(cell, xproj, h0, c0, w_hh, b_hh, w_hr,
+                                                     batch_sizes, reverse, backend, options))
+
+    def compute_recurrence(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
+                           backend, options=None):
+        """ops.recurrence in the compute dtype, results in it too (a layer run in segments
+        carries its state between them in the dtype the op keeps it in)."""
         if options is not None:
-            options = type(options)(*map(cast, options))
+            options = type(options)(*map(self.cast, options))
+        cast = self.cast
         # Autocast off: the kernels must not have their own matmuls recast behind their back.
         with torch.autocast(self.device_type, enabled=False):
-            output, h_n, c_n = ops.recurrence(cell, cast(xproj), cast(h0), cast(c0), cast(w_hh),
-                                              cast(b_hh), cast(w_hr), batch_sizes, reverse,
-                                              backend, options)
+            return ops.recurrence(cell, cast(xproj), cast(h0), cast(c0), cast(w_hh), cast(b_hh),
+                                  cast(w_hr), batch_sizes, reverse, backend, options)
+
+    def cast(self, t):
+        return t.to(self.compute) if isinstance(t, torch.Tensor) else t
+
+    def results(self, output, h_n, c_n):
+        """The recurrence's results in torch.nn's dtypes."""
         return (output.to(self.hidden), h_n.to(self.hidden),
                 None if c_n is None else c_n.to(self.cell))
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
-from .. import backends, ops
+from .. import backends, ops, segments
 from ..cells import CELL_OF_MODE
 from . import amp, options
 from .cell import dtype_mismatch
@@ -33,7 +33,7 @@ class RNNBase(nn.Module):
 
     __constants__ = ["mode", "input_size", "hidden_size", "num_layers", "bias",
                      "batch_first", "dropout", "bidirectional", "proj_size", "backend",
-                     *options.DEFAULTS]
+                     "checkpoint_every", *options.DEFAULTS]
 
     # torch.nn's own input checks, so messages stay exactly those of the installed torch.
     check_input = nn.RNNBase.check_input
@@ -50,7 +50,7 @@ class RNNBase(nn.Module):
                  recurrent_dropout: float = 0.0, weight_drop: float = 0.0, zoneout=0.0,
                  cell_clip: Optional[float] = None, proj_clip: Optional[float] = None,
                  recurrent_grad_clip: Optional[float] = None,
-                 forget_bias: Optional[float] = None) -> None:
+                 forget_bias: Optional[float] = None, checkpoint_every=None) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.mode = mode
@@ -109,6 +109,8 @@ class RNNBase(nn.Module):
             bias=bias, proj_size=proj_size)
         for name, value in checked.items():
             setattr(self, name, value)
+        # Full BPTT in bounded memory (fastrnn.segments): keep the state every k steps.
+        self.checkpoint_every = segments.check_every(type(self).__name__, checkpoint_every)
 
         self._flat_weights_names = []
         self._all_weights = []
@@ -173,6 +175,9 @@ class RNNBase(nn.Module):
     def extra_repr(self) -> str:
         text = nn.RNNBase.extra_repr(self)
         extra = options.describe(self)
+        every = getattr(self, "checkpoint_every", None)   # absent from older pickles
+        if every is not None:
+            extra = ", ".join(filter(None, (extra, f"checkpoint_every={every!r}")))
         return f"{text}, {extra}" if extra else text
 
     def _layer_params(self, layer: int, direction: int, getter: bool = False):
@@ -202,6 +207,7 @@ class RNNBase(nn.Module):
                     raise dtype_mismatch(state, self.weight_ih_l0)
         variant = options.active(self)
         features = options.features(self) if variant else ()
+        every = getattr(self, "checkpoint_every", None)   # absent from older pickles
         backend = backends.resolve(self.backend, kind.name, input.device, compute,
                                    self.hidden_size, self.proj_size, features)
         batch, width = hx[0].shape[1], hx[0].shape[2]
@@ -213,18 +219,33 @@ class RNNBase(nn.Module):
             for direction in range(num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_hr, get = self._layer_params(layer, direction, True)
                 index = layer * num_directions + direction
-                xproj = options.input_projection(self, layer_input, w_ih, b_ih, get)
+                segmented = every is not None
+                if not segmented:
+                    xproj = options.input_projection(self, layer_input, w_ih, b_ih, get)
                 step_options = None
                 if variant:   # draws in the documented order: weight, recurrent, zoneout
                     w_hh = options.weight_drop(self, w_hh)
                     mask = options.recurrent_mask(self, batch, width, draw_like)
                     zoneout_h, zoneout_c = options.zoneout_weights(
-                        self, xproj.shape[0], width, self.hidden_size, draw_like)
+                        self, layer_input.shape[0], width, self.hidden_size, draw_like)
                     step_options = options.step_options(self, get, mask, zoneout_h, zoneout_c)
-                output, h_n, c_n = recurrence(
-                    kind.name, xproj, hx[0][index], hx[1][index] if kind.has_cell_state
-                    else None, w_hh, b_hh, w_hr, batch_sizes, direction == 1, backend,
-                    step_options)
+                h0, c0 = hx[0][index], hx[1][index] if kind.has_cell_state else None
+                if segmented:   # the projection is made per segment, in there
+                    run = ops.recurrence
+                    if autocast is not None:   # states cross segments in the compute dtype
+                        run, h0, c0 = autocast.compute_recurrence, autocast.cast(h0), \
+                            autocast.cast(c0)
+                    output, h_n, c_n = segments.layer(
+                        run, self._projector(get), layer_input,
+                        self._projection_params(w_ih, b_ih, get), kind.name, h0, c0, w_hh,
+                        b_hh, w_hr, batch_sizes, direction == 1, backend, step_options,
+                        every)
+                    if autocast is not None:
+                        output, h_n, c_n = autocast.results(output, h_n, c_n)
+                else:
+                    output, h_n, c_n = recurrence(kind.name, xproj, h0, c0, w_hh, b_hh, w_hr,
+                                                  batch_sizes, direction == 1, backend,
+                                                  step_options)
                 outputs.append(output)
                 final_h.append(h_n)
                 final_c.append(c_n)
@@ -235,6 +256,20 @@ class RNNBase(nn.Module):
         if kind.has_cell_state:
             state += (torch.stack(final_c),)
         return layer_input, state
+
+    def _projection_params(self, w_ih, b_ih, get) -> tuple:
+        """The tensors the input projection reads (options.input_projection)."""
+        if not self.layer_norm:
+            return (w_ih, b_ih)
+        return (w_ih, b_ih, get("ln_weight_ih"), get("ln_bias_ih"))
+
+    def _projector(self, get):
+        """options.input_projection as a function of x and _projection_params' tensors, so a
+        segment's recomputation can take them as fresh leaves."""
+        def project(x, w_ih, b_ih, ln_weight=None, ln_bias=None):
+            given = {"ln_weight_ih": ln_weight, "ln_bias_ih": ln_bias}
+            return options.input_projection(self, x, w_ih, b_ih, given.get)
+        return project
 
     def _zeros(self, input: Tensor, batch: int, size: int) -> Tensor:
         num_directions = 2 if self.bidirectional else 1
@@ -274,7 +309,9 @@ class RNNBase(nn.Module):
             # torch.nn's kernels take exactly an int and a bool: its forward raises their
             # TypeError (the constructor accepts e.g. bidirectional=1, as torch.nn's does).
             return options.torch_forward(self, input, hx)
-        if options.runs_torch_path(self, input):
+        if options.runs_torch_path(self, input) and not (
+                getattr(self, "checkpoint_every", None) is not None and torch.is_grad_enabled()
+                and not torch.onnx.is_in_onnx_export()):   # torch.nn would keep it all
             return options.torch_forward(self, input, hx)
         kind = CELL_OF_MODE[self.mode]
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size

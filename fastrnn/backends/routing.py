@@ -31,11 +31,14 @@ KERNEL_ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("reference",), "cpu": ("nat
 
 MODES = ("LSTM", "GRU", "RNN")
 SHAPES = ("batch1", "small", "large", "packed", "cell")
+DENSE = ("batch1", "small", "large")
 SMALL_BATCH = 16   # "small": batch 2..16 (measured at 16; batch 8 lies between 1 and 16)
 
 
 def shape_class(batch: int, packed: bool, cell: bool = False) -> str:
-    """The shape class of a call: one step of a cell, a packed batch, or a dense batch."""
+    """The shape class of a call: one step of a cell, a packed batch, or a dense batch by its
+    size. route() also takes "dense": a dense batch of any size (torch.nn's path only where
+    every dense class says so)."""
     if cell:
         return "cell"
     if packed:
@@ -86,5 +89,8 @@ def route(device_type: str, mode: str, inference: bool, shape: str,
         mode = "RNN"
     if compiling and (shape == "packed" or not COMPILED_ROUTES_STAND.get(device_type, False)):
         return KERNELS
+    if shape == "dense":   # any dense batch (under compile the batch size is not read)
+        routes = {ROUTES.get((device_type, mode, inference, s), KERNELS) for s in DENSE}
+        return TORCH if routes == {TORCH} else KERNELS
     # a device not in the table (meta, mps...): the kernels (the reference serves any device)
     return ROUTES.get((device_type, mode, inference, shape), KERNELS)

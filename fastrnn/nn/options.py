@@ -143,14 +143,14 @@ def runs_torch_path(module, input, cell: bool = False) -> bool:
     # is decided as inference (a deployed trace usually is; it still has autograd).
     inference = torch.jit.is_tracing() or not torch.is_grad_enabled() or not any(
         p.requires_grad for p in module.parameters())
-    batch = 1
-    if not cell and not packed and data.dim() == 3:
-        batch = data.size(0 if module.batch_first else 1)
-    elif cell and data.dim() == 2:
-        batch = data.size(0)
-    shape = backends.routing.shape_class(batch, packed, cell)
+    compiling = torch.compiler.is_compiling()
+    if compiling and not (cell or packed):
+        shape = "dense"   # reading the batch would guard (and recompile) on its size
+    else:
+        batch = data.size(0 if module.batch_first else 1) if data.dim() == 3 else 1
+        shape = backends.routing.shape_class(batch, packed, cell)
     return backends.choose(module.backend, data.device, module.mode, inference, shape,
-                           torch.compiler.is_compiling()) == "torch"
+                           compiling) == "torch"
 
 
 def torch_forward(module, *args):

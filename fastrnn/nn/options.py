@@ -147,7 +147,8 @@ def runs_torch_path(module, input, cell: bool = False) -> bool:
     if compiling and not (cell or packed):
         shape = "dense"   # reading the batch would guard (and recompile) on its size
     else:
-        batch = data.size(0 if module.batch_first else 1) if data.dim() == 3 else 1
+        batch = data.size(0 if module.batch_first else 1) if data.dim() == 3 and not cell \
+            else 1
         shape = backends.routing.shape_class(batch, packed, cell)
     return backends.choose(module.backend, data.device, module.mode, inference, shape,
                            compiling) == "torch"

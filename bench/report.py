@@ -138,9 +138,23 @@ def markdown(records: List[dict], meta: dict, plots: List[str]) -> str:
     for row in rows(records):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     lines.append("")
+    lines += auto_summary(records)
     for path in plots:
         lines += [f"![{os.path.basename(path)}]({os.path.basename(path)})", ""]
     return "\n".join(lines)
+
+
+def auto_summary(records: List[dict]) -> List[str]:
+    """Markdown lines: what a user of backend "auto" gets, case by case, against torch.nn
+    (the promise: never below 1 beyond noise). Empty when the run has no fastrnn:auto."""
+    auto = [r for r in records if r["provider"] == "fastrnn:auto" and "speedup" in r]
+    if not auto:
+        return []
+    lines = ["## `fastrnn:auto` vs torch.nn", "",
+             f"lowest {min(r['speedup'] for r in auto):.2f}x over {len(auto)} cases", "",
+             "| case | fastrnn:auto / torch.nn |", "|---|---|"]
+    lines += [f"| {r['case']} | {r['speedup']:.2f} |" for r in auto]
+    return lines + [""]
 
 
 # ---- plots ----------------------------------------------------------------------------

@@ -90,6 +90,10 @@ def test_tiny_run_writes_everything_and_flags_wrong_provider(tmp_path, capsys, i
         assert r["speedup"] > 0
     for r in by_provider["torch.nn"]:
         assert r["speedup"] == 1.0
+    # what a user gets by default, in every case, with its ratio to torch.nn
+    assert len(by_provider["fastrnn:auto"]) == 6
+    for r in by_provider["fastrnn:auto"]:
+        assert r["status"] == "ok" and r["speedup"] > 0, r
     for r in by_provider["ts-loop"]:
         assert r["check"]["error"] <= r["check"]["tolerance"] < 1e-5
 
@@ -108,6 +112,9 @@ def test_tiny_run_writes_everything_and_flags_wrong_provider(tmp_path, capsys, i
     stem = os.path.splitext(json_path)[0]
     markdown = open(stem + ".md").read()
     assert "| case | provider |" in markdown and "WRONG" in markdown
+    assert "## `fastrnn:auto` vs torch.nn" in markdown
+    for r in by_provider["fastrnn:auto"]:
+        assert f"| {r['case']} | {r['speedup']:.2f} |" in markdown
     for plot in ("batch", "hidden"):
         path = f"{stem}-speedup-vs-{plot}.png"
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -180,9 +180,16 @@ def op_calls(monkeypatch):
 @pytest.fixture
 def torch_path_on_cpu(monkeypatch, op_calls):
     """Make the CPU behave like CUDA today: no verified fastrnn kernel, so "auto" runs
-    torch.nn's own forward for modules without options. -> the op calls made."""
-    from fastrnn import backends
-    monkeypatch.setattr(backends, "AUTO_TORCH_PATH", {"cpu"})
+    torch.nn's own forward for modules without options, eager and compiled (the CUDA routes
+    given to the CPU). -> the op calls made."""
+    from fastrnn.backends import routing
+    routes = {key: routing.ROUTES[("cuda",) + key[1:]] if key[0] == "cpu" else route
+              for key, route in routing.ROUTES.items()}
+    assert set(routes.values()) == {routing.TORCH}
+    monkeypatch.setattr(routing, "ROUTES", routes)
+    monkeypatch.setattr(routing, "COMPILED_ROUTES_STAND",
+                        dict(routing.COMPILED_ROUTES_STAND,
+                             cpu=routing.COMPILED_ROUTES_STAND["cuda"]))
     return op_calls
 
 
@@ -226,41 +233,125 @@ def test_torch_path_only_for_auto_without_options(torch_path_on_cpu):
     fastrnn.LSTM(3, 4, backend="reference")(x)
     fastrnn.LSTM(3, 4, layer_norm=True)(x)
     fastrnn.GRUCell(3, 4, layer_norm=True)(x[0])
-    assert torch_path_on_cpu == ["lstm", "lstm", "gru"]
+    fastrnn.GRU(3, 4, backend="native" if "native" in fastrnn.available_backends("cpu")
+                else "reference")(x)
+    assert torch_path_on_cpu == ["lstm", "lstm", "gru", "gru"]
 
 
-def test_auto_on_cpu_runs_torch_nn_only_for_lstm_inference(op_calls):
-    """On CPU, auto runs fastrnn's kernels, except LSTM calls that need no gradient, where
-    torch.nn's oneDNN LSTM measured faster (backends.AUTO_TORCH_INFERENCE)."""
+# An input of each shape class of fastrnn.backends.routing (time-major, input width 3).
+SHAPE_CALLS = {
+    "batch1": lambda: torch.randn(5, 1, 3, dtype=torch.float64),
+    "small": lambda: torch.randn(5, 16, 3, dtype=torch.float64),
+    "large": lambda: torch.randn(5, 17, 3, dtype=torch.float64),
+    "packed": lambda: pack_sequence([torch.randn(n, 3, dtype=torch.float64) for n in (4, 2, 5)],
+                                    enforce_sorted=False),
+    "cell": lambda: torch.randn(2, 3, dtype=torch.float64),
+}
+CELL_OF_MODE = {"LSTM": "LSTMCell", "GRU": "GRUCell", "RNN": "RNNCell"}
+
+
+@pytest.mark.parametrize("shape", ["batch1", "small", "large", "packed", "cell"])
+@pytest.mark.parametrize("inference", [True, False], ids=["inference", "training"])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
+def test_every_cpu_route_is_taken(mode, inference, shape, op_calls):
+    """Each entry of the CPU routing table decides what a call of its class runs: torch.nn's
+    path (no fastrnn op, torch.nn's numbers exactly) or fastrnn's kernels (one op per layer)."""
     import fastrnn
-    from fastrnn import backends
-    assert "cpu" not in backends.AUTO_TORCH_PATH and "cuda" in backends.AUTO_TORCH_PATH
+    from fastrnn.backends import routing
+    route = routing.ROUTES["cpu", mode, inference, shape]
     torch.manual_seed(0)
-    reference = nn.LSTM(3, 4)
-    lstm, gru = twin_of(reference, "auto"), fastrnn.GRU(3, 4)
+    name = CELL_OF_MODE[mode] if shape == "cell" else mode
+    fast = getattr(fastrnn, name)(3, 4).double()
+    reference = getattr(nn, name)(3, 4).double()
+    x = SHAPE_CALLS[shape]()
+    reference.load_state_dict(fast.state_dict())
+    with torch.set_grad_enabled(not inference):
+        got, expected = flatten(fast(x)), flatten(reference(x))
+    if route == routing.TORCH:
+        assert op_calls == []
+        for a, b in zip(got, expected):
+            assert torch.equal(a, b)
+    else:
+        assert op_calls == [{"LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh"}[mode]]
+        for a, b in zip(got, expected):
+            assert_close(a, b)
+
+
+def test_cpu_routes_follow_the_measurements():
+    """The CPU policy (docs/auto.md): torch.nn's path except where the native kernels won on
+    every CPU measured: packed training, and GRU training at batch <= 16 and inference at 2-16."""
+    from fastrnn.backends import routing
+    kernels = {key for key, route in routing.ROUTES.items()
+               if key[0] == "cpu" and route == routing.KERNELS}
+    assert kernels == {("cpu", "LSTM", False, "packed"), ("cpu", "GRU", False, "packed"),
+                       ("cpu", "GRU", False, "batch1"), ("cpu", "GRU", False, "small"),
+                       ("cpu", "GRU", True, "small")}
+    assert all(route == routing.TORCH for key, route in routing.ROUTES.items()
+               if key[0] == "cuda")
+
+
+def test_options_always_run_fastrnn_kernels(op_calls):
+    """Wherever a route says torch.nn, a call whose math torch.nn cannot do runs the op."""
+    import fastrnn
     x = torch.randn(5, 2, 3)
     with torch.no_grad():
-        assert torch.equal(lstm(x)[0], reference(x)[0])
-        assert op_calls == []
-        gru(x)
-        fastrnn.LSTM(3, 4, backend="native" if "native" in fastrnn.available_backends("cpu")
-                     else "reference")(x)
-    lstm(x)[0].sum().backward()   # training: fastrnn's kernels
-    assert op_calls == ["gru", "lstm", "lstm"]
+        fastrnn.LSTM(3, 4, layer_norm=True)(x)
+        fastrnn.LSTM(3, 4, cell_clip=1.0)(x)
+        fastrnn.GRU(3, 4, zoneout=0.1).eval()(x)
+        fastrnn.LSTMCell(3, 4, layer_norm=True)(x[0])
+    assert op_calls == ["lstm", "lstm", "gru", "lstm"]
 
 
-def test_torch_path_is_not_taken_under_torch_compile(torch_path_on_cpu):
-    """Dynamo cannot trace torch.nn's RNN kernels; compiled, the module runs fastrnn's op."""
+def test_compiled_auto_runs_torch_nn_where_kernels_are_unverified(torch_path_on_cpu):
+    """Under torch.compile on a device whose routes say torch.nn (CUDA today), "auto" runs
+    torch.nn's path inside the graph (fullgraph=True: no graph break), not the step-by-step
+    reference: no fastrnn op, eager's numbers and gradients."""
+    import fastrnn
+    torch.manual_seed(0)
+    for fast in (fastrnn.LSTM(3, 4, num_layers=2), fastrnn.GRU(3, 4, bidirectional=True)):
+        fast = fast.double()
+        x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+        expected = flatten(fast(x))
+        expected_grads = torch.autograd.grad(sum(o.sum() for o in expected),
+                                             [x] + list(fast.parameters()))
+        torch._dynamo.reset()
+        got = flatten(torch.compile(fast, fullgraph=True, backend="aot_eager")(x))
+        grads = torch.autograd.grad(sum(o.sum() for o in got), [x] + list(fast.parameters()))
+        for a, b in zip(got + list(grads), expected + list(expected_grads)):
+            assert_close(a, b)
+    assert torch_path_on_cpu == []
+
+
+def test_compiled_packed_input_runs_fastrnn_kernels(torch_path_on_cpu):
+    """A PackedSequence does not trace through torch.nn's path (its batch sizes are data):
+    compiled, it runs fastrnn's op, with eager torch.nn's numbers."""
+    import fastrnn
+    torch.manual_seed(0)
+    lstm = fastrnn.LSTM(3, 4).double()
+    x = pack_sequence([torch.randn(n, 3, dtype=torch.float64) for n in (4, 2)],
+                      enforce_sorted=False)
+    expected = lstm(x)[0].data
+    assert torch_path_on_cpu == []
+    torch._dynamo.reset()
+    got = torch.compile(lstm, fullgraph=True, backend="aot_eager")(x)[0].data
+    assert_close(got, expected)
+    assert torch_path_on_cpu   # traced through ops.recurrence
+
+
+def test_cpu_compiled_runs_fastrnn_kernels(op_calls):
+    """On CPU torch.nn's RNNs trace as a step-by-step decomposition, so under torch.compile
+    "auto" runs fastrnn's op (one graph node) for every call."""
     import fastrnn
     torch.manual_seed(0)
     lstm = fastrnn.LSTM(3, 4, num_layers=2)
     x = torch.randn(5, 2, 3)
     expected = lstm(x)[0]
-    assert torch_path_on_cpu == []
+    assert op_calls == []   # eager LSTM training at batch 2: torch.nn's path
+    torch._dynamo.reset()
     compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")(x)[0]
     truth = copy.deepcopy(lstm).double()(x.double())[0]
     assert_close(compiled, expected, truth)
-    assert torch_path_on_cpu   # traced through ops.recurrence
+    assert op_calls
 
 
 def test_torch_path_for_dropout_options_in_eval_mode(torch_path_on_cpu):

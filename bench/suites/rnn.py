@@ -12,6 +12,8 @@ Providers (add more with :func:`register_provider`):
 - ``torch.nn``: ``nn.LSTM`` / ``nn.GRU`` (cuDNN on GPU, oneDNN/ATen on CPU): the baseline;
 - ``fastrnn:<backend>``: ``fastrnn.LSTM/GRU(..., backend=<backend>)`` for every backend in
   ``fastrnn.available_backends(device)``;
+- ``fastrnn:auto``: ``backend="auto"``, what a user gets by default (torch.nn's own path or a
+  fastrnn kernel, as fastrnn.backends.routing decides for the call);
 - ``ts-loop``: a TorchScript loop with the input GEMM hoisted (:mod:`bench.loops`);
 - ``compile-loop``: the same loop with its step under ``torch.compile``.
 
@@ -114,10 +116,11 @@ def fastrnn_module(spec: Spec, backend: str) -> nn.Module:
     """The one place fastrnn modules are made: ``fastrnn.LSTM/GRU(..., backend=backend)``."""
     import fastrnn
     from fastrnn import backends
-    reason = backends.get(backend).unsupported_reason(
-        spec.cell, spec.dtype, spec.device, spec.config.hidden, 0)
-    if reason:
-        raise Skip(reason)
+    if backend != "auto":
+        reason = backends.get(backend).unsupported_reason(
+            spec.cell, spec.dtype, spec.device, spec.config.hidden, 0)
+        if reason:
+            raise Skip(reason)
     if (backend == "reference" and spec.size == "quick" and spec.device.type == "cpu"
             and spec.config.seq * spec.config.batch * spec.config.hidden > QUICK_REFERENCE_WORK):
         raise Skip("reference backend runs only small configs in --quick on CPU; use --full")
@@ -277,6 +280,8 @@ def _provider_factories(spec: Spec, data: CaseData) -> Dict[str, Callable]:
         factories["fastrnn"] = unavailable
     for backend in names or ():
         factories[f"fastrnn:{backend}"] = build(lambda s, b=backend: fastrnn_module(s, b))
+    if names is not None:   # what a user gets by default: torch.nn's path or a kernel
+        factories["fastrnn:auto"] = build(lambda s: fastrnn_module(s, "auto"))
     for name, make in PROVIDERS.items():
         factories[name] = build(make)
     return factories

@@ -13,28 +13,12 @@ from typing import List, Optional
 
 import torch
 
+from . import routing
 from .base import Backend
 
-# Order of preference for "auto": first one that is available and supports the call.
-# CPU: the native C++ loop, else the reference. Triton runs on CPU only under
-# TRITON_INTERPRET=1, for tests, so it is never chosen automatically there.
-# CUDA: the native and triton CUDA kernels compile and link, and their gate math is tested on
-# CPU, but they have not yet run on a GPU; until a GPU session verifies them (tests on CUDA,
-# bench/gpu_session.sh) they serve only when named, and "auto" runs torch.nn's own path
-# there (AUTO_TORCH_PATH), or the reference for calls with variant options.
 BACKEND_NAMES = ("reference", "native", "triton")
-_AUTO_ORDER = {"cuda": ("reference",), "cpu": ("native", "reference")}
-# Devices where "auto" runs torch.nn's own implementation (cuDNN) for a module without
-# variant options, because no fastrnn kernel is verified there yet: the reference backend is
-# right but runs step by step, far slower than cuDNN. A GPU session that verifies the CUDA
-# kernels removes "cuda" here and puts them first in _AUTO_ORDER["cuda"].
-AUTO_TORCH_PATH = {"cuda"}
-# (device type, mode) where "auto" runs torch.nn's own forward for calls that need no
-# gradient, because it measured faster than fastrnn's kernels there: LSTM inference on CPU,
-# where oneDNN's fused LSTM runs at ~88% of the GEMM ceiling and the native loop at 0.76-0.99x
-# its speed (bench/results/cpu-ceiling-2026-11-29.md). Training stays native (equal speed,
-# 2.4x on packed sequences), and so do GRU and RNN (native level with or faster than oneDNN).
-AUTO_TORCH_INFERENCE = {("cpu", "LSTM")}
+# What "auto" runs (torch.nn's path or fastrnn's kernels, and which kernels first) is decided
+# in one table: fastrnn.backends.routing.
 
 _loaded = {}
 _default = None  # set by set_backend(); None means FASTRNN_BACKEND or "auto"
@@ -129,7 +113,7 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
                              f"{', '.join(available_backends(device))}")
         return name
     skipped = []
-    for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+    for candidate in routing.KERNEL_ORDER.get(device.type, ("reference",)):
         backend = get(candidate)
         reason = backend.unavailable_reason(device)
         if reason is None:
@@ -146,16 +130,21 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
 
 
 @torch.compiler.assume_constant_result
-def auto_runs_torch(name: str, device: torch.device, mode: str, inference: bool) -> bool:
-    """True when a module (``mode`` LSTM / GRU / RNN) with backend ``name`` and no variant
-    options should run torch.nn's own forward on ``device`` (see AUTO_TORCH_PATH and
-    AUTO_TORCH_INFERENCE); ``inference``: the call needs no gradient."""
+def choose(name: str, device: torch.device, mode: str, inference: bool, shape: str,
+           compiling: bool = False) -> str:
+    """For a call of a module (``mode`` LSTM / GRU / RNN) whose math torch.nn can run (no
+    variant option acts): ``"torch"`` for torch.nn's own forward, else the backend to give
+    fastrnn's op (``name``, or "auto" for resolve() to pick). Only "auto" is routed, by
+    routing.ROUTES. ``inference``: the call needs no parameter gradient; ``shape``:
+    routing.shape_class(); ``compiling``: under torch.compile."""
     if name == "auto":
         name = get_backend()
     if name != "auto":
-        return False
+        return name
     kind = torch.device(device).type
-    return kind in AUTO_TORCH_PATH or (inference and (kind, mode) in AUTO_TORCH_INFERENCE)
+    if routing.route(kind, mode, inference, shape, compiling) == routing.TORCH:
+        return "torch"
+    return "auto"
 
 
 def _unsupported(backend, cell, dtype, device, hidden_size, proj_size, features):

@@ -29,8 +29,8 @@ class RNNCellBase(nn.Module):
     """Twin of ``torch.nn.RNNCellBase``: same parameters, order and initialisation.
 
     Under ONNX export (standard operators, so the exported file needs no fastrnn), and under
-    backend "auto" on a device without verified fastrnn kernels (options.runs_torch_path), a
-    cell runs torch.nn's own forward (``_torch_forward``) on the same parameters.
+    backend "auto" where the backend registry routes the call to torch.nn
+    (options.runs_torch_path), a cell runs torch.nn's own forward (``_torch_forward``) on the same parameters.
     """
 
     __constants__ = ["input_size", "hidden_size", "bias", "backend", *options.DEFAULTS]
@@ -169,7 +169,7 @@ class _SingleStateCell(RNNCellBase):
     """GRUCell and RNNCell: the state is one tensor."""
 
     def forward(self, input: Tensor, hx: Tensor | None = None) -> Tensor:
-        if options.runs_torch_path(self, input):
+        if options.runs_torch_path(self, input, cell=True):
             return options.torch_forward(self, input, hx)
         self._check_dims(input, hx)
         is_batched = input.dim() == 2
@@ -233,7 +233,7 @@ class LSTMCell(RNNCellBase):
                          recurrent_grad_clip=recurrent_grad_clip, forget_bias=forget_bias)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
-        if options.runs_torch_path(self, input):
+        if options.runs_torch_path(self, input, cell=True):
             return options.torch_forward(self, input, hx)
         # torch.nn.LSTMCell's checks, in its order: hx is any sequence of two tensors
         if input.dim() not in (1, 2):

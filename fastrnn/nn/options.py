@@ -121,21 +121,17 @@ def features(module) -> tuple:
     return tuple(name for name, is_on in on if is_on)
 
 
-def runs_torch_path(module, input) -> bool:
+def runs_torch_path(module, input, cell: bool = False) -> bool:
     """Whether this call runs torch.nn's own forward on the module's very parameters: under
     ONNX export (ONNX has standard LSTM/GRU/RNN operators and the exporters emit them for
-    that path; options are refused), and under backend "auto" where no fastrnn kernel is
-    verified for the device (backends.AUTO_TORCH_PATH: cuDNN beats the step-by-step
-    reference) or where torch.nn measured faster for inference (AUTO_TORCH_INFERENCE: LSTM
-    on CPU), unless an option changes this call's math (only fastrnn runs those; the
-    dropouts act in training mode only)."""
+    that path; options are refused), and where the backend registry routes it there
+    (backends.choose) unless an option changes this call's math (only fastrnn runs those;
+    the dropouts act in training mode only). ``cell``: the module is a cell (one step)."""
     if torch.onnx.is_in_onnx_export():
         refuse_torch_path(module, "ONNX export")
         return True
-    if torch.compiler.is_compiling():
-        return False   # torch.nn's RNN kernels do not trace (dynamo graph-breaks around
-                       # nn.LSTM itself); fastrnn's op does, on any backend
-    data = input.data if isinstance(input, PackedSequence) else input
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
     if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
         return False
     changes_math = features(module) or (module.weight_drop and module.training)
@@ -147,7 +143,15 @@ def runs_torch_path(module, input) -> bool:
     # is decided as inference (a deployed trace usually is; it still has autograd).
     inference = torch.jit.is_tracing() or not torch.is_grad_enabled() or not any(
         p.requires_grad for p in module.parameters())
-    return backends.auto_runs_torch(module.backend, data.device, module.mode, inference)
+    compiling = torch.compiler.is_compiling()
+    if compiling and not (cell or packed):
+        shape = "dense"   # reading the batch would guard (and recompile) on its size
+    else:
+        batch = data.size(0 if module.batch_first else 1) if data.dim() == 3 and not cell \
+            else 1
+        shape = backends.routing.shape_class(batch, packed, cell)
+    return backends.choose(module.backend, data.device, module.mode, inference, shape,
+                           compiling) == "torch"
 
 
 def torch_forward(module, *args):

@@ -1,0 +1,96 @@
+"""Where backend "auto" sends a call: torch.nn's own path or fastrnn's kernels.
+
+The rule: under "auto" fastrnn is never slower than the torch.nn module it replaced (within
+noise), and faster where its kernels win. A call that torch.nn cannot run (variant options)
+always goes to fastrnn's kernels; so does a backend named explicitly. For the rest, ROUTES
+answers by (device type, mode, inference or training, shape class) with either
+
+- ``"torch"``: torch.nn's own forward on the module's parameters (cuDNN, oneDNN/ATen), or
+- ``"kernels"``: fastrnn's op, on the first capable backend of KERNEL_ORDER[device type].
+
+CPU policy: torch.nn's path except where the native kernels won on every CPU measured. The
+winner differs between CPUs (oneDNN's LSTM is 0.7x native's time on AMD Zen 4, level on the
+Intel Xeon), so a kernel is routed only where it won on both; no per-machine timing, so the
+choice is the same on every run and machine (docs/auto.md). The ratios below are torch.nn
+time / native time (above 1: native faster), from ``python -m bench`` on an Intel Xeon
+(bench/results/cpu-2c-2026-11-29-*.md; 1 thread / 2 threads) and an AMD EPYC Zen 4 (2 threads).
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+TORCH = "torch"
+KERNELS = "kernels"
+
+# fastrnn backends "auto" tries, in order, for a call routed to the kernels. Triton runs on
+# CPU only under TRITON_INTERPRET=1, for tests, so it is never chosen there. CUDA: the native
+# and triton kernels compile and their gate math is tested on CPU, but no GPU has run them;
+# until a GPU session verifies them (tests on CUDA, bench/gpu_session.sh) they serve only
+# when named, and calls with options run the reference.
+KERNEL_ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("reference",), "cpu": ("native", "reference")}
+
+MODES = ("LSTM", "GRU", "RNN")
+SHAPES = ("batch1", "small", "large", "packed", "cell")
+DENSE = ("batch1", "small", "large")
+SMALL_BATCH = 16   # "small": batch 2..16 (measured at 16; batch 8 lies between 1 and 16)
+
+
+def shape_class(batch: int, packed: bool, cell: bool = False) -> str:
+    """The shape class of a call: one step of a cell, a packed batch, or a dense batch by its
+    size. route() also takes "dense": a dense batch of any size (torch.nn's path only where
+    every dense class says so)."""
+    if cell:
+        return "cell"
+    if packed:
+        return "packed"
+    return "batch1" if batch <= 1 else "small" if batch <= SMALL_BATCH else "large"
+
+
+def _table() -> Dict[Tuple[str, str, bool, str], str]:
+    routes = {}
+    for device in ("cpu", "cuda"):
+        for mode in MODES:
+            for inference in (True, False):
+                for shape in SHAPES:
+                    routes[device, mode, inference, shape] = TORCH
+    # CUDA: every entry torch.nn's path (cuDNN): no fastrnn CUDA kernel is verified yet, and
+    # the reference runs step by step. A GPU session that measures the kernels sets entries.
+    # CPU, where native won on both CPUs (torch.nn ms / native ms, Intel 1 thr / 2 thr, AMD):
+    for mode in ("LSTM", "GRU"):
+        # packed training: LSTM 2.39 / 2.39 / 2.72, GRU 1.86 / - / 2.16 (torch.nn's backward
+        # of a packed batch runs per step).
+        routes["cpu", mode, False, "packed"] = KERNELS
+    # GRU training at batch 1: 2.51 / 2.51 / 1.49; batch 16: 1.48 / 1.81 / 1.31.
+    routes["cpu", "GRU", False, "batch1"] = KERNELS
+    routes["cpu", "GRU", False, "small"] = KERNELS
+    # GRU inference at batch 16: 1.36 / 1.99 / 1.14 (batch 1: 0.91 on Intel, so torch).
+    routes["cpu", "GRU", True, "small"] = KERNELS
+    # Stay torch.nn (a loss on at least one CPU): LSTM dense, any mode (Intel 0.76-0.99
+    # inference, 0.83-1.07 training; AMD 0.50-0.76); LSTM packed inference (1.00 / 1.13);
+    # GRU batch 64 (training 1.12 / 1.15 / 0.90); GRU packed inference (0.94 / - / 1.07);
+    # RNN and single cell steps (not benchmarked: torch.nn unless measured).
+    return routes
+
+
+ROUTES = _table()
+
+# Under torch.compile, which routes stand. CPU: torch.nn's CPU RNNs trace into the graph as
+# their step-by-step decomposition, so the kernels (one op in the graph) serve every call.
+# CUDA: the table stands (dense input traces to torch.nn's kernel under fullgraph=True). A
+# PackedSequence does not trace through torch.nn's path (its batch sizes are data), so a
+# packed call under compile always runs the kernels.
+COMPILED_ROUTES_STAND = {"cuda": True, "cpu": False}
+
+
+def route(device_type: str, mode: str, inference: bool, shape: str,
+          compiling: bool = False) -> str:
+    """TORCH or KERNELS for a call of a module without options under backend "auto"."""
+    if mode.startswith("RNN"):   # torch.nn's RNN modes are RNN_TANH and RNN_RELU
+        mode = "RNN"
+    if compiling and (shape == "packed" or not COMPILED_ROUTES_STAND.get(device_type, False)):
+        return KERNELS
+    if shape == "dense":   # any dense batch (under compile the batch size is not read)
+        routes = {ROUTES.get((device_type, mode, inference, s), KERNELS) for s in DENSE}
+        return TORCH if routes == {TORCH} else KERNELS
+    # a device not in the table (meta, mps...): the kernels (the reference serves any device)
+    return ROUTES.get((device_type, mode, inference, shape), KERNELS)

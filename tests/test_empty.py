@@ -49,17 +49,22 @@ def _state(module, batch, dtype, seed=1):
     return h
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("with_state", [False, True], ids=["no_hx", "hx"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("mode", list(MODULES))
-def test_module_empty_batch(mode, layout, with_state, backend):
+def _module_pair(mode, layout, backend):
+    """(dtype, a torch.nn module of the layout, its fastrnn twin on ``backend``)."""
     if layout == "projected" and mode != "lstm":
         pytest.skip("proj_size is LSTM's")
     dtype = dtype_for(backend)
     torch.manual_seed(0)
     reference = MODULES[mode](**LAYOUTS[layout]).to(dtype)
-    fast = twin_of(reference, backend)
+    return dtype, reference, twin_of(reference, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("with_state", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("mode", list(MODULES))
+def test_module_empty_batch(mode, layout, with_state, backend):
+    dtype, reference, fast = _module_pair(mode, layout, backend)
     shape = (0, 5, 3) if reference.batch_first else (5, 0, 3)
 
     def make_args(as_dtype=None):
@@ -81,12 +86,7 @@ def test_module_empty_batch(mode, layout, with_state, backend):
 @pytest.mark.parametrize("mode", list(MODULES))
 def test_module_packed_empty_steps(mode, layout, backend):
     # A PackedSequence of steps with no live sequence: torch.nn returns empty results.
-    if layout == "projected" and mode != "lstm":
-        pytest.skip("proj_size is LSTM's")
-    dtype = dtype_for(backend)
-    torch.manual_seed(0)
-    reference = MODULES[mode](**LAYOUTS[layout]).to(dtype)
-    fast = twin_of(reference, backend)
+    dtype, reference, fast = _module_pair(mode, layout, backend)
 
     def make_args(as_dtype=None):
         dtype_ = as_dtype or dtype

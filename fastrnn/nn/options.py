@@ -135,7 +135,9 @@ def runs_torch_path(module, input, cell: bool = False) -> bool:
     if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
         return False
     changes_math = features(module) or (module.weight_drop and module.training)
-    if changes_math:
+    # A segmented module in training: torch.nn's path would keep the whole history.
+    segmented = not cell and module.checkpoint_every is not None and torch.is_grad_enabled()
+    if changes_math or segmented:
         return False
     # No parameter gradient wanted (a gradient into the input still flows: torch.nn's path
     # has autograd, so this only picks the faster implementation). A trace is one recording

@@ -35,6 +35,10 @@ class RNNBase(nn.Module):
                      "batch_first", "dropout", "bidirectional", "proj_size", "backend",
                      "checkpoint_every", *options.DEFAULTS]
 
+    # Full BPTT in bounded memory (fastrnn.segments); the class default serves modules
+    # pickled before the option existed.
+    checkpoint_every = None
+
     # torch.nn's own input checks, so messages stay exactly those of the installed torch.
     check_input = nn.RNNBase.check_input
     get_expected_hidden_size = nn.RNNBase.get_expected_hidden_size
@@ -175,9 +179,9 @@ class RNNBase(nn.Module):
     def extra_repr(self) -> str:
         text = nn.RNNBase.extra_repr(self)
         extra = options.describe(self)
-        every = getattr(self, "checkpoint_every", None)   # absent from older pickles
-        if every is not None:
-            extra = ", ".join(filter(None, (extra, f"checkpoint_every={every!r}")))
+        if self.checkpoint_every is not None:
+            every = f"checkpoint_every={self.checkpoint_every!r}"
+            extra = f"{extra}, {every}" if extra else every
         return f"{text}, {extra}" if extra else text
 
     def _layer_params(self, layer: int, direction: int, getter: bool = False):
@@ -207,7 +211,6 @@ class RNNBase(nn.Module):
                     raise dtype_mismatch(state, self.weight_ih_l0)
         variant = options.active(self)
         features = options.features(self) if variant else ()
-        every = getattr(self, "checkpoint_every", None)   # absent from older pickles
         backend = backends.resolve(self.backend, kind.name, input.device, compute,
                                    self.hidden_size, self.proj_size, features)
         batch, width = hx[0].shape[1], hx[0].shape[2]
@@ -219,7 +222,7 @@ class RNNBase(nn.Module):
             for direction in range(num_directions):
                 w_ih, w_hh, b_ih, b_hh, w_hr, get = self._layer_params(layer, direction, True)
                 index = layer * num_directions + direction
-                segmented = every is not None
+                segmented = self.checkpoint_every is not None
                 if not segmented:
                     xproj = options.input_projection(self, layer_input, w_ih, b_ih, get)
                 step_options = None
@@ -239,7 +242,7 @@ class RNNBase(nn.Module):
                         run, self._projector(get), layer_input,
                         self._projection_params(w_ih, b_ih, get), kind.name, h0, c0, w_hh,
                         b_hh, w_hr, batch_sizes, direction == 1, backend, step_options,
-                        every)
+                        self.checkpoint_every)
                     if autocast is not None:
                         output, h_n, c_n = autocast.results(output, h_n, c_n)
                 else:
@@ -309,9 +312,7 @@ class RNNBase(nn.Module):
             # torch.nn's kernels take exactly an int and a bool: its forward raises their
             # TypeError (the constructor accepts e.g. bidirectional=1, as torch.nn's does).
             return options.torch_forward(self, input, hx)
-        if options.runs_torch_path(self, input) and not (
-                getattr(self, "checkpoint_every", None) is not None and torch.is_grad_enabled()
-                and not torch.onnx.is_in_onnx_export()):   # torch.nn would keep it all
+        if options.runs_torch_path(self, input):
             return options.torch_forward(self, input, hx)
         kind = CELL_OF_MODE[self.mode]
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size

@@ -187,19 +187,7 @@ def test_torch_compile_fullgraph_matches_eager():
                          "compiled" if run is compiled else "eager")
 
 
-@pytest.fixture
-def one_thread():
-    """torch 2.14's Inductor CPU code corrupts the heap with two threads, fastrnn or not: a
-    compiled ``torch.zeros(1, 2, 5)`` fed to ``aten.mm``, run 200 times with
-    OMP_NUM_THREADS=2, aborts in malloc; here it gave fastrnn's op a garbage h0 now and then.
-    One thread keeps this test about fastrnn."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_torch_compile_inductor_matches_eager(one_thread):
+def test_torch_compile_inductor_matches_eager():
     torch.manual_seed(0)
     lstm = fastrnn.LSTM(4, 5)
     x = torch.randn(6, 2, 4)

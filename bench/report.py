@@ -126,9 +126,9 @@ def markdown(records: List[dict], meta: dict, plots: List[str]) -> str:
         f"- torch {meta['torch']}, triton {meta['triton']}, python {meta['python']}, "
         f"{meta['torch_threads']} torch threads",
         f"- GEMM ceiling (best square torch.mm, measured at the start and end of this run): {ceil}",
-        "- `vs baseline`: the case's baseline median time (torch.nn; in the variants suite the "
-        "TorchScript LayerNorm loop) / provider median time in this run "
-        "(> 1 is faster); `% GEMM`: achieved GFLOP/s (matmul FLOPs only) over the ceiling; "
+        "- `vs baseline`: the case's baseline time (torch.nn; in the variants suite the "
+        "TorchScript LayerNorm loop) / provider time, the median over rounds in which every "
+        "provider of the case ran once, interleaved (> 1 is faster); `% GEMM`: achieved GFLOP/s (matmul FLOPs only) over the ceiling; "
         "`peak MB`: " + ("CUDA max_memory_allocated growth during one call"
                           if meta["device"].startswith("cuda") else
                           "growth of the process's peak RSS during one call"),

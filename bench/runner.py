@@ -14,7 +14,7 @@ import torch
 
 from .check import judge
 from .core import Case, Options, Skip, provider_names
-from .timing import Budget, measure
+from .timing import Budget, paired_ratio, peak_memory, summary, time_interleaved
 
 BUDGETS = {  # (device type, size) -> timing budget
     ("cpu", "tiny"): Budget(warmup=0, min_repeats=2, max_repeats=3, seconds=0.0),
@@ -31,12 +31,19 @@ def _value(x):
     return x() if callable(x) else x
 
 
+def _record_error(record: dict, exc: BaseException) -> None:
+    record.update(status="error", reason=f"{type(exc).__name__}: {exc}".strip(),
+                  traceback="".join(traceback.format_exception(exc, limit=6)))
+
+
 def run_case(case: Case, options: Options, ceilings: Dict[str, float],
              on_provider: Optional[Callable[[str], None]] = None) -> List[dict]:
-    """Records (one dict per provider) for ``case``; the baseline's comes first."""
+    """Records (one dict per provider) for ``case``; the baseline's comes first. Each provider
+    is built, checked against the baseline and its peak memory taken; then all that passed are
+    timed together, interleaved (bench.timing)."""
     budget = BUDGETS[(options.device.type, options.size)]
     names = sorted(provider_names(case, options), key=lambda n: n != case.baseline)
-    records, baseline_result, baseline_ms = [], None, None
+    records, checked, baseline_result = [], [], None
     tokens = flops = None
     for name in names:
         record = {"suite": case.suite, "case": case.name, "provider": name,
@@ -63,31 +70,38 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
                     record.update(status="wrong", reason=verdict.message)
                     continue
             del result
-            timing = measure(workload, options.device, budget)
+            record["peak_mem_bytes"] = peak_memory(workload, options.device, budget.warmup)
+            checked.append((record, workload))
         except Skip as exc:
             record.update(status="skipped", reason=str(exc))
-            continue
         except Exception as exc:  # reported in the results; the run goes on
-            record.update(status="error", reason=f"{type(exc).__name__}: {exc}".strip(),
-                          traceback=traceback.format_exc(limit=6))
-            continue
+            _record_error(record, exc)
         finally:
-            record["wall_s"] = round(time.perf_counter() - started, 2)  # set-up, check and timing
+            record["wall_s"] = round(time.perf_counter() - started, 2)  # set-up and check
             workload = None
+    baseline_result = None
+    if on_provider and checked:
+        on_provider(f"{case.name} timing {len(checked)} providers")
+    times, failed = time_interleaved([w for _, w in checked], options.device, budget)
+    baseline_times = times[0] if checked and checked[0][0]["provider"] == case.baseline \
+        and 0 not in failed else None
+    for i, (record, _) in enumerate(checked):
+        if i in failed:
+            _record_error(record, failed[i])
+            continue
+        timing = summary(times[i], record["peak_mem_bytes"])
         seconds = timing.median_ms / 1e3
         record.update(median_ms=timing.median_ms, q1_ms=timing.q1_ms, q3_ms=timing.q3_ms,
                       min_ms=timing.min_ms, max_ms=timing.max_ms, repeats=timing.repeats,
-                      peak_mem_bytes=timing.peak_mem_bytes, tokens=tokens,
-                      tokens_per_s=tokens / seconds if tokens else None)
+                      tokens=tokens, tokens_per_s=tokens / seconds if tokens else None)
         if flops:
             gflops = flops / seconds / 1e9
             ceiling = ceilings.get(record.get("dtype", ""))
             record.update(flops=flops, gflops=gflops,
                           gemm_fraction=gflops / ceiling if ceiling else None)
-        if name == case.baseline:
-            baseline_ms = timing.median_ms
-        if baseline_ms:
-            record["speedup"] = baseline_ms / timing.median_ms
+        if baseline_times is not None:
+            record["speedup"] = paired_ratio(baseline_times, times[i])
+    checked = None
     if case.cleanup:
         case.cleanup()
     if options.size != "tiny":   # a full collection costs ~0.3 s with torch._dynamo loaded

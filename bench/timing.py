@@ -12,7 +12,9 @@ timed calls run with glibc's thresholds at the values it settles on in a long-ru
 process (mmap 32 MiB, trim 64 MiB: blocks above 32 MiB get fresh pages every call there
 too). Both devices: warm-up calls, the memory call, then repeats until both a minimum
 count and a time budget are met (or a maximum count); the median and the interquartile
-range are reported.
+range are reported. The providers of one case are timed interleaved, round by round, and
+their ratio to the baseline is the median of the per-round ratios: on a shared machine a
+slow spell then slows both sides of a pair instead of one provider's whole sample.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import ctypes
 import dataclasses
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -50,34 +52,73 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, budget: Budget) -> Timing:
-    for _ in range(budget.warmup):
+def peak_memory(fn: Callable[[], object], device: torch.device, warmup: int) -> Optional[int]:
+    """Warm-up calls, then the peak memory of one call (bytes above what was allocated before
+    it; None where the device cannot tell)."""
+    for _ in range(warmup):
         fn()
     _sync(device)
     memory = PeakMemory(device)
     memory.start()
     fn()
     memory.stop()
-    times = []
-    spent = 0.0
-    while not times or (len(times) < budget.max_repeats and spent < budget.cap_seconds
-                        and (len(times) < budget.min_repeats or spent < budget.seconds)):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t0) * 1e3
-        times.append(ms)
-        spent += ms / 1e3
-    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
+    return memory.peak
+
+
+def time_call(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds of one call."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device,
+                     budget: Budget) -> Tuple[List[List[float]], Dict[int, BaseException]]:
+    """Time several workloads round by round: each round calls every workload once, starting
+    one further along each time, so a spell of load on a shared machine falls on all of them
+    alike and each round gives a paired ratio (see ``paired_ratio``). The budget counts per
+    workload. Returns the times (ms) per workload and the exception of any that raised (it is
+    left out of later rounds)."""
+    live = list(range(len(fns)))
+    times: List[List[float]] = [[] for _ in fns]
+    failed: Dict[int, BaseException] = {}
+    rounds, spent = 0, 0.0
+    while live and (rounds == 0 or (rounds < budget.max_repeats
+                                    and spent < budget.cap_seconds * len(fns)
+                                    and (rounds < budget.min_repeats
+                                         or spent < budget.seconds * len(fns)))):
+        for k in range(len(live)):
+            i = live[(rounds + k) % len(live)]
+            if i in failed:
+                continue
+            try:
+                ms = time_call(fns[i], device)
+            except Exception as exc:  # noqa: BLE001 - reported by the caller
+                failed[i] = exc
+                continue
+            times[i].append(ms)
+            spent += ms / 1e3
+        live = [i for i in live if i not in failed]
+        rounds += 1
+    return times, failed
+
+
+def summary(times: Sequence[float], peak_mem_bytes: Optional[int]) -> Timing:
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return Timing(statistics.median(times), q[0], q[2], min(times), max(times), len(times),
-                  memory.peak)
+                  peak_mem_bytes)
+
+
+def paired_ratio(baseline_ms: Sequence[float], provider_ms: Sequence[float]) -> float:
+    """Median over rounds of baseline time / provider time, each pair from the same round."""
+    return statistics.median(b / p for b, p in zip(baseline_ms, provider_ms))
 
 
 class PeakMemory:

@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
-# One session on a lent GPU machine (see DESIGN.md "On the lent GPU machine"), the same way
-# every time so results stay comparable. Run from the repository root:
+# One session on a lent GPU machine (docs/gpu-checks.md), the same way every time so
+# results stay comparable. Run from the repository root:
 #   OUT=/path/to/out bash bench/gpu_session.sh [tests|bench|variants|all] [extra bench args]
 # "tests": build the CUDA extension, run every GPU test (native CUDA kernels incl. the
-# variant options against the reference with poisoned outputs, fp16/bf16 by the 2x rule,
-# autocast/ecosystem), the Triton tests compiled on CUDA (plain and variant options), and
+# options against the reference with poisoned outputs, fp16/bf16 by the 2x rule,
+# autocast/ecosystem), the Triton tests compiled on CUDA (plain and with options), and
 # dump Triton register use for a representative subset of kernels.
 # "bench": the rnn and beam-search suites on CUDA. "variants": the LayerNorm LSTM suite
-# (fastrnn vs TorchScript LN loops vs cuDNN nn.LSTM) and its summary against issue #8's
-# targets. "all": tests, then bench, then variants, as far as the deadline allows.
+# (fastrnn vs TorchScript LN loops vs cuDNN nn.LSTM) and its summary against its targets
+# (TARGETS in bench/suites/variants.py). "all": tests, then bench, then variants, as far as
+# the deadline allows.
 # A device call is limited to 10 minutes and a session to 15 minutes of device time,
 # start-up included: every step gets at most what is left of DEADLINE seconds (default 540)
 # from the script's start, so the call always returns with its logs. Run "tests" first

@@ -1,5 +1,5 @@
-"""Random inputs for a backend's forward / backward (the op contract of fastrnn.ops), and the
-calls, comparisons and skip rule the native tests share."""
+"""Random inputs for a backend's forward / backward (the op contract, docs/op-contract.md),
+and the calls, comparisons and skip rule the native tests share."""
 import os
 
 import pytest

@@ -1,7 +1,8 @@
 """Loading the native library (fastrnn/build.py): quiet, and safe when the library on disk is
 damaged. A truncated library whose timestamp still looks current (a link killed mid-write)
-used to kill the process with SIGBUS inside the dynamic loader; now it is relinked, or, when
-it cannot be, ``auto`` falls back with one warning and ``backend="native"`` raises.
+kills the process with SIGBUS inside the dynamic loader, so it must never be loaded: it is
+relinked, or, when it cannot be, ``auto`` falls back with one warning and
+``backend="native"`` raises.
 
 Each case runs in a child process (a signal must not kill pytest) on a private copy of this
 session's JIT build cache, so no case compiles from scratch (a relink takes seconds).

@@ -179,8 +179,9 @@ def test_autocast_cpu_bfloat16_matches_torch_nn():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["reference", "native"])  # named: "auto" runs torch.nn's
-@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])  # own path on CUDA for now
+# Named backends: "auto" on CUDA routes to torch.nn's own path (fastrnn/backends/routing.py).
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("low", [torch.float16, torch.bfloat16])
 def test_autocast_cuda_matches_torch_nn(low, backend):
     for name in AUTOCAST_CASES:
         _check_autocast(name, "cuda", low, backend)

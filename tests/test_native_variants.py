@@ -1,7 +1,7 @@
-"""The native backend's variant options (issue #8, fastrnn.variants / fastrnn.ops): layer norm
-of the recurrent pre-activation and of the cell state, recurrent mask, zoneout, cell / proj
-clip, recurrent gradient clip. Parity with the reference backend (the spec in code), forward
-and backward, each option alone and all together; the shared workspace layout; gradcheck;
+"""The native backend's options (docs/op-contract.md): layer norm of the recurrent
+pre-activation and of the cell state, recurrent mask, zoneout, cell / proj clip, recurrent
+gradient clip. Parity with the reference backend (the contract in code), forward and
+backward, each option alone and all together; the shared workspace layout; gradcheck;
 poisoned buffers; option checks; which devices claim the options.
 
 Skips when the extension cannot be built here, unless FASTRNN_REQUIRE_NATIVE=1 (CI).
@@ -229,7 +229,8 @@ def test_empty_steps(name):
 def test_cuda_variant_kernels_match_reference(name, layout, reverse, hidden, dtype,
                                               monkeypatch):
     """The CUDA variant kernels (row per block) against the reference, every option on.
-    Until this passes on a GPU, NativeBackend refuses options on CUDA."""
+    NativeBackend runs options on CUDA only once this has passed on a GPU
+    (docs/gpu-checks.md)."""
     monkeypatch.setenv("FASTRNN_NATIVE_POISON", "1")
     cell, proj = CASES[name]
     case = make_case(cell, 11 if proj else 0, hidden=hidden, dtype=dtype,

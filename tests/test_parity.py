@@ -370,8 +370,9 @@ def test_torch_path_for_dropout_options_in_eval_mode(torch_path_on_cpu):
 
 @pytest.mark.gpu
 def test_auto_on_cuda_is_torch_nn_without_warnings(op_calls):
-    """Until fastrnn's CUDA kernels are verified, auto on CUDA is cuDNN itself: torch.nn's
-    numbers, no fastrnn op, and no flatten_parameters() advice from cuDNN."""
+    """auto on CUDA is cuDNN itself while no fastrnn CUDA kernel is verified on a GPU
+    (docs/gpu-checks.md): torch.nn's numbers, no fastrnn op, and no flatten_parameters()
+    advice from cuDNN."""
     import warnings
     torch.manual_seed(0)
     reference = nn.LSTM(3, 4, num_layers=2, bidirectional=True).cuda()

@@ -1,4 +1,4 @@
-"""Variant options (issue #8) on the triton backend's step path, against the reference backend.
+"""The options on the triton backend's step path, against the reference backend.
 
 Runs under the Triton interpreter on CPU like tests/test_triton.py (whose setup, problem
 builder, NaN poisoning and tolerance helpers it shares). Tiny shapes: the interpreter is slow.
@@ -164,7 +164,7 @@ def test_wide_rows_layer_norm():
 # ---------------------------------------------------------------- float16 / bfloat16
 
 def pytorch_loop(cell, inputs, grads, reverse, options, dtype):
-    """PyTorch's own result in ``dtype``: the spec's step written in plain PyTorch ops
+    """PyTorch's own result in ``dtype``: the contract's step written in plain PyTorch ops
     (tests/variant_loops.py) on dense [T, B] inputs, gradients by autograd."""
     from variant_loops import run_direction
     B = inputs["h0"].shape[0]

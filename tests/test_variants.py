@@ -1,10 +1,11 @@
-"""Variant options (issue #8) against the contract in VARIANTS_SPEC.md.
+"""The options against their contract (docs/op-contract.md; the modules' draw order:
+fastrnn/nn/options.py).
 
 The modules, cells and ops with layer norm, recurrent dropout, DropConnect, zoneout, cell /
 projection clipping, recurrent gradient clipping and forget-gate bias are compared with the
-hand-written autograd loops of tests/variant_loops.py (written from the spec, not from the
-implementation): outputs, final states and the gradients of inputs, initial states and every
-parameter. The stochastic options are reproduced by re-seeding and drawing the masks in the
+hand-written autograd loops of tests/variant_loops.py (written from the contract, not from
+the implementation): outputs, final states and the gradients of inputs, initial states and
+every parameter. The stochastic options are reproduced by re-seeding and drawing the masks in the
 documented order, and the global RNG must end where the documented draws leave it.
 """
 import copy
@@ -35,7 +36,8 @@ FEATURE_ORDER = ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h",
 # ----------------------------------------------------------------------------- helpers
 
 def op_features(cell, options, training):
-    """The spec's feature names of the op calls a module with ``options`` makes."""
+    """The feature names (the op options that are on) of the op calls a module with
+    ``options`` makes."""
     p_h, p_c = loops.zoneout_pair(cell, options.get("zoneout", 0.0))
     on = set()
     if options.get("layer_norm"):
@@ -193,7 +195,7 @@ def check_module(cell, options, backend, dtype, *, form="batched", training=True
                  batch=3, lengths=(3, 5, 1), init_state=True, input_size=3, hidden=4,
                  seed=11):
     """Run fastrnn's module with ``options`` and the hand loop (masks redrawn from the same
-    seed in the spec's order) and compare everything. Returns the loop's outputs and the
+    seed in the documented order) and compare everything. Returns the loop's outputs and the
     gradients of the inputs (for checks that an option changes something)."""
     options = dict(options)
     if form == "batch_first":
@@ -218,7 +220,7 @@ def check_module(cell, options, backend, dtype, *, form="batched", training=True
         recurrent_dropout=options.get("recurrent_dropout", 0.0),
         zoneout=options.get("zoneout", 0.0), dropout=options.get("dropout", 0.0))
     assert torch.equal(torch.get_rng_state(), rng_after_module), \
-        "the module drew a different amount of randomness than the spec's draws"
+        "the module drew a different amount of randomness than the documented draws"
 
     def loop(module, inputs, masks):
         outputs, h_n, c_n = loops.run_module(
@@ -512,7 +514,7 @@ def test_cell_steps(cell, form, training, dtype, backend):
 
     outs_ref, wrt = steps(module, xs, state0)
     assert torch.equal(torch.get_rng_state(), rng_after), \
-        "the cell drew a different amount of randomness than the spec's draws"
+        "the cell drew a different amount of randomness than the documented draws"
     truth = None
     if dtype != torch.float64:   # the same steps in float64 on the same rounded values
         truth = steps(copy.deepcopy(module).double(), to_float64(xs), to_float64(state0),
@@ -762,7 +764,7 @@ def test_op_zoneout_one_keeps_the_state_bit_for_bit(cell, proj, backend):
 
 
 def spec_workspace_width(cell, hidden, proj, options):
-    """VARIANTS_SPEC.md's workspace columns, summed."""
+    """The workspace columns of docs/op-contract.md, summed."""
     gates = loops.NUM_GATES[cell] * hidden
     if cell == "gru":
         return 4 * hidden + (gates + 1 if options.get("ln_weight") is not None else 0)
@@ -797,7 +799,7 @@ BACKEND_PAIRS = [(f, b) for f in BACKENDS for b in BACKENDS]
 @pytest.mark.parametrize("cell,proj", OP_CASES)
 def test_workspace_shared_by_every_backend(cell, proj, which, forward_backend,
                                            backward_backend):
-    """The workspace has the spec's width and dtype, and one backend's backward reads
+    """The workspace has the contract's width and dtype, and one backend's backward reads
     another's forward workspace to the reference's gradients; absent options' gradients
     are empty [0] tensors."""
     batch_sizes = OP_LAYOUTS["packed"]
@@ -896,7 +898,7 @@ WORKSPACE_COLUMNS = {"lstm": ("gates", "c", "h_pre", "a_hat", "rstd", "c_hat", "
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cell,proj", OP_CASES)
 def test_workspace_columns_are_the_spec(cell, proj, dtype, backend):
-    """Column by column, the spec's workspace: activated gates (gru: and hn), the carried
+    """Column by column, the contract's workspace: activated gates (gru: and hn), the carried
     c_t, h before the projection, the normalised recurrent pre-activation and its rstd, the
     normalised cell state and its rstd, the projection before proj_clip."""
     batch_sizes = OP_LAYOUTS["packed"]

@@ -1,4 +1,4 @@
-"""Hand-written reference loops of the variant options (issue #8, VARIANTS_SPEC.md).
+"""Hand-written reference loops of the options (the contract: docs/op-contract.md).
 
 Plain PyTorch autograd, no fastrnn code: one step of a LayerNorm / recurrent-dropout /
 zoneout / clipped LSTM or GRU, a direction of a layer over one sequence, a whole stacked
@@ -67,7 +67,7 @@ def lstm_step(xp, h_prev, c_prev, w_hh, b_hh=None, w_hr=None, *, ln_hh=None, ln_
               grad_clip=None, record=None):
     """One LSTM step on [rows, ...]: returns the carried (h_t, c_t).
     ln_hh / ln_c: (weight, bias) pairs or None; masks broadcast against the rows.
-    record: a dict that receives the spec's workspace columns of the step (by name)."""
+    record: a dict that receives the contract's workspace columns of the step (by name)."""
     hh = recurrent_preactivation(h_prev, w_hh, b_hh, ln_hh, rec_mask, record)
     pre = clip_grad(xp + hh, grad_clip)
     i, f, g, o = pre.chunk(4, -1)
@@ -244,7 +244,7 @@ def _zoneout_masks(cell, rows, width, hidden, p_h, p_c, training, dtype):
 def draw_module_masks(cell, *, num_layers, bidirectional, hidden, proj, rows, batch, dtype,
                       training, weight_drop=0.0, recurrent_dropout=0.0, zoneout=0.0,
                       dropout=0.0):
-    """The masks a module's forward draws with the global RNG, in the spec's order: per layer,
+    """The masks a module's forward draws with the global RNG, in the documented order: per layer,
     per direction weight_drop, recurrent_dropout, zoneout_h, zoneout_c (each only when its
     p > 0), then torch.nn's dropout between layers. Keys: ("w_hh"|"rec"|"zh"|"zc", layer,
     direction) and ("between", layer)."""

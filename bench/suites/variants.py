@@ -1,8 +1,8 @@
-"""LayerNorm LSTM (issue #8): fastrnn.LSTM(layer_norm=True) vs TorchScript loops vs nn.LSTM.
+"""LayerNorm LSTM: fastrnn.LSTM(layer_norm=True) vs TorchScript loops vs nn.LSTM.
 
 cuDNN and oneDNN have no LayerNorm LSTM, so what people run instead is a hand-written loop,
 the one in PyTorch's ``benchmarks/fastrnns`` (custom_lstms' LayerNormLSTM) under
-TorchScript. Targets (issue #8): on CPU at least 5x the TorchScript loop; on GPU at least 10x
+TorchScript. Targets (``TARGETS``): on CPU at least 5x the TorchScript loop; on GPU at least 10x
 the loop and within 1.3x of plain cuDNN ``nn.LSTM`` (no layer norm: the speed of light).
 
 Three kinds of case per config (``variant`` in the results), each checked before timing:
@@ -21,8 +21,8 @@ Three kinds of case per config (``variant`` in the results), each checked before
 The providers of a case share the same weights (an ``nn.LSTM`` state_dict plus random layer
 norm gains and biases, so a swapped or dropped norm parameter fails the check) and inputs.
 The ``vs baseline`` column of the generic table is the time ratio against the case's
-baseline; ``python -m bench.suites.variants RESULT.json`` prints the summary against the
-issue's targets (fastrnn vs both loops and vs nn.LSTM across cases).
+baseline; ``python -m bench.suites.variants RESULT.json`` prints the summary against these
+targets (fastrnn vs both loops and vs nn.LSTM across cases).
 
 Configs (bench.suites.rnn.CONFIGS): fastrnns (T=100, B=64, I=H=512), batch1, batch8,
 hidden256 (``--quick``: fastrnns and batch1). The records carry no ``cell`` parameter, so
@@ -101,7 +101,7 @@ def _features_reason(backend: str, spec: rnn.Spec, features: Tuple[str, ...]) ->
     from fastrnn import backends
     check = backends.get(backend).unsupported_reason
     if features and "features" not in inspect.signature(check).parameters:
-        return "this fastrnn has no variant options (issue #8)"
+        return "this fastrnn has no options (layer_norm, zoneout, ...)"
     extra = {"features": features} if features else {}
     return check(spec.cell, spec.dtype, spec.device, spec.config.hidden, 0, **extra)
 
@@ -216,7 +216,7 @@ if __name__ != "__main__":   # as a script (the summary below) the package has r
     suite("variants")(variant_cases)
 
 
-# ---- summary against the issue's targets ----------------------------------------------
+# ---- summary against the targets ----------------------------------------------------
 
 TARGETS = {"cpu": "fastrnn LN-LSTM >= 5x the TorchScript loop",
            "cuda": "fastrnn LN-LSTM >= 10x the TorchScript loop and within 1.3x of cuDNN nn.LSTM"}
@@ -344,7 +344,7 @@ def interleaved_table(runs: List[Tuple[str, str, dict]]) -> str:
 
 USAGE = """usage:
   python -m bench.suites.variants RESULT.json
-      print the Markdown summary of a saved run against the issue's targets
+      print the Markdown summary of a saved run against the targets (TARGETS)
   python -m bench.suites.variants --interleave OUT.json [--threads N] [--rounds R] [--device D]
                                   [CONFIG/MODE ...]   (default: every config and mode)
       round-robin timing of the layer norm providers and nn.LSTM; writes OUT.json, prints

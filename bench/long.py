@@ -206,6 +206,39 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
+def summary(results) -> str:
+    """Markdown: one row per configuration and T, memory beyond the floor (MB) per provider,
+    and the segmented step's time against the full-memory one."""
+    floor = _floors(results)
+    cells = {}
+    for r in results:
+        if r["provider"] != "floor":
+            cells[_config(r), r["steps"], r["provider"]] = r
+    lines = ["| cell | B | H | layers | T | torch.nn | fastrnn full | fastrnn auto "
+             "| auto time vs full | floor growth (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for config, steps in sorted({(c, t) for c, t, _ in cells}):
+        base = floor.get((steps,) + config[1:3])
+        row = []
+        for provider in ("nn", "fastrnn", "segmented"):
+            r = cells.get((config, steps, provider))
+            if r is None:
+                row.append("")
+            elif "peak_growth_bytes" not in r:
+                row.append(_outcome(r))
+            elif base is None:
+                row.append("")
+            else:
+                row.append(f"{(r['peak_growth_bytes'] - base['peak_growth_bytes']) / 1e6:.0f}")
+        full, seg = cells.get((config, steps, "fastrnn")), cells.get((config, steps, "segmented"))
+        ratio = f"{seg['seconds'] / full['seconds']:.2f}x" \
+            if full and seg and "seconds" in full and "seconds" in seg else ""
+        growth = f"{base['peak_growth_bytes'] / 1e6:.0f}" if base else ""
+        cell, batch, hidden, layers = config
+        lines.append(f"| {cell} | {batch} | {hidden} | {layers} | {steps} | "
+                     + " | ".join(row) + f" | {ratio} | {growth} |")
+    return "\n".join(lines)
+
+
 def plot(path: str, png: str) -> None:
     """One panel per configuration: memory beyond the floor against T, log-log, a line per
     provider; points not run (predicted above the limit) are drawn hollow at their
@@ -283,7 +316,9 @@ def _save(path, results, notes):
                 f"CPUs)\n\nPeak RSS growth of one step (python -m bench.long). The times "
                 f"were taken on a shared, loaded machine (the load column is the 1-minute "
                 f"load average at the point): compare them within a row group, not as a "
-                f"benchmark.\n\n{table(results)}\n{notes}")
+                f"benchmark.\n\nMemory beyond the floor (MB; the floor is a Linear in the "
+                f"RNN's place) and time of the segmented step relative to fastrnn's full-memory "
+                f"step:\n\n{summary(results)}\n\nEvery point:\n\n{table(results)}\n{notes}")
 
 
 def main(argv=None) -> int:
@@ -305,12 +340,17 @@ def main(argv=None) -> int:
     p.add_argument("--append", action="store_true", help="add to the results in --out")
     p.add_argument("--notes", default="", help="text after the Markdown table")
     p.add_argument("--plot", metavar="JSON", help="plot a results file (PNG next to it)")
+    p.add_argument("--summary", metavar="JSON", help="print a results file's summary table")
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(*json.loads(args.child))))
         return 0
     if args.plot:
         plot(args.plot, os.path.splitext(args.plot)[0] + ".png")
+        return 0
+    if args.summary:
+        with open(args.summary) as f:
+            print(summary(json.load(f)["results"]))
         return 0
     results = []
     if args.append and args.out and os.path.exists(args.out):

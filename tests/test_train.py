@@ -235,12 +235,13 @@ class Recorder(nn.Module):
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=native_available_mark())])
-@pytest.mark.parametrize("every", [3, "auto"])
+@pytest.mark.parametrize("every", [3, "auto", 12])
 def test_checkpoint_every_gives_the_full_memory_windows(backend, every):
     """k2 > k1 windows, cut at a reset too: the outputs, carried states and gradients of the
     full-memory windows by the tolerance rule (not bit for bit: a segment's input projection
     is a GEMM over fewer rows, for which BLAS may round differently, and the weight gradients
-    are summed per segment); the layers run segmented inside the windows only."""
+    are summed per segment; with k >= k2, one segment per piece, the same bits); the layers
+    run segmented inside the windows only."""
     torch.manual_seed(0)
     rnn = fastrnn.LSTM(3, 4, num_layers=2, backend=backend, dtype=torch.float64)
     x = torch.randn(23, 2, 3, dtype=torch.float64)
@@ -258,6 +259,8 @@ def test_checkpoint_every_gives_the_full_memory_windows(backend, every):
         runs[key] = outs, found, model
     (outs_full, grads_full, plain), (outs_seg, grads_seg, segmented) = runs[None], runs[every]
     assert_all_close(outs_seg + grads_seg, outs_full + grads_full)
+    if every == 12:
+        assert all(torch.equal(a, b) for a, b in zip(outs_seg + grads_seg, outs_full + grads_full))
     assert set(plain.seen) == {None} and set(segmented.seen) == {every}
     assert segmented.rnn.checkpoint_every is None     # the layer's own setting is back
 

@@ -241,8 +241,8 @@ def summary(results) -> str:
 
 def plot(path: str, png: str) -> None:
     """One panel per configuration: memory beyond the floor against T, log-log, a line per
-    provider; points not run (predicted above the limit) are drawn hollow at their
-    prediction, joined by a dashed line."""
+    provider; torch.nn's and fastrnn's full-memory points not run (predicted above the limit)
+    are drawn hollow at their prediction, joined by a dashed line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -267,7 +267,8 @@ def plot(path: str, png: str) -> None:
                     extra = r["peak_growth_bytes"] - floor[key]["peak_growth_bytes"]
                     if extra > 0:   # at small T the difference can be the allocator's noise
                         measured.append((r["steps"], extra / 1e6))
-                elif "skipped" in r:
+                elif "skipped" in r and provider != "segmented":
+                    # (the segmented bound, linear in T, is for skipping, not an estimate)
                     args = (r["cell"], r["steps"], r["batch"], r["hidden"], r["layers"])
                     extra = predicted(provider, *args)["growth"] - \
                         predicted("floor", *args)["growth"]
@@ -293,7 +294,7 @@ def plot(path: str, png: str) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     top = 1 - 0.75 / fig.get_figheight()   # room for the title and the legend
     fig.suptitle("Peak RSS growth of one training step beyond a Linear floor "
-                 "(hollow: predicted, not run)", y=0.995, fontsize=10)
+                 "(hollow: predicted from bytes per step, not run)", y=0.995, fontsize=10)
     fig.legend(handles, labels, loc="upper center", ncol=3, frameon=False,
                bbox_to_anchor=(0.5, 1 - 0.3 / fig.get_figheight()))
     fig.tight_layout(rect=(0, 0, 1, top))

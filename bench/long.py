@@ -4,6 +4,7 @@
                          [--cell lstm,gru] [--hidden 256,512] [--batch 8,32] [--layers 1,2]
                          [--max-predicted-gb 6] [--cap-gb 16] [--out FILE.json]
     python -m bench.long --plot FILE.json          # FILE.png: memory beyond the floor vs T
+    python -m bench.long --summary FILE.json       # memory beyond the floor per config and T
 
 Each measurement runs in a fresh process: build the model, warm it up on a short sequence,
 make the input x [T, B, H] (requires grad), reset the peak RSS (/proc/self/clear_refs), then
@@ -39,6 +40,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 PROVIDERS = ("nn", "fastrnn", "segmented", "floor")
@@ -131,20 +133,24 @@ def measure(provider, cell, steps, batch, hidden, layers, threads=0, repeat=1, c
              "hidden": hidden, "layers": layers}
     env = dict(os.environ, PYTHONPATH=os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", ""))
     args = json.dumps([provider, cell, steps, batch, hidden, layers, threads, repeat, cap])
-    proc = subprocess.Popen([sys.executable, "-m", "bench.long", "--child", args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    killed = None
-    if cap:   # the address-space limit is the first guard; this one catches what it misses
+    # files, not pipes: a child writing more than a pipe holds would block while we watch it
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "bench.long", "--child", args],
+                                stdout=out, stderr=err, text=True, env=env)
+        killed = None
         while proc.poll() is None:
+            # the address-space limit is the first guard; this one catches what it misses
             try:
                 rss = _status("VmRSS", proc.pid)
             except (OSError, RuntimeError):   # the process is ending
                 rss = 0
-            if rss > cap:
+            if cap and rss > cap:
                 proc.kill()
                 killed = rss
             time.sleep(0.05)
-    stdout, stderr = proc.communicate()
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if killed is not None:
         return dict(point, error=f"out of memory: RSS {killed / GB:.1f} GB passed the cap",
                     out_of_memory=True, cap_bytes=cap)

@@ -13,9 +13,12 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
+from fastrnn.testing import assert_all_close
 from fastrnn.train import (TBPTT, EmbeddingDropout, LockedDropout, TrainStep,
                            activation_regularization, batchify, detach_state, embedding_dropout,
                            reset_state, temporal_activation_regularization, tie_weights)
+
+from backend_cases import native_available_mark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 F64 = dict(rtol=0, atol=1e-10)
@@ -217,6 +220,65 @@ def test_fresh_start_ignores_incoming_state_and_continue_keeps_it():
         torch.testing.assert_close(first.run(model, junk)[0], model(x[:3])[0], **F64)
         cont = next(TBPTT(3).chunks(x, fresh_start=False))
         torch.testing.assert_close(cont.run(model, junk)[0], model(x[:3], junk)[0], **F64)
+
+
+class Recorder(nn.Module):
+    """A fastrnn LSTM that notes the checkpoint_every it runs with."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn, self.seen = rnn, []
+
+    def forward(self, x, state):
+        self.seen.append(self.rnn.checkpoint_every)
+        return self.rnn(x, state)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("native", marks=native_available_mark())])
+@pytest.mark.parametrize("every", [3, "auto", 12])
+def test_checkpoint_every_gives_the_full_memory_windows(backend, every):
+    """k2 > k1 windows, cut at a reset too: the outputs, carried states and gradients of the
+    full-memory windows by the tolerance rule (not bit for bit: a segment's input projection
+    is a GEMM over fewer rows, for which BLAS may round differently, and the weight gradients
+    are summed per segment; with k >= k2, one segment per piece, the same bits); the layers
+    run segmented inside the windows only."""
+    torch.manual_seed(0)
+    rnn = fastrnn.LSTM(3, 4, num_layers=2, backend=backend, dtype=torch.float64)
+    x = torch.randn(23, 2, 3, dtype=torch.float64)
+    w = torch.randn(23, 2, 4, dtype=torch.float64)
+    resets = torch.zeros(23, 2, dtype=torch.bool)
+    resets[13, 1] = True
+    runs = {}
+    for key in (None, every):
+        model = Recorder(copy.deepcopy(rnn))
+        state, outs, found = None, [], []
+        for ch in TBPTT(5, 12, checkpoint_every=key).chunks(x, w, resets=resets):
+            out, state = ch.run(model, state)
+            outs += [out.detach(), *(state or ())]
+            found += grads((ch.loss_target * out).sum(), list(model.parameters()))
+        runs[key] = outs, found, model
+    (outs_full, grads_full, plain), (outs_seg, grads_seg, segmented) = runs[None], runs[every]
+    assert_all_close(outs_seg + grads_seg, outs_full + grads_full)
+    if every == 12:
+        assert all(torch.equal(a, b) for a, b in zip(outs_seg + grads_seg, outs_full + grads_full))
+    assert set(plain.seen) == {None} and set(segmented.seen) == {every}
+    assert segmented.rnn.checkpoint_every is None     # the layer's own setting is back
+
+
+def test_checkpoint_every_needs_fastrnn_layers():
+    x = torch.randn(6, 2, 3)
+    chunk = next(TBPTT(3, checkpoint_every="auto").chunks(x))
+    with pytest.raises(ValueError, match=r"no fastrnn LSTM/GRU/RNN layer; found torch.nn "
+                                         r"layers model \(LSTM\) \(fastrnn.convert"):
+        chunk.run(nn.LSTM(3, 4), None)
+    with pytest.raises(TypeError, match="needs the model as an nn.Module, got function"):
+        chunk.run(lambda x, s: (x, s), None)
+    with pytest.raises(ValueError, match="TBPTT: checkpoint_every must be a positive int .* got 0"):
+        TBPTT(3, checkpoint_every=0)
+    rnn = fastrnn.LSTM(3, 4, checkpoint_every=2)     # the layer's own value stays by default
+    model = Recorder(rnn)
+    next(TBPTT(3).chunks(x)).run(model, None)
+    assert model.seen == [2] and rnn.checkpoint_every == 2
 
 
 # ----------------------------------------------------------------------------- TrainStep

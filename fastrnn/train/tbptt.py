@@ -26,14 +26,23 @@ Typical loop (``model(x, state) -> (logits, state)``)::
             loss = F.cross_entropy(logits.flatten(0, 1), chunk.loss_target.flatten())
             return loss, new_state
         state = step(loss_fn).extra
+
+Long ``k2`` windows (thousands of steps of gradient) with fastrnn layers: ``TBPTT(k1, k2,
+checkpoint_every="auto")`` runs the model's fastrnn LSTM/GRU/RNN layers with
+``checkpoint_every`` while a window is computed, so the window's backward keeps about
+``sqrt(k2)`` steps of history instead of ``k2`` (docs/long-sequences.md); the gradients are
+those of the same window without it.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 
+from ..nn.rnn import RNNBase
+from ..segments import check_every
 from .state import detach_state, reset_state
 
 Tensor = torch.Tensor
@@ -77,6 +86,8 @@ class Chunk:
             variable-length windows so that every token has the same weight.
         batch_first: layout of ``input``/``target``.
         state_batch_dim: batch dimension of the model's state tensors (for resets).
+        checkpoint_every: what :meth:`run` sets on the model's fastrnn RNN layers while it
+            runs the window (None: their own setting); see :class:`TBPTT`.
     """
 
     input: Tensor
@@ -89,6 +100,7 @@ class Chunk:
     lr_scale: float
     batch_first: bool = False
     state_batch_dim: int = 1
+    checkpoint_every: Any = None
 
     @property
     def time_dim(self) -> int:
@@ -121,7 +133,8 @@ class Chunk:
         it must be: at ``carry_at`` (to save the next window's state when k2 > k1) and at
         every step where some stream starts a new sequence (its state is zeroed there);
         each piece starts from the previous piece's state, so values and gradients are
-        those of one pass.
+        those of one pass. With ``checkpoint_every`` set, ``model`` must be an ``nn.Module``
+        holding fastrnn LSTM/GRU/RNN layers; they run with it during the call only.
 
         Returns:
             the output of the loss steps (``loss_part`` of the concatenated outputs; when
@@ -135,13 +148,14 @@ class Chunk:
         cuts = sorted({0, self.carry_at, self.length} | reset_steps)
         outputs: List[Tensor] = []
         carry = None
-        for a, b in zip(cuts[:-1], cuts[1:]):
-            if a == self.carry_at:
-                carry = detach_state(state)
-            if a in reset_steps and state is not None:
-                state = reset_state(state, self.resets[a], self.state_batch_dim)
-            output, state = model(self.input.narrow(self.time_dim, a, b - a), state)
-            outputs.append(output)
+        with _checkpointing(model, self.checkpoint_every):
+            for a, b in zip(cuts[:-1], cuts[1:]):
+                if a == self.carry_at:
+                    carry = detach_state(state)
+                if a in reset_steps and state is not None:
+                    state = reset_state(state, self.resets[a], self.state_batch_dim)
+                output, state = model(self.input.narrow(self.time_dim, a, b - a), state)
+                outputs.append(output)
         if self.carry_at == self.length:
             carry = detach_state(state)
         if isinstance(outputs[0], tuple):  # several window-long outputs: join each
@@ -151,6 +165,34 @@ class Chunk:
     def _join(self, pieces: List[Tensor]) -> Tensor:
         whole = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=self.time_dim)
         return self.loss_part(whole)
+
+
+@contextlib.contextmanager
+def _checkpointing(model, every):
+    """Run the fastrnn RNN layers of ``model`` with ``checkpoint_every=every`` inside."""
+    if every is None:
+        yield
+        return
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"TBPTT(checkpoint_every={every!r}) sets it on the model's fastrnn "
+                        f"LSTM/GRU/RNN layers, so Chunk.run needs the model as an nn.Module, "
+                        f"got {type(model).__name__}")
+    layers = [m for m in model.modules() if isinstance(m, RNNBase)]
+    if not layers:
+        others = [f"{name or 'model'} ({type(m).__name__})" for name, m in model.named_modules()
+                  if isinstance(m, torch.nn.RNNBase)]
+        found = f"; found torch.nn layers {', '.join(others)} (fastrnn.convert swaps them)" \
+            if others else ""
+        raise ValueError(f"TBPTT(checkpoint_every={every!r}): the model has no fastrnn "
+                         f"LSTM/GRU/RNN layer{found}")
+    saved = [m.checkpoint_every for m in layers]
+    for m in layers:
+        m.checkpoint_every = every
+    try:
+        yield
+    finally:
+        for m, value in zip(layers, saved):
+            m.checkpoint_every = value
 
 
 class TBPTT:
@@ -169,12 +211,22 @@ class TBPTT:
             global RNG.
         state_batch_dim: batch dimension of the model's state tensors, used when resetting
             streams (1 for torch.nn.LSTM/GRU/RNN, 0 for cells).
+        checkpoint_every: for long ``k2`` windows: :meth:`Chunk.run` runs the model's
+            fastrnn LSTM/GRU/RNN layers with this ``checkpoint_every`` (a positive int or
+            ``"auto"``, k = sqrt of the piece's length) while it computes the window, and
+            puts their own setting back afterwards. Backward then recomputes the window
+            segment by segment: full BPTT over the window in memory of about ``sqrt(k2)``
+            steps of history instead of ``k2``, with the gradients of the full-memory window
+            (equal up to rounding). Outside the windows (evaluation, inference) the layers
+            keep their own setting. None (default): leave the layers as they are (they may
+            have their own ``checkpoint_every``). The model must be an ``nn.Module`` holding
+            at least one fastrnn RNN layer.
     """
 
     def __init__(self, k1: int, k2: Optional[int] = None, *, batch_first: bool = False,
                  variable_length: bool = False, std: float = 5.0, p_half: float = 0.05,
                  min_length: int = 5, generator: Optional[torch.Generator] = None,
-                 state_batch_dim: int = 1):
+                 state_batch_dim: int = 1, checkpoint_every=None):
         if not isinstance(k1, int) or k1 < 1:
             raise ValueError(f"TBPTT: k1 must be a positive int, got {k1!r}")
         k2 = k1 if k2 is None else k2
@@ -192,6 +244,7 @@ class TBPTT:
         self.std, self.p_half, self.min_length = std, p_half, min_length
         self.generator = generator
         self.state_batch_dim = state_batch_dim
+        self.checkpoint_every = check_every("TBPTT", checkpoint_every)
 
     def _loss_length(self) -> int:
         if not self.variable_length:
@@ -244,7 +297,8 @@ class TBPTT:
                 resets=None if resets is None else resets[w:e],
                 fresh=fresh_start and w == 0,
                 lr_scale=(e - s) / self.k1,
-                batch_first=self.batch_first, state_batch_dim=self.state_batch_dim)
+                batch_first=self.batch_first, state_batch_dim=self.state_batch_dim,
+                checkpoint_every=self.checkpoint_every)
 
     def lm_chunks(self, stream: Tensor, *, resets: Optional[Tensor] = None,
                   fresh_start: bool = True) -> Iterator[Chunk]:

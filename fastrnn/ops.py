@@ -259,17 +259,14 @@ def _fresh(result, inputs):
                  for r in result)
 
 
-# Each op's forward implementation: recurrence() calls it directly for a plain inference
-# call (_direct_call), where the dispatcher would only pass the call through to it.
-_FORWARD_IMPLS = {}
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _direct_call(tensors) -> bool:
-    """Whether the dispatcher would hand this op call (one that needs no workspace, so no
-    input wants a gradient) straight to its implementation: no tracing or compiling, no
-    torch function or dispatch mode, plain tensors and Parameters only (no subclass such as
-    FakeTensor). Skipping the dispatcher saves tens of microseconds of a one-frame call."""
+    """Whether recurrence() may run an op call (one that needs no workspace, so no input
+    wants a gradient) as the op's implementation would, without the dispatcher: no tracing
+    or compiling, no torch function or dispatch mode, plain tensors and Parameters only (no
+    subclass such as FakeTensor). That saves tens of microseconds of a one-frame call."""
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     if torch._C._is_torch_function_mode_enabled() or \
@@ -304,8 +301,6 @@ def _register(kind: CellKind):
             workspace = workspace.new_empty(0, workspace.shape[1])
         result = (output, h_n) + ((c_n,) if kind.has_cell_state else ()) + (workspace,)
         return _fresh(result, args)
-
-    _FORWARD_IMPLS[kind.name] = forward_impl
 
     def backward_impl(*args, **kwargs):
         kw, backend, options = _backward_args(kind, args, kwargs)
@@ -541,13 +536,15 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
         isinstance(t, Tensor) and t.requires_grad
         for t in (xproj, h0, c0, w_hh, b_hh, w_hr, *(options or ()))))
     extra = ()
-    if options is None and not need_workspace and \
+    if options is None and not need_workspace and xproj.shape[0] and \
             _direct_call((xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes)):
-        state = (h0, c0) if kind.has_cell_state else (h0,)
-        weights = (w_hh, b_hh, w_hr) if kind.has_projection else (w_hh, b_hh)
-        output, h_n, *rest = _FORWARD_IMPLS[cell](xproj, *state, *weights, batch_sizes,
-                                                  reverse, backend, need_workspace=False)
-        return output, h_n, rest[0] if kind.has_cell_state else None
+        # What the op's implementation does for such a call, without its argument
+        # marshalling: the outputs are fresh tensors when there are rows.
+        _check(kind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes)
+        backend = _resolve(backend, kind, xproj, w_hh, w_hr, None)
+        output, h_n, c_n, _ = backends.get(backend).forward(
+            cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_workspace=False)
+        return output, h_n, c_n
     if options is not None:
         foreign = [name for name, value in options._asdict().items()
                    if value is not None and name not in variants.OPTION_FIELDS[cell]]

@@ -186,3 +186,37 @@ def test_streaming_copies_and_compiles(cell, proj):
         check_stream(twin, reference, x, 1)
     compiled = torch.compile(module, fullgraph=True, dynamic=False)
     check_stream(compiled, reference, x, 1)
+
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_inference_call_without_dispatcher_equals_the_op(cell, proj):
+    """fastrnn.ops.recurrence runs a plain inference call without the dispatcher: the same
+    bits as the registered op; and under a dispatch mode (as tracers and FakeTensor use) the
+    call goes through the op, so the mode sees it."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from fastrnn import ops
+
+    case = make_case(cell, hidden=21, proj=proj and 9, batch=2, steps=3, dtype=torch.float32)
+    args = (case["xproj"], case["h0"], case["c0"], case["w_hh"], case["b_hh"], case["w_hr"],
+            None, False, "native")
+    state = args[1:3] if cell == "lstm" else args[1:2]
+    weights = args[3:6] if cell == "lstm" else args[3:5]
+    with torch.no_grad():
+        direct = ops.recurrence(cell, *args)
+        through_op = getattr(torch.ops.fastrnn, f"{cell}_forward")(
+            args[0], *state, *weights, None, False, "native", need_workspace=False)
+    for a, b in zip(direct, through_op):
+        assert a is None or torch.equal(a, b)
+
+    class Log(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Log() as log:
+        ops.recurrence(cell, *args)
+    assert any(f"fastrnn.{cell}_forward" in name for name in log.seen), log.seen

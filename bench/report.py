@@ -133,6 +133,9 @@ def markdown(records: List[dict], meta: dict, plots: List[str]) -> str:
                           if meta["device"].startswith("cuda") else
                           "growth of the process's peak RSS during one call"),
         "- providers are checked against the baseline before timing; WRONG ones are not timed",
+        *([f"- load average (1, 5, 15 min) at the end of the run: "
+           f"{', '.join(f'{x:.1f}' for x in meta['load_average'])}"]
+          if meta.get("load_average") else []),
         "",
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows(records):

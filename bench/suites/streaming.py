@@ -139,7 +139,6 @@ class Stream:
         return call
 
 
-@suite("streaming")
 def streaming_cases(options: Options):
     sizes = SIZES[options.size]
     for cell in CELLS:
@@ -147,6 +146,12 @@ def streaming_cases(options: Options):
             for batch in sizes["batch"]:
                 for chunk in sizes["chunks"]:
                     yield _case(cell, hidden, batch, chunk, options)
+
+
+# `python -m bench.suites.streaming` runs this file a second time, as __main__: the package's
+# import has registered the suite already.
+if __name__ != "__main__":
+    suite("streaming")(streaming_cases)
 
 
 def _case(cell, hidden, batch, chunk, options) -> Case:
@@ -173,3 +178,104 @@ def _case(cell, hidden, batch, chunk, options) -> Case:
                 providers=providers, baseline="torch.nn", tokens=chunk * batch,
                 flops=2 * chunk * batch * gates * hidden * 2 * hidden,
                 cleanup=made.clear)
+
+
+# ---- interleaved timing (a machine shared with other jobs) -------------------------------
+
+def interleaved(case: Case, rounds: int, calls_per_round: int) -> list:
+    """Records of ``case`` (as bench.runner makes them) with every provider timed round robin:
+    each round calls each provider ``calls_per_round`` times, so load changes hit them alike.
+    Each provider is checked against torch.nn first, as in the suite."""
+    import statistics
+    import time
+    from ..check import judge
+    calls, records, expected = {}, {}, None
+    for name, factory in case.providers.items():
+        record = records[name] = {"suite": case.suite, "case": case.name, "provider": name,
+                                  "baseline": case.baseline, **case.params, "status": "ok",
+                                  "reason": ""}
+        try:
+            call = factory()
+            result = call()
+        except Skip as exc:
+            record.update(status="skipped", reason=str(exc))
+            continue
+        if expected is None:
+            expected = result
+        else:
+            verdict = judge(result, expected, case.dtype, case.gold)
+            if not verdict.ok:
+                record.update(status="wrong", reason=verdict.message)
+                continue
+        calls[name] = call
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(calls_per_round):
+                call()
+            times[name].append((time.perf_counter() - start) * 1e3 / calls_per_round)
+    base = statistics.median(times[case.baseline]) if case.baseline in times else None
+    for name, ms in times.items():
+        q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 \
+            else ms * 3
+        records[name].update(median_ms=median, q1_ms=q1, q3_ms=q3, min_ms=min(ms),
+                             max_ms=max(ms), repeats=len(ms), peak_mem_bytes=None,
+                             tokens=case.tokens, tokens_per_s=case.tokens / median * 1e3,
+                             speedup=base / median if base else None)
+    case.cleanup()
+    return list(records.values())
+
+
+USAGE = """usage:
+  python -m bench.suites.streaming [--full | --tiny] [--threads N] [--rounds R] [--calls C]
+                                   [--cell lstm,gru] [--config h512-b1,...] [--out DIR]
+      the streaming suite with its providers timed round robin (R rounds of C calls each,
+      default 9 x 5): steadier on a shared machine than python -m bench --suite streaming.
+      Writes streaming-interleaved-<device>-<date>[-tN].json/.md/-per-frame.png under DIR
+      (default bench/results)."""
+
+
+def main(argv=None) -> int:
+    import argparse
+    import datetime
+    import os
+    import sys
+    from .. import report
+    from ..cli import DEFAULT_OUT, _list
+    parser = argparse.ArgumentParser(prog="python -m bench.suites.streaming", usage=USAGE)
+    parser.add_argument("--full", dest="size", action="store_const", const="full",
+                        default="quick")
+    parser.add_argument("--tiny", dest="size", action="store_const", const="tiny")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--calls", type=int, default=5)
+    parser.add_argument("--cell")
+    parser.add_argument("--config")
+    parser.add_argument("--out", default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = Options(size=args.size, cells=_list(args.cell), configs=_list(args.config))
+    started = datetime.datetime.now()
+    records = []
+    for case in streaming_cases(options):
+        if options.keeps("cells", case.params["cell"]) and \
+                options.keeps("configs", case.params["config"]):
+            records += interleaved(case, args.rounds, args.calls)
+            print(case.name, file=sys.stderr)
+    meta = report.metadata(options.device, f"{args.size}, interleaved {args.rounds} rounds x "
+                           f"{args.calls} calls", {})
+    meta["seconds"] = round((datetime.datetime.now() - started).total_seconds(), 1)
+    meta["load_average"] = os.getloadavg()
+    stem = f"streaming-interleaved-{report.device_slug(options.device)}-{started.date()}"
+    stem += "" if args.size == "quick" else f"-{args.size}"
+    stem += f"-t{args.threads}" if args.threads else ""
+    print(report.text_table(records))
+    for path in report.write_all(records, meta, args.out, stem):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -161,25 +161,32 @@ def auto_summary(records: List[dict]) -> List[str]:
     return lines + [""]
 
 
-def _per_frame_us(records: List[dict]) -> Dict[tuple, Dict[str, Dict[int, float]]]:
+def _per_frame_us(records: List[dict], key: str = "median_ms"
+                  ) -> Dict[tuple, Dict[str, Dict[int, float]]]:
     """Streaming records (those with a ``chunk``): {(cell, hidden, batch): {provider:
-    {chunk: median microseconds per frame}}}."""
+    {chunk: microseconds per frame}}} from the calls' ``key`` (median_ms or min_ms)."""
     table: Dict[tuple, Dict[str, Dict[int, float]]] = {}
     for r in records:
-        if r.get("chunk") and r.get("median_ms") is not None:
-            key = (r["cell"], r["hidden"], r["batch"])
-            table.setdefault(key, {}).setdefault(r["provider"], {})[r["chunk"]] = \
-                r["median_ms"] * 1e3 / r["chunk"]
+        if r.get("chunk") and r.get(key) is not None:
+            case = (r["cell"], r["hidden"], r["batch"])
+            table.setdefault(case, {}).setdefault(r["provider"], {})[r["chunk"]] = \
+                r[key] * 1e3 / r["chunk"]
     return table
 
 
 def per_frame_table(records: List[dict]) -> List[str]:
-    """Markdown lines: microseconds per frame by chunk size (streaming records only)."""
-    table = _per_frame_us(records)
+    """Markdown lines: microseconds per frame by chunk size (streaming records only), the
+    median call and the fastest (on a loaded machine the fastest is the one least disturbed)."""
+    return _per_frame_lines(records, "median_ms", "median call") + \
+        _per_frame_lines(records, "min_ms", "fastest call")
+
+
+def _per_frame_lines(records: List[dict], key: str, what: str) -> List[str]:
+    table = _per_frame_us(records, key)
     if not table:
         return []
     chunks = sorted({c for providers in table.values() for p in providers.values() for c in p})
-    lines = ["## Time per frame (us; per call / chunk)", "",
+    lines = [f"## Time per frame, {what} (us; per call / chunk)", "",
              "| cell | hidden | batch | provider | " + " | ".join(f"chunk {c}" for c in chunks)
              + " |", "|---|---|---|---|" + "---|" * len(chunks)]
     for (cell, hidden, batch), providers in sorted(table.items()):

@@ -254,7 +254,8 @@ def test_streaming_suite_times_per_frame_and_writes_its_files(tmp_path, capsys):
         assert r["status"] == "ok", r
         assert r["tokens"] == r["batch"] * r["chunk"]
     markdown = open(json_path[:-5] + ".md").read()
-    assert "## Time per frame" in markdown and "| lstm | 16 | 3 | memory floor |" in markdown
+    assert "## Time per frame, median call" in markdown and "## Time per frame, fastest" \
+        in markdown and "| lstm | 16 | 3 | memory floor |" in markdown
     assert glob.glob(str(tmp_path / "streaming-*-per-frame.png"))
 
 

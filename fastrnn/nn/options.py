@@ -151,7 +151,9 @@ def runs_torch_path(module, input, cell: bool = False) -> bool:
     else:
         batch = data.size(0 if module.batch_first else 1) if data.dim() == 3 and not cell \
             else 1
-        shape = backends.routing.shape_class(batch, packed, cell)
+        steps = None if cell or packed else \
+            data.size(1 if module.batch_first else 0) if data.dim() == 3 else data.size(0)
+        shape = backends.routing.shape_class(batch, packed, cell, steps)
     return backends.choose(module.backend, data.device, module.mode, inference, shape,
                            compiling) == "torch"
 

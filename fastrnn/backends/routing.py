@@ -74,20 +74,21 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
     # GRU inference at batch 16: 1.36 / 1.99 / 1.14 (batch 1: 0.91 on Intel, so torch).
     routes["cpu", "GRU", True, "small"] = KERNELS
     # Streaming classes take the route of their batch's class (measured at 100 steps), except
-    # in inference, measured per frame on chunks of 1, 4 and 16 steps (Intel, 1 thread, a
-    # loaded machine: best of 31 interleaved calls, bench/results/streaming-*; AMD: the issue
-    # that asked for this, 2 threads, before the matrix-vector path):
+    # in inference, measured per frame on chunks of 1, 4 and 16 steps (Intel, 1 thread, hidden
+    # 512, a loaded machine: torch.nn / native of the fastest of 31 interleaved calls,
+    # bench/results/streaming-interleaved-cpu-2c-2026-12-01-full-t1.md; AMD: 1 frame, 2
+    # threads, before the matrix-vector path):
     for mode in MODES:
         for inference in (True, False):
             routes["cpu", mode, inference, "stream1"] = routes["cpu", mode, inference, "batch1"]
             routes["cpu", mode, inference, "stream_small"] = routes["cpu", mode, inference,
                                                                     "small"]
-    # LSTM, batch 1: T=1 4.53 (AMD 4.1), T=4 1.79, T=16 1.41; batch 4: 6.85, 2.55, 1.86.
-    # torch.nn's LSTM pays oneDNN's weight reorders on every call; native reads w_hh as stored.
+    # LSTM, batch 1: 1.98 (AMD 4.1), 1.59, 1.46; batch 4: 1.70, 1.20, 1.66. torch.nn's LSTM
+    # pays oneDNN's weight reorders on every call; native reads w_hh as stored.
     routes["cpu", "LSTM", True, "stream1"] = KERNELS
     routes["cpu", "LSTM", True, "stream_small"] = KERNELS
-    # GRU: batch 1 0.76, 0.90, 1.01; batch 4 0.87, 1.04, 1.58: torch.nn's GRU has no per-call
-    # set-up, and fastrnn's Python per call (tens of microseconds) is what it loses.
+    # GRU, batch 1: 0.76, 0.88, 0.94; batch 4: 0.78, 0.91, 1.88: torch.nn's GRU has no
+    # per-call set-up, and fastrnn's Python per call (tens of microseconds) is what it loses.
     routes["cpu", "GRU", True, "stream_small"] = TORCH
     # Stay torch.nn (a loss on at least one CPU): LSTM dense, any mode (Intel 0.76-0.99
     # inference, 0.83-1.07 training; AMD 0.50-0.76); LSTM packed inference (1.00 / 1.13);

@@ -17,12 +17,15 @@
 namespace fastrnn {
 namespace gemv {
 
-// The most rows the products serve (CpuGemm packs for MKL above it); a few rows share each
-// weight read, beyond that MKL's register-blocked GEMM wins.
+// The most rows the products serve: the streaming batches (a few rows share each weight
+// read). Above it CpuGemm keeps MKL's packed GEMM, whose per-call packing a larger batch
+// amortises.
 constexpr int64_t kMaxRows = 8;
 
 // Weight elements per task: a thread's share must outweigh the fork/join.
-inline int64_t grain(int64_t per_unit) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_unit)); }
+inline int64_t grain(int64_t per_unit) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, per_unit));
+}
 
 // 64 bytes of T in one vector (GCC/Clang vector extension): one AVX-512 register, two AVX2 ones.
 template <typename T>
@@ -74,7 +77,9 @@ void by_rows(T* out, const T* a, int64_t rows, const T* w, int64_t ld, int64_t N
         if (count == 4) {
           dot_rows<4>(a + b * K, w + n * ld, ld, K, result);
         } else {
-          for (int64_t r = 0; r < count; ++r) dot_rows<1>(a + b * K, w + (n + r) * ld, ld, K, result + r);
+          for (int64_t r = 0; r < count; ++r) {
+            dot_rows<1>(a + b * K, w + (n + r) * ld, ld, K, result + r);
+          }
         }
         T* o = out + b * N + n;
         for (int64_t r = 0; r < count; ++r) o[r] = accumulate ? o[r] + result[r] : result[r];

@@ -99,6 +99,12 @@ def stream_module(module, x, chunk):
     return torch.cat(outputs), state
 
 
+def flat(result):
+    """A module's (output, state) as a list of tensors."""
+    output, state = result
+    return [output, *(state if isinstance(state, tuple) else (state,))]
+
+
 def check_stream(module, reference, x, chunk):
     """`module` streamed in chunks against torch.nn run on the whole sequence (the truth:
     torch.nn in float64 on the same weights and input)."""
@@ -106,7 +112,6 @@ def check_stream(module, reference, x, chunk):
     with torch.no_grad():
         expected = reference(x)
         truth = copy.deepcopy(reference).double()(to_float64(x))
-    flat = lambda r: [r[0], *(r[1] if isinstance(r[1], tuple) else (r[1],))]  # noqa: E731
     assert_all_close(flat(actual), flat(expected), flat(truth) if x.dtype != torch.float64
                      else None, f"chunk {chunk}")
 
@@ -119,6 +124,20 @@ def test_module_streaming_matches_torch_nn(cell, proj, batch, chunk, backend):
     module, reference = module_pair(cell, proj, backend=backend)
     x = torch.randn(16, batch, 24)
     check_stream(module, reference, x, chunk)
+
+
+@pytest.mark.parametrize("cell,proj", CELL_CASES, ids=CELL_IDS)
+def test_inference_mode_streams_like_no_grad(cell, proj):
+    module, _ = module_pair(cell, proj)
+    x = torch.randn(6, 2, 24)
+    expected = stream_module(module, x, 1)
+    outputs, state = [], None
+    with torch.inference_mode():
+        for frame in x.split(1):
+            output, state = module(frame, state)
+            outputs.append(output)
+    for a, b in zip(flat((torch.cat(outputs), state)), flat(expected)):
+        assert torch.equal(a, b)
 
 
 def sgd_step(module, x):

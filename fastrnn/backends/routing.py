@@ -75,7 +75,7 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
     routes["cpu", "GRU", True, "small"] = KERNELS
     # Streaming classes take the route of their batch's class (measured at 100 steps), except
     # in inference, measured per frame on chunks of 1, 4 and 16 steps (Intel, 1 thread, hidden
-    # 512, a loaded machine: torch.nn / native of the fastest of 31 interleaved calls,
+    # 512, a shared machine: torch.nn / native of the fastest of 31 interleaved calls,
     # bench/results/streaming-interleaved-cpu-2c-2026-12-01-full-t1.md; AMD: 1 frame, 2
     # threads, before the matrix-vector path):
     for mode in MODES:
@@ -83,11 +83,11 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
             routes["cpu", mode, inference, "stream1"] = routes["cpu", mode, inference, "batch1"]
             routes["cpu", mode, inference, "stream_small"] = routes["cpu", mode, inference,
                                                                     "small"]
-    # LSTM, batch 1: 1.98 (AMD 4.1), 1.59, 1.46; batch 4: 1.70, 1.20, 1.66. torch.nn's LSTM
+    # LSTM, batch 1: 1.91 (AMD 4.1), 1.56, 1.25; batch 4: 1.62, 1.16, 1.16. torch.nn's LSTM
     # pays oneDNN's weight reorders on every call; native reads w_hh as stored.
     routes["cpu", "LSTM", True, "stream1"] = KERNELS
     routes["cpu", "LSTM", True, "stream_small"] = KERNELS
-    # GRU, batch 1: 0.76, 0.88, 0.94; batch 4: 0.78, 0.91, 1.88: torch.nn's GRU has no
+    # GRU, batch 1: 0.76, 0.91, 1.01; batch 4: 0.85, 0.95, 1.13: torch.nn's GRU has no
     # per-call set-up, and fastrnn's Python per call (tens of microseconds) is what it loses.
     routes["cpu", "GRU", True, "stream_small"] = TORCH
     # Stay torch.nn (a loss on at least one CPU): LSTM dense, any mode (Intel 0.76-0.99

@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     meta["seconds"] = round(time.time() - started, 1)
     print(report.text_table(records))
     stem = f"{report.device_slug(options.device)}-{datetime.date.today().isoformat()}"
+    if options.suites and "rnn" not in options.suites:   # the rnn suite's files keep their names
+        stem = f"{'-'.join(options.suites)}-{stem}"
     if options.size != "quick":
         stem += f"-{options.size}"
     if args.threads:

@@ -133,11 +133,15 @@ def markdown(records: List[dict], meta: dict, plots: List[str]) -> str:
                           if meta["device"].startswith("cuda") else
                           "growth of the process's peak RSS during one call"),
         "- providers are checked against the baseline before timing; WRONG ones are not timed",
+        *([f"- load average (1, 5, 15 min) at the end of the run: "
+           f"{', '.join(f'{x:.1f}' for x in meta['load_average'])}"]
+          if meta.get("load_average") else []),
         "",
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows(records):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     lines.append("")
+    lines += per_frame_table(records)
     lines += auto_summary(records)
     for path in plots:
         lines += [f"![{os.path.basename(path)}]({os.path.basename(path)})", ""]
@@ -155,6 +159,73 @@ def auto_summary(records: List[dict]) -> List[str]:
              "| case | fastrnn:auto / torch.nn |", "|---|---|"]
     lines += [f"| {r['case']} | {r['speedup']:.2f} |" for r in auto]
     return lines + [""]
+
+
+def _per_frame_us(records: List[dict], key: str = "median_ms"
+                  ) -> Dict[tuple, Dict[str, Dict[int, float]]]:
+    """Streaming records (those with a ``chunk``): {(cell, hidden, batch): {provider:
+    {chunk: microseconds per frame}}} from the calls' ``key`` (median_ms or min_ms)."""
+    table: Dict[tuple, Dict[str, Dict[int, float]]] = {}
+    for r in records:
+        if r.get("chunk") and r.get(key) is not None:
+            case = (r["cell"], r["hidden"], r["batch"])
+            table.setdefault(case, {}).setdefault(r["provider"], {})[r["chunk"]] = \
+                r[key] * 1e3 / r["chunk"]
+    return table
+
+
+def per_frame_table(records: List[dict]) -> List[str]:
+    """Markdown lines: microseconds per frame by chunk size (streaming records only), the
+    median call and the fastest (on a loaded machine the fastest is the one least disturbed)."""
+    return _per_frame_lines(records, "median_ms", "median call") + \
+        _per_frame_lines(records, "min_ms", "fastest call")
+
+
+def _per_frame_lines(records: List[dict], key: str, what: str) -> List[str]:
+    table = _per_frame_us(records, key)
+    if not table:
+        return []
+    chunks = sorted({c for providers in table.values() for p in providers.values() for c in p})
+    lines = [f"## Time per frame, {what} (us; per call / chunk)", "",
+             "| cell | hidden | batch | provider | " + " | ".join(f"chunk {c}" for c in chunks)
+             + " |", "|---|---|---|---|" + "---|" * len(chunks)]
+    for (cell, hidden, batch), providers in sorted(table.items()):
+        for provider, by_chunk in providers.items():
+            lines.append(f"| {cell} | {hidden} | {batch} | {provider} | " + " | ".join(
+                _fmt(by_chunk.get(c), ".4g") for c in chunks) + " |")
+    return lines + [""]
+
+
+def plot_per_frame(records: List[dict], path: str) -> Optional[str]:
+    """Time per frame against chunk size, a panel per (cell, hidden, batch) and a line per
+    provider; None without streaming records."""
+    table = _per_frame_us(records)
+    if not table:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted(table)
+    columns = min(3, len(keys))
+    rows_ = (len(keys) + columns - 1) // columns
+    fig, axes = plt.subplots(rows_, columns, figsize=(5.5 * columns, 3.8 * rows_), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for provider, by_chunk in table[key].items():
+            ax.plot(*zip(*sorted(by_chunk.items())), marker="o", label=provider,
+                    linestyle="--" if provider == "memory floor" else "-")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("chunk (frames per call)")
+        ax.set_ylabel("us per frame")
+        ax.set_title(f"{key[0].upper()} hidden {key[1]} batch {key[2]}")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 # ---- plots ----------------------------------------------------------------------------
@@ -217,6 +288,9 @@ def write_all(records: List[dict], meta: dict, out_dir: str, stem: str, plots: b
             path = plot_speedup(records, x, os.path.join(out_dir, f"{stem}-speedup-vs-{x}.png"))
             if path:
                 made.append(path)
+        path = plot_per_frame(records, os.path.join(out_dir, f"{stem}-per-frame.png"))
+        if path:
+            made.append(path)
     json_path = os.path.join(out_dir, f"{stem}.json")
     if write_json:
         with open(json_path, "w") as f:

@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdlib>
 
+#include "gemv.h"
 #include "recurrence.h"
 
 namespace fastrnn {
@@ -54,23 +55,33 @@ struct MklPackedApi {
   }
 };
 
-// out[rows, N] (+)= a[rows, K] @ w[K, N] with w packed by MKL once per call (float32, steps
-// with all max_rows rows live: the packed layout is made for that row count). Everything
-// else (float64, the shorter steps of a packed sequence, no MKL) goes to at::mm_out.
+// out[rows, N] (+)= a[rows, K] @ w[K, N]. Up to gemv::kMaxRows rows (streaming, small
+// batches): matrix-vector products on w as stored (gemv.h), nothing prepared per call.
+// Above that, float32: w packed by MKL once per call (for steps with all max_rows rows live:
+// the packed layout is made for that row count). Everything else (float64 at larger batches,
+// the shorter steps of a packed sequence, no MKL) goes to at::mm_out.
 class CpuGemm {
  public:
   CpuGemm(const Tensor& w, int64_t max_rows) : fallback_(w, max_rows), m_(max_rows) {
-    api_ = MklPackedApi::get();
     const int64_t K = w.size(0), N = w.size(1);
+    // Row-major w is B itself; a transposed view (w_hh.t()) is B^T.
+    const bool rows_contiguous = w.stride(1) == 1 && w.stride(0) >= N;
+    const bool cols_contiguous = w.stride(0) == 1 && w.stride(1) >= K;
+    if (max_rows <= gemv::kMaxRows && (rows_contiguous || cols_contiguous) &&
+        (w.scalar_type() == at::kFloat || w.scalar_type() == at::kDouble)) {
+      gemv_ = true;
+      w_ = w;
+      by_rows_ = !rows_contiguous;   // w_hh.t(): w's columns are w_hh's contiguous rows
+      ld_ = by_rows_ ? w.stride(1) : w.stride(0);
+      return;
+    }
+    api_ = MklPackedApi::get();
     const bool fits = max_rows > 0 && K > 0 && N > 0 && max_rows < INT_MAX / 4 &&
                       K < INT_MAX / 4 && N < INT_MAX / 4;
     if (api_ == nullptr || w.scalar_type() != at::kFloat || !fits) {
       api_ = nullptr;
       return;
     }
-    // Row-major w is B itself; a transposed view (w_hh.t()) is packed as B^T.
-    const bool rows_contiguous = w.stride(1) == 1 && w.stride(0) >= N;
-    const bool cols_contiguous = w.stride(0) == 1 && w.stride(1) >= K;
     const Tensor src = rows_contiguous || cols_contiguous ? w : w.contiguous();
     const bool trans = !rows_contiguous && cols_contiguous;
     const int ld = static_cast<int>(trans ? src.stride(1) : src.stride(0));
@@ -85,6 +96,15 @@ class CpuGemm {
   }
 
   void operator()(Tensor& out, const Tensor& a, bool accumulate = false) const {
+    if (gemv_ && out.is_contiguous() && a.is_contiguous() && a.size(0) <= m_) {
+      const int64_t K = w_.size(0), N = w_.size(1);
+      AT_DISPATCH_FLOATING_TYPES(w_.scalar_type(), "fastrnn_gemv", [&] {
+        const auto run = by_rows_ ? gemv::by_rows<scalar_t> : gemv::by_columns<scalar_t>;
+        run(out.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), a.size(0),
+            w_.data_ptr<scalar_t>(), ld_, N, K, accumulate);
+      });
+      return;
+    }
     if (api_ == nullptr || a.size(0) != m_ || !out.is_contiguous() || !a.is_contiguous()) {
       fallback_(out, a, accumulate);
       return;
@@ -97,6 +117,9 @@ class CpuGemm {
 
  private:
   MmGemm fallback_;
+  bool gemv_ = false, by_rows_ = false;
+  Tensor w_;
+  int64_t ld_ = 0;
   const MklPackedApi* api_ = nullptr;
   int64_t m_;
   int n_ = 0, k_ = 0;

@@ -233,6 +233,44 @@ def test_variants_suite_checks_every_provider_and_summarises(tmp_path, capsys):
     assert "nn.LSTM (no LN)" in summary and ">= 5x" in summary
 
 
+# ---- the streaming suite (bench/suites/streaming.py) ---------------------------------
+
+def test_streaming_suite_times_per_frame_and_writes_its_files(tmp_path, capsys):
+    """Every provider of every case runs and passes the check (the state carried between
+    calls), the files are named after the suite, and the Markdown and plot give the time per
+    frame by chunk size."""
+    pytest.importorskip("onnxruntime")
+    code = cli.main(["--tiny", "--device", "cpu", "--suite", "streaming", "--cell", "lstm",
+                     "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    capsys.readouterr()
+    [json_path] = glob.glob(str(tmp_path / "streaming-*.json"))
+    records = json.load(open(json_path))["results"]
+    assert {(r["batch"], r["chunk"]) for r in records} == {(1, 1), (1, 4), (3, 1), (3, 4)}
+    providers = {"torch.nn", "torch.nn cell loop", "onnxruntime", "fastrnn:native",
+                 "fastrnn:auto", "memory floor"}
+    assert {r["provider"] for r in records} == providers
+    for r in records:
+        assert r["status"] == "ok", r
+        assert r["tokens"] == r["batch"] * r["chunk"]
+    markdown = open(json_path[:-5] + ".md").read()
+    assert "## Time per frame, median call" in markdown and "## Time per frame, fastest" \
+        in markdown and "| lstm | 16 | 3 | memory floor |" in markdown
+    assert glob.glob(str(tmp_path / "streaming-*-per-frame.png"))
+
+
+def test_streaming_suite_catches_a_provider_that_drops_the_state():
+    """A provider that forgets the state between calls is right on the first call only; the
+    suite's carried state is what makes later calls differ, so the check of a second call
+    must see it."""
+    from bench.suites.streaming import Stream
+    stream = Stream("gru", 8, 1, 2, torch.device("cpu"), seed=0)
+    carried, forgetful = stream.torch_nn(), stream.module_call(lambda x, state: stream.module(x))
+    first, second = carried(), carried()
+    assert torch.equal(forgetful()["output"], first["output"])
+    assert not torch.equal(forgetful()["output"], second["output"])
+
+
 def test_layer_norm_loop_is_fastrnn_layer_norm_lstm_in_float64():
     """The TorchScript loop computes fastrnn.LSTM(layer_norm=True)'s contract (biases after
     the norms, the cell state carried before its norm), with the same recurrent dropout and

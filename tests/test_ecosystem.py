@@ -461,8 +461,9 @@ def test_torch_jit_trace_passes_its_check(name, backend):
         traced_eval = torch.jit.trace(fast.eval(), (x,))   # check_trace=True by default
         traced_train = torch.jit.trace(fast.train(), (x,))
     # auto records torch.nn's operators where it picks torch.nn's path for inference
+    shape = fastrnn.backends.routing.shape_class(x.shape[1], False, steps=x.shape[0])
     torch_path = name != "lstm_layer_norm" and fastrnn.backends.choose(
-        backend, x.device, fast.mode, True, "small") == "torch"
+        backend, x.device, fast.mode, True, shape) == "torch"
     for traced in (traced_eval, traced_train):
         assert ("fastrnn::" in str(traced.inlined_graph)) != torch_path, name
     y = torch.randn(7, 3, 8, dtype=torch.float64)

@@ -373,11 +373,12 @@ torch.save((fwd, bwd), sys.argv[2])
 
 @pytest.mark.parametrize("layout", ["dense", "packed"])
 def test_packed_weight_gemm_matches_plain_gemm(layout, tmp_path):
-    """float32 steps use MKL's packed-weight GEMM where torch has it; with it switched off
-    (FASTRNN_NATIVE_PACKED_GEMM=0, read once per process) every step is at::mm_out. Both
-    paths are right (fastrnn.testing's rule against the reference backend)."""
-    lengths = [9, 7, 7, 4, 1] if layout == "packed" else None
-    case = make_case("lstm", hidden=33, batch=5, steps=9, lengths=lengths, dtype=torch.float32)
+    """float32 steps above the matrix-vector batches (csrc/gemv.h) use MKL's packed-weight
+    GEMM where torch has it; with it switched off (FASTRNN_NATIVE_PACKED_GEMM=0, read once per
+    process) every step is at::mm_out. Both paths are right (fastrnn.testing's rule against
+    the reference backend)."""
+    lengths = [9, 7, 7, 4, 4, 3, 3, 2, 1, 1, 1] if layout == "packed" else None
+    case = make_case("lstm", hidden=33, batch=11, steps=9, lengths=lengths, dtype=torch.float32)
     fwd = run_forward(native, "lstm", case, True)
     grads = upstream(fwd)
     bwd = run_backward(native, "lstm", case, True, fwd, grads)

@@ -240,9 +240,11 @@ def test_torch_path_only_for_auto_without_options(torch_path_on_cpu):
 
 # An input of each shape class of fastrnn.backends.routing (time-major, input width 3).
 SHAPE_CALLS = {
-    "batch1": lambda: torch.randn(5, 1, 3, dtype=torch.float64),
-    "small": lambda: torch.randn(5, 16, 3, dtype=torch.float64),
+    "batch1": lambda: torch.randn(17, 1, 3, dtype=torch.float64),
+    "small": lambda: torch.randn(17, 16, 3, dtype=torch.float64),
     "large": lambda: torch.randn(5, 17, 3, dtype=torch.float64),
+    "stream1": lambda: torch.randn(16, 1, 3, dtype=torch.float64),
+    "stream_small": lambda: torch.randn(4, 8, 3, dtype=torch.float64),
     "packed": lambda: pack_sequence([torch.randn(n, 3, dtype=torch.float64) for n in (4, 2, 5)],
                                     enforce_sorted=False),
     "cell": lambda: torch.randn(2, 3, dtype=torch.float64),
@@ -250,7 +252,7 @@ SHAPE_CALLS = {
 CELL_OF_MODE = {"LSTM": "LSTMCell", "GRU": "GRUCell", "RNN": "RNNCell"}
 
 
-@pytest.mark.parametrize("shape", ["batch1", "small", "large", "packed", "cell"])
+@pytest.mark.parametrize("shape", list(SHAPE_CALLS))
 @pytest.mark.parametrize("inference", [True, False], ids=["inference", "training"])
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN"])
 def test_every_cpu_route_is_taken(mode, inference, shape, op_calls):
@@ -279,15 +281,41 @@ def test_every_cpu_route_is_taken(mode, inference, shape, op_calls):
 
 def test_cpu_routes_follow_the_measurements():
     """The CPU policy (docs/auto.md): torch.nn's path except where the native kernels won on
-    every CPU measured: packed training, and GRU training at batch <= 16 and inference at 2-16."""
+    every CPU measured: packed training, GRU training at batch <= 16 and inference at 2-16
+    (longer than a streaming chunk), and LSTM streaming inference."""
     from fastrnn.backends import routing
     kernels = {key for key, route in routing.ROUTES.items()
                if key[0] == "cpu" and route == routing.KERNELS}
     assert kernels == {("cpu", "LSTM", False, "packed"), ("cpu", "GRU", False, "packed"),
                        ("cpu", "GRU", False, "batch1"), ("cpu", "GRU", False, "small"),
-                       ("cpu", "GRU", True, "small")}
+                       ("cpu", "GRU", True, "small"),
+                       # streaming: LSTM inference; GRU training as its batch's class
+                       ("cpu", "LSTM", True, "stream1"), ("cpu", "LSTM", True, "stream_small"),
+                       ("cpu", "GRU", False, "stream1"), ("cpu", "GRU", False, "stream_small")}
     assert all(route == routing.TORCH for key, route in routing.ROUTES.items()
                if key[0] == "cuda")
+
+
+def test_streaming_shape_classes(monkeypatch):
+    """A short chunk (up to STREAM_STEPS frames) at up to STREAM_BATCH streams is a streaming
+    class, read from the input as the module sees it (batch_first, unbatched)."""
+    import fastrnn
+    from fastrnn.backends import routing
+    from fastrnn.nn import options
+    seen = []
+
+    def choose(name, device, mode, inference, shape, compiling=False):
+        seen.append(shape)
+        return "torch"
+    steps, batch = routing.STREAM_STEPS, routing.STREAM_BATCH
+    cases = [((steps, 1, 3), False, "stream1"), ((steps + 1, 1, 3), False, "batch1"),
+             ((1, batch, 3), False, "stream_small"), ((1, batch + 1, 3), False, "small"),
+             ((batch, 1, 3), True, "stream_small"), ((1, steps + 1, 3), True, "batch1"),
+             ((steps, 3), False, "stream1"), ((steps + 1, 3), False, "batch1")]
+    monkeypatch.setattr(options.backends, "choose", choose)
+    for shape, batch_first, _ in cases:
+        options.runs_torch_path(fastrnn.LSTM(3, 4, batch_first=batch_first), torch.randn(*shape))
+    assert seen == [want for _, _, want in cases]
 
 
 def test_options_always_run_fastrnn_kernels(op_calls):

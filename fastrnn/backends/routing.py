@@ -30,19 +30,27 @@ KERNELS = "kernels"
 KERNEL_ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("reference",), "cpu": ("native", "reference")}
 
 MODES = ("LSTM", "GRU", "RNN")
-SHAPES = ("batch1", "small", "large", "packed", "cell")
-DENSE = ("batch1", "small", "large")
+SHAPES = ("batch1", "small", "large", "packed", "cell", "stream1", "stream_small")
+DENSE = ("batch1", "small", "large", "stream1", "stream_small")
 SMALL_BATCH = 16   # "small": batch 2..16 (measured at 16; batch 8 lies between 1 and 16)
+# Streaming: a short chunk of frames per call (the state carried between calls), at batch 1
+# ("stream1") or 2..STREAM_BATCH ("stream_small", the batches the native CPU kernels run as
+# matrix-vector products). Measured at chunks of 1, 4 and 16 frames; 100 is "batch1".
+STREAM_STEPS = 16
+STREAM_BATCH = 8
 
 
-def shape_class(batch: int, packed: bool, cell: bool = False) -> str:
-    """The shape class of a call: one step of a cell, a packed batch, or a dense batch by its
-    size. route() also takes "dense": a dense batch of any size (torch.nn's path only where
-    every dense class says so)."""
+def shape_class(batch: int, packed: bool, cell: bool = False, steps=None) -> str:
+    """The shape class of a call: one step of a cell, a packed batch, a short chunk of a
+    stream (``steps`` frames, when given), or a dense batch by its size. route() also takes
+    "dense": a dense batch of any size and length (torch.nn's path only where every dense
+    class says so)."""
     if cell:
         return "cell"
     if packed:
         return "packed"
+    if steps is not None and steps <= STREAM_STEPS and batch <= STREAM_BATCH:
+        return "stream1" if batch <= 1 else "stream_small"
     return "batch1" if batch <= 1 else "small" if batch <= SMALL_BATCH else "large"
 
 
@@ -65,6 +73,23 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
     routes["cpu", "GRU", False, "small"] = KERNELS
     # GRU inference at batch 16: 1.36 / 1.99 / 1.14 (batch 1: 0.91 on Intel, so torch).
     routes["cpu", "GRU", True, "small"] = KERNELS
+    # Streaming classes take the route of their batch's class (measured at 100 steps), except
+    # in inference, measured per frame on chunks of 1, 4 and 16 steps (Intel, 1 thread, hidden
+    # 512, a shared machine: torch.nn / native of the fastest of 31 interleaved calls,
+    # bench/results/streaming-interleaved-cpu-2c-2026-12-01-full-t1.md; AMD: 1 frame, 2
+    # threads, before the matrix-vector path):
+    for mode in MODES:
+        for inference in (True, False):
+            routes["cpu", mode, inference, "stream1"] = routes["cpu", mode, inference, "batch1"]
+            routes["cpu", mode, inference, "stream_small"] = routes["cpu", mode, inference,
+                                                                    "small"]
+    # LSTM, batch 1: 1.91 (AMD 4.1), 1.56, 1.25; batch 4: 1.62, 1.16, 1.16. torch.nn's LSTM
+    # pays oneDNN's weight reorders on every call; native reads w_hh as stored.
+    routes["cpu", "LSTM", True, "stream1"] = KERNELS
+    routes["cpu", "LSTM", True, "stream_small"] = KERNELS
+    # GRU, batch 1: 0.76, 0.91, 1.01; batch 4: 0.85, 0.95, 1.13: torch.nn's GRU has no
+    # per-call set-up, and fastrnn's Python per call (tens of microseconds) is what it loses.
+    routes["cpu", "GRU", True, "stream_small"] = TORCH
     # Stay torch.nn (a loss on at least one CPU): LSTM dense, any mode (Intel 0.76-0.99
     # inference, 0.83-1.07 training; AMD 0.50-0.76); LSTM packed inference (1.00 / 1.13);
     # GRU batch 64 (training 1.12 / 1.15 / 0.90); GRU packed inference (0.94 / - / 1.07);

@@ -151,7 +151,9 @@ def runs_torch_path(module, input, cell: bool = False) -> bool:
     else:
         batch = data.size(0 if module.batch_first else 1) if data.dim() == 3 and not cell \
             else 1
-        shape = backends.routing.shape_class(batch, packed, cell)
+        steps = None if cell or packed else \
+            data.size(1 if module.batch_first else 0) if data.dim() == 3 else data.size(0)
+        shape = backends.routing.shape_class(batch, packed, cell, steps)
     return backends.choose(module.backend, data.device, module.mode, inference, shape,
                            compiling) == "torch"
 
@@ -160,8 +162,9 @@ def torch_forward(module, *args):
     """torch.nn's own forward on the module's parameters. cuDNN warns on every new call
     site that separate (not flattened) weights are packed per call and to call
     flatten_parameters(); for fastrnn modules that is by design and the advice does not
-    apply, so the warning is silenced here (outside compiled code)."""
-    if torch.compiler.is_compiling():
+    apply, so the warning is silenced here (outside compiled code; without CUDA there is no
+    such warning, and the silencing would cost a streaming call ~15 us)."""
+    if torch.compiler.is_compiling() or not torch.cuda.is_available():
         return module._torch_forward(*args)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single "

@@ -79,7 +79,7 @@ grad_clip only acts in backward (forward carries it for autograd). One step, on 
 Workspace columns appended, each only when its option is on, in this order:
 lstm [i|f|g|o|c] (c = c_t, the carried cell state) [h_pre] [a_hat (G*H) | rstd (1)]
 [c_hat (H) | rstd_c (1)] [p (P): projection before proj_clip]; gru [r|z|n|hn] [a_hat | rstd].
-(fastrnn.variants.workspace_layout gives the column ranges.)
+(fastrnn.spec.workspace_layout gives the column ranges.)
 
 Backward of a step (zoneout first): dh_new = (1 - z_h) * dh_t, dh_prev gets z_h * dh_t (same
 for c); the proj_clip mask |p| <= proj_clip and the cell_clip mask |f*c_prev + i*g| <=
@@ -110,15 +110,15 @@ from typing import Optional
 
 import torch
 
-from . import backends, variants
-from .cells import CELLS, CellKind, accumulate_dtype
+from . import backends, spec
+from .spec import CELLS, Cell, accumulate_dtype
 
 Tensor = torch.Tensor
 
 _lib = torch.library.Library("fastrnn", "FRAGMENT")
 
 
-def _schemas(kind: CellKind):
+def _schemas(kind: Cell):
     c_in = "Tensor c0, " if kind.has_cell_state else ""
     proj = "Tensor? w_hr, " if kind.has_projection else ""
     c_n = "Tensor c_n, " if kind.has_cell_state else ""
@@ -128,9 +128,9 @@ def _schemas(kind: CellKind):
     grad_c_n = "Tensor grad_c_n, " if kind.has_cell_state else ""
     grad_c0 = "Tensor grad_c0, " if kind.has_cell_state else ""
     grad_w_hr = ", Tensor grad_w_hr" if kind.has_projection else ""
-    options = "".join(f", {'Tensor' if name in variants.TENSOR_FIELDS else 'float'}? {name}=None"
-                      for name in variants.OPTION_FIELDS[kind.name])
-    grad_options = "".join(f", Tensor grad_{name}" for name in variants.GRAD_FIELDS[kind.name])
+    options = "".join(f", {'Tensor' if name in spec.TENSOR_FIELDS else 'float'}? {name}=None"
+                      for name in spec.OPTION_FIELDS[kind.name])
+    grad_options = "".join(f", Tensor grad_{name}" for name in spec.GRAD_FIELDS[kind.name])
     forward = forward.replace("str backend)",
                               f"str backend{options}, bool need_workspace=True)")
     backward = (f"{kind.name}_backward(Tensor grad_output, Tensor grad_h_n, {grad_c_n}Tensor h0, "
@@ -149,10 +149,10 @@ _BACKWARD_ARITY = {True: 13, False: 10}
 
 
 def _options(kind, args, arity, kwargs):
-    names = variants.OPTION_FIELDS[kind.name]
+    names = spec.OPTION_FIELDS[kind.name]
     values = dict(zip(names, args[arity:]))
     values.update({k: v for k, v in kwargs.items() if k in names})
-    return variants.make(kind.name, values)
+    return spec.make(kind.name, values)
 
 
 def _forward_args(kind, args, kwargs=None):
@@ -163,7 +163,7 @@ def _forward_args(kind, args, kwargs=None):
         xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend = args[:arity]
     else:
         (xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend), c0, w_hr = args[:arity], None, None
-    last = arity + len(variants.OPTION_FIELDS[kind.name])   # need_workspace, after the options
+    last = arity + len(spec.OPTION_FIELDS[kind.name])   # need_workspace, after the options
     need_workspace = args[last] if len(args) > last else kwargs.get("need_workspace", True)
     return (dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
                  batch_sizes=batch_sizes, reverse=reverse), backend,
@@ -185,7 +185,7 @@ def _backward_args(kind, args, kwargs=None):
             _options(kind, args, arity, kwargs or {}))
 
 
-def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_batch_sizes=True):
+def _check(kind: Cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_batch_sizes=True):
     """Shape checks for direct callers of the ops (the modules have checked already).
     The fake impl cannot read batch_sizes' values, so it checks shapes only."""
     gates = w_hh.shape[0] if w_hh.dim() == 2 else -1
@@ -246,7 +246,7 @@ def _resolve(name, kind, xproj, w_hh, w_hr, options):
     proj = 0 if w_hr is None else w_hr.shape[0]
     if name == "auto":
         return backends.resolve("auto", kind.name, xproj.device, xproj.dtype, hidden, proj,
-                                variants.features(options))
+                                spec.features(options))
     return name
 
 
@@ -259,17 +259,17 @@ def _fresh(result, inputs):
                  for r in result)
 
 
-def _register(kind: CellKind):
+def _register(kind: Cell):
     forward_schema, backward_schema = _schemas(kind)
     _lib.define(forward_schema)
     _lib.define(backward_schema)
     forward_name = f"fastrnn::{kind.name}_forward"
     backward_name = f"fastrnn::{kind.name}_backward"
-    grad_fields = variants.GRAD_FIELDS[kind.name]
+    grad_fields = spec.GRAD_FIELDS[kind.name]
 
     def check_options(kw, options):
         hidden = kw["w_hh"].shape[0] // kind.num_gates
-        variants.check(kind.name, options, kw["xproj"].shape[0], kw["h0"].shape[0], hidden,
+        spec.check(kind.name, options, kw["xproj"].shape[0], kw["h0"].shape[0], hidden,
                        kw["h0"].shape[1], kw["w_hr"] is not None, kw["xproj"].dtype)
 
     def forward_impl(*args, **kwargs):
@@ -297,7 +297,7 @@ def _register(kind: CellKind):
         empty = kw["w_hh"].new_empty   # a fresh one for each absent gradient: no aliasing
         if kind.has_projection:
             result += (grad_w_hr if grad_w_hr is not None else empty(0),)
-        option_grads = dict(zip(variants.GRAD_FIELDS["lstm"], grads[6:]))
+        option_grads = dict(zip(spec.GRAD_FIELDS["lstm"], grads[6:]))
         result += tuple(empty(0) if option_grads.get(name) is None else option_grads[name]
                         for name in grad_fields)
         return _fresh(result, args)
@@ -309,8 +309,8 @@ def _register(kind: CellKind):
         check_options(kw, options)
         xproj, h0, w_hr = kw["xproj"], kw["h0"], kw["w_hr"]
         hidden = kw["w_hh"].shape[0] // kind.num_gates
-        width = variants.workspace_width(kind.name, hidden, 0 if w_hr is None else w_hr.shape[0],
-                                         variants.features(options))
+        width = spec.workspace_width(kind.name, hidden, 0 if w_hr is None else w_hr.shape[0],
+                                         spec.features(options))
         result = (xproj.new_empty(xproj.shape[0], h0.shape[1]), torch.empty_like(h0))
         if kind.has_cell_state:
             result += (torch.empty_like(kw["c0"]),)
@@ -342,12 +342,12 @@ def _register(kind: CellKind):
         ctx.backend = backend
         ctx.batch_sizes, ctx.reverse = kw["batch_sizes"], kw["reverse"]
         ctx.has_bias, ctx.has_proj = kw["b_hh"] is not None, kw["w_hr"] is not None
-        options = options or variants.StepOptions()
-        ctx.option_values = [None if name in variants.TENSOR_FIELDS else getattr(options, name)
-                             for name in variants.OPTION_FIELDS[kind.name]]
+        options = options or spec.StepOptions()
+        ctx.option_values = [None if name in spec.TENSOR_FIELDS else getattr(options, name)
+                             for name in spec.OPTION_FIELDS[kind.name]]
         ctx.save_for_backward(kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
                               output[0], output[-1],
-                              *[getattr(options, name) for name in variants.TENSOR_FIELDS])
+                              *[getattr(options, name) for name in spec.TENSOR_FIELDS])
 
     def backward(ctx, *grads):
         if not ctx.need_workspace:
@@ -356,9 +356,9 @@ def _register(kind: CellKind):
                 "nothing for backward; call it with need_workspace=True (the default) when "
                 "gradients are needed")
         h0, c0, w_hh, b_hh, w_hr, output, workspace, *option_tensors = ctx.saved_tensors
-        tensors = dict(zip(variants.TENSOR_FIELDS, option_tensors))
+        tensors = dict(zip(spec.TENSOR_FIELDS, option_tensors))
         option_args = [tensors[name] if name in tensors else value
-                       for name, value in zip(variants.OPTION_FIELDS[kind.name],
+                       for name, value in zip(spec.OPTION_FIELDS[kind.name],
                                               ctx.option_values)]
         grad_workspace = grads[-1]
         if ctx.differentiated and grad_workspace is not None and grad_workspace.numel():
@@ -399,10 +399,10 @@ def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
-def _input_grads(kind: CellKind, ctx, result, option_args):
+def _input_grads(kind: Cell, ctx, result, option_args):
     """The forward op's input gradients (None where an input takes none) from the backward
     op's results ``result`` (a list in that op's schema order)."""
-    grad_fields = variants.GRAD_FIELDS[kind.name]
+    grad_fields = spec.GRAD_FIELDS[kind.name]
     n_state = 2 if kind.has_cell_state else 1
     grad_xproj, grad_state = result[0], result[1:1 + n_state]
     grad_w_hh, grad_b_hh = result[1 + n_state], result[2 + n_state]
@@ -411,14 +411,14 @@ def _input_grads(kind: CellKind, ctx, result, option_args):
         grads_in.append(result[3 + n_state] if ctx.has_proj else None)
     grads_in += [None, None, None]  # batch_sizes, reverse, backend
     option_grads = dict(zip(grad_fields, result[len(result) - len(grad_fields):]))
-    for name, value in zip(variants.OPTION_FIELDS[kind.name], option_args):
-        given = name in variants.TENSOR_FIELDS and value is not None
+    for name, value in zip(spec.OPTION_FIELDS[kind.name], option_args):
+        given = name in spec.TENSOR_FIELDS and value is not None
         grads_in.append(option_grads[name] if given and name in option_grads else None)
     return tuple(grads_in) + (None,)  # need_workspace
 
 
-def _double_backward_check(kind: CellKind, option_args):
-    grad_clip = dict(zip(variants.OPTION_FIELDS[kind.name], option_args)).get("grad_clip")
+def _double_backward_check(kind: Cell, option_args):
+    grad_clip = dict(zip(spec.OPTION_FIELDS[kind.name], option_args)).get("grad_clip")
     if grad_clip is not None:
         # The clip makes the first-order gradient something other than the forward's
         # derivative, so no second derivative is the true one: refuse rather than pick one.
@@ -429,7 +429,7 @@ def _double_backward_check(kind: CellKind, option_args):
             "torch.nn.utils.clip_grad_norm_ after backward) to take second derivatives")
 
 
-def _backend_grads_to_op(kind: CellKind, grads, like: Tensor):
+def _backend_grads_to_op(kind: Cell, grads, like: Tensor):
     """A backend's backward results (fastrnn.backends.base) in the backward op's order, with
     zeros for absent gradients as that op returns."""
     grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads[:6]
@@ -437,18 +437,18 @@ def _backend_grads_to_op(kind: CellKind, grads, like: Tensor):
     result += [grad_w_hh, grad_b_hh]
     if kind.has_projection:
         result.append(like.new_empty(0) if grad_w_hr is None else grad_w_hr)
-    option_grads = dict(zip(variants.GRAD_FIELDS["lstm"], grads[6:]))
+    option_grads = dict(zip(spec.GRAD_FIELDS["lstm"], grads[6:]))
     result += [like.new_empty(0) if option_grads.get(name) is None else option_grads[name]
-               for name in variants.GRAD_FIELDS[kind.name]]
+               for name in spec.GRAD_FIELDS[kind.name]]
     return result
 
 
-def _differentiable_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
+def _differentiable_backward(kind: Cell, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
                              workspace, option_args):
     """The backward under create_graph=True: the reference backend's explicit backward (plain
     torch ops) on the saved tensors, so autograd records it."""
     _double_backward_check(kind, option_args)
-    options = variants.make(kind.name, dict(zip(variants.OPTION_FIELDS[kind.name],
+    options = spec.make(kind.name, dict(zip(spec.OPTION_FIELDS[kind.name],
                                                 option_args)))
     extra = {} if options is None else {"options": options}
     result = backends.get("reference").backward(
@@ -458,7 +458,7 @@ def _differentiable_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_h
     return _input_grads(kind, ctx, _backend_grads_to_op(kind, result, w_hh), option_args)
 
 
-def _workspace_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
+def _workspace_backward(kind: Cell, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
                         workspace, option_args):
     """The backward when the workspace has a gradient (a double backward, through
     _differentiable_backward): autograd through the reference forward, recomputed from the
@@ -469,19 +469,19 @@ def _workspace_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, ou
             f"fastrnn: the {kind.name} recurrence has first and second derivatives, not "
             "third or higher: take the second derivative with create_graph=False")
     _double_backward_check(kind, option_args)
-    names = variants.OPTION_FIELDS[kind.name]
+    names = spec.OPTION_FIELDS[kind.name]
     leaf = lambda t: None if t is None else t.detach().requires_grad_()  # noqa: E731
-    learnable = set(variants.GRAD_FIELDS[kind.name])
-    options = variants.make(kind.name, {
+    learnable = set(spec.GRAD_FIELDS[kind.name])
+    options = spec.make(kind.name, {
         name: leaf(value) if name in learnable else value
         for name, value in zip(names, option_args)})
-    gates = variants.workspace_layout(
+    gates = spec.workspace_layout(
         kind.name, w_hh.shape[0] // kind.num_gates, 0 if w_hr is None else w_hr.shape[0],
-        variants.features(options))["gates"]
+        spec.features(options))["gates"]
     xproj = output.new_zeros(output.shape[0], w_hh.shape[0], requires_grad=True)  # not read
     inputs = [xproj, leaf(h0), leaf(c0), leaf(w_hh), leaf(b_hh), leaf(w_hr)]
     inputs += [None if options is None else getattr(options, name)
-               for name in variants.GRAD_FIELDS["lstm"]]
+               for name in spec.GRAD_FIELDS["lstm"]]
     with torch.enable_grad():
         recomputed = backends.get("reference").forward(
             kind.name, *inputs[:6], ctx.batch_sizes, ctx.reverse, options=options,
@@ -508,7 +508,7 @@ for _kind in CELLS.values():
 def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
                b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor],
                reverse: bool, backend: str,
-               options: Optional[variants.StepOptions] = None):
+               options: Optional[spec.StepOptions] = None):
     """Run the ``cell`` op; returns (output, h_n, c_n or None). Differentiable.
     ``options``: the variant options (lstm and gru only), None for the plain recurrence."""
     kind = CELLS[cell]
@@ -522,10 +522,10 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
     extra = ()
     if options is not None:
         foreign = [name for name, value in options._asdict().items()
-                   if value is not None and name not in variants.OPTION_FIELDS[cell]]
+                   if value is not None and name not in spec.OPTION_FIELDS[cell]]
         if foreign:
             raise ValueError(f"fastrnn: the {cell} op has no option {', '.join(foreign)}")
-        extra = tuple(getattr(options, name) for name in variants.OPTION_FIELDS[cell])
+        extra = tuple(getattr(options, name) for name in spec.OPTION_FIELDS[cell])
     if kind.has_cell_state:
         output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
                                  *extra, need_workspace=need_workspace)

@@ -15,8 +15,8 @@ from torch.nn.utils.rnn import pack_sequence
 import fastrnn
 from fastrnn import testing
 from fastrnn import ops
-from fastrnn.cells import CELLS
-from fastrnn.variants import StepOptions
+from fastrnn.spec import CELLS
+from fastrnn.spec import StepOptions
 
 from backend_cases import make_case
 
@@ -361,7 +361,7 @@ def test_gradcheck_of_known_gates_recompute():
     """The recompute the workspace's gradient goes through (the reference forward with
     known_gates) has the forward's first derivatives."""
     from fastrnn.backends import get
-    from fastrnn.variants import workspace_layout
+    from fastrnn.spec import workspace_layout
     reference = get("reference")
     for cell in ("lstm", "gru"):
         case, inputs = case_inputs(cell, hidden=2, lengths=[3, 2, 1])

@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_sequence
 import fastrnn  # noqa: F401  (defines the public ops)
 from fastrnn import backends, build, ops
 from fastrnn.backends.native import NativeBackend
-from fastrnn.cells import CELLS
+from fastrnn.spec import CELLS
 
 from backend_cases import (check_backend, compare_all, make_case, native_available_mark,
                            run_backward, run_forward, upstream)

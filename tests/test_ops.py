@@ -7,7 +7,7 @@ import torch
 
 import fastrnn
 from fastrnn import backends, ops
-from fastrnn.cells import CELLS
+from fastrnn.spec import CELLS
 
 from fastrnn.testing import assert_all_close, assert_close
 from parity import cpu_backends

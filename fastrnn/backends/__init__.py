@@ -99,7 +99,7 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
     or a ValueError says why and lists what is available. Under "auto" the first capable
     backend in preference order runs; when a preferred one cannot, ONE warning per reason says
     which backend runs instead. ``features``: the variant options of the call
-    (fastrnn.variants.StepOptions.features()).
+    (fastrnn.spec.StepOptions.features()).
     """
     if name == "auto":
         name = get_backend()

@@ -32,8 +32,8 @@ def no_rows_forward(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], 
                     w_hr: Optional[Tensor], options=None):
     """Forward of a call without rows (batch 0, or a packed batch of empty steps): nothing
     runs, the states pass through, as in torch.nn."""
-    from ..cells import CELLS, accumulate_dtype
-    from ..variants import features, workspace_width
+    from ..spec import CELLS, accumulate_dtype
+    from ..spec import features, workspace_width
     hidden = w_hh.shape[0] // CELLS[cell].num_gates
     width = workspace_width(cell, hidden, 0 if w_hr is None else w_hr.shape[0],
                             features(options))
@@ -66,7 +66,7 @@ class Backend:
                            hidden_size: int, proj_size: int,
                            features: Tuple[str, ...] = ()) -> Optional[str]:
         """None when this call can be served, else why not (dtype, size, a variant option:
-        ``features`` names the options that are on, see fastrnn.variants)."""
+        ``features`` names the options that are on, see fastrnn.spec)."""
         if features:
             return f"the {self.name} backend does not run the options {', '.join(features)}"
         return None
@@ -76,7 +76,7 @@ class Backend:
                 batch_sizes: Optional[Tensor], reverse: bool, options=None,
                 need_workspace: bool = True):
         """-> (output [N, P], h_n [B, P], c_n [B, H] or None, workspace [N, W]).
-        ``options``: None or a fastrnn.variants.StepOptions (only if unsupported_reason
+        ``options``: None or a fastrnn.spec.StepOptions (only if unsupported_reason
         accepted its features). ``need_workspace`` false: no backward will follow, so the
         workspace may come back empty [0, W] (a backend that returns it whole anyway is
         correct; the op then drops it)."""

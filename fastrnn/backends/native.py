@@ -21,8 +21,8 @@ from typing import Optional
 import torch
 
 from .. import build
-from ..cells import CELLS, accumulate_dtype
-from ..variants import OPTION_FIELDS, StepOptions, features as option_features, workspace_width
+from ..spec import CELLS, accumulate_dtype
+from ..spec import OPTION_FIELDS, StepOptions, features as option_features, workspace_width
 from .base import Backend, no_rows_backward, no_rows_forward
 
 CPU_DTYPES = (torch.float32, torch.float64)

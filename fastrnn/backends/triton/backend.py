@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ...spec import workspace_layout
 from ..base import Backend, step_layout
 from . import persistent, step
 from ._gates import CELL_IDS, NUM_GATES
@@ -16,7 +17,7 @@ from .autotune import interpreted, interpreter_ready
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNELS = ("auto", "step", "persistent")
 HALF = (torch.float16, torch.bfloat16)
-# Variant options (fastrnn.variants) run on the step path only.
+# Options (fastrnn.spec) run on the step path only.
 OPTION_CELLS = ("lstm", "gru")
 
 
@@ -105,10 +106,7 @@ class TritonBackend(Backend):
         dtype, dev = xproj.dtype, xproj.device
         acc = torch.float32 if dtype in HALF else dtype
         N, (B, P), H = xproj.shape[0], h0.shape, w_hh.shape[0] // G
-        if layout is not None:
-            width = layout["width"].stop
-        else:
-            width = {"lstm": 5 * H + (H if w_hr is not None else 0), "gru": 4 * H}.get(cell, 0)
+        width = layout["width"].stop
         output = torch.empty(N, P, dtype=dtype, device=dev)
         ws = torch.empty(N, width, dtype=acc, device=dev)
         sizes, offsets = step_layout(N, B, batch_sizes)
@@ -161,7 +159,7 @@ class TritonBackend(Backend):
             prev = previous_rows(sizes, offsets, B, reverse, dev)
             h_prev_all = torch.cat([h0, output])[prev]
             c_prev_all = None if c0 is None else torch.cat(
-                [c0.to(workspace.dtype), workspace[:, 4 * H:5 * H]])[prev]
+                [c0.to(workspace.dtype), workspace[:, layout["c"]]])[prev]
             gx, gh0, gc0, d_hh, d_a, d_out_all, dy_all = step.backward(
                 cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
                 sizes, offsets, reverse, output, workspace, options, layout)
@@ -171,7 +169,7 @@ class TritonBackend(Backend):
                 h_rec_all = h_rec_all * keep.to(d_hh.dtype)[batch_index(sizes, offsets, dev)]
             gw = d_a.t() @ h_rec_all  # one GEMM over all steps
             gb = d_hh.sum(0)
-            gwr = None if w_hr is None else d_out_all.t() @ workspace[:, 5 * H:6 * H]
+            gwr = None if w_hr is None else d_out_all.t() @ workspace[:, layout["h_pre"]]
             if "layer_norm" in features:
                 a_hat = workspace[:, layout["a_hat"]]
                 ln_grads = ((d_hh * a_hat).sum(0), gb) + ln_grads[2:]
@@ -190,16 +188,12 @@ class TritonBackend(Backend):
 
 def _options(cell, options, w_hh, w_hr):
     """-> (options with contiguous tensors or None when no option is on, the names of the
-    options that are on, their workspace layout or None)."""
-    if options is None:
-        return None, (), None
-    fields = {k: _c(v) if isinstance(v, torch.Tensor) else v
-              for k, v in options._asdict().items()}
-    options = type(options)(**fields)
-    features = tuple(options.features())
-    if not features:
-        return None, (), None
-    from ...variants import workspace_layout
+    options that are on, the workspace layout)."""
+    features = () if options is None else options.features()
+    if features:
+        options = type(options)(*[_c(v) if isinstance(v, torch.Tensor) else v
+                                  for v in options])
     hidden = w_hh.shape[0] // NUM_GATES[cell]
     proj = 0 if w_hr is None else w_hr.shape[0]
-    return options, features, workspace_layout(cell, hidden, proj, features)
+    return (options if features else None), features, workspace_layout(cell, hidden, proj,
+                                                                        features)

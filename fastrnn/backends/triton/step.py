@@ -432,8 +432,8 @@ def _offset(layout, name):
 def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, output, ws,
             options=None, layout=None):
     """Fill ``output`` [N, P] and ``ws`` [N, W]; return the final float32 (h, c) states.
-    ``options``: a StepOptions (fastrnn.variants) or None; ``layout``: its workspace columns
-    (fastrnn.variants.workspace_layout)."""
+    ``options``: a StepOptions (fastrnn.spec) or None; ``layout``: its workspace columns
+    (fastrnn.spec.workspace_layout)."""
     H = w_hh.shape[0] // (4 if cell_id == LSTM else 3 if cell_id == GRU else 1)
     f32 = torch.float32
     h = h0.to(f32, copy=True)
@@ -467,7 +467,7 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
                 n, H, ws.shape[1], _offset(layout, "a_hat"), _offset(layout, "c_hat"),
                 float(cell_clip or 0.0), whole_rows=whole_rows, **meta)
         if epilogue:
-            p = torch.mm(ws[rows, 5 * H:6 * H].to(f32), wr_t)
+            p = torch.mm(ws[rows, layout["h_pre"]].to(f32), wr_t)
             _launch(_proj_epilogue_kernel, n, p.shape[1],
                     p, h[:n], output[rows], ws[rows], _rows(z_h, rows, dummy),
                     _rows(keep, slice(0, n), dummy), _rows(h_rec, slice(0, n), dummy),
@@ -475,7 +475,7 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
                     PROJ_CLIP=proj_clip is not None, ZONEOUT_H=z_h is not None,
                     MASK=keep is not None)
         elif proj:
-            torch.mm(ws[rows, 5 * H:6 * H].to(f32), wr_t, out=h[:n])
+            torch.mm(ws[rows, layout["h_pre"]].to(f32), wr_t, out=h[:n])
             output[rows] = h[:n]
     return h, c
 

@@ -146,8 +146,21 @@ class StepOptions(namedtuple("StepOptions", [arg.name for arg in ARGS],
 
 def make(cell: str, values) -> Optional[StepOptions]:
     """StepOptions from the op's option arguments (a mapping), or None when all are off."""
+    foreign = [a.name for a in ARGS
+               if values.get(a.name) is not None and a.name not in OPTION_FIELDS[cell]]
+    if foreign:
+        raise ValueError(f"fastrnn: the {cell} op has no option {', '.join(foreign)}")
     options = StepOptions(**{name: values.get(name) for name in OPTION_FIELDS[cell]})
     return options if any(v is not None for v in options) else None
+
+
+def bind(names: Tuple[str, ...], args, kwargs, tail: Tuple[str, ...] = ()) -> dict:
+    """An op call's arguments by name: ``names``, then every option argument in spec order,
+    then ``tail``; absent options are None."""
+    values = dict.fromkeys(a.name for a in ARGS)
+    values.update(zip(names + tuple(values) + tail, args))
+    values.update(kwargs)
+    return values
 
 
 def features(options: Optional[StepOptions]) -> Tuple[str, ...]:

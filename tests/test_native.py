@@ -300,8 +300,8 @@ torch.ops.load_library(sys.argv[1])
 import fastrnn.ops
 assert hasattr(torch.ops.fastrnn, "lstm_forward") and hasattr(torch.ops.fastrnn, "native_forward")
 x = torch.randn(6, 4, dtype=torch.float64)
-print(torch.ops.fastrnn.rnn_tanh_forward(x, torch.zeros(2, 4, dtype=x.dtype),
-      torch.eye(4, dtype=x.dtype), None, None, False, "native")[0].shape)
+print(torch.ops.fastrnn.rnn_tanh_forward(x, torch.zeros(2, 4, dtype=x.dtype), None,
+      torch.eye(4, dtype=x.dtype), None, None, None, False, "native")[0].shape)
 """
 IMPORT_THEN_LOAD = """
 import sys, torch

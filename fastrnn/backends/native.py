@@ -5,10 +5,10 @@ defines ``torch.ops.fastrnn.native_forward`` / ``native_backward``, one generic 
 direction taking the cell name. Their fake (meta) impls live here, so they trace under
 ``torch.compile`` and pass ``torch.library.opcheck``.
 
-Variant options (fastrnn.variants, lstm and gru) are the ops' trailing arguments; backward
-then also returns the layer-norm parameters' gradients. The CPU kernels run every option
-(tests/test_native_variants.py); the CUDA variant kernels compile but have not run on a GPU,
-so :meth:`NativeBackend.unsupported_reason` refuses options on CUDA (``auto`` falls back).
+Options (fastrnn.spec) are the ops' trailing arguments; backward then also returns the
+layer-norm parameters' gradients. The CPU kernels run every option
+(tests/test_native_variants.py); on CUDA :meth:`NativeBackend.unsupported_reason` refuses
+them until they are verified on a GPU (fastrnn.backends.routing.GPU_VERIFIED).
 
 When the extension cannot be built, :meth:`NativeBackend.unavailable_reason` says why (with
 the build log's path), so ``backend="auto"`` falls back to the reference backend with one
@@ -21,18 +21,16 @@ from typing import Optional
 import torch
 
 from .. import build
-from ..spec import CELLS, LEARNABLE, OPTION_FIELDS, StepOptions, bind
+from ..spec import CELLS, LEARNABLE, OPTION_FIELDS, OPTIONS, StepOptions, bind
+from .routing import GPU_VERIFIED
 from .base import Backend, fake_backward, fake_forward, no_rows_backward, no_rows_forward
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Variant options (fastrnn.variants) each device's kernels run and are tested for. The CUDA
-# kernels compile but have not run on a GPU yet: until they are verified there, calls with
-# options on CUDA go to the reference backend.
+# Options each device's kernels run and are tested for (CUDA: once verified on a GPU).
 SUPPORTED_FEATURES = {
-    "cpu": ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
-            "cell_clip", "proj_clip", "grad_clip"),
-    "cuda": (),
+    "cpu": tuple(o.name for o in OPTIONS),
+    "cuda": tuple(o.name for o in OPTIONS) if "options" in GPU_VERIFIED["native"] else (),
 }
 
 
@@ -100,10 +98,11 @@ class NativeBackend(Backend):
         if cell not in CELLS:
             return f"unknown cell {cell!r}"
         if features and not OPTION_FIELDS.get(cell):
-            return f"{cell} takes no variant options (got {', '.join(features)})"
+            return f"{cell} takes no options (got {', '.join(features)})"
         missing = [f for f in features if f not in SUPPORTED_FEATURES.get(device.type, ())]
         if missing:
-            why = (" (the CUDA variant kernels are compiled but not yet verified on a GPU)"
+            why = (" (the CUDA option kernels are not verified on a GPU: "
+                   "fastrnn.backends.routing.GPU_VERIFIED)"
                    if device.type == "cuda" else "")
             return (f"the native {device.type} kernels do not run the options "
                     f"{', '.join(missing)}{why}")

@@ -30,7 +30,7 @@ class RNNCellBase(nn.Module):
 
     Under ONNX export (standard operators, so the exported file needs no fastrnn), and under
     backend "auto" where the backend registry routes the call to torch.nn
-    (options.runs_torch_path), a cell runs torch.nn's own forward (``_torch_forward``) on the same parameters.
+    (backends.torch_path), a cell runs torch.nn's own forward (``_torch_forward``) on the same parameters.
     """
 
     __constants__ = ["input_size", "hidden_size", "bias", "backend", *options.DEFAULTS]

@@ -96,9 +96,8 @@ def features(module) -> tuple:
 def runs_torch_path(module, input, cell: bool = False) -> bool:
     """Whether this call runs torch.nn's own forward on the module's very parameters: under
     ONNX export (ONNX has standard LSTM/GRU/RNN operators and the exporters emit them for
-    that path; options are refused), and where the backend registry routes it there
-    (backends.choose) unless an option changes this call's math (only fastrnn runs those;
-    the dropouts act in training mode only). ``cell``: the module is a cell (one step)."""
+    that path; options are refused), else as the backend registry decides
+    (backends.torch_path). ``cell``: the module is a cell (one step)."""
     if torch.onnx.is_in_onnx_export():
         refuse_torch_path(module, "ONNX export")
         return True
@@ -106,26 +105,14 @@ def runs_torch_path(module, input, cell: bool = False) -> bool:
     data = input.data if packed else input
     if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
         return False
-    changes_math = features(module) or (module.weight_drop and module.training)
     # A segmented module in training: torch.nn's path would keep the whole history.
     segmented = not cell and module.checkpoint_every is not None and torch.is_grad_enabled()
-    if changes_math or segmented:
-        return False
-    # No parameter gradient wanted (a gradient into the input still flows: torch.nn's path
-    # has autograd, so this only picks the faster implementation). A trace is one recording
-    # for every later call, and torch.jit.trace checks it by tracing again without grad: it
-    # is decided as inference (a deployed trace usually is; it still has autograd).
-    inference = torch.jit.is_tracing() or not torch.is_grad_enabled() or not any(
-        p.requires_grad for p in module.parameters())
-    compiling = torch.compiler.is_compiling()
-    if compiling and not (cell or packed):
-        shape = "dense"   # reading the batch would guard (and recompile) on its size
-    else:
-        batch = data.size(0 if module.batch_first else 1) if data.dim() == 3 and not cell \
-            else 1
-        shape = backends.routing.shape_class(batch, packed, cell)
-    return backends.choose(module.backend, data.device, module.mode, inference, shape,
-                           compiling) == "torch"
+    return backends.torch_path(
+        module.backend, data, module.mode, packed=packed, cell=cell,
+        batch_dim=0 if getattr(module, "batch_first", False) else 1,
+        changes_math=bool(features(module) or (module.weight_drop and module.training)
+                          or segmented),
+        parameters=module.parameters)
 
 
 def torch_forward(module, *args):

@@ -12,13 +12,23 @@ Conventions (match fastrnn.backends.reference):
 import triton
 import triton.language as tl
 
-# Cell ids: the CELL constexpr of every kernel. Kernels may read only constexpr globals.
-CELL_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+from ...spec import CELLS
+
+# Cell ids: the CELL constexpr of every kernel, in spec order. Kernels may read only
+# constexpr globals.
+CELL_IDS = {name: index for index, name in enumerate(CELLS)}
 LSTM = tl.constexpr(CELL_IDS["lstm"])
 GRU = tl.constexpr(CELL_IDS["gru"])
 RNN_TANH = tl.constexpr(CELL_IDS["rnn_tanh"])
 RNN_RELU = tl.constexpr(CELL_IDS["rnn_relu"])
-NUM_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+NUM_GATES = {name: cell.num_gates for name, cell in CELLS.items()}
+_GATES_OF_ID = tl.constexpr(tuple(NUM_GATES.values()))
+
+
+@triton.constexpr_function
+def num_gates(cell_id):
+    """G of a CELL id, a compile-time constant in a kernel."""
+    return _GATES_OF_ID.value[cell_id]
 
 
 @triton.jit

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ...spec import workspace_layout
+from ...spec import CELLS, workspace_layout
 from ..base import Backend, step_layout
 from . import persistent, step
 from ._gates import CELL_IDS, NUM_GATES
@@ -18,7 +18,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNELS = ("auto", "step", "persistent")
 HALF = (torch.float16, torch.bfloat16)
 # Options (fastrnn.spec) run on the step path only.
-OPTION_CELLS = ("lstm", "gru")
+OPTION_CELLS = tuple(name for name, cell in CELLS.items() if cell.options)
 
 
 def _c(t):

@@ -16,7 +16,7 @@ for every input dtype (half weights are upcast once per call): rounding happens 
 tensors enter and leave, as in the reference and in oneDNN's half RNNs. (cuBLAS half GEMMs
 with a float32 state would be faster on GPU; not done yet.)
 
-Variant options (issue #8, fastrnn.ops / fastrnn.variants) switch on constexpr branches of
+Options (fastrnn.ops, fastrnn.spec) switch on constexpr branches of
 the same kernels, so with no option the compiled kernels are exactly those of before:
 
 - layer norm of the recurrent pre-activation (over G*H columns) and of the cell state (over
@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, clamp, gru_backward, gru_forward, layer_norm_rows,
-                     layer_norm_rows_backward, lstm_backward, lstm_forward, rnn_backward,
-                     rnn_forward, sigmoid, store_gate_columns, tanh)
+                     layer_norm_rows_backward, lstm_backward, lstm_forward, num_gates,
+                     rnn_backward, rnn_forward, sigmoid, store_gate_columns, tanh)
 
 
 # ---------------------------------------------------------------- heuristics
@@ -86,7 +86,7 @@ def _step_forward_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     mask = (rows < n) & (cols < H)
-    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = num_gates(CELL)
     xp = xp_ptr + rows * (G * H) + cols
     hh = hh_ptr + rows * (G * H) + cols
     ws = ws_ptr + rows * WS_STRIDE + cols
@@ -192,7 +192,7 @@ def _step_backward_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     mask = (rows < n) & (cols < H)
-    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = num_gates(CELL)
     ws = ws_ptr + rows * WS_STRIDE + cols
     gx = gx_ptr + rows * (G * H) + cols
     state = rows * H + cols
@@ -490,7 +490,7 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
     norm, else d_hh_all itself), d_out_all the gradient of the projection's output, dy_all
     that of the normalised cell state (layer_norm_cell).
     """
-    G = 4 if cell_id == LSTM else 3 if cell_id == GRU else 1
+    G = num_gates(cell_id)
     H = w_hh.shape[0] // G
     N = output.shape[0]
     dtype = output.dtype

@@ -1,4 +1,4 @@
-"""The native backend's variant options (issue #8, fastrnn.variants / fastrnn.ops): layer norm
+"""The native backend's options (fastrnn.spec / fastrnn.ops): layer norm
 of the recurrent pre-activation and of the cell state, recurrent mask, zoneout, cell / proj
 clip, recurrent gradient clip. Parity with the reference backend (the spec in code), forward
 and backward, each option alone and all together; the shared workspace layout; gradcheck;

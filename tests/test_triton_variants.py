@@ -1,4 +1,4 @@
-"""Variant options (issue #8) on the triton backend's step path, against the reference backend.
+"""Options (fastrnn.spec) on the triton backend's step path, against the reference backend.
 
 Runs under the Triton interpreter on CPU like tests/test_triton.py (whose setup, problem
 builder, NaN poisoning and tolerance helpers it shares). Tiny shapes: the interpreter is slow.

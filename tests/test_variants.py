@@ -1,4 +1,4 @@
-"""Variant options (issue #8) against the contract in VARIANTS_SPEC.md.
+"""Options against the contract in fastrnn.ops and fastrnn.spec.
 
 The modules, cells and ops with layer norm, recurrent dropout, DropConnect, zoneout, cell /
 projection clipping, recurrent gradient clipping and forget-gate bias are compared with the
@@ -759,7 +759,7 @@ def test_op_zoneout_one_keeps_the_state_bit_for_bit(cell, proj, backend):
 
 
 def spec_workspace_width(cell, hidden, proj, options):
-    """VARIANTS_SPEC.md's workspace columns, summed."""
+    """The contract's workspace columns (fastrnn.ops), summed by hand."""
     gates = loops.NUM_GATES[cell] * hidden
     if cell == "gru":
         return 4 * hidden + (gates + 1 if options.get("ln_weight") is not None else 0)

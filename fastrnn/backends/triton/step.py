@@ -14,7 +14,7 @@ State rows beyond n are left alone, which is exactly the packed-sequence semanti
 contract for both directions (see fastrnn.ops). States, GEMMs and gate gradients are float32
 for every input dtype (half weights are upcast once per call): rounding happens only where
 tensors enter and leave, as in the reference and in oneDNN's half RNNs. (cuBLAS half GEMMs
-with a float32 state would be faster on GPU; not done yet.)
+with a float32 state would be faster on GPU.)
 
 Options (fastrnn.ops, fastrnn.spec) switch on constexpr branches of
 the same kernels, so with no option the compiled kernels are exactly those of before:

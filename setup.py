@@ -45,7 +45,6 @@ if os.environ.get("FASTRNN_BUILD_EXT") == "1":
     cuda = os.environ.get("FASTRNN_BUILD_CUDA") == "1"
     sources = ["csrc/registration.cpp", "csrc/recurrence_cpu.cpp"]
     flags = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]}
-    fastrnn_build.write_spec_header(os.path.join("csrc", "generated"))  # current with the spec
     include_dirs = [os.path.abspath("csrc")]
     if cuda:
         sources.append("csrc/recurrence_cuda.cu")

@@ -18,88 +18,15 @@ c0 / grad_c_n are given exactly for a cell with a cell state (lstm), w_hr only w
 can project (lstm); a result the cell or call does not have (c_n of gru, grad_w_hr without
 w_hr, the gradient of an absent option) is an empty [0] tensor.
 
-Shapes (G gates: lstm 4, gru 3, rnn 1; H hidden; P = proj_size if w_hr is given else H):
-
-- ``xproj`` [N, G*H]: the input projection ``x @ w_ih.T + b_ih`` of every step, rows in
-  packed time-major order: step t occupies rows ``offset[t] : offset[t] + batch_sizes[t]``
-  with ``offset[t] = sum(batch_sizes[:t])``. Without ``batch_sizes`` every step has B rows
-  (N = T*B, a plain [T, B, G*H] tensor viewed as [T*B, G*H]). Gate order as torch.nn:
-  lstm (i, f, g, o), gru (r, z, n).
-- ``h0`` [B, P], ``c0`` [B, H]: initial state, always given (zeros when the user gave none).
-- ``w_hh`` [G*H, P], ``b_hh`` [G*H] or None, ``w_hr`` [P, H] or None (lstm only).
-- ``batch_sizes``: None or a CPU int64 tensor [T] as in ``PackedSequence``: non-increasing,
-  ``batch_sizes[0] == B``, sum N. Row b of a step is sequence b of the (sorted) batch, so at
-  step t only the first ``batch_sizes[t]`` sequences are live: no work on padding.
-- ``reverse``: process steps T-1 .. 0. A sequence of length L then starts at step L-1 from
-  h0 and ends at step 0; without reverse it ends at step L-1. ``h_n``/``c_n`` hold every
-  sequence's state after its own last step.
-- ``output`` [N, P]: the hidden state (after projection) of every row.
-- ``workspace`` [N, W]: what backward needs, in a layout every backend shares, so any
-  backend's backward can consume any backend's forward. Its dtype is float32 for
-  float16/bfloat16 inputs, else the input dtype. Columns:
-    lstm: [i | f | g | o | c] activated gates and the new cell state, 5H, plus [h] the
-          hidden state before the projection (H more) when w_hr is given;
-    gru:  [r | z | n | hn] activated gates and hn = h_prev @ W_hn.T + b_hn, 4H;
-    rnn:  nothing (W = 0): the derivative is read off ``output``.
-- ``need_workspace`` (the forward's last argument, after the variant options; default
-  True): False says no backward will follow (``recurrence`` passes it when no input needs
-  a gradient), and the workspace comes back empty [0, W]; the native kernels then keep one
-  step of it as scratch instead of all N rows. Backward of such a forward raises.
-- Backward returns the gradient of every tensor input, in input dtype; ``grad_b_hh`` [G*H]
-  is returned even when b_hh is None (callers ignore it), ``grad_w_hr`` is an empty [0]
-  tensor when w_hr is None.
-
-Options (fastrnn.spec.OPTIONS, which also says which cells take each). ``<options>`` above::
-
-    Tensor? ln_weight=None, Tensor? ln_bias=None, Tensor? ln_c_weight=None,
-    Tensor? ln_c_bias=None, Tensor? recurrent_mask=None, Tensor? zoneout_h=None,
-    Tensor? zoneout_c=None, float? cell_clip=None, float? proj_clip=None, float? grad_clip=None
-
-None is off (the recurrence above bit for bit); an option the cell does not take raises.
-Backward returns the gradients of the learnable ones (the layer-norm tensors). Shapes: ln_weight,
-ln_bias [G*H]; ln_c_weight, ln_c_bias [H] (each pair both or neither); recurrent_mask [B, P];
-zoneout_h [N, P]; zoneout_c [N, H]; input dtype. Clips are positive; proj_clip needs w_hr;
-grad_clip only acts in backward (forward carries it for autograd). One step, on its live rows::
-
-    h_rec = h_prev * recurrent_mask          (the GEMM's input only)
-    a     = h_rec @ w_hh.T
-    hh    = LN(a) * ln_weight + ln_bias  (+ b_hh)   LN: row mean / biased variance over G*H,
-                                                     eps 1e-5: a_hat = (a - mean) * rstd
-    lstm: gates as before from xp + hh; c_new = clamp(f * c_prev + i * g, +-cell_clip)
-          h_new = o * tanh(LN(c_new) * ln_c_weight + ln_c_bias)       (LN over H)
-          with w_hr: h_pre = h_new; h_new = clamp(h_pre @ w_hr.T, +-proj_clip)
-    gru:  gates as before from xp + hh, h_new = (1 - z) * n + z * h_prev   (h_prev unmasked)
-    zoneout: h_t = (1 - z_h) * h_new + z_h * h_prev; c_t = (1 - z_c) * c_new + z_c * c_prev
-          (z = this row of zoneout_h / zoneout_c; exactly this form so 1 keeps prev bit for bit)
-    output = h_t; the carried state (and h_n, c_n) is (h_t, c_t).
-
-Workspace columns appended, each only when its option is on, in this order:
-lstm [i|f|g|o|c] (c = c_t, the carried cell state) [h_pre] [a_hat (G*H) | rstd (1)]
-[c_hat (H) | rstd_c (1)] [p (P): projection before proj_clip]; gru [r|z|n|hn] [a_hat | rstd].
-(fastrnn.spec.workspace_layout gives the column ranges.)
-
-Backward of a step (zoneout first): dh_new = (1 - z_h) * dh_t, dh_prev gets z_h * dh_t (same
-for c); the proj_clip mask |p| <= proj_clip and the cell_clip mask |f*c_prev + i*g| <=
-cell_clip (recomputed) zero the gradient where the forward clamped; the LN backward is
-rstd * (g - mean(g) - x_hat * mean(g * x_hat)); with grad_clip every gate pre-activation
-gradient is clamped to +-grad_clip where it is formed (gru: d_n, then d_r from the clamped
-d_n, d_z), before it reaches xproj, the LN, w_hh and h_prev; grad_w_hh = sum d_a^T h_rec and
-dh_prev = (d_a @ w_hh) * recurrent_mask + the direct terms. The reference backend
-(fastrnn/backends/reference.py) is this text in code.
+Shapes, the packed layout, the workspace columns and the math of every option:
+docs/op-contract.md (the reference backend, fastrnn/backends/reference.py, is it in code).
 
 ``backend`` names the backend whose kernels run (``reference``, ``native``, ``triton``); it
 is resolved by the caller (``fastrnn.backends.resolve``), never ``auto`` here.
 
-Double backward. The backward ops are not differentiable (their kernels write into
-preallocated outputs). The forward op's autograd therefore has three paths: a plain backward
-(create_graph=False) calls the backward op of ``backend``, as always; a backward with
-create_graph=True runs the reference backend's explicit backward in plain torch ops on the
-saved tensors, which autograd records; and the gradient that graph then sends into the
-forward's ``output`` and ``workspace`` comes back to the forward op's autograd, which handles a
-workspace gradient by autograd through the reference forward recomputed with the workspace's
-gate values (``known_gates``: the forward keeps no xproj, and every value that depends on it
-passes through a gate activation). Derivatives of third order and any double backward with
-``grad_clip`` (which changes the first derivative by design) raise.
+Double backward (docs/op-contract.md): create_graph=True runs the reference backend's explicit
+backward, whose gradient into the workspace comes back through the reference forward
+recomputed with the saved gates (``known_gates``); third derivatives and grad_clip raise.
 """
 from __future__ import annotations
 
@@ -148,20 +75,13 @@ def _backward_args(cell, args, kwargs=None):
 
 
 def _check(kind: Cell, kw: dict, options, read_batch_sizes=True):
-    """Checks for direct callers of the ops (the modules have checked already)."""
-    _check_tensors(kind, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
-                   kw["batch_sizes"], read_batch_sizes)
-    spec.check(kind.name, options, kw["xproj"].shape[0], kw["h0"].shape[0],
-               kw["w_hh"].shape[0] // kind.num_gates, kw["h0"].shape[1], kw["w_hr"] is not None,
-               kw["xproj"].dtype)
-
-
-def _check_tensors(kind: Cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_batch_sizes):
-    """The fake impl cannot read batch_sizes' values, so it checks shapes only."""
+    """Checks of a forward's arguments ``kw`` for direct callers of the ops (the modules have
+    checked already). The fake impl cannot read batch_sizes' values: shapes only."""
+    xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes = (kw[name] for name in _FORWARD[:7])
     if (c0 is not None) != kind.has_cell_state:
         raise ValueError(f"fastrnn.{kind.name}: c0 must be "
                          f"{'given' if kind.has_cell_state else 'None'} for this cell")
-    if w_hr is not None and not kind.can_project:
+    if w_hr is not None and not kind.has_projection:
         raise ValueError(f"fastrnn.{kind.name}: w_hr must be None, this cell has no "
                          "projection")
     gates = w_hh.shape[0] if w_hh.dim() == 2 else -1
@@ -193,6 +113,7 @@ def _check_tensors(kind: Cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, rea
             raise ValueError(f"fastrnn.{kind.name}: {name} dtype {tensor.dtype} does not match "
                              f"xproj dtype {xproj.dtype}")
     rows = xproj.shape[0]
+    spec.check(kind.name, options, rows, batch, hidden, width, w_hr is not None, xproj.dtype)
     if batch_sizes is None:
         if (batch and rows % batch) or (not batch and rows):
             raise ValueError(f"fastrnn.{kind.name}: xproj has {rows} rows, not a multiple of "

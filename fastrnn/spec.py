@@ -38,7 +38,7 @@ class Cell:
     mode: str                  # torch.nn mode string
     gates: Tuple[str, ...]     # gate rows of w_ih / w_hh, in torch.nn's order
     state: Tuple[str, ...]     # carried state tensors
-    can_project: bool          # h may be projected to proj_size by w_hr
+    has_projection: bool       # h may be projected to proj_size by w_hr
     workspace: Tuple[Columns, ...]   # columns every forward writes for backward
 
     @property
@@ -50,10 +50,6 @@ class Cell:
         return "c" in self.state
 
     @property
-    def has_projection(self) -> bool:
-        return self.can_project
-
-    @property
     def cell_mode(self) -> str:
         """The mode of the one-step module: torch.nn's RNNCell is one class for both
         nonlinearities."""
@@ -62,11 +58,6 @@ class Cell:
     @property
     def options(self) -> Tuple["Option", ...]:
         return tuple(option for option in OPTIONS if self.name in option.cells)
-
-    @property
-    def option_args(self) -> Tuple["Arg", ...]:
-        """The op arguments of the options this cell takes, in schema order."""
-        return tuple(arg for arg in ARGS if any(arg in o.args for o in self.options))
 
     def workspace_width(self, hidden_size: int, projected: bool) -> int:
         """Columns of the workspace without options (see fastrnn.ops)."""
@@ -126,12 +117,12 @@ def cell_of_mode(mode: str) -> Cell:
     options are those of either nonlinearity)."""
     return CELL_OF_MODE.get(mode) or next(c for c in CELLS.values() if c.cell_mode == mode)
 
-# Names of the op's option arguments, in schema order, and those with a gradient.
-OPTION_FIELDS = {name: tuple(a.name for a in cell.option_args) for name, cell in CELLS.items()}
+
+# Names of each cell's option arguments in schema order; those that are tensors / learnable.
+OPTION_FIELDS = {name: tuple(a.name for o in cell.options for a in o.args)
+                 for name, cell in CELLS.items()}
 TENSOR_FIELDS = tuple(arg.name for arg in ARGS if arg.type == "Tensor")
 LEARNABLE = tuple(arg.name for arg in ARGS if arg.learnable)
-GRAD_FIELDS = {name: tuple(a for a in LEARNABLE if a in fields)
-               for name, fields in OPTION_FIELDS.items()}
 
 
 class StepOptions(namedtuple("StepOptions", [arg.name for arg in ARGS],
@@ -201,8 +192,8 @@ def check(cell: str, options: Optional[StepOptions], rows: int, batch: int, hidd
     for option in OPTIONS:
         given = [getattr(options, arg.name) is not None for arg in option.args]
         if any(given) and not all(given):
-            raise ValueError(f"fastrnn.{cell}: give both {' and '.join(a.name for a in option.args)} "
-                             "or neither")
+            names = " and ".join(a.name for a in option.args)
+            raise ValueError(f"fastrnn.{cell}: give both {names} or neither")
         for arg in option.args:
             value = getattr(options, arg.name)
             if value is None:
@@ -239,51 +230,50 @@ def _probability(value) -> bool:
     return _real(value) and 0 <= value <= 1
 
 
-# Value checks of the keywords: (value, mode) -> True, or what is allowed.
-def _is_bool(value, mode):
-    return isinstance(value, bool) or "a bool"
+def _zoneout(value, lstm: bool) -> bool:   # a probability, or (p_h, p_c) for LSTM
+    if isinstance(value, (tuple, list)):
+        return lstm and len(value) == 2 and all(map(_probability, value))
+    return _probability(value)
 
 
-def _is_probability(value, mode):
-    return _probability(value) or "a probability in [0, 1]"
-
-
-def _is_zoneout(value, mode):
-    if isinstance(value, (tuple, list)):   # (p_h, p_c): LSTM only
-        return (mode == "LSTM" and len(value) == 2 and all(map(_probability, value))) or \
-            "a probability" + (" or a pair (p_h, p_c) of them" if mode == "LSTM" else "")
-    return _is_probability(value, mode)
-
-
-def _is_positive(value, mode):
-    return value is None or (_real(value) and 0 < value < math.inf) or \
-        "a positive finite number or None"
-
-
-def _is_finite(value, mode):
-    return value is None or (_real(value) and math.isfinite(value)) or "a finite number or None"
+# Value checks of the keywords: (value, is LSTM) -> ok, and what is allowed.
+_CHECKS = {
+    "bool": (lambda v, lstm: isinstance(v, bool), lambda lstm: "a bool"),
+    "probability": (lambda v, lstm: _probability(v), lambda lstm: "a probability in [0, 1]"),
+    "zoneout": (_zoneout, lambda lstm: "a probability in [0, 1]"
+                + (" or a pair (p_h, p_c) of them" if lstm else "")),
+    "positive": (lambda v, lstm: v is None or (_real(v) and 0 < v < math.inf),
+                 lambda lstm: "a positive finite number or None"),
+    "finite": (lambda v, lstm: v is None or (_real(v) and math.isfinite(v)),
+               lambda lstm: "a finite number or None"),
+}
 
 
 @dataclass(frozen=True)
 class Keyword:
     """A keyword argument of the modules: its "off" default, the cells that take it, its
-    value check, and a module argument it needs when on (name, why)."""
+    value check (a key of _CHECKS), and a module argument it needs when on (name, why)."""
     name: str
     default: object
     cells: Tuple[str, ...]
-    check: object
+    check: str
     needs: Optional[Tuple[str, str]] = None
+
+    def problem(self, value, mode: str) -> Optional[str]:
+        """None when ``value`` is allowed for a module of ``mode``, else what is allowed."""
+        ok, allowed = _CHECKS[self.check]
+        return None if ok(value, mode == "LSTM") else allowed(mode == "LSTM")
 
 
 KEYWORDS = (
-    Keyword("layer_norm", False, ("lstm", "gru"), _is_bool),
-    Keyword("recurrent_dropout", 0.0, ("lstm", "gru"), _is_probability),
-    Keyword("weight_drop", 0.0, ("lstm", "gru"), _is_probability),
-    Keyword("zoneout", 0.0, ("lstm", "gru"), _is_zoneout),
-    Keyword("cell_clip", None, ("lstm",), _is_positive),
-    Keyword("proj_clip", None, ("lstm",), _is_positive,
+    Keyword("layer_norm", False, ("lstm", "gru"), "bool"),
+    Keyword("recurrent_dropout", 0.0, ("lstm", "gru"), "probability"),
+    Keyword("weight_drop", 0.0, ("lstm", "gru"), "probability"),
+    Keyword("zoneout", 0.0, ("lstm", "gru"), "zoneout"),
+    Keyword("cell_clip", None, ("lstm",), "positive"),
+    Keyword("proj_clip", None, ("lstm",), "positive",
             ("proj_size", "proj_clip clips the projection, so it needs proj_size > 0")),
-    Keyword("recurrent_grad_clip", None, ("lstm", "gru"), _is_positive),
-    Keyword("forget_bias", None, ("lstm",), _is_finite,
+    Keyword("recurrent_grad_clip", None, ("lstm", "gru"), "positive"),
+    Keyword("forget_bias", None, ("lstm",), "finite",
             ("bias", "forget_bias initialises the forget gate's bias, so it needs bias=True")),
 )

@@ -6,37 +6,16 @@ namespace fastrnn {
 namespace spec {
 using at::Tensor;
 constexpr int kNumCells = 4;
-constexpr int kLSTM = 0;
-constexpr int kGRU = 1;
-constexpr int kRNN_TANH = 2;
-constexpr int kRNN_RELU = 3;
+constexpr int kLSTM = 0, kGRU = 1, kRNN_TANH = 2, kRNN_RELU = 3;
 constexpr const char* kCellNames[kNumCells] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};
 constexpr int64_t kNumGates[kNumCells] = {4, 3, 1, 1};
 constexpr bool kCellTakesOptions[kNumCells] = {true, true, false, false};
-constexpr int kNumOptions = 8;
-constexpr int kOption_layer_norm = 0;
-constexpr int kOption_layer_norm_cell = 1;
-constexpr int kOption_recurrent_mask = 2;
-constexpr int kOption_zoneout_h = 3;
-constexpr int kOption_zoneout_c = 4;
-constexpr int kOption_cell_clip = 5;
-constexpr int kOption_proj_clip = 6;
-constexpr int kOption_grad_clip = 7;
 // Workspace column groups, in order: a cell's own (cell >= 0), then each option's
 // (option >= 0) when on; h*H + gh*G*H + p*P + one wide; `projected`: with w_hr only.
 struct ColumnGroup { const char* name; int cell, option; int64_t h, gh, p, one; bool projected; };
 constexpr int kNumColumnGroups = 9;
 constexpr ColumnGroup kColumnGroups[kNumColumnGroups] = {
-  {"gates", 0, -1, 0, 1, 0, 0, false},
-  {"c", 0, -1, 1, 0, 0, 0, false},
-  {"h_pre", 0, -1, 1, 0, 0, 0, true},
-  {"gates", 1, -1, 4, 0, 0, 0, false},
-  {"a_hat", -1, 0, 0, 1, 0, 0, false},
-  {"rstd", -1, 0, 0, 0, 0, 1, false},
-  {"c_hat", -1, 1, 1, 0, 0, 0, false},
-  {"rstd_c", -1, 1, 0, 0, 0, 1, false},
-  {"p", -1, 6, 0, 0, 1, 0, false},
-};
+  {"gates", 0, -1, 0, 1, 0, 0, false}, {"c", 0, -1, 1, 0, 0, 0, false}, {"h_pre", 0, -1, 1, 0, 0, 0, true}, {"gates", 1, -1, 4, 0, 0, 0, false}, {"a_hat", -1, 0, 0, 1, 0, 0, false}, {"rstd", -1, 0, 0, 0, 0, 1, false}, {"c_hat", -1, 1, 1, 0, 0, 0, false}, {"rstd_c", -1, 1, 0, 0, 0, 1, false}, {"p", -1, 6, 0, 0, 1, 0, false}};
 inline bool is_on(const Tensor& t) { return t.defined(); }
 inline bool is_on(const c10::optional<double>& v) { return v.has_value(); }
 }  // namespace spec
@@ -47,6 +26,6 @@ inline bool is_on(const c10::optional<double>& v) { return v.has_value(); }
 #define FASTRNN_OPTION_FIELDS Tensor ln_weight; Tensor ln_bias; Tensor ln_c_weight; Tensor ln_c_bias; Tensor recurrent_mask; Tensor zoneout_h; Tensor zoneout_c; c10::optional<double> cell_clip; c10::optional<double> proj_clip; c10::optional<double> grad_clip;
 // o.<field> = get(<argument>) for a tensor, the value itself for a float
 #define FASTRNN_OPTION_ASSIGN(o, get) o.ln_weight = get(ln_weight); o.ln_bias = get(ln_bias); o.ln_c_weight = get(ln_c_weight); o.ln_c_bias = get(ln_c_bias); o.recurrent_mask = get(recurrent_mask); o.zoneout_h = get(zoneout_h); o.zoneout_c = get(zoneout_c); o.cell_clip = cell_clip; o.proj_clip = proj_clip; o.grad_clip = grad_clip;
-// option i of spec.OPTIONS is on in Options o
+// whether option i of spec.OPTIONS / any option is on in Options o
 #define FASTRNN_OPTION_ON(o, i) ((i) == 0 ? ::fastrnn::spec::is_on((o).ln_weight) : (i) == 1 ? ::fastrnn::spec::is_on((o).ln_c_weight) : (i) == 2 ? ::fastrnn::spec::is_on((o).recurrent_mask) : (i) == 3 ? ::fastrnn::spec::is_on((o).zoneout_h) : (i) == 4 ? ::fastrnn::spec::is_on((o).zoneout_c) : (i) == 5 ? ::fastrnn::spec::is_on((o).cell_clip) : (i) == 6 ? ::fastrnn::spec::is_on((o).proj_clip) : (i) == 7 ? ::fastrnn::spec::is_on((o).grad_clip) : false)
 #define FASTRNN_ANY_OPTION(o) (::fastrnn::spec::is_on((o).ln_weight) || ::fastrnn::spec::is_on((o).ln_c_weight) || ::fastrnn::spec::is_on((o).recurrent_mask) || ::fastrnn::spec::is_on((o).zoneout_h) || ::fastrnn::spec::is_on((o).zoneout_c) || ::fastrnn::spec::is_on((o).cell_clip) || ::fastrnn::spec::is_on((o).proj_clip) || ::fastrnn::spec::is_on((o).grad_clip))

@@ -12,6 +12,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..spec import CELLS, LEARNABLE, accumulate_dtype, features, workspace_width
+
 Tensor = torch.Tensor
 
 
@@ -32,7 +34,6 @@ def fake_forward(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_h
                  w_hr: Optional[Tensor], options=None, need_workspace: bool = True):
     """Uninitialised results of a forward's shapes (the fake impls): (output, h_n, c_n or an
     empty [0] for cells without one, workspace; [0, W] without need_workspace)."""
-    from ..spec import CELLS, accumulate_dtype, features, workspace_width
     hidden = w_hh.shape[0] // CELLS[cell].num_gates
     width = workspace_width(cell, hidden, 0 if w_hr is None else w_hr.shape[0],
                             features(options))
@@ -46,7 +47,6 @@ def fake_backward(output: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor
                   w_hr: Optional[Tensor], options=None):
     """Uninitialised results of a backward op's shapes: the gradient of every tensor input and
     learnable option, an empty [0] where that input is absent."""
-    from ..spec import LEARNABLE
     like = lambda t: output.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
     return (output.new_empty(output.shape[0], w_hh.shape[0]), like(h0), like(c0), like(w_hh),
             w_hh.new_empty(w_hh.shape[0]), like(w_hr),
@@ -65,14 +65,11 @@ def no_rows_backward(grad_h_n: Tensor, grad_c_n: Optional[Tensor], w_hh: Tensor,
                      w_hr: Optional[Tensor], options=None):
     """Backward of a call without rows: the state gradients pass through, the weights get
     zeros (torch.nn's gradients for an empty batch)."""
-    from ..spec import LEARNABLE
     grads = (w_hh.new_zeros(0, w_hh.shape[0]), grad_h_n.clone(),
              None if grad_c_n is None else grad_c_n.clone(), torch.zeros_like(w_hh),
              w_hh.new_zeros(w_hh.shape[0]), None if w_hr is None else torch.zeros_like(w_hr))
-    if options is None:
-        return grads
-    return grads + tuple(None if getattr(options, name) is None
-                         else torch.zeros_like(getattr(options, name)) for name in LEARNABLE)
+    learnable = () if options is None else [getattr(options, name) for name in LEARNABLE]
+    return grads + tuple(None if t is None else torch.zeros_like(t) for t in learnable)
 
 
 class Backend:

@@ -46,8 +46,8 @@ def check(owner: str, mode: str, values: dict, *, bias: bool, proj_size: int = 0
             modes = " / ".join(spec.CELLS[c].mode for c in keyword.cells)
             raise ValueError(f"{owner}: {keyword.name} is an {modes} option, "
                              f"got {keyword.name}={value!r}")
-        allowed = keyword.check(value, mode)
-        if allowed is not True:
+        allowed = keyword.problem(value, mode)
+        if allowed is not None:
             raise ValueError(f"{owner}: {keyword.name} must be {allowed}, got {value!r}")
         if keyword.needs and keyword.name in on and not given[keyword.needs[0]]:
             raise ValueError(f"{owner}: {keyword.needs[1]}")

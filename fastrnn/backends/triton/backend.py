@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from ...spec import CELLS, workspace_layout
-from ..base import Backend, step_layout
+from ..base import Backend, no_rows_backward, step_layout
 from . import persistent, step
 from ._gates import CELL_IDS, NUM_GATES
 from ._layout import batch_index, previous_rows
@@ -138,16 +138,9 @@ class TritonBackend(Backend):
         dtype, dev = output.dtype, output.device
         N, (B, P), H = output.shape[0], h0.shape, w_hh.shape[0] // G
         sizes, offsets = step_layout(N, B, batch_sizes)
-        ln_grads = (None,) * 4
         if N == 0:
-            if given is not None:
-                ln_grads = tuple(None if t is None else torch.zeros_like(t) for t in (
-                    getattr(given, k, None)
-                    for k in ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")))
-            grads = (output.new_zeros(0, G * H), grad_h_n.clone(),
-                     None if grad_c_n is None else grad_c_n.clone(), torch.zeros_like(w_hh),
-                     w_hh.new_zeros(G * H), None if w_hr is None else torch.zeros_like(w_hr))
-            return grads if given is None else grads + ln_grads
+            return no_rows_backward(grad_h_n, grad_c_n, w_hh, w_hr, given)
+        ln_grads = (None,) * 4
 
         if self._persistent(cell, H, P if w_hr is not None else 0, features):
             bs, offs = self._steps_on(dev, sizes, offsets)

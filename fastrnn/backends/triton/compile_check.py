@@ -81,7 +81,7 @@ def variants(everything):
     for dtype in dtypes:
         for cell in cells:
             cid = CELL_IDS[cell]
-            projs = [False, True] if CELLS[cell].can_project else [False]
+            projs = [False, True] if CELLS[cell].has_projection else [False]
             for proj in projs:
                 yield (f"step forward {cell}{' proj' if proj else ''} {dtype}",
                        step._step_forward_kernel, dtype,
@@ -121,7 +121,7 @@ def _option_variants(cell, cid, dtype, everything):
     for hidden in ([512, 2048] if everything else [512]):
         block_b, block_h, warps = step._blocks(64, hidden, whole_rows=True)
         tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
-        for proj in ([False, True] if CELLS[cell].can_project else [False]):
+        for proj in ([False, True] if CELLS[cell].has_projection else [False]):
             yield (f"step forward {cell}{' proj' if proj else ''} all options H={hidden} "
                    f"{dtype}", step._step_forward_kernel, dtype,
                    dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, LN=True, LN_C=ln_c,
@@ -132,7 +132,7 @@ def _option_variants(cell, cid, dtype, everything):
                dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, LN=True, LN_C=ln_c,
                     ZONEOUT_H=True, ZONEOUT_C=z_c, CELL_CLIP=clip, GRAD_CLIP=True, **tile),
                warps)
-    if CELLS[cell].can_project:
+    if CELLS[cell].has_projection:
         block_b, block_h, warps = step._blocks(64, 512)
         tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
         yield (f"step projection epilogue {dtype}", step._proj_epilogue_kernel, dtype,

@@ -51,8 +51,9 @@ using at::Tensor;
 static_assert(static_cast<int>(Cell::LSTM) == spec::kLSTM &&
                   static_cast<int>(Cell::GRU) == spec::kGRU &&
                   static_cast<int>(Cell::RNN_TANH) == spec::kRNN_TANH &&
-                  static_cast<int>(Cell::RNN_RELU) == spec::kRNN_RELU && spec::kNumCells == 4,
-              "the Cell enum of cells.h must list fastrnn/spec.py's cells in its order");
+                  static_cast<int>(Cell::RNN_RELU) == spec::kRNN_RELU && spec::kNumCells == 4 &&
+                  FASTRNN_LAYER_NORM_EPS == spec::kLayerNormEps,
+              "cells.h's Cell enum and layer-norm epsilon must be fastrnn/spec.py's");
 
 inline Cell parse_cell(c10::string_view name) {
   for (int id = 0; id < spec::kNumCells; ++id) {
@@ -569,8 +570,8 @@ BackwardResult recurrence_backward(
   }
   Tensor grad_w_hh = at::mm(grad_a.t(), h_prev_all);
   Tensor grad_b_hh = grad_hgates.sum(0);
-  Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), workspace.narrow(1, s.cols.h_pre, s.H).to(dtype))
-                            : at::empty({0}, opts);
+  const Tensor h_pre = s.proj ? workspace.narrow(1, s.cols.h_pre, s.H).to(dtype) : Tensor();
+  Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), h_pre) : at::empty({0}, opts);
   Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
   // Absent options' gradients: empty, and distinct tensors (outputs may not alias).
   Tensor grad_ln_weight = at::empty({0}, opts), grad_ln_bias = at::empty({0}, opts),

@@ -27,9 +27,8 @@ class Columns:
     projected: bool = False
 
     def width(self, gates: int, hidden: int, proj: int) -> int:
-        if self.projected and not proj:
-            return 0
-        return self.h * hidden + self.gh * gates * hidden + self.p * proj + self.one
+        width = self.h * hidden + self.gh * gates * hidden + self.p * proj + self.one
+        return 0 if self.projected and not proj else width
 
 
 @dataclass(frozen=True)
@@ -50,9 +49,7 @@ class Cell:
         return "c" in self.state
 
     @property
-    def cell_mode(self) -> str:
-        """The mode of the one-step module: torch.nn's RNNCell is one class for both
-        nonlinearities."""
+    def cell_mode(self) -> str:   # the one-step module's: RNNCell is both nonlinearities
         return self.mode.split("_")[0]
 
     @property
@@ -84,7 +81,6 @@ class Option:
     needs_projection: bool = False
 
 
-_FLOAT = "float"
 OPTIONS = (
     Option("layer_norm", (Arg("ln_weight", "Tensor", ("G*H",), True),
                           Arg("ln_bias", "Tensor", ("G*H",), True)), ("lstm", "gru"),
@@ -95,10 +91,10 @@ OPTIONS = (
     Option("recurrent_mask", (Arg("recurrent_mask", "Tensor", ("B", "P")),), ("lstm", "gru")),
     Option("zoneout_h", (Arg("zoneout_h", "Tensor", ("N", "P")),), ("lstm", "gru")),
     Option("zoneout_c", (Arg("zoneout_c", "Tensor", ("N", "H")),), ("lstm",)),
-    Option("cell_clip", (Arg("cell_clip", _FLOAT),), ("lstm",)),
-    Option("proj_clip", (Arg("proj_clip", _FLOAT),), ("lstm",), (Columns("p", p=1),),
+    Option("cell_clip", (Arg("cell_clip", "float"),), ("lstm",)),
+    Option("proj_clip", (Arg("proj_clip", "float"),), ("lstm",), (Columns("p", p=1),),
            needs_projection=True),
-    Option("grad_clip", (Arg("grad_clip", _FLOAT),), ("lstm", "gru")),
+    Option("grad_clip", (Arg("grad_clip", "float"),), ("lstm", "gru")),
 )
 ARGS = tuple(arg for option in OPTIONS for arg in option.args)
 
@@ -198,7 +194,7 @@ def check(cell: str, options: Optional[StepOptions], rows: int, batch: int, hidd
             value = getattr(options, arg.name)
             if value is None:
                 continue
-            if arg.type == _FLOAT:
+            if arg.type == "float":
                 if not 0 < value < math.inf:
                     raise ValueError(f"fastrnn.{cell}: {arg.name} must be a positive finite "
                                      f"number, got {value}")

@@ -5,6 +5,7 @@
 namespace fastrnn {
 namespace spec {
 using at::Tensor;
+constexpr double kLayerNormEps = 1e-05;
 constexpr int kNumCells = 4;
 constexpr int kLSTM = 0, kGRU = 1, kRNN_TANH = 2, kRNN_RELU = 3;
 constexpr const char* kCellNames[kNumCells] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};

@@ -6,7 +6,7 @@
 // recurrence_cuda.cu: one kernel). Backward runs the steps in reverse and accumulates the
 // weight gradients as single GEMMs over all steps at the end.
 //
-// Variant options (lstm/gru; VARIANTS_SPEC.md, fastrnn/ops.py) are small pieces of the same
+// Options (lstm/gru; fastrnn/spec.py, fastrnn/ops.py) are small pieces of the same
 // loop: the recurrent mask multiplies h before the GEMM (and dL/dh_rec after it), the
 // pointwise pass becomes step.h's variant row (layer norms, clips, zoneout), a projection
 // pass follows the w_hr GEMM when proj_clip / zoneout_h need it, and the layer-norm
@@ -34,23 +34,31 @@
 #include <string>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
+#include "generated/fastrnn_spec.h"  // generated from fastrnn/spec.py by fastrnn/build.py
 #include "step.h"
 
 namespace fastrnn {
 
 using at::Tensor;
 
+static_assert(static_cast<int>(Cell::LSTM) == spec::kLSTM &&
+                  static_cast<int>(Cell::GRU) == spec::kGRU &&
+                  static_cast<int>(Cell::RNN_TANH) == spec::kRNN_TANH &&
+                  static_cast<int>(Cell::RNN_RELU) == spec::kRNN_RELU && spec::kNumCells == 4 &&
+                  FASTRNN_LAYER_NORM_EPS == spec::kLayerNormEps,
+              "cells.h's Cell enum and layer-norm epsilon must be fastrnn/spec.py's");
+
 inline Cell parse_cell(c10::string_view name) {
-  if (name == "lstm") return Cell::LSTM;
-  if (name == "gru") return Cell::GRU;
-  if (name == "rnn_tanh") return Cell::RNN_TANH;
-  if (name == "rnn_relu") return Cell::RNN_RELU;
+  for (int id = 0; id < spec::kNumCells; ++id) {
+    if (name == spec::kCellNames[id]) return static_cast<Cell>(id);
+  }
   TORCH_CHECK(false, "fastrnn native: unknown cell '", std::string(name),
               "'; expected one of lstm, gru, rnn_tanh, rnn_relu");
 }
@@ -81,64 +89,47 @@ void with_variant(const StepOptions<scalar_t, acc_t>& o, Body&& body) {
   }
 }
 
-inline int64_t num_gates(Cell cell) {
-  return cell == Cell::LSTM ? 4 : (cell == Cell::GRU ? 3 : 1);
-}
+inline int64_t num_gates(Cell cell) { return spec::kNumGates[static_cast<int>(cell)]; }
 
-// The variant options of a call (VARIANTS_SPEC.md): the trailing arguments of the ops.
+// The options of a call (fastrnn/spec.py): the trailing arguments of the ops.
 struct Options {
-  Tensor ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask, zoneout_h, zoneout_c;
-  c10::optional<double> cell_clip, proj_clip, grad_clip;
+  FASTRNN_OPTION_FIELDS
 
   bool ln() const { return ln_weight.defined(); }
   bool ln_c() const { return ln_c_weight.defined(); }
   bool mask() const { return recurrent_mask.defined(); }
-  bool any() const {
-    return ln() || ln_c() || mask() || zoneout_h.defined() || zoneout_c.defined() ||
-           cell_clip.has_value() || proj_clip.has_value() || grad_clip.has_value();
-  }
+  bool any() const { return FASTRNN_ANY_OPTION(*this); }
 };
 
-inline Options make_options(
-    const c10::optional<Tensor>& ln_weight, const c10::optional<Tensor>& ln_bias,
-    const c10::optional<Tensor>& ln_c_weight, const c10::optional<Tensor>& ln_c_bias,
-    const c10::optional<Tensor>& recurrent_mask, const c10::optional<Tensor>& zoneout_h,
-    const c10::optional<Tensor>& zoneout_c, c10::optional<double> cell_clip,
-    c10::optional<double> proj_clip, c10::optional<double> grad_clip) {
+inline Options make_options(FASTRNN_OPTION_PARAMS) {
   auto get = [](const c10::optional<Tensor>& t) {
     return t.has_value() && t->defined() ? t->contiguous() : Tensor();
   };
   Options o;
-  o.ln_weight = get(ln_weight);
-  o.ln_bias = get(ln_bias);
-  o.ln_c_weight = get(ln_c_weight);
-  o.ln_c_bias = get(ln_c_bias);
-  o.recurrent_mask = get(recurrent_mask);
-  o.zoneout_h = get(zoneout_h);
-  o.zoneout_c = get(zoneout_c);
-  o.cell_clip = cell_clip;
-  o.proj_clip = proj_clip;
-  o.grad_clip = grad_clip;
+  FASTRNN_OPTION_ASSIGN(o, get)
   return o;
 }
 
-// Workspace columns (fastrnn/ops.py, VARIANTS_SPEC.md): the plain ones, then per option
-// lstm [a_hat | rstd] [c_hat | rstd_c] [p], gru [a_hat | rstd]. Offsets of the option columns.
+// Workspace columns (fastrnn/spec.py workspace_layout): the cell's own, then those of each
+// option that is on. Where the named groups start (an absent one: where it would start).
 struct Columns {
-  int64_t width, ln, ln_c, p;
+  int64_t width, c, h_pre, ln, ln_c, p;  // ln: a_hat, ln_c: c_hat
 };
 
 inline Columns workspace_columns(Cell cell, int64_t H, int64_t P, bool proj,
                                  const Options& o = Options()) {
-  Columns c{0, 0, 0, 0};
-  if (cell == Cell::LSTM) {
-    c.ln = 5 * H + (proj ? H : 0);
-    c.ln_c = c.ln + (o.ln() ? 4 * H + 1 : 0);
-    c.p = c.ln_c + (o.ln_c() ? H + 1 : 0);
-    c.width = c.p + (o.proj_clip.has_value() ? P : 0);
-  } else if (cell == Cell::GRU) {
-    c.ln = c.ln_c = c.p = 4 * H;
-    c.width = c.ln + (o.ln() ? 3 * H + 1 : 0);
+  const int id = static_cast<int>(cell);
+  const int64_t G = num_gates(cell);
+  Columns c{0, 0, 0, 0, 0, 0};
+  const std::pair<const char*, int64_t*> named[] = {
+      {"c", &c.c}, {"h_pre", &c.h_pre}, {"a_hat", &c.ln}, {"c_hat", &c.ln_c}, {"p", &c.p}};
+  for (const spec::ColumnGroup& g : spec::kColumnGroups) {
+    if (g.cell != id && g.option < 0) continue;  // another cell's own columns
+    for (const auto& name : named) {
+      if (std::string(g.name) == name.first) *name.second = c.width;
+    }
+    const bool on = g.cell == id || FASTRNN_OPTION_ON(o, g.option);
+    if (on && (proj || !g.projected)) c.width += g.h * H + g.gh * G * H + g.p * P + g.one;
   }
   return c;
 }
@@ -246,12 +237,12 @@ struct Shapes {
   Columns cols;
 };
 
-// The options' shapes and values (VARIANTS_SPEC.md); the modules have checked them already,
+// The options' shapes and values (fastrnn/spec.py); the modules have checked them already,
 // this is for direct callers of the ops.
 inline void check_options(const Shapes& s, const Options& o, const Tensor& like) {
   if (!o.any()) return;
-  TORCH_CHECK(s.cell == Cell::LSTM || s.cell == Cell::GRU,
-              "fastrnn native: variant options exist for lstm and gru only");
+  TORCH_CHECK(spec::kCellTakesOptions[static_cast<int>(s.cell)],
+              "fastrnn native: options exist for lstm and gru only");
   TORCH_CHECK(s.cell == Cell::LSTM || !(o.ln_c_weight.defined() || o.ln_c_bias.defined() ||
                                         o.zoneout_c.defined() || o.cell_clip.has_value() ||
                                         o.proj_clip.has_value()),
@@ -361,16 +352,6 @@ StepOptions<scalar_t, acc_t> step_options(const Shapes& s, const Options& o,
   so.p_col = s.cols.p;
   return so;
 }
-
-#define FASTRNN_OPTION_PARAMS                                                              \
-  const c10::optional<Tensor>&ln_weight, const c10::optional<Tensor>&ln_bias,              \
-      const c10::optional<Tensor>&ln_c_weight, const c10::optional<Tensor>&ln_c_bias,      \
-      const c10::optional<Tensor>&recurrent_mask, const c10::optional<Tensor>&zoneout_h,   \
-      const c10::optional<Tensor>&zoneout_c, c10::optional<double> cell_clip,              \
-      c10::optional<double> proj_clip, c10::optional<double> grad_clip
-#define FASTRNN_OPTION_ARGS                                                                \
-  ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask, zoneout_h, zoneout_c,        \
-      cell_clip, proj_clip, grad_clip
 
 template <class Dev>
 std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
@@ -589,8 +570,8 @@ BackwardResult recurrence_backward(
   }
   Tensor grad_w_hh = at::mm(grad_a.t(), h_prev_all);
   Tensor grad_b_hh = grad_hgates.sum(0);
-  Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), workspace.narrow(1, 5 * s.H, s.H).to(dtype))
-                            : at::empty({0}, opts);
+  const Tensor h_pre = s.proj ? workspace.narrow(1, s.cols.h_pre, s.H).to(dtype) : Tensor();
+  Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), h_pre) : at::empty({0}, opts);
   Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
   // Absent options' gradients: empty, and distinct tensors (outputs may not alias).
   Tensor grad_ln_weight = at::empty({0}, opts), grad_ln_bias = at::empty({0}, opts),

@@ -1,108 +1,32 @@
 """The op boundary: one generic recurrence op per cell kind, registered with torch.library.
 
-Ops (namespace ``fastrnn``), for cell in lstm, gru, rnn_tanh, rnn_relu::
+Ops (namespace ``fastrnn``), for cell in lstm, gru, rnn_tanh, rnn_relu (fastrnn.spec), all
+with the same schema::
 
-    lstm_forward(Tensor xproj, Tensor h0, Tensor c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr,
-                 Tensor? batch_sizes, bool reverse, str backend)
+    {cell}_forward(Tensor xproj, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr,
+                   Tensor? batch_sizes, bool reverse, str backend, <options>,
+                   bool need_workspace=True)
         -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)
-    lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor h0, Tensor c0,
-                  Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse,
-                  Tensor output, Tensor workspace, str backend)
+    {cell}_backward(Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor h0,
+                    Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes,
+                    bool reverse, Tensor output, Tensor workspace, str backend, <options>)
         -> (Tensor grad_xproj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh,
-            Tensor grad_b_hh, Tensor grad_w_hr)
-    {gru,rnn_tanh,rnn_relu}_forward(Tensor xproj, Tensor h0, Tensor w_hh, Tensor? b_hh,
-                 Tensor? batch_sizes, bool reverse, str backend)
-        -> (Tensor output, Tensor h_n, Tensor workspace)
-    {gru,rnn_tanh,rnn_relu}_backward(Tensor grad_output, Tensor grad_h_n, Tensor h0, Tensor w_hh,
-                  Tensor? b_hh, Tensor? batch_sizes, bool reverse, Tensor output,
-                  Tensor workspace, str backend)
-        -> (Tensor grad_xproj, Tensor grad_h0, Tensor grad_w_hh, Tensor grad_b_hh)
+            Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_ln_weight, Tensor grad_ln_bias,
+            Tensor grad_ln_c_weight, Tensor grad_ln_c_bias)
 
-Shapes (G gates: lstm 4, gru 3, rnn 1; H hidden; P = proj_size if w_hr is given else H):
+c0 / grad_c_n are given exactly for a cell with a cell state (lstm), w_hr only where the cell
+can project (lstm); a result the cell or call does not have (c_n of gru, grad_w_hr without
+w_hr, the gradient of an absent option) is an empty [0] tensor.
 
-- ``xproj`` [N, G*H]: the input projection ``x @ w_ih.T + b_ih`` of every step, rows in
-  packed time-major order: step t occupies rows ``offset[t] : offset[t] + batch_sizes[t]``
-  with ``offset[t] = sum(batch_sizes[:t])``. Without ``batch_sizes`` every step has B rows
-  (N = T*B, a plain [T, B, G*H] tensor viewed as [T*B, G*H]). Gate order as torch.nn:
-  lstm (i, f, g, o), gru (r, z, n).
-- ``h0`` [B, P], ``c0`` [B, H]: initial state, always given (zeros when the user gave none).
-- ``w_hh`` [G*H, P], ``b_hh`` [G*H] or None, ``w_hr`` [P, H] or None (lstm only).
-- ``batch_sizes``: None or a CPU int64 tensor [T] as in ``PackedSequence``: non-increasing,
-  ``batch_sizes[0] == B``, sum N. Row b of a step is sequence b of the (sorted) batch, so at
-  step t only the first ``batch_sizes[t]`` sequences are live: no work on padding.
-- ``reverse``: process steps T-1 .. 0. A sequence of length L then starts at step L-1 from
-  h0 and ends at step 0; without reverse it ends at step L-1. ``h_n``/``c_n`` hold every
-  sequence's state after its own last step.
-- ``output`` [N, P]: the hidden state (after projection) of every row.
-- ``workspace`` [N, W]: what backward needs, in a layout every backend shares, so any
-  backend's backward can consume any backend's forward. Its dtype is float32 for
-  float16/bfloat16 inputs, else the input dtype. Columns:
-    lstm: [i | f | g | o | c] activated gates and the new cell state, 5H, plus [h] the
-          hidden state before the projection (H more) when w_hr is given;
-    gru:  [r | z | n | hn] activated gates and hn = h_prev @ W_hn.T + b_hn, 4H;
-    rnn:  nothing (W = 0): the derivative is read off ``output``.
-- ``need_workspace`` (the forward's last argument, after the variant options; default
-  True): False says no backward will follow (``recurrence`` passes it when no input needs
-  a gradient), and the workspace comes back empty [0, W]; the native kernels then keep one
-  step of it as scratch instead of all N rows. Backward of such a forward raises.
-- Backward returns the gradient of every tensor input, in input dtype; ``grad_b_hh`` [G*H]
-  is returned even when b_hh is None (callers ignore it), ``grad_w_hr`` is an empty [0]
-  tensor when w_hr is None.
-
-Variant options (issue #8; lstm and gru only, see fastrnn.variants). Trailing schema
-arguments after ``backend``, all defaulting to None (= off, the recurrence above bit for bit)::
-
-    lstm: Tensor? ln_weight, Tensor? ln_bias, Tensor? ln_c_weight, Tensor? ln_c_bias,
-          Tensor? recurrent_mask, Tensor? zoneout_h, Tensor? zoneout_c,
-          float? cell_clip, float? proj_clip, float? grad_clip
-    gru:  Tensor? ln_weight, Tensor? ln_bias, Tensor? recurrent_mask, Tensor? zoneout_h,
-          float? grad_clip
-
-Backward takes the same and returns after the usual gradients grad_ln_weight, grad_ln_bias
-(and for lstm grad_ln_c_weight, grad_ln_c_bias), empty [0] where absent. Shapes: ln_weight,
-ln_bias [G*H]; ln_c_weight, ln_c_bias [H] (each pair both or neither); recurrent_mask [B, P];
-zoneout_h [N, P]; zoneout_c [N, H]; input dtype. Clips are positive; proj_clip needs w_hr;
-grad_clip only acts in backward (forward carries it for autograd). One step, on its live rows::
-
-    h_rec = h_prev * recurrent_mask          (the GEMM's input only)
-    a     = h_rec @ w_hh.T
-    hh    = LN(a) * ln_weight + ln_bias  (+ b_hh)   LN: row mean / biased variance over G*H,
-                                                     eps 1e-5: a_hat = (a - mean) * rstd
-    lstm: gates as before from xp + hh; c_new = clamp(f * c_prev + i * g, +-cell_clip)
-          h_new = o * tanh(LN(c_new) * ln_c_weight + ln_c_bias)       (LN over H)
-          with w_hr: h_pre = h_new; h_new = clamp(h_pre @ w_hr.T, +-proj_clip)
-    gru:  gates as before from xp + hh, h_new = (1 - z) * n + z * h_prev   (h_prev unmasked)
-    zoneout: h_t = (1 - z_h) * h_new + z_h * h_prev; c_t = (1 - z_c) * c_new + z_c * c_prev
-          (z = this row of zoneout_h / zoneout_c; exactly this form so 1 keeps prev bit for bit)
-    output = h_t; the carried state (and h_n, c_n) is (h_t, c_t).
-
-Workspace columns appended, each only when its option is on, in this order:
-lstm [i|f|g|o|c] (c = c_t, the carried cell state) [h_pre] [a_hat (G*H) | rstd (1)]
-[c_hat (H) | rstd_c (1)] [p (P): projection before proj_clip]; gru [r|z|n|hn] [a_hat | rstd].
-(fastrnn.variants.workspace_layout gives the column ranges.)
-
-Backward of a step (zoneout first): dh_new = (1 - z_h) * dh_t, dh_prev gets z_h * dh_t (same
-for c); the proj_clip mask |p| <= proj_clip and the cell_clip mask |f*c_prev + i*g| <=
-cell_clip (recomputed) zero the gradient where the forward clamped; the LN backward is
-rstd * (g - mean(g) - x_hat * mean(g * x_hat)); with grad_clip every gate pre-activation
-gradient is clamped to +-grad_clip where it is formed (gru: d_n, then d_r from the clamped
-d_n, d_z), before it reaches xproj, the LN, w_hh and h_prev; grad_w_hh = sum d_a^T h_rec and
-dh_prev = (d_a @ w_hh) * recurrent_mask + the direct terms. The reference backend
-(fastrnn/backends/reference.py) is this text in code.
+Shapes, the packed layout, the workspace columns and the math of every option:
+docs/op-contract.md (the reference backend, fastrnn/backends/reference.py, is it in code).
 
 ``backend`` names the backend whose kernels run (``reference``, ``native``, ``triton``); it
 is resolved by the caller (``fastrnn.backends.resolve``), never ``auto`` here.
 
-Double backward. The backward ops are not differentiable (their kernels write into
-preallocated outputs). The forward op's autograd therefore has three paths: a plain backward
-(create_graph=False) calls the backward op of ``backend``, as always; a backward with
-create_graph=True runs the reference backend's explicit backward in plain torch ops on the
-saved tensors, which autograd records; and the gradient that graph then sends into the
-forward's ``output`` and ``workspace`` comes back to the forward op's autograd, which handles a
-workspace gradient by autograd through the reference forward recomputed with the workspace's
-gate values (``known_gates``: the forward keeps no xproj, and every value that depends on it
-passes through a gate activation). Derivatives of third order and any double backward with
-``grad_clip`` (which changes the first derivative by design) raise.
+Double backward (docs/op-contract.md): create_graph=True runs the reference backend's explicit
+backward, whose gradient into the workspace comes back through the reference forward
+recomputed with the saved gates (``known_gates``); third derivatives and grad_clip raise.
 """
 from __future__ import annotations
 
@@ -110,84 +34,56 @@ from typing import Optional
 
 import torch
 
-from . import backends, variants
-from .cells import CELLS, CellKind, accumulate_dtype
+from . import backends, spec
+from .backends.base import fake_backward, fake_forward
+from .spec import CELLS, Cell
 
 Tensor = torch.Tensor
 
 _lib = torch.library.Library("fastrnn", "FRAGMENT")
 
 
-def _schemas(kind: CellKind):
-    c_in = "Tensor c0, " if kind.has_cell_state else ""
-    proj = "Tensor? w_hr, " if kind.has_projection else ""
-    c_n = "Tensor c_n, " if kind.has_cell_state else ""
-    forward = (f"{kind.name}_forward(Tensor xproj, Tensor h0, {c_in}Tensor w_hh, Tensor? b_hh, "
-               f"{proj}Tensor? batch_sizes, bool reverse, str backend) "
-               f"-> (Tensor output, Tensor h_n, {c_n}Tensor workspace)")
-    grad_c_n = "Tensor grad_c_n, " if kind.has_cell_state else ""
-    grad_c0 = "Tensor grad_c0, " if kind.has_cell_state else ""
-    grad_w_hr = ", Tensor grad_w_hr" if kind.has_projection else ""
-    options = "".join(f", {'Tensor' if name in variants.TENSOR_FIELDS else 'float'}? {name}=None"
-                      for name in variants.OPTION_FIELDS[kind.name])
-    grad_options = "".join(f", Tensor grad_{name}" for name in variants.GRAD_FIELDS[kind.name])
-    forward = forward.replace("str backend)",
-                              f"str backend{options}, bool need_workspace=True)")
-    backward = (f"{kind.name}_backward(Tensor grad_output, Tensor grad_h_n, {grad_c_n}Tensor h0, "
-                f"{c_in}Tensor w_hh, Tensor? b_hh, {proj}Tensor? batch_sizes, bool reverse, "
-                f"Tensor output, Tensor workspace, str backend{options}) -> (Tensor grad_xproj, "
-                f"Tensor grad_h0, {grad_c0}Tensor grad_w_hh, Tensor grad_b_hh{grad_w_hr}"
-                f"{grad_options})")
-    return forward, backward
+# Every cell's ops take the same arguments (absent ones None) and return the same results
+# (absent ones empty [0]); the option arguments follow ``backend``, in spec order.
+_FORWARD = ("xproj", "h0", "c0", "w_hh", "b_hh", "w_hr", "batch_sizes", "reverse", "backend")
+_BACKWARD = ("grad_output", "grad_h_n", "grad_c_n", "h0", "c0", "w_hh", "b_hh", "w_hr",
+             "batch_sizes", "reverse", "output", "workspace", "backend")
+_TYPES = {"c0": "Tensor?", "b_hh": "Tensor?", "w_hr": "Tensor?", "batch_sizes": "Tensor?",
+          "grad_c_n": "Tensor?", "reverse": "bool", "backend": "str"}
+_GRADS = ("xproj", "h0", "c0", "w_hh", "b_hh", "w_hr") + spec.LEARNABLE
 
 
-# The schemas differ per cell kind only in c0/c_n (lstm) and w_hr (lstm) and in the variant
-# options; these adapters map the positional op arguments onto the uniform keyword form the
-# backends take, and the trailing options onto a StepOptions (None when all are off).
-_FORWARD_ARITY = {True: 9, False: 7}     # arguments up to ``backend``, by has_cell_state
-_BACKWARD_ARITY = {True: 13, False: 10}
+def _schemas(cell: str):
+    params = lambda names: ", ".join(f"{_TYPES.get(n, 'Tensor')} {n}" for n in names)  # noqa
+    options = "".join(f", {arg.type}? {arg.name}=None" for arg in spec.ARGS)
+    grads = ", ".join(f"Tensor grad_{name}" for name in _GRADS)
+    return (f"{cell}_forward({params(_FORWARD)}{options}, bool need_workspace=True) "
+            "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)",
+            f"{cell}_backward({params(_BACKWARD)}{options}) -> ({grads})")
 
 
-def _options(kind, args, arity, kwargs):
-    names = variants.OPTION_FIELDS[kind.name]
-    values = dict(zip(names, args[arity:]))
-    values.update({k: v for k, v in kwargs.items() if k in names})
-    return variants.make(kind.name, values)
-
-
-def _forward_args(kind, args, kwargs=None):
+def _forward_args(cell, args, kwargs=None):
     """-> (tensor arguments as keywords, backend, options, need_workspace)."""
-    kwargs = kwargs or {}
-    arity = _FORWARD_ARITY[kind.has_cell_state]
-    if kind.has_cell_state:
-        xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend = args[:arity]
-    else:
-        (xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend), c0, w_hr = args[:arity], None, None
-    last = arity + len(variants.OPTION_FIELDS[kind.name])   # need_workspace, after the options
-    need_workspace = args[last] if len(args) > last else kwargs.get("need_workspace", True)
-    return (dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
-                 batch_sizes=batch_sizes, reverse=reverse), backend,
-            _options(kind, args, arity, kwargs), bool(need_workspace))
+    v = spec.bind(_FORWARD, args, kwargs or {}, ("need_workspace",))
+    return ({n: v[n] for n in _FORWARD[:-1]}, v["backend"], spec.make(cell, v),
+            bool(v.get("need_workspace", True)))
 
 
-def _backward_args(kind, args, kwargs=None):
-    arity = _BACKWARD_ARITY[kind.has_cell_state]
-    if kind.has_cell_state:
-        (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
-         output, workspace, backend) = args[:arity]
-    else:
-        (grad_output, grad_h_n, h0, w_hh, b_hh, batch_sizes, reverse, output, workspace,
-         backend) = args[:arity]
-        grad_c_n = c0 = w_hr = None
-    return (dict(grad_output=grad_output, grad_h_n=grad_h_n, grad_c_n=grad_c_n, h0=h0, c0=c0,
-                 w_hh=w_hh, b_hh=b_hh, w_hr=w_hr, batch_sizes=batch_sizes, reverse=reverse,
-                 output=output, workspace=workspace), backend,
-            _options(kind, args, arity, kwargs or {}))
+def _backward_args(cell, args, kwargs=None):
+    v = spec.bind(_BACKWARD, args, kwargs or {})
+    return {n: v[n] for n in _BACKWARD[:-1]}, v["backend"], spec.make(cell, v)
 
 
-def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_batch_sizes=True):
-    """Shape checks for direct callers of the ops (the modules have checked already).
-    The fake impl cannot read batch_sizes' values, so it checks shapes only."""
+def _check(kind: Cell, kw: dict, options, read_batch_sizes=True):
+    """Checks of a forward's arguments ``kw`` for direct callers of the ops (the modules have
+    checked already). The fake impl cannot read batch_sizes' values: shapes only."""
+    xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes = (kw[name] for name in _FORWARD[:7])
+    if (c0 is not None) != kind.has_cell_state:
+        raise ValueError(f"fastrnn.{kind.name}: c0 must be "
+                         f"{'given' if kind.has_cell_state else 'None'} for this cell")
+    if w_hr is not None and not kind.has_projection:
+        raise ValueError(f"fastrnn.{kind.name}: w_hr must be None, this cell has no "
+                         "projection")
     gates = w_hh.shape[0] if w_hh.dim() == 2 else -1
     if gates < 0 or gates % kind.num_gates:
         raise ValueError(f"fastrnn.{kind.name}: w_hh must be [{kind.num_gates}*hidden, "
@@ -217,6 +113,7 @@ def _check(kind: CellKind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, read_ba
             raise ValueError(f"fastrnn.{kind.name}: {name} dtype {tensor.dtype} does not match "
                              f"xproj dtype {xproj.dtype}")
     rows = xproj.shape[0]
+    spec.check(kind.name, options, rows, batch, hidden, width, w_hr is not None, xproj.dtype)
     if batch_sizes is None:
         if (batch and rows % batch) or (not batch and rows):
             raise ValueError(f"fastrnn.{kind.name}: xproj has {rows} rows, not a multiple of "
@@ -246,7 +143,7 @@ def _resolve(name, kind, xproj, w_hh, w_hr, options):
     proj = 0 if w_hr is None else w_hr.shape[0]
     if name == "auto":
         return backends.resolve("auto", kind.name, xproj.device, xproj.dtype, hidden, proj,
-                                variants.features(options))
+                                spec.features(options))
     return name
 
 
@@ -275,95 +172,50 @@ def _direct_call(tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
-def _register(kind: CellKind):
-    forward_schema, backward_schema = _schemas(kind)
-    _lib.define(forward_schema)
-    _lib.define(backward_schema)
-    forward_name = f"fastrnn::{kind.name}_forward"
-    backward_name = f"fastrnn::{kind.name}_backward"
-    grad_fields = variants.GRAD_FIELDS[kind.name]
-
-    def check_options(kw, options):
-        hidden = kw["w_hh"].shape[0] // kind.num_gates
-        variants.check(kind.name, options, kw["xproj"].shape[0], kw["h0"].shape[0], hidden,
-                       kw["h0"].shape[1], kw["w_hr"] is not None, kw["xproj"].dtype)
+def _register(kind: Cell):
+    forward_name, backward_name = (f"fastrnn::{kind.name}_{d}" for d in ("forward", "backward"))
+    for schema in _schemas(kind.name):
+        _lib.define(schema)
 
     def forward_impl(*args, **kwargs):
-        kw, backend, options, need_workspace = _forward_args(kind, args, kwargs)
-        _check(kind, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
-               kw["batch_sizes"])
-        check_options(kw, options)
+        kw, backend, options, need_workspace = _forward_args(kind.name, args, kwargs)
+        _check(kind, kw, options)
         backend = _resolve(backend, kind, kw["xproj"], kw["w_hh"], kw["w_hr"], options)
-        extra = {} if options is None else {"options": options}
         output, h_n, c_n, workspace = backends.get(backend).forward(
-            kind.name, **kw, **extra, need_workspace=need_workspace)
+            kind.name, **kw, options=options, need_workspace=need_workspace)
         if not need_workspace and workspace.shape[0] > 0:   # a backend that kept it anyway
             workspace = workspace.new_empty(0, workspace.shape[1])
-        result = (output, h_n) + ((c_n,) if kind.has_cell_state else ()) + (workspace,)
-        return _fresh(result, args)
+        return _fresh((output, h_n, _empty_if_none(c_n, h_n), workspace), args)
 
     def backward_impl(*args, **kwargs):
-        kw, backend, options = _backward_args(kind, args, kwargs)
+        kw, backend, options = _backward_args(kind.name, args, kwargs)
         backend = _resolve(backend, kind, kw["output"], kw["w_hh"], kw["w_hr"], options)
-        extra = {} if options is None else {"options": options}
-        grads = backends.get(backend).backward(kind.name, **kw, **extra)
-        grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads[:6]
-        result = (grad_xproj, grad_h0) + ((grad_c0,) if kind.has_cell_state else ())
-        result += (grad_w_hh, grad_b_hh)
-        empty = kw["w_hh"].new_empty   # a fresh one for each absent gradient: no aliasing
-        if kind.has_projection:
-            result += (grad_w_hr if grad_w_hr is not None else empty(0),)
-        option_grads = dict(zip(variants.GRAD_FIELDS["lstm"], grads[6:]))
-        result += tuple(empty(0) if option_grads.get(name) is None else option_grads[name]
-                        for name in grad_fields)
-        return _fresh(result, args)
+        grads = backends.get(backend).backward(kind.name, **kw, options=options)
+        return _fresh(_op_grads(grads, kw["w_hh"]), args)
 
     def forward_fake(*args, **kwargs):
-        kw, _, options, need_workspace = _forward_args(kind, args, kwargs)
-        _check(kind, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
-               kw["batch_sizes"], read_batch_sizes=False)
-        check_options(kw, options)
-        xproj, h0, w_hr = kw["xproj"], kw["h0"], kw["w_hr"]
-        hidden = kw["w_hh"].shape[0] // kind.num_gates
-        width = variants.workspace_width(kind.name, hidden, 0 if w_hr is None else w_hr.shape[0],
-                                         variants.features(options))
-        result = (xproj.new_empty(xproj.shape[0], h0.shape[1]), torch.empty_like(h0))
-        if kind.has_cell_state:
-            result += (torch.empty_like(kw["c0"]),)
-        rows = xproj.shape[0] if need_workspace else 0
-        return result + (xproj.new_empty(rows, width, dtype=accumulate_dtype(xproj.dtype)),)
+        kw, _, options, need_workspace = _forward_args(kind.name, args, kwargs)
+        _check(kind, kw, options, read_batch_sizes=False)
+        return fake_forward(kind.name, kw["xproj"], kw["h0"], kw["c0"], kw["w_hh"], kw["w_hr"],
+                            options, need_workspace)
 
     def backward_fake(*args, **kwargs):
-        kw, _, options = _backward_args(kind, args, kwargs)
-        output = kw["output"]
-        result = (output.new_empty(output.shape[0], kw["w_hh"].shape[0]),
-                  torch.empty_like(kw["h0"]))
-        if kind.has_cell_state:
-            result += (torch.empty_like(kw["c0"]),)
-        result += (torch.empty_like(kw["w_hh"]), kw["w_hh"].new_empty(kw["w_hh"].shape[0]))
-        if kind.has_projection:
-            w_hr = kw["w_hr"]
-            result += (torch.empty_like(w_hr) if w_hr is not None else kw["w_hh"].new_empty(0),)
-        for name in grad_fields:
-            value = None if options is None else getattr(options, name)
-            result += (kw["w_hh"].new_empty(0) if value is None else torch.empty_like(value),)
-        return result
+        kw, _, options = _backward_args(kind.name, args, kwargs)
+        return fake_backward(kw["output"], kw["h0"], kw["c0"], kw["w_hh"], kw["w_hr"], options)
 
     def setup_context(ctx, inputs, output):
         # Unused outputs get None, not zeros: a gradient of the workspace then only comes
         # from a double backward (see backward), and none is allocated otherwise.
         ctx.set_materialize_grads(False)
-        kw, backend, options, ctx.need_workspace = _forward_args(kind, inputs)
+        kw, ctx.backend, options, ctx.need_workspace = _forward_args(kind.name, inputs)
         ctx.differentiated = False   # set when a backward ran with create_graph=True
-        ctx.backend = backend
         ctx.batch_sizes, ctx.reverse = kw["batch_sizes"], kw["reverse"]
-        ctx.has_bias, ctx.has_proj = kw["b_hh"] is not None, kw["w_hr"] is not None
-        options = options or variants.StepOptions()
-        ctx.option_values = [None if name in variants.TENSOR_FIELDS else getattr(options, name)
-                             for name in variants.OPTION_FIELDS[kind.name]]
+        ctx.given = {n for n in ("c0", "b_hh", "w_hr") if kw[n] is not None}
+        options = options or spec.StepOptions()
+        ctx.floats = options._replace(**dict.fromkeys(spec.TENSOR_FIELDS))
         ctx.save_for_backward(kw["h0"], kw["c0"], kw["w_hh"], kw["b_hh"], kw["w_hr"],
                               output[0], output[-1],
-                              *[getattr(options, name) for name in variants.TENSOR_FIELDS])
+                              *[getattr(options, name) for name in spec.TENSOR_FIELDS])
 
     def backward(ctx, *grads):
         if not ctx.need_workspace:
@@ -371,18 +223,16 @@ def _register(kind: CellKind):
                 f"fastrnn: this {kind.name} forward ran with need_workspace=False, which keeps "
                 "nothing for backward; call it with need_workspace=True (the default) when "
                 "gradients are needed")
-        h0, c0, w_hh, b_hh, w_hr, output, workspace, *option_tensors = ctx.saved_tensors
-        tensors = dict(zip(variants.TENSOR_FIELDS, option_tensors))
-        option_args = [tensors[name] if name in tensors else value
-                       for name, value in zip(variants.OPTION_FIELDS[kind.name],
-                                              ctx.option_values)]
+        h0, c0, w_hh, b_hh, w_hr, output, workspace, *tensors = ctx.saved_tensors
+        options = ctx.floats._replace(**dict(zip(spec.TENSOR_FIELDS, tensors)))
+        saved = (h0, c0, w_hh, b_hh, w_hr, output, workspace,
+                 spec.make(kind.name, options._asdict()))
         grad_workspace = grads[-1]
         if ctx.differentiated and grad_workspace is not None and grad_workspace.numel():
             # The gradient _differentiable_backward's graph sends into the workspace (a
             # double backward). Elsewhere the workspace counts as not differentiable, as
             # tracers and direct callers of the op see it.
-            return _workspace_backward(kind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
-                                       workspace, option_args)
+            return _workspace_backward(kind, ctx, grads, *saved)
         if torch.is_grad_enabled():
             # create_graph=True: the gradient must be differentiable itself. The backward ops
             # are not (their kernels write into preallocated outputs), so the reference
@@ -390,18 +240,12 @@ def _register(kind: CellKind):
             # reads the forward's output and workspace, whose gradients come back to this
             # function (the branch above); the normal backward below stays as it was.
             ctx.differentiated = True
-            return _differentiable_backward(kind, ctx, grads, h0, c0, w_hh, b_hh, w_hr,
-                                            output, workspace, option_args)
-        grad_output = _zeros_if_none(grads[0], output)
-        grad_h_n = _zeros_if_none(grads[1], h0)
-        args = (grad_output, grad_h_n)
-        if kind.has_cell_state:
-            args += (_zeros_if_none(grads[2], c0), h0, c0, w_hh, b_hh, w_hr)
-        else:
-            args += (h0, w_hh, b_hh)
-        args += (ctx.batch_sizes, ctx.reverse, output, workspace, ctx.backend, *option_args)
-        result = list(getattr(torch.ops.fastrnn, f"{kind.name}_backward")(*args))
-        return _input_grads(kind, ctx, result, option_args)
+            return _differentiable_backward(kind, ctx, grads, *saved)
+        result = getattr(torch.ops.fastrnn, f"{kind.name}_backward")(
+            _zeros_if_none(grads[0], output), _zeros_if_none(grads[1], h0),
+            None if c0 is None else _zeros_if_none(grads[2], c0), h0, c0, w_hh, b_hh, w_hr,
+            ctx.batch_sizes, ctx.reverse, output, workspace, ctx.backend, *options)
+        return _input_grads(ctx, result, options)
 
     _lib.impl(f"{kind.name}_forward", forward_impl, "CompositeExplicitAutograd")
     _lib.impl(f"{kind.name}_backward", backward_impl, "CompositeExplicitAutograd")
@@ -415,26 +259,29 @@ def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
     return torch.zeros_like(like) if grad is None else grad
 
 
-def _input_grads(kind: CellKind, ctx, result, option_args):
+def _empty_if_none(value: Optional[Tensor], like: Tensor) -> Tensor:
+    return like.new_empty(0) if value is None else value   # a fresh one each: no aliasing
+
+
+def _op_grads(grads, like: Tensor):
+    """A backend's backward results (fastrnn.backends.base) as the backward op returns them:
+    every gradient of _GRADS, an empty [0] where absent."""
+    grads = tuple(grads) + (None,) * (len(_GRADS) - len(grads))
+    return tuple(_empty_if_none(grad, like) for grad in grads)
+
+
+def _input_grads(ctx, result, options):
     """The forward op's input gradients (None where an input takes none) from the backward
-    op's results ``result`` (a list in that op's schema order)."""
-    grad_fields = variants.GRAD_FIELDS[kind.name]
-    n_state = 2 if kind.has_cell_state else 1
-    grad_xproj, grad_state = result[0], result[1:1 + n_state]
-    grad_w_hh, grad_b_hh = result[1 + n_state], result[2 + n_state]
-    grads_in = [grad_xproj, *grad_state, grad_w_hh, grad_b_hh if ctx.has_bias else None]
-    if kind.has_projection:
-        grads_in.append(result[3 + n_state] if ctx.has_proj else None)
-    grads_in += [None, None, None]  # batch_sizes, reverse, backend
-    option_grads = dict(zip(grad_fields, result[len(result) - len(grad_fields):]))
-    for name, value in zip(variants.OPTION_FIELDS[kind.name], option_args):
-        given = name in variants.TENSOR_FIELDS and value is not None
-        grads_in.append(option_grads[name] if given and name in option_grads else None)
-    return tuple(grads_in) + (None,)  # need_workspace
+    op's results ``result`` (in _GRADS order)."""
+    grads = dict(zip(_GRADS, result))
+    wanted = {"xproj", "h0", "w_hh"} | ctx.given
+    wanted |= {name for name in spec.LEARNABLE if getattr(options, name) is not None}
+    return tuple(grads[name] if name in wanted else None
+                 for name in _FORWARD + spec.StepOptions._fields + ("need_workspace",))
 
 
-def _double_backward_check(kind: CellKind, option_args):
-    grad_clip = dict(zip(variants.OPTION_FIELDS[kind.name], option_args)).get("grad_clip")
+def _double_backward_check(kind: Cell, options):
+    grad_clip = options.grad_clip
     if grad_clip is not None:
         # The clip makes the first-order gradient something other than the forward's
         # derivative, so no second derivative is the true one: refuse rather than pick one.
@@ -445,37 +292,20 @@ def _double_backward_check(kind: CellKind, option_args):
             "torch.nn.utils.clip_grad_norm_ after backward) to take second derivatives")
 
 
-def _backend_grads_to_op(kind: CellKind, grads, like: Tensor):
-    """A backend's backward results (fastrnn.backends.base) in the backward op's order, with
-    zeros for absent gradients as that op returns."""
-    grad_xproj, grad_h0, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr = grads[:6]
-    result = [grad_xproj, grad_h0] + ([grad_c0] if kind.has_cell_state else [])
-    result += [grad_w_hh, grad_b_hh]
-    if kind.has_projection:
-        result.append(like.new_empty(0) if grad_w_hr is None else grad_w_hr)
-    option_grads = dict(zip(variants.GRAD_FIELDS["lstm"], grads[6:]))
-    result += [like.new_empty(0) if option_grads.get(name) is None else option_grads[name]
-               for name in variants.GRAD_FIELDS[kind.name]]
-    return result
-
-
-def _differentiable_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
-                             workspace, option_args):
+def _differentiable_backward(kind: Cell, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
+                             workspace, options):
     """The backward under create_graph=True: the reference backend's explicit backward (plain
     torch ops) on the saved tensors, so autograd records it."""
-    _double_backward_check(kind, option_args)
-    options = variants.make(kind.name, dict(zip(variants.OPTION_FIELDS[kind.name],
-                                                option_args)))
-    extra = {} if options is None else {"options": options}
+    _double_backward_check(kind, options or spec.StepOptions())
     result = backends.get("reference").backward(
         kind.name, _zeros_if_none(grads[0], output), _zeros_if_none(grads[1], h0),
-        _zeros_if_none(grads[2], c0) if kind.has_cell_state else None, h0, c0, w_hh, b_hh,
-        w_hr, ctx.batch_sizes, ctx.reverse, output, workspace, **extra)
-    return _input_grads(kind, ctx, _backend_grads_to_op(kind, result, w_hh), option_args)
+        None if c0 is None else _zeros_if_none(grads[2], c0), h0, c0, w_hh, b_hh,
+        w_hr, ctx.batch_sizes, ctx.reverse, output, workspace, options=options)
+    return _input_grads(ctx, _op_grads(result, w_hh), options or spec.StepOptions())
 
 
-def _workspace_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
-                        workspace, option_args):
+def _workspace_backward(kind: Cell, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output,
+                        workspace, options):
     """The backward when the workspace has a gradient (a double backward, through
     _differentiable_backward): autograd through the reference forward, recomputed from the
     saved inputs with the saved gate values (the reference backend's ``known_gates``), since
@@ -484,27 +314,23 @@ def _workspace_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, ou
         raise RuntimeError(
             f"fastrnn: the {kind.name} recurrence has first and second derivatives, not "
             "third or higher: take the second derivative with create_graph=False")
-    _double_backward_check(kind, option_args)
-    names = variants.OPTION_FIELDS[kind.name]
+    options = options or spec.StepOptions()
+    _double_backward_check(kind, options)
     leaf = lambda t: None if t is None else t.detach().requires_grad_()  # noqa: E731
-    learnable = set(variants.GRAD_FIELDS[kind.name])
-    options = variants.make(kind.name, {
-        name: leaf(value) if name in learnable else value
-        for name, value in zip(names, option_args)})
-    gates = variants.workspace_layout(
+    options = options._replace(**{name: leaf(getattr(options, name))
+                                  for name in spec.LEARNABLE})
+    gates = spec.workspace_layout(
         kind.name, w_hh.shape[0] // kind.num_gates, 0 if w_hr is None else w_hr.shape[0],
-        variants.features(options))["gates"]
+        options.features())["gates"]
     xproj = output.new_zeros(output.shape[0], w_hh.shape[0], requires_grad=True)  # not read
     inputs = [xproj, leaf(h0), leaf(c0), leaf(w_hh), leaf(b_hh), leaf(w_hr)]
-    inputs += [None if options is None else getattr(options, name)
-               for name in variants.GRAD_FIELDS["lstm"]]
+    inputs += [getattr(options, name) for name in spec.LEARNABLE]
     with torch.enable_grad():
         recomputed = backends.get("reference").forward(
-            kind.name, *inputs[:6], ctx.batch_sizes, ctx.reverse, options=options,
-            known_gates=workspace[:, gates])
-    pairs = [(value, grad) for value, grad in zip(
-        [value for value in recomputed if value is not None], grads)
-        if grad is not None and value.requires_grad]
+            kind.name, *inputs[:6], ctx.batch_sizes, ctx.reverse,
+            options=spec.make(kind.name, options._asdict()), known_gates=workspace[:, gates])
+    pairs = [(value, grad) for value, grad in zip(recomputed, grads)
+             if value is not None and grad is not None and value.requires_grad]
     wanted = [t for t in inputs if t is not None]
     found = iter(torch.autograd.grad([v for v, _ in pairs], wanted, [g for _, g in pairs],
                                      allow_unused=True) if pairs else [None] * len(wanted))
@@ -514,7 +340,7 @@ def _workspace_backward(kind: CellKind, ctx, grads, h0, c0, w_hh, b_hh, w_hr, ou
         result.append(torch.zeros_like(tensor) if tensor is not None and grad is None else grad)
     if result[4] is None:
         result[4] = w_hh.new_zeros(w_hh.shape[0])
-    return _input_grads(kind, ctx, _backend_grads_to_op(kind, result, w_hh), option_args)
+    return _input_grads(ctx, _op_grads(result, w_hh), options)
 
 
 for _kind in CELLS.values():
@@ -524,9 +350,9 @@ for _kind in CELLS.values():
 def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
                b_hh: Optional[Tensor], w_hr: Optional[Tensor], batch_sizes: Optional[Tensor],
                reverse: bool, backend: str,
-               options: Optional[variants.StepOptions] = None):
+               options: Optional[spec.StepOptions] = None):
     """Run the ``cell`` op; returns (output, h_n, c_n or None). Differentiable.
-    ``options``: the variant options (lstm and gru only), None for the plain recurrence."""
+    ``options``: a fastrnn.spec.StepOptions, None for the plain recurrence."""
     kind = CELLS[cell]
     op = getattr(torch.ops.fastrnn, f"{cell}_forward")
     # Without a gradient to compute, the op keeps no workspace for backward (less memory,
@@ -535,26 +361,17 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
     need_workspace = torch.jit.is_tracing() or (torch.is_grad_enabled() and any(
         isinstance(t, Tensor) and t.requires_grad
         for t in (xproj, h0, c0, w_hh, b_hh, w_hr, *(options or ()))))
-    extra = ()
     if options is None and not need_workspace and xproj.shape[0] and \
             _direct_call((xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes)):
         # What the op's implementation does for such a call, without its argument
         # marshalling: the outputs are fresh tensors when there are rows.
-        _check(kind, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes)
+        kw = dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
+                  batch_sizes=batch_sizes, reverse=reverse)
+        _check(kind, kw, None)
         backend = _resolve(backend, kind, xproj, w_hh, w_hr, None)
-        output, h_n, c_n, _ = backends.get(backend).forward(
-            cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_workspace=False)
-        return output, h_n, c_n
-    if options is not None:
-        foreign = [name for name, value in options._asdict().items()
-                   if value is not None and name not in variants.OPTION_FIELDS[cell]]
-        if foreign:
-            raise ValueError(f"fastrnn: the {cell} op has no option {', '.join(foreign)}")
-        extra = tuple(getattr(options, name) for name in variants.OPTION_FIELDS[cell])
-    if kind.has_cell_state:
-        output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
-                                 *extra, need_workspace=need_workspace)
-        return output, h_n, c_n
-    output, h_n, _ = op(xproj, h0, w_hh, b_hh, batch_sizes, reverse, backend, *extra,
-                        need_workspace=need_workspace)
-    return output, h_n, None
+        output, h_n, c_n, _ = backends.get(backend).forward(cell, **kw, options=None,
+                                                            need_workspace=False)
+        return output, h_n, c_n if kind.has_cell_state else None
+    output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
+                             *(options or ()), need_workspace=need_workspace)
+    return output, h_n, c_n if kind.has_cell_state else None

@@ -13,14 +13,13 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
-from . import variants
-from .cells import CELLS
+from .spec import ARGS, CELLS, OPTION_FIELDS, StepOptions, make
 
 Tensor = torch.Tensor
 
 # Option tensors with one row per input row (sliced per segment) or per batch entry.
-_ROW_OPTIONS = ("zoneout_h", "zoneout_c")
-_BATCH_OPTIONS = ("recurrent_mask",)
+_ROW_OPTIONS = tuple(arg.name for arg in ARGS if arg.shape[:1] == ("N",))
+_BATCH_OPTIONS = tuple(arg.name for arg in ARGS if arg.shape[:1] == ("B",))
 
 
 def check_every(owner: str, value):
@@ -55,10 +54,10 @@ class _Spec(NamedTuple):
 def layer(recurrence, project, x: Tensor, proj_params, cell: str, h0: Tensor,
           c0: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor], w_hr: Optional[Tensor],
           batch_sizes: Optional[Tensor], reverse: bool, backend: str,
-          options: Optional[variants.StepOptions], every):
+          options: Optional[StepOptions], every):
     """One layer-direction: ``recurrence(cell, project(x, *proj_params), h0, ...)`` computed in
     segments of ``every`` steps. Returns (output, h_n, c_n or None)."""
-    names = variants.OPTION_FIELDS[cell]
+    names = OPTION_FIELDS[cell]
     values = tuple((name, None if options is None else getattr(options, name))
                    for name in names)
     if not x.shape[0] or not h0.shape[0]:   # nothing to split
@@ -94,7 +93,7 @@ def _options(spec: _Spec, tensors, start: int, end: int, live: int):
             value = (tensor[start:end] if name in _ROW_OPTIONS
                      else tensor[:live] if name in _BATCH_OPTIONS else tensor)
         values[name] = value
-    return variants.make(spec.cell, values)
+    return make(spec.cell, values)
 
 
 def _run_segment(spec, x, proj_params, h, c, w_hh, b_hh, w_hr, tensors, segment):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fastrnn import backends
-from fastrnn.cells import CELLS
+from fastrnn.spec import CELLS
 from fastrnn.testing import assert_all_close, to_float64
 
 

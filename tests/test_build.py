@@ -183,3 +183,11 @@ def test_digest_matches_until_the_library_changes(tmp_path):
     assert "truncated or overwritten" in build.library_damage(library)
     build.write_digest(tmp_path / "missing.so")  # nothing to hash: no digest, no error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.so", "lib.so.sha256"]
+
+
+def test_generated_spec_header_is_current():
+    """csrc/generated/fastrnn_spec.h holds fastrnn/spec.py's tables (build.py rewrites it in a
+    checkout whose spec changed; an installed copy must already match)."""
+    header = build.csrc_dir() / "generated" / "fastrnn_spec.h"
+    assert header.read_text() == build.spec_header()
+    assert "generated/fastrnn_spec.h" in build.HEADERS   # a spec change is a new build

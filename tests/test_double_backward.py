@@ -15,8 +15,8 @@ from torch.nn.utils.rnn import pack_sequence
 import fastrnn
 from fastrnn import testing
 from fastrnn import ops
-from fastrnn.cells import CELLS
-from fastrnn.variants import StepOptions
+from fastrnn.spec import CELLS
+from fastrnn.spec import StepOptions
 
 from backend_cases import make_case
 
@@ -313,14 +313,16 @@ def test_first_order_is_the_backward_op(cell, backend):
     grads = [torch.randn(o.shape, generator=gen, dtype=DTYPE) for o in outputs]
     actual = torch.autograd.grad(outputs, inputs, grads)
     op = getattr(torch.ops.fastrnn, f"{cell}_forward")
-    state = (case["c0"],) if kind.has_cell_state else ()
-    proj = (case["w_hr"],) if kind.has_projection else ()
     with torch.no_grad():
-        fwd = op(case["xproj"], case["h0"], *state, case["w_hh"], case["b_hh"], *proj,
-                 case["batch_sizes"], True, backend)
+        fwd = op(case["xproj"], case["h0"], case["c0"], case["w_hh"], case["b_hh"],
+                 case["w_hr"], case["batch_sizes"], True, backend)
         expected = getattr(torch.ops.fastrnn, f"{cell}_backward")(
-            *grads, case["h0"], *state, case["w_hh"], case["b_hh"], *proj,
-            case["batch_sizes"], True, fwd[0], fwd[-1], backend)
+            *grads, *([] if kind.has_cell_state else [None]), case["h0"], case["c0"],
+            case["w_hh"], case["b_hh"], case["w_hr"], case["batch_sizes"], True, fwd[0],
+            fwd[-1], backend)
+    # the gradients of the inputs this cell has (the op returns all, empty where absent)
+    expected = [e for e, name in zip(expected, ("xproj", "h0", "c0", "w_hh", "b_hh", "w_hr"))
+                if case[name] is not None]
     for a, e in zip(actual, expected):
         assert torch.equal(a, e)
 
@@ -349,8 +351,8 @@ def test_third_derivative_is_refused(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_workspace_forward_still_refuses_backward(backend):
     case, inputs = case_inputs("gru")
-    output, _, _ = torch.ops.fastrnn.gru_forward(
-        case["xproj"], case["h0"], case["w_hh"], case["b_hh"], None, False, backend,
+    output, _, _, _ = torch.ops.fastrnn.gru_forward(
+        case["xproj"], case["h0"], None, case["w_hh"], case["b_hh"], None, None, False, backend,
         need_workspace=False)
     for create_graph in (False, True):
         with pytest.raises(RuntimeError, match="need_workspace=False"):
@@ -361,7 +363,7 @@ def test_gradcheck_of_known_gates_recompute():
     """The recompute the workspace's gradient goes through (the reference forward with
     known_gates) has the forward's first derivatives."""
     from fastrnn.backends import get
-    from fastrnn.variants import workspace_layout
+    from fastrnn.spec import workspace_layout
     reference = get("reference")
     for cell in ("lstm", "gru"):
         case, inputs = case_inputs(cell, hidden=2, lengths=[3, 2, 1])

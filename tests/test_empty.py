@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 import fastrnn
-from fastrnn.cells import CELLS
+from fastrnn.spec import CELLS
 
 from parity import flatten, run_both, twin_of
 

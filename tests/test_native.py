@@ -20,7 +20,7 @@ from torch.nn.utils.rnn import pack_sequence
 import fastrnn  # noqa: F401  (defines the public ops)
 from fastrnn import backends, build, ops
 from fastrnn.backends.native import NativeBackend
-from fastrnn.cells import CELLS
+from fastrnn.spec import CELLS
 
 from backend_cases import (check_backend, compare_all, make_case, native_available_mark,
                            run_backward, run_forward, upstream)
@@ -300,8 +300,8 @@ torch.ops.load_library(sys.argv[1])
 import fastrnn.ops
 assert hasattr(torch.ops.fastrnn, "lstm_forward") and hasattr(torch.ops.fastrnn, "native_forward")
 x = torch.randn(6, 4, dtype=torch.float64)
-print(torch.ops.fastrnn.rnn_tanh_forward(x, torch.zeros(2, 4, dtype=x.dtype),
-      torch.eye(4, dtype=x.dtype), None, None, False, "native")[0].shape)
+print(torch.ops.fastrnn.rnn_tanh_forward(x, torch.zeros(2, 4, dtype=x.dtype), None,
+      torch.eye(4, dtype=x.dtype), None, None, None, False, "native")[0].shape)
 """
 IMPORT_THEN_LOAD = """
 import sys, torch

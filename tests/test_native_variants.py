@@ -12,8 +12,8 @@ import torch
 
 import fastrnn  # noqa: F401  (defines the public ops)
 from fastrnn import backends, ops
-from fastrnn.cells import CELLS
-from fastrnn.variants import StepOptions
+from fastrnn.spec import CELLS
+from fastrnn.spec import StepOptions
 
 import backend_cases
 from backend_cases import (check_backend, compare_all, native_available_mark, run_backward,

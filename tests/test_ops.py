@@ -7,7 +7,7 @@ import torch
 
 import fastrnn
 from fastrnn import backends, ops
-from fastrnn.cells import CELLS
+from fastrnn.spec import CELLS
 
 from fastrnn.testing import assert_all_close, assert_close
 from parity import cpu_backends
@@ -54,10 +54,8 @@ def call(cell, inputs, batch_sizes, reverse, backend):
 
 
 def tensor_args(cell, inputs):
-    """The tensor arguments of the forward op, in schema order."""
-    names = ["xproj", "h0", "c0", "w_hh", "b_hh", "w_hr"] if CELLS[cell].has_cell_state \
-        else ["xproj", "h0", "w_hh", "b_hh"]
-    return [inputs[name] for name in names]
+    """The tensor arguments of the forward op, in schema order (None where absent)."""
+    return [inputs[name] for name in ["xproj", "h0", "c0", "w_hh", "b_hh", "w_hr"]]
 
 
 def leaves(inputs):
@@ -127,14 +125,10 @@ def test_opcheck(cell, proj, layout, backend):
         output, h_n, *rest = forward(*[a.detach() if isinstance(a, torch.Tensor) else a
                                        for a in args])
     workspace = rest[-1]
-    state = [a for a in args[1:1 + (2 if kind.has_cell_state else 1)]]
-    grads = [torch.randn_like(output), torch.randn_like(h_n)]
-    if kind.has_cell_state:
-        grads.append(torch.randn_like(rest[0]))
-    weights = args[len(state) + 1: len(args) - 3]
-    backward_args = grads + [s.detach() for s in state] + [
-        None if w is None else w.detach() for w in weights] + [batch_sizes, True, output,
-                                                               workspace, backend]
+    grads = [torch.randn_like(output), torch.randn_like(h_n),
+             torch.randn_like(rest[0]) if kind.has_cell_state else None]
+    backward_args = grads + [None if a is None else a.detach() for a in args[1:6]] + [
+        batch_sizes, True, output, workspace, backend]
     torch.library.opcheck(getattr(torch.ops.fastrnn, f"{cell}_backward").default,
                           backward_args)
 

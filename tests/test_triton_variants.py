@@ -14,7 +14,7 @@ from test_triton import (DEVICE, GATES, REFERENCE, TritonBackend, assert_float32
                          cast, make_problem, to)
 from test_triton import poison  # noqa: F401  (the autouse NaN-filling fixture)
 from fastrnn.testing import assert_close
-from fastrnn.variants import StepOptions, workspace_width
+from fastrnn.spec import StepOptions, workspace_width
 
 GRAD_NAMES = ("grad_xproj", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr",
               "grad_ln_weight", "grad_ln_bias", "grad_ln_c_weight", "grad_ln_c_bias")

@@ -596,12 +596,10 @@ def op_case(cell, dtype, *, batch_sizes, hidden=3, proj=0, batch=3, steps=4, see
 
 def call_op_full(cell, args, options, batch_sizes, reverse, backend):
     """The forward op with the option keyword arguments: (output, h_n[, c_n], workspace)."""
-    if cell == "lstm":
-        return torch.ops.fastrnn.lstm_forward(
-            args["xproj"], args["h0"], args["c0"], args["w_hh"], args["b_hh"], args["w_hr"],
-            batch_sizes, reverse, backend, **options)
-    return torch.ops.fastrnn.gru_forward(args["xproj"], args["h0"], args["w_hh"],
-                                         args["b_hh"], batch_sizes, reverse, backend, **options)
+    result = getattr(torch.ops.fastrnn, f"{cell}_forward")(
+        args["xproj"], args["h0"], args.get("c0"), args["w_hh"], args["b_hh"], args.get("w_hr"),
+        batch_sizes, reverse, backend, **options)
+    return result if cell == "lstm" else result[:2] + result[3:]
 
 
 def call_op(cell, args, options, batch_sizes, reverse, backend):
@@ -733,9 +731,8 @@ def test_op_opcheck_every_option(cell, proj, backend):
     args, options = op_case(cell, torch.float32, batch_sizes=batch_sizes, proj=proj)
     options["grad_clip"] = 0.5
     skip_unless_supported(backend, cell, torch.float32, 3, proj, op_features_of(options))
-    names = ["xproj", "h0", "c0", "w_hh", "b_hh", "w_hr"] if cell == "lstm" \
-        else ["xproj", "h0", "w_hh", "b_hh"]
-    positional = [args[n] for n in names] + [batch_sizes, True, backend]
+    names = ["xproj", "h0", "c0", "w_hh", "b_hh", "w_hr"]
+    positional = [args.get(n) for n in names] + [batch_sizes, True, backend]
     # test_aot_dispatch_dynamic is left out: 2 s a case, and the gradcheck and loop tests
     # cover the autograd formula
     torch.library.opcheck(getattr(torch.ops.fastrnn, f"{cell}_forward").default, positional,
@@ -777,13 +774,12 @@ def spec_workspace_width(cell, hidden, proj, options):
 def call_backward(cell, args, options, grads, batch_sizes, reverse, output, workspace, backend):
     detached = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     opts = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in options.items()}
-    if cell == "lstm":
-        return torch.ops.fastrnn.lstm_backward(
-            *grads, detached["h0"], detached["c0"], detached["w_hh"], detached["b_hh"],
-            detached["w_hr"], batch_sizes, reverse, output, workspace, backend, **opts)
-    return torch.ops.fastrnn.gru_backward(*grads, detached["h0"], detached["w_hh"],
-                                          detached["b_hh"], batch_sizes, reverse, output,
-                                          workspace, backend, **opts)
+    grads = tuple(grads) if cell == "lstm" else tuple(grads) + (None,)
+    result = getattr(torch.ops.fastrnn, f"{cell}_backward")(
+        *grads, detached["h0"], detached.get("c0"), detached["w_hh"], detached["b_hh"],
+        detached.get("w_hr"), batch_sizes, reverse, output, workspace, backend, **opts)
+    # the gradients the op has for this cell's inputs and options
+    return result if cell == "lstm" else result[:2] + result[3:5] + result[6:8]
 
 
 WORKSPACE_OPTIONS = {"all": None, "no_layer_norm": ("ln_weight", "ln_bias", "ln_c_weight",

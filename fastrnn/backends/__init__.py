@@ -99,7 +99,7 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
     or a ValueError says why and lists what is available. Under "auto" the first capable
     backend in preference order runs; when a preferred one cannot, ONE warning per reason says
     which backend runs instead. ``features``: the variant options of the call
-    (fastrnn.variants.StepOptions.features()).
+    (fastrnn.spec.StepOptions.features()).
     """
     if name == "auto":
         name = get_backend()
@@ -145,6 +145,30 @@ def choose(name: str, device: torch.device, mode: str, inference: bool, shape: s
     if routing.route(kind, mode, inference, shape, compiling) == routing.TORCH:
         return "torch"
     return "auto"
+
+
+def torch_path(name: str, data: torch.Tensor, mode: str, *, batch_dim: int, packed: bool,
+               cell: bool, changes_math: bool, parameters) -> bool:
+    """Whether a module call on ``data`` (a PackedSequence's data when ``packed``) runs
+    torch.nn's own forward instead of fastrnn's op: never when fastrnn must run it
+    (``changes_math``: an option acts, or the module trains in segments), else where
+    choose() routes it. ``parameters()``: the module's parameters."""
+    if changes_math:
+        return False
+    # No parameter gradient wanted (a gradient into the input still flows: torch.nn's path
+    # has autograd, so this only picks the faster implementation). A trace is one recording
+    # for every later call, and torch.jit.trace checks it by tracing again without grad: it
+    # is decided as inference (a deployed trace usually is; it still has autograd).
+    inference = torch.jit.is_tracing() or not torch.is_grad_enabled() or not any(
+        p.requires_grad for p in parameters())
+    compiling = torch.compiler.is_compiling()
+    if compiling and not (cell or packed):
+        shape = "dense"   # reading the batch would guard (and recompile) on its size
+    else:
+        batch = data.size(batch_dim) if data.dim() == 3 and not cell else 1
+        steps = None if cell or packed else data.size(1 - batch_dim if data.dim() == 3 else 0)
+        shape = routing.shape_class(batch, packed, cell, steps)
+    return choose(name, data.device, mode, inference, shape, compiling) == "torch"
 
 
 def _unsupported(backend, cell, dtype, device, hidden_size, proj_size, features):

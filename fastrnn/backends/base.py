@@ -12,6 +12,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from ..spec import CELLS, LEARNABLE, accumulate_dtype, features, workspace_width
+
 Tensor = torch.Tensor
 
 
@@ -28,17 +30,35 @@ def step_layout(num_rows: int, batch: int,
     return sizes, offsets
 
 
+def fake_forward(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+                 w_hr: Optional[Tensor], options=None, need_workspace: bool = True):
+    """Uninitialised results of a forward's shapes (the fake impls): (output, h_n, c_n or an
+    empty [0] for cells without one, workspace; [0, W] without need_workspace)."""
+    hidden = w_hh.shape[0] // CELLS[cell].num_gates
+    width = workspace_width(cell, hidden, 0 if w_hr is None else w_hr.shape[0],
+                            features(options))
+    return (xproj.new_empty(xproj.shape[0], h0.shape[1]), h0.new_empty(h0.shape),
+            xproj.new_empty(0) if c0 is None else c0.new_empty(c0.shape),
+            xproj.new_empty(xproj.shape[0] if need_workspace else 0, width,
+                            dtype=accumulate_dtype(xproj.dtype)))
+
+
+def fake_backward(output: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
+                  w_hr: Optional[Tensor], options=None):
+    """Uninitialised results of a backward op's shapes: the gradient of every tensor input and
+    learnable option, an empty [0] where that input is absent."""
+    like = lambda t: output.new_empty(0) if t is None else t.new_empty(t.shape)  # noqa: E731
+    return (output.new_empty(output.shape[0], w_hh.shape[0]), like(h0), like(c0), like(w_hh),
+            w_hh.new_empty(w_hh.shape[0]), like(w_hr),
+            *(like(getattr(options, name, None)) for name in LEARNABLE))
+
+
 def no_rows_forward(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,
                     w_hr: Optional[Tensor], options=None):
     """Forward of a call without rows (batch 0, or a packed batch of empty steps): nothing
     runs, the states pass through, as in torch.nn."""
-    from ..cells import CELLS, accumulate_dtype
-    from ..variants import features, workspace_width
-    hidden = w_hh.shape[0] // CELLS[cell].num_gates
-    width = workspace_width(cell, hidden, 0 if w_hr is None else w_hr.shape[0],
-                            features(options))
-    return (xproj.new_empty(0, h0.shape[1]), h0.clone(), None if c0 is None else c0.clone(),
-            xproj.new_empty(0, width, dtype=accumulate_dtype(xproj.dtype)))
+    output, _, _, workspace = fake_forward(cell, xproj, h0, c0, w_hh, w_hr, options)
+    return output, h0.clone(), None if c0 is None else c0.clone(), workspace
 
 
 def no_rows_backward(grad_h_n: Tensor, grad_c_n: Optional[Tensor], w_hh: Tensor,
@@ -48,11 +68,8 @@ def no_rows_backward(grad_h_n: Tensor, grad_c_n: Optional[Tensor], w_hh: Tensor,
     grads = (w_hh.new_zeros(0, w_hh.shape[0]), grad_h_n.clone(),
              None if grad_c_n is None else grad_c_n.clone(), torch.zeros_like(w_hh),
              w_hh.new_zeros(w_hh.shape[0]), None if w_hr is None else torch.zeros_like(w_hr))
-    if options is None:
-        return grads
-    return grads + tuple(None if t is None else torch.zeros_like(t) for t in
-                         (options.ln_weight, options.ln_bias, options.ln_c_weight,
-                          options.ln_c_bias))
+    learnable = () if options is None else [getattr(options, name) for name in LEARNABLE]
+    return grads + tuple(None if t is None else torch.zeros_like(t) for t in learnable)
 
 
 class Backend:
@@ -66,7 +83,7 @@ class Backend:
                            hidden_size: int, proj_size: int,
                            features: Tuple[str, ...] = ()) -> Optional[str]:
         """None when this call can be served, else why not (dtype, size, a variant option:
-        ``features`` names the options that are on, see fastrnn.variants)."""
+        ``features`` names the options that are on, see fastrnn.spec)."""
         if features:
             return f"the {self.name} backend does not run the options {', '.join(features)}"
         return None
@@ -76,7 +93,7 @@ class Backend:
                 batch_sizes: Optional[Tensor], reverse: bool, options=None,
                 need_workspace: bool = True):
         """-> (output [N, P], h_n [B, P], c_n [B, H] or None, workspace [N, W]).
-        ``options``: None or a fastrnn.variants.StepOptions (only if unsupported_reason
+        ``options``: None or a fastrnn.spec.StepOptions (only if unsupported_reason
         accepted its features). ``need_workspace`` false: no backward will follow, so the
         workspace may come back empty [0, W] (a backend that returns it whole anyway is
         correct; the op then drops it)."""

@@ -5,10 +5,10 @@ defines ``torch.ops.fastrnn.native_forward`` / ``native_backward``, one generic 
 direction taking the cell name. Their fake (meta) impls live here, so they trace under
 ``torch.compile`` and pass ``torch.library.opcheck``.
 
-Variant options (fastrnn.variants, lstm and gru) are the ops' trailing arguments; backward
-then also returns the layer-norm parameters' gradients. The CPU kernels run every option
-(tests/test_native_variants.py); the CUDA variant kernels compile but have not run on a GPU,
-so :meth:`NativeBackend.unsupported_reason` refuses options on CUDA (``auto`` falls back).
+Options (fastrnn.spec) are the ops' trailing arguments; backward then also returns the
+layer-norm parameters' gradients. The CPU kernels run every option
+(tests/test_native_variants.py); on CUDA :meth:`NativeBackend.unsupported_reason` refuses
+them until they are verified on a GPU (fastrnn.backends.routing.GPU_VERIFIED).
 
 When the extension cannot be built, :meth:`NativeBackend.unavailable_reason` says why (with
 the build log's path), so ``backend="auto"`` falls back to the reference backend with one
@@ -21,60 +21,45 @@ from typing import Optional
 import torch
 
 from .. import build
-from ..cells import CELLS, accumulate_dtype
-from ..variants import OPTION_FIELDS, StepOptions, features as option_features, workspace_width
-from .base import Backend, no_rows_backward, no_rows_forward
+from ..spec import CELLS, LEARNABLE, OPTION_FIELDS, OPTIONS, StepOptions, bind
+from .routing import GPU_VERIFIED
+from .base import Backend, fake_backward, fake_forward, no_rows_backward, no_rows_forward
 
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Variant options (fastrnn.variants) each device's kernels run and are tested for. The CUDA
-# kernels compile but have not run on a GPU yet: until they are verified there, calls with
-# options on CUDA go to the reference backend.
+# Options each device's kernels run and are tested for (CUDA: once verified on a GPU).
 SUPPORTED_FEATURES = {
-    "cpu": ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
-            "cell_clip", "proj_clip", "grad_clip"),
-    "cuda": (),
+    "cpu": tuple(o.name for o in OPTIONS),
+    "cuda": tuple(o.name for o in OPTIONS) if "options" in GPU_VERIFIED["native"] else (),
 }
 
 
 def _option_args(options: Optional[StepOptions]):
-    """The native ops' ten trailing option arguments (None where off)."""
+    """The native ops' option arguments, in spec order (None where off)."""
     return tuple(options) if options is not None else (None,) * len(StepOptions._fields)
+
+
+# The native ops' arguments before the options (csrc/registration.cpp).
+_FORWARD_ARGS = ("cell", "xproj", "h0", "c0", "w_hh", "b_hh", "w_hr", "batch_sizes", "reverse")
+_BACKWARD_ARGS = ("cell", "grad_output", "grad_h_n", "grad_c_n", "h0", "c0", "w_hh", "b_hh",
+                  "w_hr", "batch_sizes", "reverse", "output", "workspace")
 
 
 def _register_fakes() -> None:
     """Shapes of the native ops' results (fastrnn/ops.py), for tracing."""
 
     @torch.library.register_fake("fastrnn::native_forward")
-    def _forward_fake(cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
-                      ln_weight=None, ln_bias=None, ln_c_weight=None, ln_c_bias=None,
-                      recurrent_mask=None, zoneout_h=None, zoneout_c=None, cell_clip=None,
-                      proj_clip=None, grad_clip=None, need_workspace=True):
-        options = StepOptions(ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask,
-                              zoneout_h, zoneout_c, cell_clip, proj_clip, grad_clip)
-        kind = CELLS[cell]
-        hidden = w_hh.shape[0] // kind.num_gates
-        proj = w_hr.shape[0] if w_hr is not None else 0
-        width = workspace_width(cell, hidden, proj, option_features(options))
-        output = xproj.new_empty(xproj.shape[0], h0.shape[1])
-        c_n = c0.new_empty(c0.shape) if kind.has_cell_state else xproj.new_empty(0)
-        rows = xproj.shape[0] if need_workspace else 0
-        workspace = xproj.new_empty(rows, width, dtype=accumulate_dtype(xproj.dtype))
-        return output, h0.new_empty(h0.shape), c_n, workspace
+    def _forward_fake(*args, **kwargs):
+        v = bind(_FORWARD_ARGS, args, kwargs, ("need_workspace",))
+        options = StepOptions(**{name: v[name] for name in StepOptions._fields})
+        return fake_forward(v["cell"], v["xproj"], v["h0"], v["c0"], v["w_hh"], v["w_hr"],
+                            options, v.get("need_workspace", True))
 
     @torch.library.register_fake("fastrnn::native_backward")
-    def _backward_fake(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
-                       batch_sizes, reverse, output, workspace, ln_weight=None, ln_bias=None,
-                       ln_c_weight=None, ln_c_bias=None, recurrent_mask=None, zoneout_h=None,
-                       zoneout_c=None, cell_clip=None, proj_clip=None, grad_clip=None):
-        kind = CELLS[cell]
-        grad_xproj = output.new_empty(output.shape[0], w_hh.shape[0])
-        grad_c0 = c0.new_empty(c0.shape) if kind.has_cell_state else output.new_empty(0)
-        grad_w_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else output.new_empty(0)
-        ln = [t.new_empty(t.shape) if t is not None else output.new_empty(0)
-              for t in (ln_weight, ln_bias, ln_c_weight, ln_c_bias)]
-        return (grad_xproj, h0.new_empty(h0.shape), grad_c0, w_hh.new_empty(w_hh.shape),
-                w_hh.new_empty(w_hh.shape[0]), grad_w_hr, *ln)
+    def _backward_fake(*args, **kwargs):
+        v = bind(_BACKWARD_ARGS, args, kwargs)
+        return fake_backward(v["output"], v["h0"], v["c0"], v["w_hh"], v["w_hr"],
+                             StepOptions(**{name: v[name] for name in StepOptions._fields}))
 
 
 class NativeBackend(Backend):
@@ -113,10 +98,11 @@ class NativeBackend(Backend):
         if cell not in CELLS:
             return f"unknown cell {cell!r}"
         if features and not OPTION_FIELDS.get(cell):
-            return f"{cell} takes no variant options (got {', '.join(features)})"
+            return f"{cell} takes no options (got {', '.join(features)})"
         missing = [f for f in features if f not in SUPPORTED_FEATURES.get(device.type, ())]
         if missing:
-            why = (" (the CUDA variant kernels are compiled but not yet verified on a GPU)"
+            why = (" (the CUDA option kernels are not verified on a GPU: "
+                   "fastrnn.backends.routing.GPU_VERIFIED)"
                    if device.type == "cuda" else "")
             return (f"the native {device.type} kernels do not run the options "
                     f"{', '.join(missing)}{why}")
@@ -146,8 +132,8 @@ class NativeBackend(Backend):
                   grad_w_hh, grad_b_hh, grad_w_hr if w_hr is not None else None)
         if options is None:
             return result
-        return result + tuple(None if given is None else grad
-                              for given, grad in zip(options[:4], grads[6:]))
+        return result + tuple(None if getattr(options, name) is None else grad
+                              for name, grad in zip(LEARNABLE, grads[6:]))
 
     def _require(self):
         reason = self._load()

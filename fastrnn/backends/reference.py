@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..cells import CELLS, accumulate_dtype
-from ..variants import LAYER_NORM_EPS, StepOptions, features, workspace_layout
+from ..spec import CELLS, accumulate_dtype
+from ..spec import LAYER_NORM_EPS, StepOptions, features, workspace_layout
 from .base import Backend, step_layout
 
 

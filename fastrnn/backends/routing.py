@@ -2,7 +2,8 @@
 
 The rule: under "auto" fastrnn is never slower than the torch.nn module it replaced (within
 noise), and faster where its kernels win. A call that torch.nn cannot run (variant options)
-always goes to fastrnn's kernels; so does a backend named explicitly. For the rest, ROUTES
+always goes to fastrnn's kernels; so does a backend named explicitly (the decision:
+fastrnn.backends.torch_path). For the rest, ROUTES
 answers by (device type, mode, inference or training, shape class) with either
 
 - ``"torch"``: torch.nn's own forward on the module's parameters (cuDNN, oneDNN/ATen), or
@@ -22,12 +23,17 @@ from typing import Dict, Tuple
 TORCH = "torch"
 KERNELS = "kernels"
 
+# The fastrnn kernels a GPU run has verified (the tests on CUDA and bench/gpu_session.sh
+# passed there), per backend: "plain" (no options) and "options". The kernels compile and
+# their gate math is tested on CPU; an unverified one serves CUDA calls only when named, and
+# the native CUDA kernels refuse options until "options" is verified (the reference runs).
+GPU_VERIFIED: Dict[str, Tuple[str, ...]] = {"native": (), "triton": ()}
+
 # fastrnn backends "auto" tries, in order, for a call routed to the kernels. Triton runs on
-# CPU only under TRITON_INTERPRET=1, for tests, so it is never chosen there. CUDA: the native
-# and triton kernels compile and their gate math is tested on CPU, but no GPU has run them;
-# until a GPU session verifies them (tests on CUDA, bench/gpu_session.sh) they serve only
-# when named, and calls with options run the reference.
-KERNEL_ORDER: Dict[str, Tuple[str, ...]] = {"cuda": ("reference",), "cpu": ("native", "reference")}
+# CPU only under TRITON_INTERPRET=1, for tests, so it is never chosen there.
+KERNEL_ORDER: Dict[str, Tuple[str, ...]] = {
+    "cuda": tuple(b for b in ("native", "triton") if "plain" in GPU_VERIFIED[b]) + ("reference",),
+    "cpu": ("native", "reference")}
 
 MODES = ("LSTM", "GRU", "RNN")
 SHAPES = ("batch1", "small", "large", "packed", "cell", "stream1", "stream_small")
@@ -61,8 +67,8 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
             for inference in (True, False):
                 for shape in SHAPES:
                     routes[device, mode, inference, shape] = TORCH
-    # CUDA: every entry torch.nn's path (cuDNN): no fastrnn CUDA kernel is verified yet, and
-    # the reference runs step by step. A GPU session that measures the kernels sets entries.
+    # CUDA: every entry torch.nn's path (cuDNN) while no fastrnn CUDA kernel is verified
+    # (GPU_VERIFIED) and measured: the reference runs step by step.
     # CPU, where native won on both CPUs (torch.nn ms / native ms, Intel 1 thr / 2 thr, AMD):
     for mode in ("LSTM", "GRU"):
         # packed training: LSTM 2.39 / 2.39 / 2.72, GRU 1.86 / - / 2.16 (torch.nn's backward

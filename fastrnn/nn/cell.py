@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from .. import backends, ops
-from ..cells import CELLS
+from ..spec import CELLS
 from . import amp, options
 
 
@@ -30,13 +30,12 @@ class RNNCellBase(nn.Module):
 
     Under ONNX export (standard operators, so the exported file needs no fastrnn), and under
     backend "auto" where the backend registry routes the call to torch.nn
-    (options.runs_torch_path), a cell runs torch.nn's own forward (``_torch_forward``) on the same parameters.
+    (backends.torch_path), a cell runs torch.nn's own forward (``_torch_forward``) on the same parameters.
     """
 
     __constants__ = ["input_size", "hidden_size", "bias", "backend", *options.DEFAULTS]
-    _MODES = {4: "LSTM", 3: "GRU", 1: "RNN"}
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool, num_chunks: int,
+    def __init__(self, input_size: int, hidden_size: int, bias: bool, cell: str,
                  device=None, dtype=None, *, backend: str = "auto", **variant) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
@@ -44,8 +43,9 @@ class RNNCellBase(nn.Module):
         self.hidden_size = hidden_size
         self.bias = bias
         self.backend = backends.check_name(backend)
-        self.mode = self._MODES[num_chunks]
-        # fastrnn's variant options (fastrnn.nn.options); all off = torch.nn exactly.
+        self.mode = CELLS[cell].cell_mode
+        num_chunks = CELLS[cell].num_gates
+        # fastrnn's options (fastrnn.nn.options); all off = torch.nn exactly.
         unknown = set(variant) - set(options.DEFAULTS)
         if unknown:
             raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword "
@@ -188,7 +188,7 @@ class RNNCell(_SingleStateCell):
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True,
                  nonlinearity: str = "tanh", device=None, dtype=None, *,
                  backend: str = "auto") -> None:
-        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device,
+        super().__init__(input_size, hidden_size, bias, cell="rnn_tanh", device=device,
                          dtype=dtype, backend=backend)
         self.nonlinearity = nonlinearity
 
@@ -207,7 +207,7 @@ class GRUCell(_SingleStateCell):
                  dtype=None, *, backend: str = "auto", layer_norm: bool = False,
                  recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
                  zoneout: float = 0.0, recurrent_grad_clip: Optional[float] = None) -> None:
-        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device,
+        super().__init__(input_size, hidden_size, bias, cell="gru", device=device,
                          dtype=dtype, backend=backend, layer_norm=layer_norm,
                          recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
                          zoneout=zoneout, recurrent_grad_clip=recurrent_grad_clip)
@@ -226,7 +226,7 @@ class LSTMCell(RNNCellBase):
                  recurrent_dropout: float = 0.0, weight_drop: float = 0.0, zoneout=0.0,
                  cell_clip: Optional[float] = None, recurrent_grad_clip: Optional[float] = None,
                  forget_bias: Optional[float] = None) -> None:
-        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device,
+        super().__init__(input_size, hidden_size, bias, cell="lstm", device=device,
                          dtype=dtype, backend=backend, layer_norm=layer_norm,
                          recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
                          zoneout=zoneout, cell_clip=cell_clip,

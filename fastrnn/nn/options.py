@@ -1,4 +1,4 @@
-"""The variant options of fastrnn.LSTM / GRU and their cells (issue #8), module side.
+"""The options of fastrnn.LSTM / GRU and their cells, module side (declared in fastrnn.spec).
 
 What cuDNN cannot run: layer normalisation (Ba et al. 2016, as Haste's LayerNormLSTM),
 variational recurrent dropout (Gal & Ghahramani), DropConnect on the recurrent weights
@@ -13,8 +13,6 @@ dropout and zoneout uses its expectation (the probability as the weight of the o
 """
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 from typing import Optional
 
@@ -23,64 +21,38 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends
-from ..variants import LAYER_NORM_EPS, StepOptions
+from .. import spec
+from ..spec import LAYER_NORM_EPS, StepOptions
 
 Tensor = torch.Tensor
 
 # Constructor keyword -> its "off" value.
-DEFAULTS = {"layer_norm": False, "recurrent_dropout": 0.0, "weight_drop": 0.0, "zoneout": 0.0,
-            "cell_clip": None, "proj_clip": None, "recurrent_grad_clip": None,
-            "forget_bias": None}
-LSTM_ONLY = ("cell_clip", "proj_clip", "forget_bias")
+DEFAULTS = {keyword.name: keyword.default for keyword in spec.KEYWORDS}
 
 
 def check(owner: str, mode: str, values: dict, *, bias: bool, proj_size: int = 0) -> dict:
     """Validate the options given to ``owner`` (a class name) of ``mode``; returns them (a
     zoneout list as a tuple). Raises ValueError naming the bad value and what is allowed."""
     on = {name: value for name, value in values.items() if value != DEFAULTS[name]}
-    if mode not in ("LSTM", "GRU") and on:
-        raise ValueError(f"{owner} has no option {', '.join(on)}: the variant options exist "
-                         "on LSTM, GRU, LSTMCell and GRUCell")
-    if mode != "LSTM":
-        for name in LSTM_ONLY:
-            if name in on:
-                raise ValueError(f"{owner}: {name} is an LSTM option, got {name}={on[name]!r}")
-    if not isinstance(values["layer_norm"], bool):
-        raise ValueError(f"{owner}: layer_norm must be a bool, got {values['layer_norm']!r}")
-    for name in ("recurrent_dropout", "weight_drop"):
-        _probability(owner, name, values[name])
+    cell = spec.cell_of_mode(mode).name
+    takes = [k for k in spec.KEYWORDS if cell in k.cells]
+    if not takes and on:
+        raise ValueError(f"{owner} has no option {', '.join(on)}: the options exist on "
+                         "LSTM, GRU, LSTMCell and GRUCell")
+    given = {"bias": bias, "proj_size": proj_size > 0}
+    for keyword in spec.KEYWORDS:
+        value = values[keyword.name]
+        if keyword.name in on and keyword not in takes:
+            modes = " / ".join(spec.CELLS[c].mode for c in keyword.cells)
+            raise ValueError(f"{owner}: {keyword.name} is an {modes} option, "
+                             f"got {keyword.name}={value!r}")
+        allowed = keyword.problem(value, mode)
+        if allowed is not None:
+            raise ValueError(f"{owner}: {keyword.name} must be {allowed}, got {value!r}")
+        if keyword.needs and keyword.name in on and not given[keyword.needs[0]]:
+            raise ValueError(f"{owner}: {keyword.needs[1]}")
     zoneout = values["zoneout"]
-    if isinstance(zoneout, (tuple, list)):
-        if mode != "LSTM" or len(zoneout) != 2:
-            raise ValueError(f"{owner}: zoneout must be a probability"
-                             + (" or a pair (p_h, p_c)" if mode == "LSTM" else "")
-                             + f", got {zoneout!r}")
-        zoneout = tuple(zoneout)
-    for p in zoneout if isinstance(zoneout, tuple) else (zoneout,):
-        _probability(owner, "zoneout", p)
-    for name in ("cell_clip", "proj_clip", "recurrent_grad_clip"):
-        value = values[name]
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                  or not 0 < value < math.inf):
-            raise ValueError(f"{owner}: {name} must be a positive finite number or None, "
-                             f"got {value!r}")
-    if values["proj_clip"] is not None and proj_size <= 0:
-        raise ValueError(f"{owner}: proj_clip clips the projection, so it needs proj_size > 0")
-    forget_bias = values["forget_bias"]
-    if forget_bias is not None:
-        if isinstance(forget_bias, bool) or not isinstance(forget_bias, numbers.Real) \
-                or not math.isfinite(forget_bias):
-            raise ValueError(f"{owner}: forget_bias must be a finite number or None, "
-                             f"got {forget_bias!r}")
-        if not bias:
-            raise ValueError(f"{owner}: forget_bias initialises the forget gate's bias, so it "
-                             "needs bias=True")
-    return dict(values, zoneout=zoneout)
-
-
-def _probability(owner, name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
-        raise ValueError(f"{owner}: {name} must be a probability in [0, 1], got {value!r}")
+    return dict(values, zoneout=tuple(zoneout) if isinstance(zoneout, list) else zoneout)
 
 
 def zoneout_pair(module) -> tuple:
@@ -108,7 +80,7 @@ def describe(module) -> str:
 
 
 def features(module) -> tuple:
-    """The op features a forward of ``module`` turns on now (fastrnn.variants), for choosing a
+    """The op options a forward of ``module`` turns on now (fastrnn.spec), for choosing a
     backend that runs them."""
     lstm = module.mode == "LSTM"
     on = [("layer_norm", module.layer_norm), ("layer_norm_cell", module.layer_norm and lstm),
@@ -124,9 +96,8 @@ def features(module) -> tuple:
 def runs_torch_path(module, input, cell: bool = False) -> bool:
     """Whether this call runs torch.nn's own forward on the module's very parameters: under
     ONNX export (ONNX has standard LSTM/GRU/RNN operators and the exporters emit them for
-    that path; options are refused), and where the backend registry routes it there
-    (backends.choose) unless an option changes this call's math (only fastrnn runs those;
-    the dropouts act in training mode only). ``cell``: the module is a cell (one step)."""
+    that path; options are refused), else as the backend registry decides
+    (backends.torch_path). ``cell``: the module is a cell (one step)."""
     if torch.onnx.is_in_onnx_export():
         refuse_torch_path(module, "ONNX export")
         return True
@@ -134,28 +105,14 @@ def runs_torch_path(module, input, cell: bool = False) -> bool:
     data = input.data if packed else input
     if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
         return False
-    changes_math = features(module) or (module.weight_drop and module.training)
     # A segmented module in training: torch.nn's path would keep the whole history.
     segmented = not cell and module.checkpoint_every is not None and torch.is_grad_enabled()
-    if changes_math or segmented:
-        return False
-    # No parameter gradient wanted (a gradient into the input still flows: torch.nn's path
-    # has autograd, so this only picks the faster implementation). A trace is one recording
-    # for every later call, and torch.jit.trace checks it by tracing again without grad: it
-    # is decided as inference (a deployed trace usually is; it still has autograd).
-    inference = torch.jit.is_tracing() or not torch.is_grad_enabled() or not any(
-        p.requires_grad for p in module.parameters())
-    compiling = torch.compiler.is_compiling()
-    if compiling and not (cell or packed):
-        shape = "dense"   # reading the batch would guard (and recompile) on its size
-    else:
-        batch = data.size(0 if module.batch_first else 1) if data.dim() == 3 and not cell \
-            else 1
-        steps = None if cell or packed else \
-            data.size(1 if module.batch_first else 0) if data.dim() == 3 else data.size(0)
-        shape = backends.routing.shape_class(batch, packed, cell, steps)
-    return backends.choose(module.backend, data.device, module.mode, inference, shape,
-                           compiling) == "torch"
+    return backends.torch_path(
+        module.backend, data, module.mode, packed=packed, cell=cell,
+        batch_dim=0 if getattr(module, "batch_first", False) else 1,
+        changes_math=bool(features(module) or (module.weight_drop and module.training)
+                          or segmented),
+        parameters=module.parameters)
 
 
 def torch_forward(module, *args):
@@ -183,7 +140,7 @@ def refuse_torch_path(module, what: str) -> None:
 
 def norm_parameters(mode: str, hidden_size: int):
     """(name stem, size, initial value) of the layer-norm parameters of one layer/direction."""
-    gates = (4 if mode == "LSTM" else 3) * hidden_size
+    gates = spec.cell_of_mode(mode).num_gates * hidden_size
     params = [("ln_weight_ih", gates, 1.0), ("ln_bias_ih", gates, 0.0),
               ("ln_weight_hh", gates, 1.0), ("ln_bias_hh", gates, 0.0)]
     if mode == "LSTM":
@@ -242,7 +199,7 @@ def zoneout_weights(module, rows: int, width: int, hidden: int, like: Tensor):
 
 def step_options(module, get, mask: Optional[Tensor], zoneout_h, zoneout_c
                  ) -> Optional[StepOptions]:
-    """The op's variant arguments, None when every option is off."""
+    """The op's option arguments, None when every option is off."""
     ln = module.layer_norm
     options = StepOptions(
         ln_weight=get("ln_weight_hh") if ln else None, ln_bias=get("ln_bias_hh") if ln else None,

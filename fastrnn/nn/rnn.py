@@ -19,7 +19,7 @@ from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends, ops, segments
-from ..cells import CELL_OF_MODE
+from ..spec import CELL_OF_MODE
 from . import amp, options
 from .cell import dtype_mismatch
 
@@ -105,7 +105,7 @@ class RNNBase(nn.Module):
         # As torch.nn computes it: RNN's is hidden_size itself, so a bool fails as there.
         gates = CELL_OF_MODE[mode].num_gates
         gate_size = hidden_size if gates == 1 else gates * hidden_size
-        # fastrnn's variant options (fastrnn.nn.options); all off = torch.nn exactly.
+        # fastrnn's options (fastrnn.nn.options); all off = torch.nn exactly.
         checked = options.check(type(self).__name__, mode, dict(
             layer_norm=layer_norm, recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
             zoneout=zoneout, cell_clip=cell_clip, proj_clip=proj_clip,

@@ -9,8 +9,8 @@ Two kernel shapes serve the same op contract (fastrnn.ops):
   (``persistent.fits``). Its backward also accumulates the weight gradients.
 
 "auto" uses the persistent kernel where it fits, else the step path; FASTRNN_TRITON_KERNEL
-(auto | step | persistent) forces one. The variant options of the lstm / gru ops (layer norm,
-recurrent mask, zoneout, clips; fastrnn.variants) run on the step path only: with any option
+(auto | step | persistent) forces one. The options of the lstm / gru ops (layer norm,
+recurrent mask, zoneout, clips; fastrnn.spec) run on the step path only: with any option
 on, "auto" takes it, and a forced persistent kernel refuses the call. Both share the gate
 math in ``_gates``. On CPU the kernels run only under the Triton interpreter
 (TRITON_INTERPRET=1 before this package is imported), which the tests use.

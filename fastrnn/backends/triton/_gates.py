@@ -12,13 +12,25 @@ Conventions (match fastrnn.backends.reference):
 import triton
 import triton.language as tl
 
-# Cell ids: the CELL constexpr of every kernel. Kernels may read only constexpr globals.
-CELL_IDS = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
+from ... import spec
+from ...spec import CELLS
+
+# Cell ids: the CELL constexpr of every kernel, in spec order. Kernels may read only
+# constexpr globals.
+CELL_IDS = {name: index for index, name in enumerate(CELLS)}
 LSTM = tl.constexpr(CELL_IDS["lstm"])
 GRU = tl.constexpr(CELL_IDS["gru"])
 RNN_TANH = tl.constexpr(CELL_IDS["rnn_tanh"])
 RNN_RELU = tl.constexpr(CELL_IDS["rnn_relu"])
-NUM_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+NUM_GATES = {name: cell.num_gates for name, cell in CELLS.items()}
+_GATES_OF_ID = tl.constexpr(tuple(NUM_GATES.values()))
+LAYER_NORM_EPS = tl.constexpr(spec.LAYER_NORM_EPS)
+
+
+@triton.constexpr_function
+def num_gates(cell_id):
+    """G of a CELL id, a compile-time constant in a kernel."""
+    return _GATES_OF_ID.value[cell_id]
 
 
 @triton.jit
@@ -152,14 +164,14 @@ def _row_sum(x0, x1, x2, x3, mask, TILES: tl.constexpr):
 @triton.jit
 def layer_norm_rows(a0, a1, a2, a3, mask, count, TILES: tl.constexpr):
     """-> (a_hat tiles, rstd [BLOCK_B, 1]): (a - mean) * rstd with the biased variance over
-    the ``count`` real columns, eps 1e-5 (two passes, all in registers)."""
+    the ``count`` real columns, eps spec.LAYER_NORM_EPS (two passes, all in registers)."""
     mean = _row_sum(a0, a1, a2, a3, mask, TILES) / count
     d0 = tl.where(mask, a0 - mean, 0.0)
     d1 = tl.where(mask, a1 - mean, 0.0)
     d2 = tl.where(mask, a2 - mean, 0.0)
     d3 = tl.where(mask, a3 - mean, 0.0)
     var = _row_sum(d0 * d0, d1 * d1, d2 * d2, d3 * d3, mask, TILES) / count
-    rstd = 1.0 / tl.sqrt(var + 1e-5)
+    rstd = 1.0 / tl.sqrt(var + LAYER_NORM_EPS)
     return d0 * rstd, d1 * rstd, d2 * rstd, d3 * rstd, rstd
 
 

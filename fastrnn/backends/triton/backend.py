@@ -7,7 +7,8 @@ from typing import Optional
 
 import torch
 
-from ..base import Backend, step_layout
+from ...spec import CELLS, workspace_layout
+from ..base import Backend, no_rows_backward, step_layout
 from . import persistent, step
 from ._gates import CELL_IDS, NUM_GATES
 from ._layout import batch_index, previous_rows
@@ -16,8 +17,8 @@ from .autotune import interpreted, interpreter_ready
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNELS = ("auto", "step", "persistent")
 HALF = (torch.float16, torch.bfloat16)
-# Variant options (fastrnn.variants) run on the step path only.
-OPTION_CELLS = ("lstm", "gru")
+# Options (fastrnn.spec) run on the step path only.
+OPTION_CELLS = tuple(name for name, cell in CELLS.items() if cell.options)
 
 
 def _c(t):
@@ -105,10 +106,7 @@ class TritonBackend(Backend):
         dtype, dev = xproj.dtype, xproj.device
         acc = torch.float32 if dtype in HALF else dtype
         N, (B, P), H = xproj.shape[0], h0.shape, w_hh.shape[0] // G
-        if layout is not None:
-            width = layout["width"].stop
-        else:
-            width = {"lstm": 5 * H + (H if w_hr is not None else 0), "gru": 4 * H}.get(cell, 0)
+        width = layout["width"].stop
         output = torch.empty(N, P, dtype=dtype, device=dev)
         ws = torch.empty(N, width, dtype=acc, device=dev)
         sizes, offsets = step_layout(N, B, batch_sizes)
@@ -140,16 +138,9 @@ class TritonBackend(Backend):
         dtype, dev = output.dtype, output.device
         N, (B, P), H = output.shape[0], h0.shape, w_hh.shape[0] // G
         sizes, offsets = step_layout(N, B, batch_sizes)
-        ln_grads = (None,) * 4
         if N == 0:
-            if given is not None:
-                ln_grads = tuple(None if t is None else torch.zeros_like(t) for t in (
-                    getattr(given, k, None)
-                    for k in ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")))
-            grads = (output.new_zeros(0, G * H), grad_h_n.clone(),
-                     None if grad_c_n is None else grad_c_n.clone(), torch.zeros_like(w_hh),
-                     w_hh.new_zeros(G * H), None if w_hr is None else torch.zeros_like(w_hr))
-            return grads if given is None else grads + ln_grads
+            return no_rows_backward(grad_h_n, grad_c_n, w_hh, w_hr, given)
+        ln_grads = (None,) * 4
 
         if self._persistent(cell, H, P if w_hr is not None else 0, features):
             bs, offs = self._steps_on(dev, sizes, offsets)
@@ -161,7 +152,7 @@ class TritonBackend(Backend):
             prev = previous_rows(sizes, offsets, B, reverse, dev)
             h_prev_all = torch.cat([h0, output])[prev]
             c_prev_all = None if c0 is None else torch.cat(
-                [c0.to(workspace.dtype), workspace[:, 4 * H:5 * H]])[prev]
+                [c0.to(workspace.dtype), workspace[:, layout["c"]]])[prev]
             gx, gh0, gc0, d_hh, d_a, d_out_all, dy_all = step.backward(
                 cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
                 sizes, offsets, reverse, output, workspace, options, layout)
@@ -171,7 +162,7 @@ class TritonBackend(Backend):
                 h_rec_all = h_rec_all * keep.to(d_hh.dtype)[batch_index(sizes, offsets, dev)]
             gw = d_a.t() @ h_rec_all  # one GEMM over all steps
             gb = d_hh.sum(0)
-            gwr = None if w_hr is None else d_out_all.t() @ workspace[:, 5 * H:6 * H]
+            gwr = None if w_hr is None else d_out_all.t() @ workspace[:, layout["h_pre"]]
             if "layer_norm" in features:
                 a_hat = workspace[:, layout["a_hat"]]
                 ln_grads = ((d_hh * a_hat).sum(0), gb) + ln_grads[2:]
@@ -190,16 +181,12 @@ class TritonBackend(Backend):
 
 def _options(cell, options, w_hh, w_hr):
     """-> (options with contiguous tensors or None when no option is on, the names of the
-    options that are on, their workspace layout or None)."""
-    if options is None:
-        return None, (), None
-    fields = {k: _c(v) if isinstance(v, torch.Tensor) else v
-              for k, v in options._asdict().items()}
-    options = type(options)(**fields)
-    features = tuple(options.features())
-    if not features:
-        return None, (), None
-    from ...variants import workspace_layout
+    options that are on, the workspace layout)."""
+    features = () if options is None else options.features()
+    if features:
+        options = type(options)(*[_c(v) if isinstance(v, torch.Tensor) else v
+                                  for v in options])
     hidden = w_hh.shape[0] // NUM_GATES[cell]
     proj = 0 if w_hr is None else w_hr.shape[0]
-    return options, features, workspace_layout(cell, hidden, proj, features)
+    return (options if features else None), features, workspace_layout(cell, hidden, proj,
+                                                                        features)

@@ -20,6 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import persistent, step
+from ...spec import CELLS
 from ._gates import CELL_IDS
 
 _INTS = {"n", "H", "P", "T", "B", "WS_STRIDE", "LN_OFF", "LNC_OFF", "P_OFF"}
@@ -29,7 +30,7 @@ _INT32_POINTERS = {"bs_ptr", "off_ptr"}
 _FLOAT32_POINTERS = {"hh_ptr", "h_ptr", "c_ptr", "ws_ptr", "dh_ptr", "cprev_ptr", "dc_ptr",
                      "dhh_ptr", "ddir_ptr", "dw_ptr", "db_ptr", "dwr_ptr", "hrec_ptr", "da_ptr",
                      "dy_ptr", "p_ptr", "dp_ptr"}
-# variant options (issue #8) of the step kernels, all off / all on
+# the option constexprs of the step kernels, all off
 _NO_OPTIONS = dict(LN=False, LN_C=False, MASK=False, ZONEOUT_H=False, ZONEOUT_C=False,
                    CELL_CLIP=False)
 _NO_BACKWARD_OPTIONS = dict(LN=False, LN_C=False, ZONEOUT_H=False, ZONEOUT_C=False,
@@ -74,13 +75,13 @@ def ptxas_usage(compiled, arch=90):
 
 def variants(everything):
     """(name, kernel, dtype, constexprs, num_warps) to compile."""
-    cells = list(CELL_IDS) if everything else ["lstm", "gru"]
+    cells = list(CELL_IDS) if everything else [c for c in CELL_IDS if CELLS[c].options]
     block_b, block_h, step_warps = step._blocks(64, 512)  # the tile of a large step
     dtypes = ["fp32", "bf16", "fp16"] if everything else ["bf16"]
     for dtype in dtypes:
         for cell in cells:
             cid = CELL_IDS[cell]
-            projs = [False, True] if cell == "lstm" else [False]
+            projs = [False, True] if CELLS[cell].has_projection else [False]
             for proj in projs:
                 yield (f"step forward {cell}{' proj' if proj else ''} {dtype}",
                        step._step_forward_kernel, dtype,
@@ -89,7 +90,7 @@ def variants(everything):
             yield (f"step backward {cell} {dtype}", step._step_backward_kernel, dtype,
                    dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, BLOCK_B=block_b,
                         BLOCK_H=block_h, **_NO_BACKWARD_OPTIONS), step_warps)
-            if cell in ("lstm", "gru"):
+            if CELLS[cell].options:
                 yield from _option_variants(cell, cid, dtype, everything)
             # largest tiles that fit (everything), else small ones: compile time grows fast
             hidden = (128 if cell.startswith("rnn") else 64) if everything else 32
@@ -114,23 +115,24 @@ def variants(everything):
 def _option_variants(cell, cid, dtype, everything):
     """The step kernels with every option of the cell on (layer norm: whole rows per
     program), at H=512 and, with ``everything``, also H=2048; the projection
-    epilogue / prologue kernels once per dtype (lstm)."""
-    lstm = cell == "lstm"
+    epilogue / prologue kernels once per dtype (a cell that can project)."""
+    takes = {option.name for option in CELLS[cell].options}
+    ln_c, z_c, clip = ("layer_norm_cell" in takes, "zoneout_c" in takes, "cell_clip" in takes)
     for hidden in ([512, 2048] if everything else [512]):
         block_b, block_h, warps = step._blocks(64, hidden, whole_rows=True)
         tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
-        for proj in ([False, True] if lstm else [False]):
+        for proj in ([False, True] if CELLS[cell].has_projection else [False]):
             yield (f"step forward {cell}{' proj' if proj else ''} all options H={hidden} "
                    f"{dtype}", step._step_forward_kernel, dtype,
-                   dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, LN=True, LN_C=lstm,
-                        MASK=not proj, ZONEOUT_H=not proj, ZONEOUT_C=lstm, CELL_CLIP=lstm,
+                   dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, LN=True, LN_C=ln_c,
+                        MASK=not proj, ZONEOUT_H=not proj, ZONEOUT_C=z_c, CELL_CLIP=clip,
                         **tile), warps)
         yield (f"step backward {cell} all options H={hidden} {dtype}",
                step._step_backward_kernel, dtype,
-               dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, LN=True, LN_C=lstm,
-                    ZONEOUT_H=True, ZONEOUT_C=lstm, CELL_CLIP=lstm, GRAD_CLIP=True, **tile),
+               dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, LN=True, LN_C=ln_c,
+                    ZONEOUT_H=True, ZONEOUT_C=z_c, CELL_CLIP=clip, GRAD_CLIP=True, **tile),
                warps)
-    if lstm:
+    if CELLS[cell].has_projection:
         block_b, block_h, warps = step._blocks(64, 512)
         tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
         yield (f"step projection epilogue {dtype}", step._proj_epilogue_kernel, dtype,

@@ -18,14 +18,15 @@ import triton
 import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, gru_backward, gru_forward, lstm_backward,
-                     lstm_forward, matmul, rnn_backward, rnn_forward, store_gate_columns)
+                     lstm_forward, matmul, num_gates, rnn_backward, rnn_forward,
+                     store_gate_columns)
 from .autotune import autotune
 
 
 # ---------------------------------------------------------------- heuristics
 
 # Weight elements (padded tiles of w_hh, plus w_hr) one program keeps in registers: LSTM/GRU
-# up to H=64, RNN up to H=128. Compiled for sm_90 (ptxas -v, no GPU run yet): the LSTM H=64
+# up to H=64, RNN up to H=128. Compiled for sm_90 (ptxas -v): the LSTM H=64
 # forward fits in 84 registers/thread at 16 warps; its backward, which also holds the
 # float32 weight-gradient tiles, spills ~1.7 KB at 8 warps. Beyond this, the weights would
 # have to live in shared memory or be split across programs (not done).
@@ -72,7 +73,7 @@ def _persistent_forward_kernel(
     REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = num_gates(CELL)
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
     ch = tl.arange(0, BLOCK_H)[None, :]                                  # hidden columns
     cp = tl.arange(0, BLOCK_P)[None, :]                                  # output columns
@@ -178,7 +179,7 @@ def _persistent_backward_kernel(
     CELL: tl.constexpr, HAS_PROJ: tl.constexpr, REVERSE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = num_gates(CELL)
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]  # [BB, 1]
     ch = tl.arange(0, BLOCK_H)[None, :]
@@ -345,7 +346,7 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, bs, offs, reverse, output,
 def backward(cell_id, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, bs, offs, reverse,
              output, ws):
     """-> (grad_xproj, grad_h0, grad_c0 or None, grad_w_hh f32, grad_b_hh f32, grad_w_hr f32)."""
-    G = 4 if cell_id == LSTM else 3 if cell_id == GRU else 1
+    G = num_gates(cell_id)
     B, P = h0.shape
     H = w_hh.shape[0] // G
     N = output.shape[0]

@@ -14,9 +14,9 @@ State rows beyond n are left alone, which is exactly the packed-sequence semanti
 contract for both directions (see fastrnn.ops). States, GEMMs and gate gradients are float32
 for every input dtype (half weights are upcast once per call): rounding happens only where
 tensors enter and leave, as in the reference and in oneDNN's half RNNs. (cuBLAS half GEMMs
-with a float32 state would be faster on GPU; not done yet.)
+with a float32 state would be faster on GPU.)
 
-Variant options (issue #8, fastrnn.ops / fastrnn.variants) switch on constexpr branches of
+Options (fastrnn.ops, fastrnn.spec) switch on constexpr branches of
 the same kernels, so with no option the compiled kernels are exactly those of before:
 
 - layer norm of the recurrent pre-activation (over G*H columns) and of the cell state (over
@@ -37,8 +37,8 @@ import triton
 import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, clamp, gru_backward, gru_forward, layer_norm_rows,
-                     layer_norm_rows_backward, lstm_backward, lstm_forward, rnn_backward,
-                     rnn_forward, sigmoid, store_gate_columns, tanh)
+                     layer_norm_rows_backward, lstm_backward, lstm_forward, num_gates,
+                     rnn_backward, rnn_forward, sigmoid, store_gate_columns, tanh)
 
 
 # ---------------------------------------------------------------- heuristics
@@ -86,7 +86,7 @@ def _step_forward_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     mask = (rows < n) & (cols < H)
-    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = num_gates(CELL)
     xp = xp_ptr + rows * (G * H) + cols
     hh = hh_ptr + rows * (G * H) + cols
     ws = ws_ptr + rows * WS_STRIDE + cols
@@ -192,7 +192,7 @@ def _step_backward_kernel(
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     mask = (rows < n) & (cols < H)
-    G: tl.constexpr = 4 if CELL == LSTM else (3 if CELL == GRU else 1)
+    G: tl.constexpr = num_gates(CELL)
     ws = ws_ptr + rows * WS_STRIDE + cols
     gx = gx_ptr + rows * (G * H) + cols
     state = rows * H + cols
@@ -432,8 +432,8 @@ def _offset(layout, name):
 def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, output, ws,
             options=None, layout=None):
     """Fill ``output`` [N, P] and ``ws`` [N, W]; return the final float32 (h, c) states.
-    ``options``: a StepOptions (fastrnn.variants) or None; ``layout``: its workspace columns
-    (fastrnn.variants.workspace_layout)."""
+    ``options``: a StepOptions (fastrnn.spec) or None; ``layout``: its workspace columns
+    (fastrnn.spec.workspace_layout)."""
     H = w_hh.shape[0] // (4 if cell_id == LSTM else 3 if cell_id == GRU else 1)
     f32 = torch.float32
     h = h0.to(f32, copy=True)
@@ -467,7 +467,7 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
                 n, H, ws.shape[1], _offset(layout, "a_hat"), _offset(layout, "c_hat"),
                 float(cell_clip or 0.0), whole_rows=whole_rows, **meta)
         if epilogue:
-            p = torch.mm(ws[rows, 5 * H:6 * H].to(f32), wr_t)
+            p = torch.mm(ws[rows, layout["h_pre"]].to(f32), wr_t)
             _launch(_proj_epilogue_kernel, n, p.shape[1],
                     p, h[:n], output[rows], ws[rows], _rows(z_h, rows, dummy),
                     _rows(keep, slice(0, n), dummy), _rows(h_rec, slice(0, n), dummy),
@@ -475,7 +475,7 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
                     PROJ_CLIP=proj_clip is not None, ZONEOUT_H=z_h is not None,
                     MASK=keep is not None)
         elif proj:
-            torch.mm(ws[rows, 5 * H:6 * H].to(f32), wr_t, out=h[:n])
+            torch.mm(ws[rows, layout["h_pre"]].to(f32), wr_t, out=h[:n])
             output[rows] = h[:n]
     return h, c
 
@@ -490,7 +490,7 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
     norm, else d_hh_all itself), d_out_all the gradient of the projection's output, dy_all
     that of the normalised cell state (layer_norm_cell).
     """
-    G = 4 if cell_id == LSTM else 3 if cell_id == GRU else 1
+    G = num_gates(cell_id)
     H = w_hh.shape[0] // G
     N = output.shape[0]
     dtype = output.dtype

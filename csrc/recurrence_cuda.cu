@@ -15,23 +15,27 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// A step without layer norms: a thread per (row, hidden unit), each running its row as a
-// OneElement (step.h).
-template <Cell C, typename scalar_t, typename acc_t>
-__global__ void forward_kernel(ForwardStep<scalar_t, acc_t> a, int64_t rows) {
-  const int64_t n = rows * a.H;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    forward_row<C, Norms<false, false>>(a, i / a.H, OneElement{i % a.H});
-  }
+// step.h's row of either direction, so that one kernel template serves both.
+template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void run_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                        const Row& row) {
+  forward_row<C, V>(a, b, row);
 }
 
-template <Cell C, typename scalar_t, typename acc_t>
-__global__ void backward_kernel(BackwardStep<scalar_t, acc_t> a, int64_t rows) {
+template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void run_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                        const Row& row) {
+  backward_row<C, V>(a, b, row);
+}
+
+// A step without layer norms: a thread per (row, hidden unit), each running its row as a
+// OneElement (step.h).
+template <Cell C, template <class, class> class Step, typename scalar_t, typename acc_t>
+__global__ void element_kernel(Step<scalar_t, acc_t> a, int64_t rows) {
   const int64_t n = rows * a.H;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    backward_row<C, Norms<false, false>>(a, i / a.H, OneElement{i % a.H});
+    run_row<C, Norms<false, false>>(a, i / a.H, OneElement{i % a.H});
   }
 }
 
@@ -111,16 +115,11 @@ struct CudaRow {
   }
 };
 
-template <Cell C, class V, typename scalar_t, typename acc_t>
-__global__ void row_forward_kernel(ForwardStep<scalar_t, acc_t> a) {
+template <Cell C, class V, template <class, class> class Step, typename scalar_t,
+          typename acc_t>
+__global__ void row_kernel(Step<scalar_t, acc_t> a) {
   __shared__ acc_t scratch[64];
-  forward_row<C, V>(a, blockIdx.x, CudaRow<acc_t>{scratch});
-}
-
-template <Cell C, class V, typename scalar_t, typename acc_t>
-__global__ void row_backward_kernel(BackwardStep<scalar_t, acc_t> a) {
-  __shared__ acc_t scratch[64];
-  backward_row<C, V>(a, blockIdx.x, CudaRow<acc_t>{scratch});
+  run_row<C, V>(a, blockIdx.x, CudaRow<acc_t>{scratch});
 }
 
 template <typename scalar_t, typename acc_t>
@@ -172,8 +171,10 @@ struct CudaDevice {
     }
   }
 
-  template <typename scalar_t, typename acc_t>
-  static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& a, int64_t rows) {
+  // The pointwise pass of a step, either direction: a block per row with layer norms, else
+  // a thread per element.
+  template <class Step>
+  static void launch_step(Cell cell, const Step& a, int64_t rows) {
     if (rows * a.H == 0) return;
     auto stream = at::cuda::getCurrentCUDAStream();
     with_step(cell, a.opt, [&](auto c, auto v) {
@@ -181,31 +182,22 @@ struct CudaDevice {
       using V = decltype(v);
       if constexpr (V::rows) {
         TORCH_CHECK(rows <= INT_MAX, "fastrnn native CUDA: too many rows in one step");
-        row_forward_kernel<C, V, scalar_t, acc_t>
-            <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
+        row_kernel<C, V><<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
       } else {
-        forward_kernel<C, scalar_t, acc_t><<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
+        element_kernel<C><<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
   template <typename scalar_t, typename acc_t>
+  static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& a, int64_t rows) {
+    launch_step(cell, a, rows);
+  }
+
+  template <typename scalar_t, typename acc_t>
   static void backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& a, int64_t rows) {
-    if (rows * a.H == 0) return;
-    auto stream = at::cuda::getCurrentCUDAStream();
-    with_step(cell, a.opt, [&](auto c, auto v) {
-      constexpr Cell C = decltype(c)::value;
-      using V = decltype(v);
-      if constexpr (V::rows) {
-        TORCH_CHECK(rows <= INT_MAX, "fastrnn native CUDA: too many rows in one step");
-        row_backward_kernel<C, V, scalar_t, acc_t>
-            <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
-      } else {
-        backward_kernel<C, scalar_t, acc_t><<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_step(cell, a, rows);
   }
 
   template <typename scalar_t, typename acc_t>

@@ -66,21 +66,23 @@ void with_cell(Cell cell, Body&& body) {
   }
 }
 
-// Calls body(cell, Norms<ln, ln_c>()) with the cell and the options' layer norms as
-// compile-time constants (only lstm has ln_c; the Elman cells have no layer norms).
+// Calls body(cell, OptionsOn<ln, ln_c, any>()) with the cell and the options it has on as
+// compile-time constants (only lstm has ln_c; the Elman cells have no options).
 template <typename scalar_t, typename acc_t, class Body>
 void with_step(Cell cell, const StepOptions<scalar_t, acc_t>& o, Body&& body) {
   with_cell(cell, [&](auto c) {
     constexpr Cell k = decltype(c)::value;
     constexpr bool gated = k == Cell::LSTM || k == Cell::GRU, lstm = k == Cell::LSTM;
-    if (o.ln_weight != nullptr && o.ln_c_weight != nullptr) {
-      body(c, Norms<gated, lstm>());
+    if (!o.any) {
+      body(c, NoOptions());
+    } else if (o.ln_weight != nullptr && o.ln_c_weight != nullptr) {
+      body(c, OptionsOn<gated, lstm, gated>());
     } else if (o.ln_weight != nullptr) {
-      body(c, Norms<gated, false>());
+      body(c, OptionsOn<gated, false, gated>());
     } else if (o.ln_c_weight != nullptr) {
-      body(c, Norms<false, lstm>());
+      body(c, OptionsOn<false, lstm, gated>());
     } else {
-      body(c, Norms<false, false>());
+      body(c, OptionsOn<false, false, gated>());
     }
   });
 }
@@ -342,6 +344,7 @@ template <typename scalar_t, typename acc_t>
 StepOptions<scalar_t, acc_t> step_options(const Shapes& s, const Options& o,
                                           const Tensor& zeros) {
   StepOptions<scalar_t, acc_t> so;
+  so.any = o.any();
   auto ptr = [](const Tensor& t) -> const scalar_t* {
     return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
   };

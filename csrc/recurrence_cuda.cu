@@ -30,12 +30,13 @@ __device__ __forceinline__ void run_row(const BackwardStep<scalar_t, acc_t>& a, 
 
 // A step without layer norms: a thread per (row, hidden unit), each running its row as a
 // OneElement (step.h).
-template <Cell C, template <class, class> class Step, typename scalar_t, typename acc_t>
+template <Cell C, class V, template <class, class> class Step, typename scalar_t,
+          typename acc_t>
 __global__ void element_kernel(Step<scalar_t, acc_t> a, int64_t rows) {
   const int64_t n = rows * a.H;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    run_row<C, Norms<false, false>>(a, i / a.H, OneElement{i % a.H});
+    run_row<C, V>(a, i / a.H, OneElement{i % a.H});
   }
 }
 
@@ -184,7 +185,7 @@ struct CudaDevice {
         TORCH_CHECK(rows <= INT_MAX, "fastrnn native CUDA: too many rows in one step");
         row_kernel<C, V><<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
       } else {
-        element_kernel<C><<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
+        element_kernel<C, V><<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

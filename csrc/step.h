@@ -10,10 +10,12 @@
 namespace fastrnn {
 
 // The options of a call as the kernels see them. An absent zoneout reads a row of zeros (row
-// stride 0) and an absent clip is +inf, so every combination, none included, runs the same
-// branch-free code; only the layer norms change its shape (Norms).
+// stride 0) and an absent clip is +inf, so every combination runs the same branch-free code;
+// only the layer norms change its shape, and a call without options skips the rest
+// (OptionsOn).
 template <typename scalar_t, typename acc_t>
 struct StepOptions {
+  bool any = false;                           // any option at all
   bool proj_clip_on = false;                  // the workspace has the [p] columns
   const scalar_t* ln_weight = nullptr;        // [G*H] (layer norm of h_rec @ w_hh.T)
   const scalar_t* ln_bias = nullptr;          // [G*H]
@@ -26,12 +28,42 @@ struct StepOptions {
   int64_t ln_col = 0, ln_c_col = 0, p_col = 0;  // workspace columns of a_hat, c_hat, p
 };
 
-// Compile-time shape of a step: whether the two layer norms are on. They need the row's sums
-// between the element phases (`rows`: on CUDA a block per row); everything else is data.
-template <bool LN, bool LNC>
-struct Norms {
-  static constexpr bool ln = LN, ln_c = LNC, rows = LN || LNC;
+// The options a step has on, as compile-time constants: the two layer norms, which need the
+// row's sums between the element phases (`rows`: on CUDA a block per row), and whether there
+// is any option at all. The clips and zoneouts are data; a step without options (ANY false)
+// leaves out their arithmetic (clip, clip_mask, zoneout below), which the plain CPU loops
+// would pay 2-5% for.
+template <bool LN, bool LNC, bool ANY>
+struct OptionsOn {
+  static constexpr bool ln = LN, ln_c = LNC, any = ANY, rows = LN || LNC;
 };
+using NoOptions = OptionsOn<false, false, false>;
+
+template <class V, typename T>
+FASTRNN_HD T clip(T x, T limit) {
+  if constexpr (V::any) return clamp_(x, limit);
+  return x;
+}
+
+// The clip's gradient mask (1 where the clip passes it).
+template <class V, typename T>
+FASTRNN_HD T clip_mask(T x, T limit) {
+  if constexpr (V::any) return inside_(x, limit);
+  return T(1);
+}
+
+// Zoneout's z of element (row r, unit j) of a [N, n] option (stride n, or 0 when absent).
+template <class V, typename T, typename S>
+FASTRNN_HD T zoneout_z(const S* z, int64_t stride, int64_t r, int64_t j) {
+  if constexpr (V::any) return static_cast<T>(z[r * stride + j]);
+  return T(0);
+}
+
+template <class V, typename T>
+FASTRNN_HD T zoneout(T z, T x_new, T x_prev) {
+  if constexpr (V::any) return blend_(z, x_new, x_prev);
+  return x_new;
+}
 
 template <typename T>
 struct RowStats { T mean, rstd; };
@@ -176,7 +208,7 @@ FASTRNN_HD acc_t recurrent_input(const ForwardStep<scalar_t, acc_t>& a, int64_t 
 }
 
 // h = o * tanh(y), then either kept for the projection GEMM or zoned out and stored.
-template <typename scalar_t, typename acc_t>
+template <class V, typename scalar_t, typename acc_t>
 FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j,
                              acc_t y, acc_t o) {
   const int64_t H = a.H, r = a.row + b;
@@ -186,8 +218,8 @@ FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, i
     a.hh[b * H + j] = static_cast<scalar_t>(h);
   } else {
     scalar_t* h_state = a.h_state + b * H + j;
-    const acc_t z = static_cast<acc_t>(a.opt.zoneout_h[r * a.opt.zh_stride + j]);
-    const scalar_t h_t = static_cast<scalar_t>(blend_(z, h, static_cast<acc_t>(*h_state)));
+    const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zh_stride, r, j);
+    const scalar_t h_t = static_cast<scalar_t>(zoneout<V>(z, h, static_cast<acc_t>(*h_state)));
     a.output[r * H + j] = h_t;
     *h_state = h_t;
   }
@@ -215,8 +247,8 @@ struct LSTMForwardElement {
         static_cast<acc_t>(x[H]) + recurrent_input<V>(a, b, GH, H + j, st),
         static_cast<acc_t>(x[2 * H]) + recurrent_input<V>(a, b, GH, 2 * H + j, st),
         static_cast<acc_t>(x[3 * H]) + recurrent_input<V>(a, b, GH, 3 * H + j, st), c_prev);
-    const acc_t c_new = clamp_(s.c, o.cell_clip);
-    const acc_t c_t = blend_(static_cast<acc_t>(o.zoneout_c[r * o.zc_stride + j]), c_new, c_prev);
+    const acc_t c_new = clip<V>(s.c, o.cell_clip);
+    const acc_t c_t = zoneout<V>(zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j), c_new, c_prev);
     ws[j] = s.i;
     ws[H + j] = s.f;
     ws[2 * H + j] = s.g;
@@ -226,7 +258,7 @@ struct LSTMForwardElement {
     if constexpr (V::ln_c) {
       ws[o.ln_c_col + j] = c_new;  // normalised in place by the next phase
     } else {
-      lstm_store_h(a, b, j, c_new, s.o);
+      lstm_store_h<V>(a, b, j, c_new, s.o);
     }
   }
 };
@@ -251,7 +283,7 @@ FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t 
       ws[o.ln_c_col + j] = hat;
       const acc_t y = hat * static_cast<acc_t>(o.ln_c_weight[j]) +
                       static_cast<acc_t>(o.ln_c_bias[j]);
-      lstm_store_h(a, b, j, y, ws[3 * H + j]);
+      lstm_store_h<V>(a, b, j, y, ws[3 * H + j]);
     });
   }
 }
@@ -276,8 +308,8 @@ struct GRUForwardElement {
     ws[H + j] = s.z;
     ws[2 * H + j] = s.n;
     ws[3 * H + j] = s.hn;
-    const acc_t z = static_cast<acc_t>(a.opt.zoneout_h[r * a.opt.zh_stride + j]);
-    const scalar_t h_t = static_cast<scalar_t>(blend_(z, s.h, h_prev));
+    const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zh_stride, r, j);
+    const scalar_t h_t = static_cast<scalar_t>(zoneout<V>(z, s.h, h_prev));
     a.output[r * H + j] = h_t;
     *h_state = h_t;
   }
@@ -407,8 +439,8 @@ struct LSTMBackwardElement {
       scalar_t* dh_state = a.dh_state + b * H + j;
       const acc_t dh_t =
           static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
-      const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
-      *dh_state = static_cast<scalar_t>(z * dh_t);
+      const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zh_stride, r, j);
+      if constexpr (V::any) *dh_state = static_cast<scalar_t>(z * dh_t);  // else unread
       dh = (acc_t(1) - z) * dh_t;
     }
     acc_t y;
@@ -416,9 +448,9 @@ struct LSTMBackwardElement {
       y = ws[o.ln_c_col + j] * static_cast<acc_t>(o.ln_c_weight[j]) +
           static_cast<acc_t>(o.ln_c_bias[j]);
     } else {
-      y = clamp_(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
+      y = clip<V>(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
     }
-    const LSTMOutputGrads<acc_t> d = lstm_backward_output(dh, ws[3 * H + j], y, o.grad_clip);
+    const LSTMOutputGrads<acc_t> d = lstm_backward_output(dh, ws[3 * H + j], y, grad_clip());
     a.grad_xproj[r * 4 * H + 3 * H + j] = static_cast<scalar_t>(d.do_);
     if constexpr (V::ln_c) {
       a.grad_y[r * H + j] = d.dy;
@@ -435,15 +467,18 @@ struct LSTMBackwardElement {
     const acc_t i = ws[j], f = ws[H + j], g = ws[2 * H + j], c_prev = c_prev_row[j];
     acc_t* dc_state = a.dc_state + b * H + j;
     const acc_t dc_t = *dc_state;
-    const acc_t zc = static_cast<acc_t>(o.zoneout_c[r * o.zc_stride + j]);
-    const acc_t dc = ((acc_t(1) - zc) * dc_t + dc_y) * inside_(f * c_prev + i * g, o.cell_clip);
-    const LSTMGrads<acc_t> d = lstm_backward(dc, i, f, g, c_prev, o.grad_clip);
+    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j);
+    const acc_t dc = ((acc_t(1) - zc) * dc_t + dc_y) * clip_mask<V>(f * c_prev + i * g, o.cell_clip);
+    const LSTMGrads<acc_t> d = lstm_backward(dc, i, f, g, c_prev, grad_clip());
     scalar_t* gx = a.grad_xproj + r * 4 * H;
     gx[j] = static_cast<scalar_t>(d.di);
     gx[H + j] = static_cast<scalar_t>(d.df);
     gx[2 * H + j] = static_cast<scalar_t>(d.dg);
-    *dc_state = d.dc_prev + zc * dc_t;
+    *dc_state = V::any ? d.dc_prev + zc * dc_t : d.dc_prev;
   }
+
+  // The clip of the pre-activation gradients; +inf, a constant, in a step without options.
+  FASTRNN_HD acc_t grad_clip() const { return V::any ? a.opt.grad_clip : acc_t(INFINITY); }
 };
 
 template <class V, class Row, typename scalar_t, typename acc_t>
@@ -481,15 +516,16 @@ struct GRUBackwardElement {
     scalar_t* gh = a.grad_hgates + r * GH;
     scalar_t* dh_state = a.dh_state + b * H + j;
     const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
-    const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
+    const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zh_stride, r, j);
+    const acc_t grad_clip = V::any ? o.grad_clip : acc_t(INFINITY);  // see LSTMBackwardElement
     const GRUGrads<acc_t> d = gru_backward<acc_t>(
         (acc_t(1) - z) * dh_t, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
-        static_cast<acc_t>(h_prev_row[j]), o.grad_clip);
+        static_cast<acc_t>(h_prev_row[j]), grad_clip);
     gx[j] = gh[j] = static_cast<scalar_t>(d.dx_r);
     gx[H + j] = gh[H + j] = static_cast<scalar_t>(d.dx_z);
     gx[2 * H + j] = static_cast<scalar_t>(d.dx_n);
     gh[2 * H + j] = static_cast<scalar_t>(d.dhh_n);
-    *dh_state = static_cast<scalar_t>(d.dh_prev_direct + z * dh_t);
+    *dh_state = static_cast<scalar_t>(V::any ? d.dh_prev_direct + z * dh_t : d.dh_prev_direct);
   }
 };
 

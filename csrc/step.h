@@ -41,28 +41,31 @@ using NoOptions = OptionsOn<false, false, false>;
 
 template <class V, typename T>
 FASTRNN_HD T clip(T x, T limit) {
-  if constexpr (V::any) return clamp_(x, limit);
-  return x;
+  return V::any ? clamp_(x, limit) : x;
+}
+
+// A clip's limit for cells.h's math, which clamps by value: +inf, a constant the compiler
+// folds, in a step without options.
+template <class V, typename T>
+FASTRNN_HD T clip_limit(T limit) {
+  return V::any ? limit : T(INFINITY);
 }
 
 // The clip's gradient mask (1 where the clip passes it).
 template <class V, typename T>
 FASTRNN_HD T clip_mask(T x, T limit) {
-  if constexpr (V::any) return inside_(x, limit);
-  return T(1);
+  return V::any ? inside_(x, limit) : T(1);
 }
 
 // Zoneout's z of element (row r, unit j) of a [N, n] option (stride n, or 0 when absent).
 template <class V, typename T, typename S>
 FASTRNN_HD T zoneout_z(const S* z, int64_t stride, int64_t r, int64_t j) {
-  if constexpr (V::any) return static_cast<T>(z[r * stride + j]);
-  return T(0);
+  return V::any ? static_cast<T>(z[r * stride + j]) : T(0);
 }
 
 template <class V, typename T>
 FASTRNN_HD T zoneout(T z, T x_new, T x_prev) {
-  if constexpr (V::any) return blend_(z, x_new, x_prev);
-  return x_new;
+  return V::any ? blend_(z, x_new, x_prev) : x_new;
 }
 
 template <typename T>
@@ -248,7 +251,8 @@ struct LSTMForwardElement {
         static_cast<acc_t>(x[2 * H]) + recurrent_input<V>(a, b, GH, 2 * H + j, st),
         static_cast<acc_t>(x[3 * H]) + recurrent_input<V>(a, b, GH, 3 * H + j, st), c_prev);
     const acc_t c_new = clip<V>(s.c, o.cell_clip);
-    const acc_t c_t = zoneout<V>(zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j), c_new, c_prev);
+    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j);
+    const acc_t c_t = zoneout<V>(zc, c_new, c_prev);
     ws[j] = s.i;
     ws[H + j] = s.f;
     ws[2 * H + j] = s.g;
@@ -440,7 +444,7 @@ struct LSTMBackwardElement {
       const acc_t dh_t =
           static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
       const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zh_stride, r, j);
-      if constexpr (V::any) *dh_state = static_cast<scalar_t>(z * dh_t);  // else unread
+      if (V::any) *dh_state = static_cast<scalar_t>(z * dh_t);  // else unread
       dh = (acc_t(1) - z) * dh_t;
     }
     acc_t y;
@@ -450,7 +454,8 @@ struct LSTMBackwardElement {
     } else {
       y = clip<V>(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
     }
-    const LSTMOutputGrads<acc_t> d = lstm_backward_output(dh, ws[3 * H + j], y, grad_clip());
+    const LSTMOutputGrads<acc_t> d =
+        lstm_backward_output(dh, ws[3 * H + j], y, clip_limit<V>(o.grad_clip));
     a.grad_xproj[r * 4 * H + 3 * H + j] = static_cast<scalar_t>(d.do_);
     if constexpr (V::ln_c) {
       a.grad_y[r * H + j] = d.dy;
@@ -468,17 +473,15 @@ struct LSTMBackwardElement {
     acc_t* dc_state = a.dc_state + b * H + j;
     const acc_t dc_t = *dc_state;
     const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j);
-    const acc_t dc = ((acc_t(1) - zc) * dc_t + dc_y) * clip_mask<V>(f * c_prev + i * g, o.cell_clip);
-    const LSTMGrads<acc_t> d = lstm_backward(dc, i, f, g, c_prev, grad_clip());
+    const acc_t c_raw = f * c_prev + i * g;
+    const acc_t dc = ((acc_t(1) - zc) * dc_t + dc_y) * clip_mask<V>(c_raw, o.cell_clip);
+    const LSTMGrads<acc_t> d = lstm_backward(dc, i, f, g, c_prev, clip_limit<V>(o.grad_clip));
     scalar_t* gx = a.grad_xproj + r * 4 * H;
     gx[j] = static_cast<scalar_t>(d.di);
     gx[H + j] = static_cast<scalar_t>(d.df);
     gx[2 * H + j] = static_cast<scalar_t>(d.dg);
     *dc_state = V::any ? d.dc_prev + zc * dc_t : d.dc_prev;
   }
-
-  // The clip of the pre-activation gradients; +inf, a constant, in a step without options.
-  FASTRNN_HD acc_t grad_clip() const { return V::any ? a.opt.grad_clip : acc_t(INFINITY); }
 };
 
 template <class V, class Row, typename scalar_t, typename acc_t>
@@ -517,10 +520,9 @@ struct GRUBackwardElement {
     scalar_t* dh_state = a.dh_state + b * H + j;
     const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
     const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zh_stride, r, j);
-    const acc_t grad_clip = V::any ? o.grad_clip : acc_t(INFINITY);  // see LSTMBackwardElement
     const GRUGrads<acc_t> d = gru_backward<acc_t>(
         (acc_t(1) - z) * dh_t, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
-        static_cast<acc_t>(h_prev_row[j]), grad_clip);
+        static_cast<acc_t>(h_prev_row[j]), clip_limit<V>(o.grad_clip));
     gx[j] = gh[j] = static_cast<scalar_t>(d.dx_r);
     gx[H + j] = gh[H + j] = static_cast<scalar_t>(d.dx_z);
     gx[2 * H + j] = static_cast<scalar_t>(d.dx_n);

@@ -144,13 +144,15 @@ def rnn_backward(h, dh, RELU: tl.constexpr):
 # ---------------------------------------------------------------- workspace (fastrnn.ops)
 
 @triton.jit
-def store_gate_columns(ws, H, first, second, third, fourth, mask):
-    """Columns [0, 4H) of workspace rows, in the layout of the op contract (fastrnn.ops):
-    lstm i | f | g | o, gru r | z | n | hn."""
-    tl.store(ws, first, mask=mask)
-    tl.store(ws + H, second, mask=mask)
-    tl.store(ws + 2 * H, third, mask=mask)
-    tl.store(ws + 3 * H, fourth, mask=mask)
+def store_tiles(ptr, H, t0, t1, t2, t3, mask, TILES: tl.constexpr):
+    """The first TILES per-gate tiles at columns 0, H, 2H, 3H of ``ptr``; with TILES = 4 the
+    workspace's gate columns (fastrnn.ops): lstm i | f | g | o, gru r | z | n | hn."""
+    tl.store(ptr, t0, mask=mask)
+    if TILES > 1:
+        tl.store(ptr + H, t1, mask=mask)
+        tl.store(ptr + 2 * H, t2, mask=mask)
+    if TILES > 3:
+        tl.store(ptr + 3 * H, t3, mask=mask)
 
 
 # ---------------------------------------------------------------- options (fastrnn.ops)

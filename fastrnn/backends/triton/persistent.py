@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, gru_backward, gru_forward, lstm_backward,
                      lstm_backward_output, lstm_forward, matmul, rnn_backward, rnn_forward,
-                     store_gate_columns, tanh)
+                     store_tiles, tanh)
 from .autotune import autotune
 
 
@@ -132,7 +132,7 @@ def _persistent_forward_kernel(
             r3 = matmul(h, wt3) + b3
             i, f, g, o, c_new = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c)
             h_new = o * tanh(c_new)
-            store_gate_columns(ws, H, i, f, g, o, m)
+            store_tiles(ws, H, i, f, g, o, m, 4)
             tl.store(ws + 4 * H, c_new, mask=m)
             c = tl.where(live, c_new, c)
             if HAS_PROJ:
@@ -140,7 +140,7 @@ def _persistent_forward_kernel(
                 h_new = matmul(h_new, wrt)
         elif CELL == GRU:
             r, z, nn, h_new = gru_forward(x0, x1, x2, r0, r1, r2, h)
-            store_gate_columns(ws, H, r, z, nn, r2, m)
+            store_tiles(ws, H, r, z, nn, r2, m, 4)
         else:
             h_new = rnn_forward(x0 + r0, CELL == RNN_RELU)
         tl.store(out_ptr + row * P + cp, h_new.to(out_ptr.dtype.element_ty),

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, clamp, gru_backward, gru_forward, layer_norm_rows,
                      layer_norm_rows_backward, lstm_backward, lstm_backward_output,
-                     lstm_forward, rnn_backward, rnn_forward, store_gate_columns, tanh, zoneout)
+                     lstm_forward, rnn_backward, rnn_forward, store_tiles, tanh, zoneout)
 
 
 # ---------------------------------------------------------------- heuristics
@@ -105,7 +105,7 @@ def _step_forward_kernel(
         r3 = tl.load(hh + 3 * H, mask=mask, other=0.0).to(tl.float32)
     if LN:  # the program holds whole rows: BLOCK_H >= H
         r0, r1, r2, r3, rstd = layer_norm_rows(r0, r1, r2, r3, mask, G * H, G)
-        _store_tiles(ws + LN_OFF, H, r0, r1, r2, r3, mask, G)
+        store_tiles(ws + LN_OFF, H, r0, r1, r2, r3, mask, G)
         tl.store(ws_ptr + rows * WS_STRIDE + LN_OFF + G * H, rstd, mask=rows < n)
         r0, r1, r2, r3 = _affine_tiles(r0, r1, r2, r3, lnw_ptr, lnb_ptr, cols, H, G)
     if HAS_BIAS:
@@ -131,7 +131,7 @@ def _step_forward_kernel(
         h = o * tanh(y)
         if ZONEOUT_C:
             c = zoneout(tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32), c, c_prev)
-        store_gate_columns(ws, H, i, f, g, o, mask)
+        store_tiles(ws, H, i, f, g, o, mask, 4)
         tl.store(ws + 4 * H, c, mask=mask)
         tl.store(c_ptr + state, c, mask=mask)
         if HAS_PROJ:
@@ -139,7 +139,7 @@ def _step_forward_kernel(
     elif CELL == GRU:
         h_prev = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
         r, z, nn, h = gru_forward(x0, x1, x2, r0, r1, r2, h_prev)
-        store_gate_columns(ws, H, r, z, nn, r2, mask)
+        store_tiles(ws, H, r, z, nn, r2, mask, 4)
     else:
         h = rnn_forward(x0 + r0, CELL == RNN_RELU)
 
@@ -239,7 +239,7 @@ def _step_backward_kernel(
         if ZONEOUT_H:
             tl.store(ddir_ptr + state, direct, mask=mask)
         if STORE_DHH:
-            _store_tiles(dhh_ptr + rows * (G * H) + cols, H, dai, daf, dag, dao, mask, G)
+            store_tiles(dhh_ptr + rows * (G * H) + cols, H, dai, daf, dag, dao, mask, G)
         if LN:
             _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dai, daf, dag, dao,
                                  n, H, WS_STRIDE, LN_OFF, G)
@@ -256,7 +256,7 @@ def _step_backward_kernel(
         tl.store(gx, dar.to(ty), mask=mask)
         tl.store(gx + H, daz.to(ty), mask=mask)
         tl.store(gx + 2 * H, dan.to(ty), mask=mask)
-        _store_tiles(dhh_ptr + rows * (G * H) + cols, H, dar, daz, dhn, dhn, mask, G)
+        store_tiles(dhh_ptr + rows * (G * H) + cols, H, dar, daz, dhn, dhn, mask, G)
         tl.store(ddir_ptr + state, gru_direct, mask=mask)
         if LN:
             _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dar, daz, dhn, dhn,
@@ -332,17 +332,6 @@ def _proj_prologue_kernel(
 # ---------------------------------------------------------------- helpers of the kernels
 
 @triton.jit
-def _store_tiles(ptr, H, t0, t1, t2, t3, mask, TILES: tl.constexpr):
-    """The first TILES per-gate tiles at columns 0, H, 2H, 3H of ``ptr``."""
-    tl.store(ptr, t0, mask=mask)
-    if TILES > 1:
-        tl.store(ptr + H, t1, mask=mask)
-        tl.store(ptr + 2 * H, t2, mask=mask)
-    if TILES > 3:
-        tl.store(ptr + 3 * H, t3, mask=mask)
-
-
-@triton.jit
 def _load_tile(ptr, cols, H):
     return tl.load(ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
 
@@ -379,7 +368,7 @@ def _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, d0, d1, d2, 
         g3 = d3 * _load_tile(lnw_ptr + 3 * H, cols, H)
     t0, t1, t2, t3 = layer_norm_rows_backward(g0, g1, g2, g3, a0, a1, a2, a3, rstd, mask,
                                               G * H, G)
-    _store_tiles(da_ptr + rows * (G * H) + cols, H, t0, t1, t2, t3, mask, G)
+    store_tiles(da_ptr + rows * (G * H) + cols, H, t0, t1, t2, t3, mask, G)
 
 
 # ---------------------------------------------------------------- launchers

@@ -46,8 +46,10 @@ inline __attribute__((always_inline)) float cpu_expf(float x) {
   return p * scale;
 }
 
-// tanh: odd Taylor series below |x| = 0.3 (error < 1e-9 relative there), else
-// 1 - 2 / (exp(2|x|) + 1) with the sign put back. Both are computed: no branch.
+// tanh: the odd Taylor series below |x| = 0.3, else (1 - e) / (1 + e) with e = exp(-2|x|)
+// <= 1 (no overflow), the sign put back; both are computed: no branch. fastrnn's Triton tanh
+// (_gates.py) is the same. Against float64 tanh, every float32 is within 2.1 ulp; a switch
+// lower down costs accuracy, as 1 - e cancels (5.5 ulp at 0.05).
 inline __attribute__((always_inline)) float cpu_tanhf(float x) {
   float ax = x < 0.f ? -x : x;
   float x2 = x * x;
@@ -57,7 +59,8 @@ inline __attribute__((always_inline)) float cpu_tanhf(float x) {
   series = series * x2 + 2.f / 15.f;
   series = series * x2 + -1.f / 3.f;
   series = x + x * x2 * series;
-  float big = 1.f - 2.f / (cpu_expf(2.f * ax) + 1.f);
+  float e = cpu_expf(-2.f * ax);
+  float big = (1.f - e) / (1.f + e);
   big = x < 0.f ? -big : big;
   return ax < 0.3f ? series : big;
 }
@@ -87,9 +90,9 @@ FASTRNN_HD T sigmoid_(T x) { return T(1) / (T(1) + exp_(-x)); }
 template <typename T>
 FASTRNN_HD T relu_(T x) { return x > T(0) ? x : T(0); }
 
-// ------------------------------------------------------------------ variant pieces
-// (VARIANTS_SPEC.md) The variant path passes limit = +inf for an absent clip and z = 0 for
-// an absent zoneout, so one branch-free code path serves every combination.
+// ------------------------------------------------------------------ options
+// An absent clip is limit = +inf and an absent zoneout z = 0: one branch-free code path
+// serves every combination of options, none included.
 template <typename T>
 FASTRNN_HD T clamp_(T x, T limit) { return x < -limit ? -limit : (x > limit ? limit : x); }
 
@@ -114,56 +117,44 @@ FASTRNN_HD double rsqrt_(double x) { return 1.0 / sqrt(x); }
 #define FASTRNN_LAYER_NORM_EPS 1e-5
 
 // ------------------------------------------------------------------ LSTM
-// Gates (i, f, g, o); c = f * c_prev + i * g; h = o * tanh(c).
+// Gates (i, f, g, o); c = f * c_prev + i * g; h = o * tanh(y), y = c after the options
+// (cell clip, cell layer norm), which is why the step computes h.
 template <typename T>
-struct LSTMGates { T i, f, g, o, c, h; };
+struct LSTMGates { T i, f, g, o, c; };
 
-// The gates and the raw new cell state, without h (variants clip or normalise c first).
 template <typename T>
-FASTRNN_HD LSTMGates<T> lstm_gates(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
+FASTRNN_HD LSTMGates<T> lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
   LSTMGates<T> s;
   s.i = sigmoid_(pre_i);
   s.f = sigmoid_(pre_f);
   s.g = tanh_(pre_g);
   s.o = sigmoid_(pre_o);
   s.c = s.f * c_prev + s.i * s.g;
-  s.h = T(0);
   return s;
 }
 
+// Backward of h = o * tanh(y) for dh = dL/dh (before projection): the o gate's
+// pre-activation gradient, clamped to +-clip (grad_clip), and dL/dy.
 template <typename T>
-FASTRNN_HD LSTMGates<T> lstm_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev) {
-  LSTMGates<T> s = lstm_gates(pre_i, pre_f, pre_g, pre_o, c_prev);
-  s.h = s.o * tanh_(s.c);
-  return s;
+struct LSTMOutputGrads { T do_, dy; };
+
+template <typename T>
+FASTRNN_HD LSTMOutputGrads<T> lstm_backward_output(T dh, T o, T y, T clip) {
+  const T tanh_y = tanh_(y);
+  return {clamp_(dh * tanh_y * o * (T(1) - o), clip), dh * o * (T(1) - tanh_y * tanh_y)};
 }
 
-// dh: gradient w.r.t. this step's h (before projection), dc: w.r.t. its c (from later steps).
+// Backward of c = f * c_prev + i * g for dc = dL/dc: the gates' pre-activation gradients,
+// clamped to +-clip, and dc * f (dL/dc_prev, less zoneout's direct part).
 template <typename T>
-struct LSTMGrads { T di, df, dg, do_, dc_prev; };
+struct LSTMGrads { T di, df, dg, dc_prev; };
 
 template <typename T>
-FASTRNN_HD LSTMGrads<T> lstm_backward(T dh, T dc, T i, T f, T g, T o, T c, T c_prev) {
-  T tanh_c = tanh_(c);
-  dc = dc + dh * o * (T(1) - tanh_c * tanh_c);
-  LSTMGrads<T> d;
-  d.di = dc * g * i * (T(1) - i);
-  d.df = dc * c_prev * f * (T(1) - f);
-  d.dg = dc * i * (T(1) - g * g);
-  d.do_ = dh * tanh_c * o * (T(1) - o);
-  d.dc_prev = dc * f;
-  return d;
-}
-
-// Variant backward of the gates i, f, g given dc = dL/dc_new (after the clip mask): each
-// pre-activation gradient clamped to +-clip (+inf: none). dc_prev excludes zoneout's part.
-template <typename T>
-FASTRNN_HD LSTMGrads<T> lstm_backward_gates(T dc, T i, T f, T g, T c_prev, T clip) {
+FASTRNN_HD LSTMGrads<T> lstm_backward(T dc, T i, T f, T g, T c_prev, T clip) {
   LSTMGrads<T> d;
   d.di = clamp_(dc * g * i * (T(1) - i), clip);
   d.df = clamp_(dc * c_prev * f * (T(1) - f), clip);
   d.dg = clamp_(dc * i * (T(1) - g * g), clip);
-  d.do_ = T(0);
   d.dc_prev = dc * f;
   return d;
 }
@@ -185,25 +176,13 @@ FASTRNN_HD GRUGates<T> gru_forward(T x_r, T x_z, T x_n, T hh_r, T hh_z, T hh_n, 
   return s;
 }
 
-// d_x*: gradient of the input projection; d_hh_n: of hh_n (d_hh_r/z equal d_x_r/z);
-// dh_prev_direct: the part of dL/dh_prev that does not go through w_hh.
+// d_x*: gradient of the input projection, clamped to +-clip (grad_clip); d_hh_n: of hh_n
+// (d_hh_r/z equal d_x_r/z); dh_prev_direct: the part of dL/dh_prev not through w_hh.
 template <typename T>
 struct GRUGrads { T dx_r, dx_z, dx_n, dhh_n, dh_prev_direct; };
 
 template <typename T>
-FASTRNN_HD GRUGrads<T> gru_backward(T dh, T r, T z, T n, T hn, T h_prev) {
-  GRUGrads<T> d;
-  d.dx_n = dh * (T(1) - z) * (T(1) - n * n);
-  d.dx_r = d.dx_n * hn * r * (T(1) - r);
-  d.dx_z = dh * (h_prev - n) * z * (T(1) - z);
-  d.dhh_n = d.dx_n * r;
-  d.dh_prev_direct = dh * z;
-  return d;
-}
-
-// gru_backward with every pre-activation gradient clamped to +-clip (grad_clip; +inf: none).
-template <typename T>
-FASTRNN_HD GRUGrads<T> gru_backward_clipped(T dh, T r, T z, T n, T hn, T h_prev, T clip) {
+FASTRNN_HD GRUGrads<T> gru_backward(T dh, T r, T z, T n, T hn, T h_prev, T clip) {
   GRUGrads<T> d;
   d.dx_n = clamp_(dh * (T(1) - z) * (T(1) - n * n), clip);
   d.dx_r = clamp_(d.dx_n * hn * r * (T(1) - r), clip);

@@ -6,16 +6,16 @@
 // recurrence_cuda.cu: one kernel). Backward runs the steps in reverse and accumulates the
 // weight gradients as single GEMMs over all steps at the end.
 //
-// Options (lstm/gru; fastrnn/spec.py, fastrnn/ops.py) are small pieces of the same
-// loop: the recurrent mask multiplies h before the GEMM (and dL/dh_rec after it), the
-// pointwise pass becomes step.h's variant row (layer norms, clips, zoneout), a projection
+// The options (lstm/gru; fastrnn/spec.py) are small pieces of the same loop: the recurrent
+// mask multiplies h before the GEMM (and dL/dh_rec after it), the pointwise pass applies
+// clips and zoneout as data and the layer norms in extra row phases (step.h), a projection
 // pass follows the w_hr GEMM when proj_clip / zoneout_h need it, and the layer-norm
-// parameter gradients are column sums at the end. Without options nothing of this runs.
+// parameter gradients are column sums at the end.
 //
 // Dev provides:
 //   template <class scalar_t, class acc_t> static void forward_step(Cell, const ForwardStep&, int64_t rows);
 //   template <class scalar_t, class acc_t> static void backward_step(Cell, const BackwardStep&, int64_t rows);
-//       (both run the variant rows of step.h when the step's options are on)
+//       (both run step.h's forward_row / backward_row for every live row)
 //   template <class scalar_t, class acc_t> static void projection_forward_step(const ForwardStep&, int64_t rows);
 //   template <class scalar_t, class acc_t> static void projection_backward_step(const BackwardStep&, int64_t rows);
 //   static void check_dtype(at::ScalarType);       // clear error for dtypes it lacks
@@ -74,19 +74,25 @@ void with_cell(Cell cell, Body&& body) {
   }
 }
 
-// Calls body(Variant<ln, ln_c>()) with the options' layer norms as compile-time constants.
+// Calls body(cell, OptionsOn<ln, ln_c, any>()) with the cell and the options it has on as
+// compile-time constants (only lstm has ln_c; the Elman cells have no options).
 template <typename scalar_t, typename acc_t, class Body>
-void with_variant(const StepOptions<scalar_t, acc_t>& o, Body&& body) {
-  const bool ln = o.ln_weight != nullptr, ln_c = o.ln_c_weight != nullptr;
-  if (ln && ln_c) {
-    body(Variant<true, true>());
-  } else if (ln) {
-    body(Variant<true, false>());
-  } else if (ln_c) {
-    body(Variant<false, true>());
-  } else {
-    body(Variant<false, false>());
-  }
+void with_step(Cell cell, const StepOptions<scalar_t, acc_t>& o, Body&& body) {
+  with_cell(cell, [&](auto c) {
+    constexpr Cell k = decltype(c)::value;
+    constexpr bool gated = k == Cell::LSTM || k == Cell::GRU, lstm = k == Cell::LSTM;
+    if (!o.any) {
+      body(c, NoOptions());
+    } else if (o.ln_weight != nullptr && o.ln_c_weight != nullptr) {
+      body(c, OptionsOn<gated, lstm, gated>());
+    } else if (o.ln_weight != nullptr) {
+      body(c, OptionsOn<gated, false, gated>());
+    } else if (o.ln_c_weight != nullptr) {
+      body(c, OptionsOn<false, lstm, gated>());
+    } else {
+      body(c, OptionsOn<false, false, gated>());
+    }
+  });
 }
 
 inline int64_t num_gates(Cell cell) { return spec::kNumGates[static_cast<int>(cell)]; }
@@ -324,13 +330,12 @@ inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t col
 }
 
 // The kernels' view of the options. `zeros` (at least max(H, P) zeros) stands in for an
-// absent zoneout, +inf for an absent clip: the variant code has no per-option branches.
+// absent zoneout, +inf for an absent clip: the step code has no per-option branches.
 template <typename scalar_t, typename acc_t>
 StepOptions<scalar_t, acc_t> step_options(const Shapes& s, const Options& o,
                                           const Tensor& zeros) {
   StepOptions<scalar_t, acc_t> so;
-  so.on = o.any();
-  if (!so.on) return so;
+  so.any = o.any();
   auto ptr = [](const Tensor& t) -> const scalar_t* {
     return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
   };
@@ -388,7 +393,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
   Tensor hh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor h_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // h * recurrent_mask
-  const Tensor zeros = opt.any() ? at::zeros({std::max(s.H, s.P)}, opts) : Tensor();
+  const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
   // The projected rows need a pass of their own only for proj_clip / zoneout_h.
   const bool projection_pass = s.proj && (opt.proj_clip.has_value() || opt.zoneout_h.defined());
 
@@ -498,9 +503,9 @@ BackwardResult recurrence_backward(
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row
   Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor dh_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // dL/dh_rec
-  const Tensor zeros = opt.any() ? at::zeros({std::max(s.H, s.P)}, opts) : Tensor();
+  const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
   // The step kernels leave a direct part of dL/dh_prev in dh_state for the GEMM to add to
-  // (gru's z * dh; zoneout's z_h * dh; the variant path always writes it).
+  // (gru's z * dh; zoneout's z_h * dh).
   const bool direct_part = s.cell == Cell::GRU || opt.any();
 
   const typename Dev::Gemm recurrent_gemm(w_hh, s.B);  // dL/dh_prev = d(hgates) @ w_hh

@@ -131,14 +131,15 @@ inline int64_t grain_rows(int64_t H, int64_t G) {
   return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, G * H));
 }
 
-// How a variant row runs on the CPU (step.h): one thread, plain loops over the row; the sums
+// How a row runs on the CPU (step.h): one thread, plain loops over the row; the sums
 // keep 16 partial lanes so the compiler vectorises them (and the result does not depend on
 // how rows are split over threads).
 struct CpuRow {
   static constexpr bool leader() { return true; }
 
+  // Always inlined: the loop vectorises only where the caller's constants are seen.
   template <class F>
-  void for_each(int64_t n, F&& f) const {
+  inline __attribute__((always_inline)) void for_each(int64_t n, F&& f) const {
 #pragma GCC ivdep
     for (int64_t j = 0; j < n; ++j) f(j);
   }
@@ -202,20 +203,19 @@ struct CpuDevice {
     }
   }
 
-  // The branches on per-call and per-row constants (projection, whether a row continues
-  // the previous step) are taken outside the j loop, on a local copy of the arguments, so
-  // the compiler sees them constant inside and vectorises the loop.
+  // A row per iteration (step.h), rows in parallel, on a local copy of the arguments. Whether
+  // there is a projection is made a constant of each copy: a branch on it inside the j loop
+  // would become masked loads and stores through the absent (null) pointer, which the CPU
+  // runs ~10x slower (fault suppression).
   template <typename scalar_t, typename acc_t>
   static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& args, int64_t rows) {
-    if (args.opt.on) return variant_forward_step(cell, args, rows);
-    with_cell(cell, [&](auto c) {
+    with_step(cell, args.opt, [&](auto c, auto v) {
       at::parallel_for(0, rows, grain_rows(args.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
         auto run_rows = [&](auto proj) {  // proj: std::bool_constant
           ForwardStep<scalar_t, acc_t> a = args;
           a.proj = proj;
           for (int64_t b = b0; b < b1; ++b) {
-#pragma GCC ivdep
-            for (int64_t j = 0; j < a.H; ++j) forward_element<scalar_t, acc_t>(c, a, b, j);
+            forward_row<decltype(c)::value, decltype(v)>(a, b, CpuRow());
           }
         };
         if (args.proj) {
@@ -229,67 +229,26 @@ struct CpuDevice {
 
   template <typename scalar_t, typename acc_t>
   static void backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& args, int64_t rows) {
-    if (args.opt.on) return variant_backward_step(cell, args, rows);
-    with_cell(cell, [&](auto c) {
+    with_step(cell, args.opt, [&](auto c, auto v) {
       at::parallel_for(0, rows, grain_rows(args.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
         const BackwardStep<scalar_t, acc_t> a = args;
-        auto row = [&](int64_t b) {
-#pragma GCC ivdep
-          for (int64_t j = 0; j < a.H; ++j) backward_element<scalar_t, acc_t>(c, a, b, j);
+        auto run_rows = [&] {
+          for (int64_t b = b0; b < b1; ++b) {
+            backward_row<decltype(c)::value, decltype(v)>(a, b, CpuRow());
+          }
         };
-        for (int64_t b = b0; b < b1; ++b) {
-          // The same call in every branch on purpose: inlined there, each copy sees whether
-          // the row continues the previous step and whether dhh is given as constants, so
-          // its j loop has no branch and vectorises.
-          const bool continues = b < a.prev_rows;
-          if (a.dhh != nullptr) {
-            if (continues) row(b); else row(b);
-          } else {
-            if (continues) row(b); else row(b);
-          }
+        // The same call in both branches on purpose: inlined there, each copy sees whether
+        // dhh (the projection's gradient) is given as a constant.
+        if (a.dhh != nullptr) {
+          run_rows();
+        } else {
+          run_rows();
         }
       });
     });
   }
 
-  // Variant steps (lstm and gru with options): a row at a time (step.h), rows in parallel.
-  template <typename scalar_t, typename acc_t>
-  static void variant_forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& args,
-                                   int64_t rows) {
-    with_variant(args.opt, [&](auto v) {
-      using V = decltype(v);
-      at::parallel_for(0, rows, grain_rows(args.H, num_gates(cell)), [&](int64_t b0, int64_t b1) {
-        const ForwardStep<scalar_t, acc_t> a = args;
-        for (int64_t b = b0; b < b1; ++b) {
-          if (cell == Cell::LSTM) {
-            lstm_forward_row<V>(a, b, CpuRow());
-          } else {
-            gru_forward_row<V>(a, b, CpuRow());
-          }
-        }
-      });
-    });
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void variant_backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& args,
-                                    int64_t rows) {
-    with_variant(args.opt, [&](auto v) {
-      using V = decltype(v);
-      at::parallel_for(0, rows, grain_rows(args.H, num_gates(cell)), [&](int64_t b0, int64_t b1) {
-        const BackwardStep<scalar_t, acc_t> a = args;
-        for (int64_t b = b0; b < b1; ++b) {
-          if (cell == Cell::LSTM) {
-            lstm_backward_row<V>(a, b, CpuRow());
-          } else {
-            gru_backward_row<V>(a, b, CpuRow());
-          }
-        }
-      });
-    });
-  }
-
-  // The projected rows of a variant lstm step: proj_clip and zoneout_h (step.h).
+  // The projected rows of an lstm step with proj_clip or zoneout_h (step.h).
   template <typename scalar_t, typename acc_t>
   static void projection_forward_step(const ForwardStep<scalar_t, acc_t>& args, int64_t rows) {
     at::parallel_for(0, rows, grain_rows(args.P, 1), [&](int64_t b0, int64_t b1) {

@@ -1,7 +1,7 @@
 // CUDA device policy of the generic recurrence (recurrence.h): per step, the GEMM runs on
-// the current stream through at::mm_out (cuBLAS) and the pointwise pass is ONE kernel, a
-// thread per (row, hidden unit), running the element code of step.h. Half types compute
-// their gates in float32 (acc_t) and keep a float32 workspace.
+// the current stream through at::mm_out (cuBLAS) and the pointwise pass is ONE kernel
+// running step.h's rows: a thread per (row, hidden unit), or with layer norms a block per
+// row. Half types compute their gates in float32 (acc_t) and keep a float32 workspace.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/library.h>
@@ -15,30 +15,36 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <Cell C, typename scalar_t, typename acc_t>
-__global__ void forward_kernel(ForwardStep<scalar_t, acc_t> a, int64_t rows) {
+// step.h's row of either direction, so that one kernel template serves both.
+template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void run_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
+                                        const Row& row) {
+  forward_row<C, V>(a, b, row);
+}
+
+template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void run_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                        const Row& row) {
+  backward_row<C, V>(a, b, row);
+}
+
+// A step without layer norms: a thread per (row, hidden unit), each running its row as a
+// OneElement (step.h).
+template <Cell C, class V, template <class, class> class Step, typename scalar_t,
+          typename acc_t>
+__global__ void element_kernel(Step<scalar_t, acc_t> a, int64_t rows) {
   const int64_t n = rows * a.H;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    forward_element<scalar_t, acc_t>(C, a, i / a.H, i % a.H);
+    run_row<C, V>(a, i / a.H, OneElement{i % a.H});
   }
 }
 
-template <Cell C, typename scalar_t, typename acc_t>
-__global__ void backward_kernel(BackwardStep<scalar_t, acc_t> a, int64_t rows) {
-  const int64_t n = rows * a.H;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    backward_element<scalar_t, acc_t>(C, a, i / a.H, i % a.H);
-  }
-}
-
-// ------------------------------------------------------------------ variant steps
-// Options (step.h, VARIANTS_SPEC.md) run a row per block: the layer norms need the row's
-// sums between the element phases. CudaRow is step.h's `Row` for one block: threads stride
-// over the row, phases end with a barrier, sums are block reductions (fixed order:
-// deterministic). The __CUDA_ARCH__ guards only keep the host pass of nvcc quiet; these
-// run on the device alone.
+// ------------------------------------------------------------------ layer-norm steps
+// A block per row: the layer norms need the row's sums between the element phases. CudaRow
+// is step.h's `Row` for one block: threads stride over the row, phases end with a barrier,
+// sums are block reductions (fixed order: deterministic). The __CUDA_ARCH__ guards only
+// keep the host pass of nvcc quiet; these run on the device alone.
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
@@ -110,26 +116,11 @@ struct CudaRow {
   }
 };
 
-template <Cell C, class V, typename scalar_t, typename acc_t>
-__global__ void variant_forward_kernel(ForwardStep<scalar_t, acc_t> a) {
+template <Cell C, class V, template <class, class> class Step, typename scalar_t,
+          typename acc_t>
+__global__ void row_kernel(Step<scalar_t, acc_t> a) {
   __shared__ acc_t scratch[64];
-  const CudaRow<acc_t> row{scratch};
-  if constexpr (C == Cell::LSTM) {
-    lstm_forward_row<V>(a, blockIdx.x, row);
-  } else {
-    gru_forward_row<V>(a, blockIdx.x, row);
-  }
-}
-
-template <Cell C, class V, typename scalar_t, typename acc_t>
-__global__ void variant_backward_kernel(BackwardStep<scalar_t, acc_t> a) {
-  __shared__ acc_t scratch[64];
-  const CudaRow<acc_t> row{scratch};
-  if constexpr (C == Cell::LSTM) {
-    lstm_backward_row<V>(a, blockIdx.x, row);
-  } else {
-    gru_backward_row<V>(a, blockIdx.x, row);
-  }
+  run_row<C, V>(a, blockIdx.x, CudaRow<acc_t>{scratch});
 }
 
 template <typename scalar_t, typename acc_t>
@@ -181,54 +172,33 @@ struct CudaDevice {
     }
   }
 
-  template <typename scalar_t, typename acc_t>
-  static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& a, int64_t rows) {
+  // The pointwise pass of a step, either direction: a block per row with layer norms, else
+  // a thread per element.
+  template <class Step>
+  static void launch_step(Cell cell, const Step& a, int64_t rows) {
     if (rows * a.H == 0) return;
     auto stream = at::cuda::getCurrentCUDAStream();
-    if (a.opt.on) {
-      TORCH_CHECK(rows <= INT_MAX, "fastrnn native CUDA: too many rows in one step");
-      with_variant(a.opt, [&](auto v) {
-        if (cell == Cell::LSTM) {
-          variant_forward_kernel<Cell::LSTM, decltype(v), scalar_t, acc_t>
-              <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
-        } else {
-          variant_forward_kernel<Cell::GRU, decltype(v), scalar_t, acc_t>
-              <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      return;
-    }
-    with_cell(cell, [&](auto c) {
-      forward_kernel<decltype(c)::value, scalar_t, acc_t>
-          <<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
+    with_step(cell, a.opt, [&](auto c, auto v) {
+      constexpr Cell C = decltype(c)::value;
+      using V = decltype(v);
+      if constexpr (V::rows) {
+        TORCH_CHECK(rows <= INT_MAX, "fastrnn native CUDA: too many rows in one step");
+        row_kernel<C, V><<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
+      } else {
+        element_kernel<C, V><<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
 
   template <typename scalar_t, typename acc_t>
+  static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& a, int64_t rows) {
+    launch_step(cell, a, rows);
+  }
+
+  template <typename scalar_t, typename acc_t>
   static void backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& a, int64_t rows) {
-    if (rows * a.H == 0) return;
-    auto stream = at::cuda::getCurrentCUDAStream();
-    if (a.opt.on) {
-      TORCH_CHECK(rows <= INT_MAX, "fastrnn native CUDA: too many rows in one step");
-      with_variant(a.opt, [&](auto v) {
-        if (cell == Cell::LSTM) {
-          variant_backward_kernel<Cell::LSTM, decltype(v), scalar_t, acc_t>
-              <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
-        } else {
-          variant_backward_kernel<Cell::GRU, decltype(v), scalar_t, acc_t>
-              <<<static_cast<unsigned int>(rows), row_threads(a.H), 0, stream>>>(a);
-        }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      return;
-    }
-    with_cell(cell, [&](auto c) {
-      backward_kernel<decltype(c)::value, scalar_t, acc_t>
-          <<<num_blocks(rows, a.H), kThreads, 0, stream>>>(a, rows);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    launch_step(cell, a, rows);
   }
 
   template <typename scalar_t, typename acc_t>

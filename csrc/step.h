@@ -1,8 +1,6 @@
-// One time step of the recurrence for ONE element (live row b, hidden unit j): loads, the
-// gate math of cells.h, stores. The CPU loop calls these for every j of a row; the CUDA
-// kernels call them once per thread. With variant options a step runs per ROW instead
-// (the "variant rows" below: the layer norms need row sums). Layouts are those of
-// fastrnn/ops.py:
+// One time step of the recurrence for ONE live row b: loads, the gate math of cells.h,
+// stores, for every hidden unit j of the row (forward_row, backward_row). Layouts are those
+// of fastrnn/ops.py:
 //   packed rows: step t owns rows [row, row + rows) of xproj/output/workspace/grad_xproj;
 //   row b of a step is sequence b, so the live rows of a step are the first `rows` states.
 #pragma once
@@ -11,13 +9,13 @@
 
 namespace fastrnn {
 
-// The variant options of a call (VARIANTS_SPEC.md) as the kernels see them. `on` is false
-// when none is given: the plain element code below runs, exactly as without options. In the
-// variant path an absent zoneout reads a row of zeros (row stride 0) and an absent clip is
-// +inf, so every combination runs the same branch-free code.
+// The options of a call as the kernels see them. An absent zoneout reads a row of zeros (row
+// stride 0) and an absent clip is +inf, so every combination runs the same branch-free code;
+// only the layer norms change its shape, and a call without options skips the rest
+// (OptionsOn).
 template <typename scalar_t, typename acc_t>
 struct StepOptions {
-  bool on = false;
+  bool any = false;                           // any option at all
   bool proj_clip_on = false;                  // the workspace has the [p] columns
   const scalar_t* ln_weight = nullptr;        // [G*H] (layer norm of h_rec @ w_hh.T)
   const scalar_t* ln_bias = nullptr;          // [G*H]
@@ -30,12 +28,45 @@ struct StepOptions {
   int64_t ln_col = 0, ln_c_col = 0, p_col = 0;  // workspace columns of a_hat, c_hat, p
 };
 
-// Compile-time shape of a variant row: whether the two layer norms (which need row
-// reductions, hence extra phases) are on. Everything else is branch-free data.
-template <bool LN, bool LNC>
-struct Variant {
-  static constexpr bool ln = LN, ln_c = LNC;
+// The options a step has on, as compile-time constants: the two layer norms, which need the
+// row's sums between the element phases (`rows`: on CUDA a block per row), and whether there
+// is any option at all. The clips and zoneouts are data; a step without options (ANY false)
+// leaves out their arithmetic (clip, clip_mask, zoneout below), which the plain CPU loops
+// would pay 2-5% for.
+template <bool LN, bool LNC, bool ANY>
+struct OptionsOn {
+  static constexpr bool ln = LN, ln_c = LNC, any = ANY, rows = LN || LNC;
 };
+using NoOptions = OptionsOn<false, false, false>;
+
+template <class V, typename T>
+FASTRNN_HD T clip(T x, T limit) {
+  return V::any ? clamp_(x, limit) : x;
+}
+
+// A clip's limit for cells.h's math, which clamps by value: +inf, a constant the compiler
+// folds, in a step without options.
+template <class V, typename T>
+FASTRNN_HD T clip_limit(T limit) {
+  return V::any ? limit : T(INFINITY);
+}
+
+// The clip's gradient mask (1 where the clip passes it).
+template <class V, typename T>
+FASTRNN_HD T clip_mask(T x, T limit) {
+  return V::any ? inside_(x, limit) : T(1);
+}
+
+// Zoneout's z of element (row r, unit j) of a [N, n] option (stride n, or 0 when absent).
+template <class V, typename T, typename S>
+FASTRNN_HD T zoneout_z(const S* z, int64_t stride, int64_t r, int64_t j) {
+  return V::any ? static_cast<T>(z[r * stride + j]) : T(0);
+}
+
+template <class V, typename T>
+FASTRNN_HD T zoneout(T z, T x_new, T x_prev) {
+  return V::any ? blend_(z, x_new, x_prev) : x_new;
+}
 
 template <typename T>
 struct RowStats { T mean, rstd; };
@@ -85,7 +116,7 @@ struct ForwardStep {
   const scalar_t* xproj = nullptr;   // [N, G*H]
   const scalar_t* hgates = nullptr;  // [B, G*H] h_prev @ w_hh.T of the live rows
   const scalar_t* bias = nullptr;    // [G*H] b_hh (zeros when None)
-  scalar_t* h_state = nullptr;       // [B, P] running h: read (gru), written (no proj)
+  scalar_t* h_state = nullptr;       // [B, P] running h: read (gru, zoneout), written
   acc_t* c_state = nullptr;          // [B, H] running c (lstm)
   scalar_t* output = nullptr;        // [N, P]
   acc_t* ws = nullptr;               // [N, W]
@@ -104,7 +135,7 @@ struct BackwardStep {
                                         // from the initial state (h0, c0)
   const scalar_t* grad_output = nullptr;  // [N, P] (no proj)
   scalar_t* dh_state = nullptr;  // [B, P] in: dL/dh carried from later steps (no proj);
-                                 // out (gru): the direct part dh * z of dL/dh_prev
+                                 // out: the direct part of dL/dh_prev (gru's dh * z, zoneout)
   const scalar_t* dhh = nullptr; // [B, H] (proj): dL/dh before the projection, complete
   acc_t* dc_state = nullptr;     // [B, H] (lstm) in: dL/dc from later steps, out: dL/dc_prev
   const acc_t* ws = nullptr;     // [N, W]
@@ -114,113 +145,29 @@ struct BackwardStep {
   scalar_t* grad_xproj = nullptr;    // [N, G*H]
   scalar_t* grad_hgates = nullptr;   // [N, G*H] gradient of h_prev @ w_hh.T + b_hh (gru;
                                      // for lstm/rnn it equals grad_xproj)
-  // variant path only:
   StepOptions<scalar_t, acc_t> opt;
   scalar_t* grad_a = nullptr;        // [N, G*H] (layer norm) gradient of h_rec @ w_hh.T
   acc_t* grad_y = nullptr;           // [N, H] (cell layer norm) dL/dy, y = LN(c_new)
   scalar_t* grad_p = nullptr;        // [N, P] (proj) dL/dp, p = h_pre @ w_hr.T
 };
 
-template <typename scalar_t, typename acc_t>
-FASTRNN_HD void forward_element(Cell cell, const ForwardStep<scalar_t, acc_t>& a, int64_t b,
-                                int64_t j) {
-  const int64_t H = a.H, r = a.row + b;
-  if (cell == Cell::LSTM) {
-    const scalar_t* x = a.xproj + r * 4 * H + j;
-    const scalar_t* hg = a.hgates + b * 4 * H + j;
-    const scalar_t* bias = a.bias + j;
-    auto pre = [&](int k) {
-      return static_cast<acc_t>(x[k * H]) + static_cast<acc_t>(hg[k * H]) +
-             static_cast<acc_t>(bias[k * H]);
-    };
-    acc_t* c = a.c_state + b * H + j;
-    LSTMGates<acc_t> s = lstm_forward<acc_t>(pre(0), pre(1), pre(2), pre(3), *c);
-    acc_t* ws = a.ws_row(b) + j;
-    ws[0] = s.i;
-    ws[H] = s.f;
-    ws[2 * H] = s.g;
-    ws[3 * H] = s.o;
-    ws[4 * H] = s.c;
-    *c = s.c;
-    if (a.proj) {
-      ws[5 * H] = s.h;
-      a.hh[b * H + j] = static_cast<scalar_t>(s.h);
-    } else {
-      a.output[r * H + j] = static_cast<scalar_t>(s.h);
-      a.h_state[b * H + j] = static_cast<scalar_t>(s.h);
-    }
-  } else if (cell == Cell::GRU) {
-    const scalar_t* x = a.xproj + r * 3 * H + j;
-    const scalar_t* hg = a.hgates + b * 3 * H + j;
-    const scalar_t* bias = a.bias + j;
-    auto hh = [&](int k) { return static_cast<acc_t>(hg[k * H]) + static_cast<acc_t>(bias[k * H]); };
-    scalar_t* h = a.h_state + b * H + j;
-    GRUGates<acc_t> s = gru_forward<acc_t>(static_cast<acc_t>(x[0]), static_cast<acc_t>(x[H]),
-                                           static_cast<acc_t>(x[2 * H]), hh(0), hh(1), hh(2),
-                                           static_cast<acc_t>(*h));
-    acc_t* ws = a.ws_row(b) + j;
-    ws[0] = s.r;
-    ws[H] = s.z;
-    ws[2 * H] = s.n;
-    ws[3 * H] = s.hn;
-    a.output[r * H + j] = static_cast<scalar_t>(s.h);
-    *h = static_cast<scalar_t>(s.h);
-  } else {
-    acc_t pre = static_cast<acc_t>(a.xproj[r * H + j]) +
-                static_cast<acc_t>(a.hgates[b * H + j]) + static_cast<acc_t>(a.bias[j]);
-    scalar_t h = static_cast<scalar_t>(rnn_forward<acc_t>(cell, pre));
-    a.output[r * H + j] = h;
-    a.h_state[b * H + j] = h;
-  }
-}
+// ------------------------------------------------------------------ rows
 
-template <typename scalar_t, typename acc_t>
-FASTRNN_HD void backward_element(Cell cell, const BackwardStep<scalar_t, acc_t>& a, int64_t b,
-                                 int64_t j) {
-  const int64_t H = a.H, r = a.row + b;
-  const bool continues = b < a.prev_rows;  // else this sequence starts at this step
-  acc_t dh = a.dhh != nullptr
-                 ? static_cast<acc_t>(a.dhh[b * H + j])
-                 : static_cast<acc_t>(a.grad_output[r * a.P + j]) +
-                       static_cast<acc_t>(a.dh_state[b * a.P + j]);
-  if (cell == Cell::LSTM) {
-    const acc_t* ws = a.ws + r * a.W + j;
-    acc_t c_prev = continues ? a.ws[(a.prev_row + b) * a.W + 4 * H + j] : a.c0[b * H + j];
-    acc_t* dc = a.dc_state + b * H + j;
-    LSTMGrads<acc_t> d = lstm_backward<acc_t>(dh, *dc, ws[0], ws[H], ws[2 * H], ws[3 * H],
-                                              ws[4 * H], c_prev);
-    scalar_t* g = a.grad_xproj + r * 4 * H + j;
-    g[0] = static_cast<scalar_t>(d.di);
-    g[H] = static_cast<scalar_t>(d.df);
-    g[2 * H] = static_cast<scalar_t>(d.dg);
-    g[3 * H] = static_cast<scalar_t>(d.do_);
-    *dc = d.dc_prev;
-  } else if (cell == Cell::GRU) {
-    const acc_t* ws = a.ws + r * a.W + j;
-    acc_t h_prev = static_cast<acc_t>(continues ? a.output[(a.prev_row + b) * H + j]
-                                                : a.h0[b * H + j]);
-    GRUGrads<acc_t> d = gru_backward<acc_t>(dh, ws[0], ws[H], ws[2 * H], ws[3 * H], h_prev);
-    scalar_t* gx = a.grad_xproj + r * 3 * H + j;
-    scalar_t* gh = a.grad_hgates + r * 3 * H + j;
-    gx[0] = gh[0] = static_cast<scalar_t>(d.dx_r);
-    gx[H] = gh[H] = static_cast<scalar_t>(d.dx_z);
-    gx[2 * H] = static_cast<scalar_t>(d.dx_n);
-    gh[2 * H] = static_cast<scalar_t>(d.dhh_n);
-    a.dh_state[b * H + j] = static_cast<scalar_t>(d.dh_prev_direct);
-  } else {
-    acc_t h = static_cast<acc_t>(a.output[r * H + j]);
-    a.grad_xproj[r * H + j] = static_cast<scalar_t>(rnn_backward<acc_t>(cell, dh, h));
-  }
-}
-
-// ------------------------------------------------------------------ variant rows
-
-// A variant step runs per ROW: the layer norms need the row's statistics before (forward)
-// or after (backward) the element math. `Row` is the device's way of running a row:
+// A step runs per ROW: the layer norms need the row's statistics before (forward) or after
+// (backward) the element math. `Row` is the device's way of running a row:
 //   row.for_each(n, f)   f(j) for j in [0, n), all done (and visible) when it returns;
 //   row.sum(n, f), row.sum2(n, f)   sums over j of f(j) (a T, or a Sums<T>), known to all;
 //   row.leader()         true for the one worker that stores a row's scalars.
-// CPU (recurrence_cpu.cpp): one thread per row, plain loops. CUDA: one block per row.
+// CPU (recurrence_cpu.cpp): one thread per row, plain loops. CUDA: one block per row with
+// layer norms, else a thread per element, each running its row as a OneElement.
+
+// A row reduced to one element j: for steps without layer norms (no sums), where every j is
+// independent.
+struct OneElement {
+  int64_t j;
+  template <class F>
+  FASTRNN_HD void for_each(int64_t, F&& f) const { f(j); }
+};
 
 template <typename T, class Row, class F>
 FASTRNN_HD RowStats<T> row_mean_rstd(const Row& row, int64_t n, F&& f) {
@@ -264,7 +211,7 @@ FASTRNN_HD acc_t recurrent_input(const ForwardStep<scalar_t, acc_t>& a, int64_t 
 }
 
 // h = o * tanh(y), then either kept for the projection GEMM or zoned out and stored.
-template <typename scalar_t, typename acc_t>
+template <class V, typename scalar_t, typename acc_t>
 FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j,
                              acc_t y, acc_t o) {
   const int64_t H = a.H, r = a.row + b;
@@ -274,19 +221,19 @@ FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, i
     a.hh[b * H + j] = static_cast<scalar_t>(h);
   } else {
     scalar_t* h_state = a.h_state + b * H + j;
-    const acc_t z = static_cast<acc_t>(a.opt.zoneout_h[r * a.opt.zh_stride + j]);
-    const scalar_t h_t = static_cast<scalar_t>(blend_(z, h, static_cast<acc_t>(*h_state)));
+    const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zh_stride, r, j);
+    const scalar_t h_t = static_cast<scalar_t>(zoneout<V>(z, h, static_cast<acc_t>(*h_state)));
     a.output[r * H + j] = h_t;
     *h_state = h_t;
   }
 }
 
-// Phase 1 of a variant lstm row, element j: gates, cell clip, zoneout of c, and h unless
-// the cell layer norm must see the whole row first. (The big element bodies are function
-// objects, not lambdas: GCC always inlines these into the CPU row loop, which must happen
-// for the loop to be vectorised; it declined to inline the equivalent lambdas.)
+// Phase 1 of an lstm row, element j: gates, cell clip, zoneout of c, and h unless the cell
+// layer norm must see the whole row first. (The element bodies are function objects, not
+// lambdas: GCC always inlines these into the CPU row loop, which must happen for the loop to
+// be vectorised; it declined to inline the equivalent lambdas.)
 template <class V, typename scalar_t, typename acc_t>
-struct LSTMForwardGates {
+struct LSTMForwardElement {
   ForwardStep<scalar_t, acc_t> a;  // a copy: nothing the loop stores can alias its fields
   int64_t b;
   RowStats<stat_t<acc_t>> st;
@@ -298,13 +245,14 @@ struct LSTMForwardGates {
     const scalar_t* x = a.xproj + r * GH + j;
     acc_t* c = a.c_state + b * H + j;
     const acc_t c_prev = *c;
-    const LSTMGates<acc_t> s = lstm_gates<acc_t>(
+    const LSTMGates<acc_t> s = lstm_forward<acc_t>(
         static_cast<acc_t>(x[0]) + recurrent_input<V>(a, b, GH, j, st),
         static_cast<acc_t>(x[H]) + recurrent_input<V>(a, b, GH, H + j, st),
         static_cast<acc_t>(x[2 * H]) + recurrent_input<V>(a, b, GH, 2 * H + j, st),
         static_cast<acc_t>(x[3 * H]) + recurrent_input<V>(a, b, GH, 3 * H + j, st), c_prev);
-    const acc_t c_new = clamp_(s.c, o.cell_clip);
-    const acc_t c_t = blend_(static_cast<acc_t>(o.zoneout_c[r * o.zc_stride + j]), c_new, c_prev);
+    const acc_t c_new = clip<V>(s.c, o.cell_clip);
+    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j);
+    const acc_t c_t = zoneout<V>(zc, c_new, c_prev);
     ws[j] = s.i;
     ws[H + j] = s.f;
     ws[2 * H + j] = s.g;
@@ -314,7 +262,7 @@ struct LSTMForwardGates {
     if constexpr (V::ln_c) {
       ws[o.ln_c_col + j] = c_new;  // normalised in place by the next phase
     } else {
-      lstm_store_h(a, b, j, c_new, s.o);
+      lstm_store_h<V>(a, b, j, c_new, s.o);
     }
   }
 };
@@ -326,7 +274,7 @@ FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t 
   const StepOptions<scalar_t, acc_t>& o = a.opt;
   acc_t* ws = a.ws_row(b);
   const RowStats<stat_t<acc_t>> st = recurrent_norm_stats<V>(a, b, GH, row);
-  row.for_each(H, LSTMForwardGates<V, scalar_t, acc_t>{a, b, st});
+  row.for_each(H, LSTMForwardElement<V, scalar_t, acc_t>{a, b, st});
   if constexpr (V::ln_c) {
     using S = stat_t<acc_t>;
     const RowStats<S> sc =
@@ -339,7 +287,7 @@ FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t 
       ws[o.ln_c_col + j] = hat;
       const acc_t y = hat * static_cast<acc_t>(o.ln_c_weight[j]) +
                       static_cast<acc_t>(o.ln_c_bias[j]);
-      lstm_store_h(a, b, j, y, ws[3 * H + j]);
+      lstm_store_h<V>(a, b, j, y, ws[3 * H + j]);
     });
   }
 }
@@ -364,8 +312,8 @@ struct GRUForwardElement {
     ws[H + j] = s.z;
     ws[2 * H + j] = s.n;
     ws[3 * H + j] = s.hn;
-    const acc_t z = static_cast<acc_t>(a.opt.zoneout_h[r * a.opt.zh_stride + j]);
-    const scalar_t h_t = static_cast<scalar_t>(blend_(z, s.h, h_prev));
+    const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zh_stride, r, j);
+    const scalar_t h_t = static_cast<scalar_t>(zoneout<V>(z, s.h, h_prev));
     a.output[r * H + j] = h_t;
     *h_state = h_t;
   }
@@ -376,6 +324,33 @@ FASTRNN_HD void gru_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b
                                 const Row& row) {
   const RowStats<stat_t<acc_t>> st = recurrent_norm_stats<V>(a, b, 3 * a.H, row);
   row.for_each(a.H, GRUForwardElement<V, scalar_t, acc_t>{a, b, st});
+}
+
+template <Cell C, typename scalar_t, typename acc_t>
+struct RNNForwardElement {
+  ForwardStep<scalar_t, acc_t> a;
+  int64_t b;
+
+  FASTRNN_HD void operator()(int64_t j) const {
+    const int64_t H = a.H, r = a.row + b;
+    const acc_t pre = static_cast<acc_t>(a.xproj[r * H + j]) +
+                      (static_cast<acc_t>(a.hgates[b * H + j]) + static_cast<acc_t>(a.bias[j]));
+    const scalar_t h = static_cast<scalar_t>(rnn_forward<acc_t>(C, pre));
+    a.output[r * H + j] = h;
+    a.h_state[b * H + j] = h;
+  }
+};
+
+// The forward of row b of a step, every cell kind (the Elman cells take no options).
+template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
+  if constexpr (C == Cell::LSTM) {
+    lstm_forward_row<V>(a, b, row);
+  } else if constexpr (C == Cell::GRU) {
+    gru_forward_row<V>(a, b, row);
+  } else {
+    row.for_each(a.H, RNNForwardElement<C, scalar_t, acc_t>{a, b});
+  }
 }
 
 // After the projection GEMM wrote p = h_pre @ w_hr.T into the output rows: keep p (for
@@ -447,31 +422,20 @@ FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, 
   });
 }
 
-template <class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
-                                  const Row& row) {
-  const int64_t H = a.H, GH = 4 * H, r = a.row + b;
-  const StepOptions<scalar_t, acc_t>& o = a.opt;
-  const acc_t* ws = a.ws + r * a.W;
-  const acc_t* c_prev_row = b < a.prev_rows ? a.ws + (a.prev_row + b) * a.W + 4 * H
-                                            : a.c0 + b * H;
-  scalar_t* gx = a.grad_xproj + r * GH;
-  // dc_y: dL/dc_new through y (and h); adds the carried part, masks by the clip, and
-  // finishes the gates i, f, g and dL/dc_prev.
-  auto finish = [&](int64_t j, acc_t dc_y) {
-    const acc_t i = ws[j], f = ws[H + j], g = ws[2 * H + j], c_prev = c_prev_row[j];
-    const acc_t c_raw = f * c_prev + i * g;
-    acc_t* dc_state = a.dc_state + b * H + j;
-    const acc_t dc_t = *dc_state;
-    const acc_t zc = static_cast<acc_t>(o.zoneout_c[r * o.zc_stride + j]);
-    const acc_t dc = ((acc_t(1) - zc) * dc_t + dc_y) * inside_(c_raw, o.cell_clip);
-    const LSTMGrads<acc_t> d = lstm_backward_gates(dc, i, f, g, c_prev, o.grad_clip);
-    gx[j] = static_cast<scalar_t>(d.di);
-    gx[H + j] = static_cast<scalar_t>(d.df);
-    gx[2 * H + j] = static_cast<scalar_t>(d.dg);
-    *dc_state = d.dc_prev + zc * dc_t;
-  };
-  row.for_each(H, [&](int64_t j) {
+// An lstm row's backward, element j, in two parts: `operator()` takes dL/dh back through
+// h = o * tanh(y) (and zoneout of h), `finish` takes dL/dc_new through the cell clip to the
+// gates i, f, g and dL/dc_prev (and zoneout of c). With the cell layer norm, dL/dy goes to
+// grad_y and the row's layer-norm backward calls `finish` once it has the row's sums.
+template <class V, typename scalar_t, typename acc_t>
+struct LSTMBackwardElement {
+  BackwardStep<scalar_t, acc_t> a;  // a copy, as in LSTMForwardElement
+  int64_t b;
+  const acc_t* c_prev_row;  // [H] c before this step
+
+  FASTRNN_HD void operator()(int64_t j) const {
+    const int64_t H = a.H, r = a.row + b;
+    const StepOptions<scalar_t, acc_t>& o = a.opt;
+    const acc_t* ws = a.ws + r * a.W;
     acc_t dh;  // dL/dh before the projection, zoneout's direct part split off
     if (a.dhh != nullptr) {
       dh = static_cast<acc_t>(a.dhh[b * H + j]);
@@ -479,62 +443,123 @@ FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_
       scalar_t* dh_state = a.dh_state + b * H + j;
       const acc_t dh_t =
           static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
-      const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
-      *dh_state = static_cast<scalar_t>(z * dh_t);
+      const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zh_stride, r, j);
+      if (V::any) *dh_state = static_cast<scalar_t>(z * dh_t);  // else unread
       dh = (acc_t(1) - z) * dh_t;
     }
-    const acc_t og = ws[3 * H + j];
     acc_t y;
     if constexpr (V::ln_c) {
       y = ws[o.ln_c_col + j] * static_cast<acc_t>(o.ln_c_weight[j]) +
           static_cast<acc_t>(o.ln_c_bias[j]);
     } else {
-      y = clamp_(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
+      y = clip<V>(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
     }
-    const acc_t tanh_y = tanh_(y);
-    const acc_t dy = dh * og * (acc_t(1) - tanh_y * tanh_y);
-    gx[3 * H + j] = static_cast<scalar_t>(clamp_(dh * tanh_y * og * (acc_t(1) - og), o.grad_clip));
+    const LSTMOutputGrads<acc_t> d =
+        lstm_backward_output(dh, ws[3 * H + j], y, clip_limit<V>(o.grad_clip));
+    a.grad_xproj[r * 4 * H + 3 * H + j] = static_cast<scalar_t>(d.do_);
     if constexpr (V::ln_c) {
-      a.grad_y[r * H + j] = dy;
+      a.grad_y[r * H + j] = d.dy;
     } else {
-      finish(j, dy);
+      finish(j, d.dy);
     }
-  });
+  }
+
+  // dc_y: dL/dc_new through y (and h); adds the carried part and masks by the clip.
+  FASTRNN_HD void finish(int64_t j, acc_t dc_y) const {
+    const int64_t H = a.H, r = a.row + b;
+    const StepOptions<scalar_t, acc_t>& o = a.opt;
+    const acc_t* ws = a.ws + r * a.W;
+    const acc_t i = ws[j], f = ws[H + j], g = ws[2 * H + j], c_prev = c_prev_row[j];
+    acc_t* dc_state = a.dc_state + b * H + j;
+    const acc_t dc_t = *dc_state;
+    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j);
+    const acc_t c_raw = f * c_prev + i * g;
+    const acc_t dc = ((acc_t(1) - zc) * dc_t + dc_y) * clip_mask<V>(c_raw, o.cell_clip);
+    const LSTMGrads<acc_t> d = lstm_backward(dc, i, f, g, c_prev, clip_limit<V>(o.grad_clip));
+    scalar_t* gx = a.grad_xproj + r * 4 * H;
+    gx[j] = static_cast<scalar_t>(d.di);
+    gx[H + j] = static_cast<scalar_t>(d.df);
+    gx[2 * H + j] = static_cast<scalar_t>(d.dg);
+    *dc_state = V::any ? d.dc_prev + zc * dc_t : d.dc_prev;
+  }
+};
+
+template <class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
+                                  const Row& row) {
+  const int64_t H = a.H, GH = 4 * H, r = a.row + b;
+  const acc_t* c_prev_row = b < a.prev_rows ? a.ws + (a.prev_row + b) * a.W + 4 * H
+                                            : a.c0 + b * H;
+  const LSTMBackwardElement<V, scalar_t, acc_t> element{a, b, c_prev_row};
+  row.for_each(H, element);
   if constexpr (V::ln_c) {
-    const acc_t* hat = ws + o.ln_c_col;
-    const acc_t rstd = hat[H];
+    const StepOptions<scalar_t, acc_t>& o = a.opt;
+    const acc_t* hat = a.ws + r * a.W + o.ln_c_col;
     const acc_t* dy = a.grad_y + r * H;
     auto g = [&](int64_t j) {
       return mul_rounded(dy[j], static_cast<acc_t>(o.ln_c_weight[j]));
     };
-    layer_norm_backward_row(row, H, hat, rstd, g, finish);
+    layer_norm_backward_row(row, H, hat, hat[H], g,
+                            [&](int64_t j, acc_t dc_y) { element.finish(j, dc_y); });
   }
-  if constexpr (V::ln) recurrent_norm_backward(a, b, GH, gx, row);
+  if constexpr (V::ln) recurrent_norm_backward(a, b, GH, a.grad_xproj + r * GH, row);
 }
 
-template <class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD void gru_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
-                                 const Row& row) {
-  const int64_t H = a.H, GH = 3 * H, r = a.row + b;
-  const StepOptions<scalar_t, acc_t>& o = a.opt;
-  const acc_t* ws = a.ws + r * a.W;
-  const scalar_t* h_prev_row = b < a.prev_rows ? a.output + (a.prev_row + b) * H : a.h0 + b * H;
-  scalar_t* gx = a.grad_xproj + r * GH;
-  scalar_t* gh = a.grad_hgates + r * GH;
-  row.for_each(H, [&](int64_t j) {
+template <class V, typename scalar_t, typename acc_t>
+struct GRUBackwardElement {
+  BackwardStep<scalar_t, acc_t> a;
+  int64_t b;
+  const scalar_t* h_prev_row;  // [H] h before this step
+
+  FASTRNN_HD void operator()(int64_t j) const {
+    const int64_t H = a.H, GH = 3 * H, r = a.row + b;
+    const StepOptions<scalar_t, acc_t>& o = a.opt;
+    const acc_t* ws = a.ws + r * a.W;
+    scalar_t* gx = a.grad_xproj + r * GH;
+    scalar_t* gh = a.grad_hgates + r * GH;
     scalar_t* dh_state = a.dh_state + b * H + j;
     const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
-    const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
-    const GRUGrads<acc_t> d = gru_backward_clipped<acc_t>(
+    const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zh_stride, r, j);
+    const GRUGrads<acc_t> d = gru_backward<acc_t>(
         (acc_t(1) - z) * dh_t, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
-        static_cast<acc_t>(h_prev_row[j]), o.grad_clip);
+        static_cast<acc_t>(h_prev_row[j]), clip_limit<V>(o.grad_clip));
     gx[j] = gh[j] = static_cast<scalar_t>(d.dx_r);
     gx[H + j] = gh[H + j] = static_cast<scalar_t>(d.dx_z);
     gx[2 * H + j] = static_cast<scalar_t>(d.dx_n);
     gh[2 * H + j] = static_cast<scalar_t>(d.dhh_n);
-    *dh_state = static_cast<scalar_t>(d.dh_prev_direct + z * dh_t);
-  });
-  if constexpr (V::ln) recurrent_norm_backward(a, b, GH, gh, row);
+    *dh_state = static_cast<scalar_t>(V::any ? d.dh_prev_direct + z * dh_t : d.dh_prev_direct);
+  }
+};
+
+template <Cell C, typename scalar_t, typename acc_t>
+struct RNNBackwardElement {
+  BackwardStep<scalar_t, acc_t> a;
+  int64_t b;
+
+  FASTRNN_HD void operator()(int64_t j) const {
+    const int64_t H = a.H, r = a.row + b;
+    const acc_t dh =
+        static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(a.dh_state[b * H + j]);
+    const acc_t h = static_cast<acc_t>(a.output[r * H + j]);
+    a.grad_xproj[r * H + j] = static_cast<scalar_t>(rnn_backward<acc_t>(C, dh, h));
+  }
+};
+
+// The backward of row b of a step, every cell kind.
+template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
+FASTRNN_HD void backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
+  if constexpr (C == Cell::LSTM) {
+    lstm_backward_row<V>(a, b, row);
+  } else if constexpr (C == Cell::GRU) {
+    const scalar_t* h_prev_row =
+        b < a.prev_rows ? a.output + (a.prev_row + b) * a.H : a.h0 + b * a.H;
+    row.for_each(a.H, GRUBackwardElement<V, scalar_t, acc_t>{a, b, h_prev_row});
+    if constexpr (V::ln) {
+      recurrent_norm_backward(a, b, 3 * a.H, a.grad_hgates + (a.row + b) * 3 * a.H, row);
+    }
+  } else {
+    row.for_each(a.H, RNNBackwardElement<C, scalar_t, acc_t>{a, b});
+  }
 }
 
 }  // namespace fastrnn

@@ -7,7 +7,8 @@ large |x| (and work under TRITON_INTERPRET=1).
 
 Conventions (match fastrnn.backends.reference):
 - a* are pre-activations, d* gradients; the workspace holds activated gates.
-- backward helpers take the gradient w.r.t. the cell's own h (before any projection).
+- backward helpers take the gradient w.r.t. the cell's own h (before any projection);
+  with CLIP they clamp the pre-activation gradients to +-clip (grad_clip).
 """
 import triton
 import triton.language as tl
@@ -42,15 +43,23 @@ def sigmoid(x):
 
 @triton.jit
 def tanh(x):
-    # tanh(|x|) = (1 - e) / (1 + e) with e = exp(-2|x|) <= 1; for tiny |x| the difference
-    # 1 - e cancels, so use the odd Taylor series there (error < 1e-9 for |x| < 0.05).
+    # The policy of the C++ kernels (csrc/cells.h): tanh(|x|) = (1 - e) / (1 + e) with
+    # e = exp(-2|x|) <= 1 (no overflow), and the odd Taylor series below |x| = 0.3, where
+    # 1 - e cancels. Every float32 is then within 2.1 ulp of float64 tanh (3.4 without
+    # FMAs, as in the interpreter); a switch at 0.05 costs 5.5 ulp (17).
     ax = tl.abs(x)
     e = tl.exp(-2.0 * ax)
     big = (1.0 - e) / (1.0 + e)
     x2 = ax * ax
-    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
-    t = tl.where(ax < 0.05, small, big)
+    small = ax + ax * x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (
+        -17.0 / 315.0 + x2 * (62.0 / 2835.0 + x2 * (-1382.0 / 155925.0)))))
+    t = tl.where(ax < 0.3, small, big)
     return tl.where(x >= 0, t, -t)
+
+
+@triton.jit
+def clamp(x, limit):
+    return tl.minimum(tl.maximum(x, -limit), limit)
 
 
 @triton.jit
@@ -64,25 +73,37 @@ def matmul(a, b):
 
 @triton.jit
 def lstm_forward(ai, af, ag, ao, c_prev):
+    """-> gates i, f, g, o and c = f * c_prev + i * g. The caller forms h = o * tanh(y), y being
+    c after the options (cell clip, cell layer norm)."""
     i = sigmoid(ai)
     f = sigmoid(af)
     g = tanh(ag)
     o = sigmoid(ao)
-    c = f * c_prev + i * g
-    h = o * tanh(c)
-    return i, f, g, o, c, h
+    return i, f, g, o, f * c_prev + i * g
 
 
 @triton.jit
-def lstm_backward(i, f, g, o, c, c_prev, dh, dc):
-    """-> pre-activation gradients (i, f, g, o) and the gradient w.r.t. c_prev."""
-    tc = tanh(c)
-    dc = dc + dh * o * (1.0 - tc * tc)
+def lstm_backward_output(o, y, dh, clip, CLIP: tl.constexpr):
+    """Backward of h = o * tanh(y) -> (pre-activation gradient of o, dL/dy)."""
+    ty = tanh(y)
+    dao = dh * ty * o * (1.0 - o)
+    if CLIP:
+        dao = clamp(dao, clip)
+    return dao, dh * o * (1.0 - ty * ty)
+
+
+@triton.jit
+def lstm_backward(i, f, g, c_prev, dc, clip, CLIP: tl.constexpr):
+    """Backward of c = f * c_prev + i * g for dc = dL/dc -> pre-activation gradients of
+    i, f, g and dc * f (dL/dc_prev, less zoneout's direct part)."""
     dai = dc * g * i * (1.0 - i)
     daf = dc * c_prev * f * (1.0 - f)
     dag = dc * i * (1.0 - g * g)
-    dao = dh * tc * o * (1.0 - o)
-    return dai, daf, dag, dao, dc * f
+    if CLIP:
+        dai = clamp(dai, clip)
+        daf = clamp(daf, clip)
+        dag = clamp(dag, clip)
+    return dai, daf, dag, dc * f
 
 
 # ---------------------------------------------------------------- GRU (gates r, z, n)
@@ -98,11 +119,16 @@ def gru_forward(xr, xz, xn, hr, hz, hn, h_prev):
 
 
 @triton.jit
-def gru_backward(r, z, n, hn, h_prev, dh):
+def gru_backward(r, z, n, hn, h_prev, dh, clip, CLIP: tl.constexpr):
     """-> (d xr, d xz, d xn, d hn, direct part of d h_prev); d hr = d xr, d hz = d xz."""
     dan = dh * (1.0 - z) * (1.0 - n * n)
+    if CLIP:
+        dan = clamp(dan, clip)
     dar = dan * hn * r * (1.0 - r)
     daz = dh * (h_prev - n) * z * (1.0 - z)
+    if CLIP:
+        dar = clamp(dar, clip)
+        daz = clamp(daz, clip)
     return dar, daz, dan, dan * r, dh * z
 
 
@@ -130,23 +156,27 @@ def rnn_backward(h, dh, RELU: tl.constexpr):
 # ---------------------------------------------------------------- workspace (fastrnn.ops)
 
 @triton.jit
-def store_gate_columns(ws, H, first, second, third, fourth, mask):
-    """Columns [0, 4H) of workspace rows, in the layout of the op contract (fastrnn.ops):
-    lstm i | f | g | o, gru r | z | n | hn."""
-    tl.store(ws, first, mask=mask)
-    tl.store(ws + H, second, mask=mask)
-    tl.store(ws + 2 * H, third, mask=mask)
-    tl.store(ws + 3 * H, fourth, mask=mask)
+def store_tiles(ptr, H, t0, t1, t2, t3, mask, TILES: tl.constexpr):
+    """The first TILES per-gate tiles at columns 0, H, 2H, 3H of ``ptr``; with TILES = 4 the
+    workspace's gate columns (fastrnn.ops): lstm i | f | g | o, gru r | z | n | hn."""
+    tl.store(ptr, t0, mask=mask)
+    if TILES > 1:
+        tl.store(ptr + H, t1, mask=mask)
+        tl.store(ptr + 2 * H, t2, mask=mask)
+    if TILES > 3:
+        tl.store(ptr + 3 * H, t3, mask=mask)
 
 
-# ---------------------------------------------------------------- variant options (fastrnn.ops)
-# Row reductions for layer norm: a row is split into up to four [BLOCK_B, BLOCK_H] tiles (one
-# per gate) that together hold all of its columns; ``mask`` marks the real elements.
+# ---------------------------------------------------------------- options (fastrnn.ops)
 
 @triton.jit
-def clamp(x, limit):
-    return tl.minimum(tl.maximum(x, -limit), limit)
+def zoneout(z, new, prev):
+    """The zoned-out state: exactly this form, so that z = 1 keeps prev bit for bit."""
+    return (1.0 - z) * new + z * prev
 
+
+# Row reductions for layer norm: a row is split into up to four [BLOCK_B, BLOCK_H] tiles (one
+# per gate) that together hold all of its columns; ``mask`` marks the real elements.
 
 @triton.jit
 def _row_sum(x0, x1, x2, x3, mask, TILES: tl.constexpr):

@@ -18,18 +18,17 @@ import triton
 import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, gru_backward, gru_forward, lstm_backward,
-                     lstm_forward, matmul, num_gates, rnn_backward, rnn_forward,
-                     store_gate_columns)
+                     lstm_backward_output, lstm_forward, matmul, num_gates, rnn_backward,
+                     rnn_forward, store_tiles, tanh)
 from .autotune import autotune
 
 
 # ---------------------------------------------------------------- heuristics
 
 # Weight elements (padded tiles of w_hh, plus w_hr) one program keeps in registers: LSTM/GRU
-# up to H=64, RNN up to H=128. Compiled for sm_90 (ptxas -v): the LSTM H=64
-# forward fits in 84 registers/thread at 16 warps; its backward, which also holds the
-# float32 weight-gradient tiles, spills ~1.7 KB at 8 warps. Beyond this, the weights would
-# have to live in shared memory or be split across programs (not done).
+# up to H=64, RNN up to H=128. Compiled for sm_90 (ptxas -v): the LSTM H=64 forward fits in
+# 84 registers/thread at 16 warps; its backward, which also holds the float32 weight-gradient
+# tiles, spills ~1.7 KB at 8 warps. Larger weights go to the step path.
 MAX_HELD_WEIGHTS = 16384
 BLOCK_B = 16  # batch rows per program (tl.dot needs >= 16)
 
@@ -131,8 +130,9 @@ def _persistent_forward_kernel(
         if CELL == LSTM:
             x3 = tl.load(xp + 3 * H, mask=m, other=0.0).to(tl.float32)
             r3 = matmul(h, wt3) + b3
-            i, f, g, o, c_new, h_new = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c)
-            store_gate_columns(ws, H, i, f, g, o, m)
+            i, f, g, o, c_new = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c)
+            h_new = o * tanh(c_new)
+            store_tiles(ws, H, i, f, g, o, m, 4)
             tl.store(ws + 4 * H, c_new, mask=m)
             c = tl.where(live, c_new, c)
             if HAS_PROJ:
@@ -140,7 +140,7 @@ def _persistent_forward_kernel(
                 h_new = matmul(h_new, wrt)
         elif CELL == GRU:
             r, z, nn, h_new = gru_forward(x0, x1, x2, r0, r1, r2, h)
-            store_gate_columns(ws, H, r, z, nn, r2, m)
+            store_tiles(ws, H, r, z, nn, r2, m, 4)
         else:
             h_new = rnn_forward(x0 + r0, CELL == RNN_RELU)
         tl.store(out_ptr + row * P + cp, h_new.to(out_ptr.dtype.element_ty),
@@ -261,7 +261,8 @@ def _persistent_backward_kernel(
             g = tl.load(ws + 2 * H, mask=m, other=0.0)
             o = tl.load(ws + 3 * H, mask=m, other=0.0)
             c = tl.load(ws + 4 * H, mask=m, other=0.0)
-            da0, da1, da2, da3, dc_prev = lstm_backward(i, f, g, o, c, c_prev, d_cell, dc)
+            da3, dy = lstm_backward_output(o, c, d_cell, 0.0, False)
+            da0, da1, da2, dc_prev = lstm_backward(i, f, g, c_prev, dc + dy, 0.0, False)
             dc = tl.where(live, dc_prev, dc)
             dr0 = da0
             dr1 = da1
@@ -274,7 +275,7 @@ def _persistent_backward_kernel(
             z = tl.load(ws + H, mask=m, other=0.0)
             nn = tl.load(ws + 2 * H, mask=m, other=0.0)
             hn = tl.load(ws + 3 * H, mask=m, other=0.0)
-            da0, da1, da2, dr2, direct = gru_backward(r, z, nn, hn, h_prev, d_cell)
+            da0, da1, da2, dr2, direct = gru_backward(r, z, nn, hn, h_prev, d_cell, 0.0, False)
             dr0 = da0
             dr1 = da1
         else:

@@ -13,11 +13,10 @@ Serves any hidden size. Per step t with ``n`` live rows (the first n of the batc
 State rows beyond n are left alone, which is exactly the packed-sequence semantics of the
 contract for both directions (see fastrnn.ops). States, GEMMs and gate gradients are float32
 for every input dtype (half weights are upcast once per call): rounding happens only where
-tensors enter and leave, as in the reference and in oneDNN's half RNNs. (cuBLAS half GEMMs
-with a float32 state would be faster on GPU.)
+tensors enter and leave, as in the reference and in oneDNN's half RNNs.
 
-Options (fastrnn.ops, fastrnn.spec) switch on constexpr branches of
-the same kernels, so with no option the compiled kernels are exactly those of before:
+The options (fastrnn.ops) switch on constexpr branches of the same kernels, so a call
+without options compiles none of their code:
 
 - layer norm of the recurrent pre-activation (over G*H columns) and of the cell state (over
   H): each program then holds whole rows (BLOCK_H >= H, one tile per gate), computes the row
@@ -37,8 +36,9 @@ import triton
 import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, clamp, gru_backward, gru_forward, layer_norm_rows,
-                     layer_norm_rows_backward, lstm_backward, lstm_forward, num_gates,
-                     rnn_backward, rnn_forward, sigmoid, store_gate_columns, tanh)
+                     layer_norm_rows_backward, lstm_backward, lstm_backward_output,
+                     lstm_forward, num_gates, rnn_backward, rnn_forward, store_tiles, tanh,
+                     zoneout)
 
 
 # ---------------------------------------------------------------- heuristics
@@ -106,7 +106,7 @@ def _step_forward_kernel(
         r3 = tl.load(hh + 3 * H, mask=mask, other=0.0).to(tl.float32)
     if LN:  # the program holds whole rows: BLOCK_H >= H
         r0, r1, r2, r3, rstd = layer_norm_rows(r0, r1, r2, r3, mask, G * H, G)
-        _store_tiles(ws + LN_OFF, H, r0, r1, r2, r3, mask, G)
+        store_tiles(ws + LN_OFF, H, r0, r1, r2, r3, mask, G)
         tl.store(ws_ptr + rows * WS_STRIDE + LN_OFF + G * H, rstd, mask=rows < n)
         r0, r1, r2, r3 = _affine_tiles(r0, r1, r2, r3, lnw_ptr, lnb_ptr, cols, H, G)
     if HAS_BIAS:
@@ -119,28 +119,20 @@ def _step_forward_kernel(
 
     if CELL == LSTM:
         c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
-        if LN_C or CELL_CLIP or ZONEOUT_C:
-            i = sigmoid(x0 + r0)
-            f = sigmoid(x1 + r1)
-            g = tanh(x2 + r2)
-            o = sigmoid(x3 + r3)
-            c = f * c_prev + i * g
-            if CELL_CLIP:
-                c = clamp(c, cell_clip)
-            y = c
-            if LN_C:
-                c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
-                tl.store(ws + LNC_OFF, c_hat, mask=mask)
-                tl.store(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, rstd_c, mask=rows < n)
-                y = (c_hat * tl.load(lncw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-                     + tl.load(lncb_ptr + cols, mask=cols < H, other=0.0).to(tl.float32))
-            h = o * tanh(y)
-            if ZONEOUT_C:
-                z_c = tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32)
-                c = (1.0 - z_c) * c + z_c * c_prev
-        else:
-            i, f, g, o, c, h = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev)
-        store_gate_columns(ws, H, i, f, g, o, mask)
+        i, f, g, o, c = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev)
+        if CELL_CLIP:
+            c = clamp(c, cell_clip)
+        y = c
+        if LN_C:
+            c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
+            tl.store(ws + LNC_OFF, c_hat, mask=mask)
+            tl.store(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, rstd_c, mask=rows < n)
+            y = (c_hat * tl.load(lncw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+                 + tl.load(lncb_ptr + cols, mask=cols < H, other=0.0).to(tl.float32))
+        h = o * tanh(y)
+        if ZONEOUT_C:
+            c = zoneout(tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32), c, c_prev)
+        store_tiles(ws, H, i, f, g, o, mask, 4)
         tl.store(ws + 4 * H, c, mask=mask)
         tl.store(c_ptr + state, c, mask=mask)
         if HAS_PROJ:
@@ -148,15 +140,14 @@ def _step_forward_kernel(
     elif CELL == GRU:
         h_prev = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
         r, z, nn, h = gru_forward(x0, x1, x2, r0, r1, r2, h_prev)
-        store_gate_columns(ws, H, r, z, nn, r2, mask)
+        store_tiles(ws, H, r, z, nn, r2, mask, 4)
     else:
         h = rnn_forward(x0 + r0, CELL == RNN_RELU)
 
     if not HAS_PROJ:
         if ZONEOUT_H:
             z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
-            h_old = tl.load(h_ptr + state, mask=mask, other=0.0)
-            h = (1.0 - z_h) * h + z_h * h_old
+            h = zoneout(z_h, h, tl.load(h_ptr + state, mask=mask, other=0.0))
         tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(h_ptr + state, h.to(h_ptr.dtype.element_ty), mask=mask)
         if MASK:
@@ -214,47 +205,33 @@ def _step_backward_kernel(
         o = tl.load(ws + 3 * H, mask=mask, other=0.0)
         c_prev = tl.load(cprev_ptr + state, mask=mask, other=0.0)
         dc = tl.load(dc_ptr + state, mask=mask, other=0.0)
-        if LN_C or CELL_CLIP or ZONEOUT_C or GRAD_CLIP:
-            dc_direct = dc
-            if ZONEOUT_C:
-                z_c = tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32)
-                dc_direct = z_c * dc
-                dc = (1.0 - z_c) * dc
+        if ZONEOUT_C:
+            z_c = tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32)
+            dc_direct = z_c * dc
+            dc = (1.0 - z_c) * dc
+        if LN_C or CELL_CLIP or ZONEOUT_C:
             c_raw = f * c_prev + i * g  # the workspace holds c_t, after clip and zoneout
-            y = c_raw
-            if CELL_CLIP:
-                y = clamp(c_raw, cell_clip)
-            if LN_C:
-                c_hat = tl.load(ws + LNC_OFF, mask=mask, other=0.0)
-                rstd_c = tl.load(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, mask=rows < n,
-                                 other=0.0)
-                w_c = tl.load(lncw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-                y = c_hat * w_c + tl.load(lncb_ptr + cols, mask=cols < H,
-                                          other=0.0).to(tl.float32)
-            tanh_y = tanh(y)
-            dy = dh * o * (1.0 - tanh_y * tanh_y)
-            dao = dh * tanh_y * o * (1.0 - o)
-            if LN_C:
-                tl.store(dy_ptr + state, dy, mask=mask)
-                dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat,
-                                                       c_hat, c_hat, rstd_c, mask, H, 1)
-            dc = dc + dy
-            if CELL_CLIP:
-                dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
-            dai = dc * g * i * (1.0 - i)
-            daf = dc * c_prev * f * (1.0 - f)
-            dag = dc * i * (1.0 - g * g)
-            dc_prev = dc * f
-            if ZONEOUT_C:
-                dc_prev += dc_direct
-            if GRAD_CLIP:
-                dai = clamp(dai, grad_clip)
-                daf = clamp(daf, grad_clip)
-                dag = clamp(dag, grad_clip)
-                dao = clamp(dao, grad_clip)
         else:
-            c = tl.load(ws + 4 * H, mask=mask, other=0.0)
-            dai, daf, dag, dao, dc_prev = lstm_backward(i, f, g, o, c, c_prev, dh, dc)
+            c_raw = tl.load(ws + 4 * H, mask=mask, other=0.0)
+        y = c_raw
+        if CELL_CLIP:
+            y = clamp(c_raw, cell_clip)
+        if LN_C:
+            c_hat = tl.load(ws + LNC_OFF, mask=mask, other=0.0)
+            rstd_c = tl.load(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, mask=rows < n, other=0.0)
+            w_c = tl.load(lncw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+            y = c_hat * w_c + tl.load(lncb_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+        dao, dy = lstm_backward_output(o, y, dh, grad_clip, GRAD_CLIP)
+        if LN_C:
+            tl.store(dy_ptr + state, dy, mask=mask)
+            dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat, c_hat,
+                                                   c_hat, rstd_c, mask, H, 1)
+        dc = dc + dy
+        if CELL_CLIP:
+            dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
+        dai, daf, dag, dc_prev = lstm_backward(i, f, g, c_prev, dc, grad_clip, GRAD_CLIP)
+        if ZONEOUT_C:
+            dc_prev += dc_direct
         tl.store(gx, dai.to(ty), mask=mask)
         tl.store(gx + H, daf.to(ty), mask=mask)
         tl.store(gx + 2 * H, dag.to(ty), mask=mask)
@@ -263,7 +240,7 @@ def _step_backward_kernel(
         if ZONEOUT_H:
             tl.store(ddir_ptr + state, direct, mask=mask)
         if STORE_DHH:
-            _store_tiles(dhh_ptr + rows * (G * H) + cols, H, dai, daf, dag, dao, mask, G)
+            store_tiles(dhh_ptr + rows * (G * H) + cols, H, dai, daf, dag, dao, mask, G)
         if LN:
             _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dai, daf, dag, dao,
                                  n, H, WS_STRIDE, LN_OFF, G)
@@ -273,20 +250,14 @@ def _step_backward_kernel(
         nn = tl.load(ws + 2 * H, mask=mask, other=0.0)
         hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
         h_prev = tl.load(hprev_ptr + state, mask=mask, other=0.0).to(tl.float32)
-        if GRAD_CLIP:
-            dan = clamp(dh * (1.0 - z) * (1.0 - nn * nn), grad_clip)
-            daz = clamp(dh * (h_prev - nn) * z * (1.0 - z), grad_clip)
-            dar = clamp(dan * hn * r * (1.0 - r), grad_clip)
-            dhn = dan * r
-            gru_direct = dh * z
-        else:
-            dar, daz, dan, dhn, gru_direct = gru_backward(r, z, nn, hn, h_prev, dh)
+        dar, daz, dan, dhn, gru_direct = gru_backward(r, z, nn, hn, h_prev, dh, grad_clip,
+                                                      GRAD_CLIP)
         if ZONEOUT_H:
             gru_direct += direct
         tl.store(gx, dar.to(ty), mask=mask)
         tl.store(gx + H, daz.to(ty), mask=mask)
         tl.store(gx + 2 * H, dan.to(ty), mask=mask)
-        _store_tiles(dhh_ptr + rows * (G * H) + cols, H, dar, daz, dhn, dhn, mask, G)
+        store_tiles(dhh_ptr + rows * (G * H) + cols, H, dar, daz, dhn, dhn, mask, G)
         tl.store(ddir_ptr + state, gru_direct, mask=mask)
         if LN:
             _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dar, daz, dhn, dhn,
@@ -323,7 +294,7 @@ def _proj_epilogue_kernel(
         h = clamp(h, proj_clip)
     if ZONEOUT_H:
         z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
-        h = (1.0 - z_h) * h + z_h * tl.load(h_ptr + state, mask=mask, other=0.0)
+        h = zoneout(z_h, h, tl.load(h_ptr + state, mask=mask, other=0.0))
     tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(h_ptr + state, h, mask=mask)
     if MASK:
@@ -362,17 +333,6 @@ def _proj_prologue_kernel(
 # ---------------------------------------------------------------- helpers of the kernels
 
 @triton.jit
-def _store_tiles(ptr, H, t0, t1, t2, t3, mask, TILES: tl.constexpr):
-    """The first TILES per-gate tiles at columns 0, H, 2H, 3H of ``ptr``."""
-    tl.store(ptr, t0, mask=mask)
-    if TILES > 1:
-        tl.store(ptr + H, t1, mask=mask)
-        tl.store(ptr + 2 * H, t2, mask=mask)
-    if TILES > 3:
-        tl.store(ptr + 3 * H, t3, mask=mask)
-
-
-@triton.jit
 def _load_tile(ptr, cols, H):
     return tl.load(ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
 
@@ -409,7 +369,7 @@ def _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, d0, d1, d2, 
         g3 = d3 * _load_tile(lnw_ptr + 3 * H, cols, H)
     t0, t1, t2, t3 = layer_norm_rows_backward(g0, g1, g2, g3, a0, a1, a2, a3, rstd, mask,
                                               G * H, G)
-    _store_tiles(da_ptr + rows * (G * H) + cols, H, t0, t1, t2, t3, mask, G)
+    store_tiles(da_ptr + rows * (G * H) + cols, H, t0, t1, t2, t3, mask, G)
 
 
 # ---------------------------------------------------------------- launchers

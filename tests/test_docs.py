@@ -37,18 +37,14 @@ STALE = re.compile(r"\bissues?\s*#\s*\d+|\bissue\s+\d+\b|(?<![\w.])/work/|"
                    + "|".join(re.escape(name) for name in OUTSIDE_NOTES), re.IGNORECASE)
 
 # Files that still cite the outside notes and issue numbers, with how many citations each
-# may keep; their owners rewrite them (the cell/option tables, the kernels). Every other
-# file is held to none, and a listed file may only lose citations.
+# may keep; their owners rewrite them (the kernels). Every other file is held to none, and
+# a listed file may only lose citations.
 STALE_ALLOWED = {
     "csrc/cells.h": 1,
     "csrc/recurrence.h": 4,
     "csrc/recurrence_cuda.cu": 1,
     "csrc/registration.cpp": 1,
     "csrc/step.h": 1,
-    "fastrnn/backends/triton/compile_check.py": 1,
-    "fastrnn/backends/triton/step.py": 1,
-    "fastrnn/nn/options.py": 1,
-    "fastrnn/ops.py": 1,
 }
 
 URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)

@@ -127,11 +127,11 @@ def rnn_backward(h, dh, RELU: tl.constexpr):
     return da
 
 
-# ---------------------------------------------------------------- workspace (fastrnn.ops)
+# ---------------------------------------------------------------- workspace (op contract)
 
 @triton.jit
 def store_gate_columns(ws, H, first, second, third, fourth, mask):
-    """Columns [0, 4H) of workspace rows, in the layout of the op contract (fastrnn.ops):
+    """Columns [0, 4H) of workspace rows, in the layout of docs/op-contract.md:
     lstm i | f | g | o, gru r | z | n | hn."""
     tl.store(ws, first, mask=mask)
     tl.store(ws + H, second, mask=mask)
@@ -139,7 +139,7 @@ def store_gate_columns(ws, H, first, second, third, fourth, mask):
     tl.store(ws + 3 * H, fourth, mask=mask)
 
 
-# ---------------------------------------------------------------- variant options (fastrnn.ops)
+# ---------------------------------------------------------------- options (op contract)
 # Row reductions for layer norm: a row is split into up to four [BLOCK_B, BLOCK_H] tiles (one
 # per gate) that together hold all of its columns; ``mask`` marks the real elements.
 

@@ -170,7 +170,7 @@ class LoopRNN(nn.Module):
         return x, torch.stack(h_n)
 
 
-# ---- LayerNorm LSTM (fastrnn.LSTM(layer_norm=True)'s math, fastrnn.ops docstring) ------------
+# ---- LayerNorm LSTM (fastrnn.LSTM(layer_norm=True)'s math, docs/op-contract.md) -----------
 #
 # The well-known baseline is PyTorch's benchmarks/fastrnns custom_lstms LayerNormLSTM: every
 # step layer-norms x_t @ w_ih.T and h @ w_hh.T and the new cell state. This loop computes the

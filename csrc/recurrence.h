@@ -140,7 +140,7 @@ inline Columns workspace_columns(Cell cell, int64_t H, int64_t P, bool proj,
   return c;
 }
 
-// Steps in packed time-major order (fastrnn/ops.py): sizes[t] live rows starting at
+// Steps in packed time-major order (docs/op-contract.md): sizes[t] live rows starting at
 // offsets[t]; `order` lists the steps in processing order (T-1 .. 0 when reverse).
 struct Layout {
   std::vector<int64_t> sizes, offsets, order;
@@ -285,7 +285,7 @@ inline void check_options(const Shapes& s, const Options& o, const Tensor& like)
               "fastrnn native: proj_clip needs a projection (w_hr)");
 }
 
-// Shapes of the op (fastrnn/ops.py); `rows`/`cols` are those of xproj (in backward: N
+// Shapes of the op (docs/op-contract.md); `rows`/`cols` are those of xproj (in backward: N
 // and the implied G*H). All tensors share the dtype and device of `like`.
 inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t cols,
                            const Tensor& like, const Tensor& h0, const Tensor& c0,

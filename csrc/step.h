@@ -1,6 +1,6 @@
 // One time step of the recurrence for ONE live row b: loads, the gate math of cells.h,
 // stores, for every hidden unit j of the row (forward_row, backward_row). Layouts are those
-// of fastrnn/ops.py:
+// of docs/op-contract.md:
 //   packed rows: step t owns rows [row, row + rows) of xproj/output/workspace/grad_xproj;
 //   row b of a step is sequence b, so the live rows of a step are the first `rows` states.
 #pragma once

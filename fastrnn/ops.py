@@ -1,32 +1,10 @@
 """The op boundary: one generic recurrence op per cell kind, registered with torch.library.
 
-Ops (namespace ``fastrnn``), for cell in lstm, gru, rnn_tanh, rnn_relu (fastrnn.spec), all
-with the same schema::
-
-    {cell}_forward(Tensor xproj, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr,
-                   Tensor? batch_sizes, bool reverse, str backend, <options>,
-                   bool need_workspace=True)
-        -> (Tensor output, Tensor h_n, Tensor c_n, Tensor workspace)
-    {cell}_backward(Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, Tensor h0,
-                    Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes,
-                    bool reverse, Tensor output, Tensor workspace, str backend, <options>)
-        -> (Tensor grad_xproj, Tensor grad_h0, Tensor grad_c0, Tensor grad_w_hh,
-            Tensor grad_b_hh, Tensor grad_w_hr, Tensor grad_ln_weight, Tensor grad_ln_bias,
-            Tensor grad_ln_c_weight, Tensor grad_ln_c_bias)
-
-c0 / grad_c_n are given exactly for a cell with a cell state (lstm), w_hr only where the cell
-can project (lstm); a result the cell or call does not have (c_n of gru, grad_w_hr without
-w_hr, the gradient of an absent option) is an empty [0] tensor.
-
-Shapes, the packed layout, the workspace columns and the math of every option:
-docs/op-contract.md (the reference backend, fastrnn/backends/reference.py, is it in code).
-
-``backend`` names the backend whose kernels run (``reference``, ``native``, ``triton``); it
-is resolved by the caller (``fastrnn.backends.resolve``), never ``auto`` here.
-
-Double backward (docs/op-contract.md): create_graph=True runs the reference backend's explicit
-backward, whose gradient into the workspace comes back through the reference forward
-recomputed with the saved gates (``known_gates``); third derivatives and grad_clip raise.
+``torch.ops.fastrnn.<cell>_forward`` / ``<cell>_backward`` for every cell of fastrnn.spec,
+with one schema generated from the spec (``_schemas``). The contract (arguments, shapes, the
+packed layout, the workspace, the math of every option, double backward) is
+docs/op-contract.md; the reference backend (fastrnn/backends/reference.py) is it in code.
+``recurrence`` is the differentiable entry point the modules call.
 """
 from __future__ import annotations
 

@@ -57,7 +57,7 @@ class Cell:
         return tuple(option for option in OPTIONS if self.name in option.cells)
 
     def workspace_width(self, hidden_size: int, projected: bool) -> int:
-        """Columns of the workspace without options (see fastrnn.ops)."""
+        """Columns of the workspace without options (docs/op-contract.md)."""
         return sum(c.width(self.num_gates, hidden_size, 1 if projected else 0)
                    for c in self.workspace)
 
@@ -156,9 +156,9 @@ def features(options: Optional[StepOptions]) -> Tuple[str, ...]:
 
 def workspace_layout(cell: str, hidden: int, proj: int,
                      features: Tuple[str, ...] = ()) -> Dict[str, slice]:
-    """Column ranges of the workspace (fastrnn.ops): name -> slice, and "width" -> all of it.
-    ``proj`` is proj_size, 0 without a projection. The cell's own columns come first, then
-    those of each option that is on, in spec order."""
+    """Column ranges of the workspace (docs/op-contract.md): name -> slice, and "width" -> all
+    of it. ``proj`` is proj_size, 0 without a projection. The cell's own columns come first,
+    then those of each option that is on, in spec order."""
     kind = CELLS[cell]
     groups = list(kind.workspace)
     for option in OPTIONS:

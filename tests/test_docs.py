@@ -36,20 +36,6 @@ OUTSIDE_NOTES = ("DESIGN.md", "VARIANTS_SPEC.md", "DEVELOPERS.md")
 STALE = re.compile(r"\bissues?\s*#\s*\d+|\bissue\s+\d+\b|(?<![\w.])/work/|"
                    + "|".join(re.escape(name) for name in OUTSIDE_NOTES), re.IGNORECASE)
 
-# Files that still cite the outside notes and issue numbers, with how many citations each
-# may keep; their owners rewrite them (the cell/option tables, the kernels). Every other
-# file is held to none, and a listed file may only lose citations.
-STALE_ALLOWED = {
-    "csrc/cells.h": 1,
-    "csrc/recurrence.h": 4,
-    "csrc/recurrence_cuda.cu": 1,
-    "csrc/registration.cpp": 1,
-    "csrc/step.h": 1,
-    "fastrnn/backends/triton/compile_check.py": 1,
-    "fastrnn/backends/triton/step.py": 1,
-    "fastrnn/nn/options.py": 1,
-    "fastrnn/ops.py": 1,
-}
 
 URL = re.compile(r"[a-z][a-z0-9+.-]*://\S+", re.IGNORECASE)
 # A whole path token; one under a variable ("$OUT/summary.md") is output, not a citation.
@@ -140,7 +126,7 @@ def test_no_citation_of_outside_notes_or_issue_numbers():
         if text is None or name == "tests/test_docs.py":   # this file names what it forbids
             continue
         hits = [m.group(0) for m in STALE.finditer(text)]
-        if len(hits) > STALE_ALLOWED.get(name, 0):
+        if hits:
             found[name] = hits
     assert not found, ("these files cite notes outside the repository, issue numbers or "
                        f"/work paths; explain instead, or link docs/: {found}")

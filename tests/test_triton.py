@@ -83,7 +83,7 @@ def poison(monkeypatch):
 # ---------------------------------------------------------------- problem setup
 
 def make_problem(cell, batch, steps, hidden, lengths, proj=0, bias=True, seed=0):
-    """float64 op inputs and upstream gradients, in the packed layout of fastrnn.ops."""
+    """float64 op inputs and upstream gradients, in the packed layout of docs/op-contract.md."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
     if lengths is None:

@@ -14,9 +14,9 @@ What torch.nn's RNNs do under autocast (torch 2.14; fp32 weights, autocast dtype
 fastrnn mirrors this: the input projection is the same ``F.linear`` (autocast makes it
 ``low``), the recurrence op runs with autocast off on tensors cast to one compute dtype, and
 its results are cast to the dtypes torch.nn would return. The compute dtype is ``low`` on
-CUDA, as cuDNN does (fastrnn's gate math accumulates in float32, see fastrnn.ops), and float32
-on CPU, where fastrnn's native kernels take float32/float64 (the recurrent matmul is then
-more precise than torch.nn's bfloat16 one).
+CUDA, as cuDNN does (fastrnn's gate math accumulates in float32, see docs/op-contract.md),
+and float32 on CPU, where fastrnn's native kernels take float32/float64 (the recurrent matmul
+is then more precise than torch.nn's bfloat16 one).
 """
 from __future__ import annotations
 

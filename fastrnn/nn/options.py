@@ -4,8 +4,8 @@ What cuDNN cannot run: layer normalisation (Ba et al. 2016, as Haste's LayerNorm
 variational recurrent dropout (Gal & Ghahramani), DropConnect on the recurrent weights
 (AWD-LSTM), zoneout (Krueger et al. 2016), cell / projection clipping (TensorFlow's LSTMCell),
 a Graves-style clip of the gradient inside the recurrence, and a forget-gate bias. The
-recurrence math is specified in fastrnn.ops; here: checking the constructor values, the extra
-parameters, drawing the masks, and turning it all into the op's arguments.
+recurrence math is specified in docs/op-contract.md; here: checking the constructor values,
+the extra parameters, drawing the masks, and turning it all into the op's arguments.
 
 Random draws (training mode only), per layer then per direction, with torch's global RNG:
 weight_drop mask, recurrent dropout mask, zoneout masks of h then c. In eval mode there is no

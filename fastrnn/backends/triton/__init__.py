@@ -1,6 +1,6 @@
 """The ``triton`` backend: fused LSTM / GRU / RNN recurrence kernels written in Triton.
 
-Two kernel shapes serve the same op contract (fastrnn.ops):
+Two kernel shapes serve the same op contract (docs/op-contract.md):
 
 - ``step``: per step, the recurrent GEMM in torch.mm (cuBLAS) and one fused pointwise Triton
   kernel (gate math, state update, workspace); any hidden size.

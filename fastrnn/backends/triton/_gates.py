@@ -153,12 +153,12 @@ def rnn_backward(h, dh, RELU: tl.constexpr):
     return da
 
 
-# ---------------------------------------------------------------- workspace (fastrnn.ops)
+# ---------------------------------------------------------------- workspace (op contract)
 
 @triton.jit
 def store_tiles(ptr, H, t0, t1, t2, t3, mask, TILES: tl.constexpr):
     """The first TILES per-gate tiles at columns 0, H, 2H, 3H of ``ptr``; with TILES = 4 the
-    workspace's gate columns (fastrnn.ops): lstm i | f | g | o, gru r | z | n | hn."""
+    workspace's gate columns (docs/op-contract.md): lstm i | f | g | o, gru r | z | n | hn."""
     tl.store(ptr, t0, mask=mask)
     if TILES > 1:
         tl.store(ptr + H, t1, mask=mask)
@@ -167,7 +167,7 @@ def store_tiles(ptr, H, t0, t1, t2, t3, mask, TILES: tl.constexpr):
         tl.store(ptr + 3 * H, t3, mask=mask)
 
 
-# ---------------------------------------------------------------- options (fastrnn.ops)
+# ---------------------------------------------------------------- options (op contract)
 
 @triton.jit
 def zoneout(z, new, prev):

@@ -1,4 +1,4 @@
-"""Packed time-major layout helpers (see the op contract in fastrnn.ops)."""
+"""Packed time-major layout helpers (the op contract: docs/op-contract.md)."""
 from typing import List
 
 import torch

@@ -1,5 +1,5 @@
 """The triton backend: picks the persistent kernel where the weights fit on chip, else the
-step path, and keeps the op contract of fastrnn.ops (shapes, packed layout, workspace)."""
+step path, and keeps the op contract (docs/op-contract.md: shapes, packed layout, workspace)."""
 from __future__ import annotations
 
 import os

@@ -11,11 +11,11 @@ Serves any hidden size. Per step t with ``n`` live rows (the first n of the batc
             after the loop: grad_w_hh = d_hh_all.T @ h_prev_all   (one GEMM over all steps)
 
 State rows beyond n are left alone, which is exactly the packed-sequence semantics of the
-contract for both directions (see fastrnn.ops). States, GEMMs and gate gradients are float32
+contract for both directions (docs/op-contract.md). States, GEMMs and gate gradients are float32
 for every input dtype (half weights are upcast once per call): rounding happens only where
 tensors enter and leave, as in the reference and in oneDNN's half RNNs.
 
-The options (fastrnn.ops) switch on constexpr branches of the same kernels, so a call
+The options (docs/op-contract.md, fastrnn.spec) switch on constexpr branches of the same kernels, so a call
 without options compiles none of their code:
 
 - layer norm of the recurrent pre-activation (over G*H columns) and of the cell state (over

@@ -157,7 +157,8 @@ def measure(provider, cell, steps, batch, hidden, layers, threads=0, repeat=1, c
     if proc.returncode:
         stderr = stderr.strip()
         oom = _out_of_memory(stderr)
-        result = dict(point, error=stderr[-500:], out_of_memory=oom)
+        # The exception's own line: the traceback above it names this machine's paths.
+        result = dict(point, error=(stderr.splitlines() or [''])[-1][-500:], out_of_memory=oom)
         return dict(result, cap_bytes=cap) if cap else result
     return json.loads(stdout.strip().splitlines()[-1])
 

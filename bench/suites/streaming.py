@@ -113,6 +113,10 @@ class Stream:
         settings = onnxruntime.SessionOptions()
         settings.intra_op_num_threads = torch.get_num_threads()
         settings.inter_op_num_threads = 1
+        # ORT's pool threads spin after each call by default and keep a core busy for the
+        # provider that runs next in an interleaved round (torch's two threads then share
+        # one core): measured, that halved the next provider's speed. They sleep instead.
+        settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
         session = onnxruntime.InferenceSession(buffer.getvalue(), settings,
                                                providers=["CPUExecutionProvider"])
         feeds = {"x": self.x.numpy(), **{n[0] + "0": z.numpy() for n, z in zip(names, zeros)}}

@@ -150,6 +150,14 @@ def _direct_call(tensors) -> bool:
     return all(t is None or type(t) in _PLAIN for t in tensors)
 
 
+def _run_forward(kind: Cell, kw: dict, backend: str, options, need_workspace: bool):
+    """The forward op's work on bound arguments: checks, the backend, its forward."""
+    _check(kind, kw, options)
+    backend = _resolve(backend, kind, kw["xproj"], kw["w_hh"], kw["w_hr"], options)
+    return backends.get(backend).forward(kind.name, **kw, options=options,
+                                         need_workspace=need_workspace)
+
+
 def _register(kind: Cell):
     forward_name, backward_name = (f"fastrnn::{kind.name}_{d}" for d in ("forward", "backward"))
     for schema in _schemas(kind.name):
@@ -157,10 +165,7 @@ def _register(kind: Cell):
 
     def forward_impl(*args, **kwargs):
         kw, backend, options, need_workspace = _forward_args(kind.name, args, kwargs)
-        _check(kind, kw, options)
-        backend = _resolve(backend, kind, kw["xproj"], kw["w_hh"], kw["w_hr"], options)
-        output, h_n, c_n, workspace = backends.get(backend).forward(
-            kind.name, **kw, options=options, need_workspace=need_workspace)
+        output, h_n, c_n, workspace = _run_forward(kind, kw, backend, options, need_workspace)
         if not need_workspace and workspace.shape[0] > 0:   # a backend that kept it anyway
             workspace = workspace.new_empty(0, workspace.shape[1])
         return _fresh((output, h_n, _empty_if_none(c_n, h_n), workspace), args)
@@ -345,10 +350,7 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
         # marshalling: the outputs are fresh tensors when there are rows.
         kw = dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
                   batch_sizes=batch_sizes, reverse=reverse)
-        _check(kind, kw, None)
-        backend = _resolve(backend, kind, xproj, w_hh, w_hr, None)
-        output, h_n, c_n, _ = backends.get(backend).forward(cell, **kw, options=None,
-                                                            need_workspace=False)
+        output, h_n, c_n, _ = _run_forward(kind, kw, backend, None, False)
         return output, h_n, c_n if kind.has_cell_state else None
     output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
                              *(options or ()), need_workspace=need_workspace)

@@ -74,24 +74,29 @@ void with_cell(Cell cell, Body&& body) {
   }
 }
 
-// Calls body(cell, OptionsOn<ln, ln_c, any>()) with the cell and the options it has on as
-// compile-time constants (only lstm has ln_c; the Elman cells have no options).
+// Calls body(cell, OptionsOn<ln, ln_c, peep, any>()) with the cell and the options it has on
+// as compile-time constants (ln_c and peep are lstm's; the Elman cells have no options).
 template <typename scalar_t, typename acc_t, class Body>
 void with_step(Cell cell, const StepOptions<scalar_t, acc_t>& o, Body&& body) {
+  auto with_flag = [](bool on, auto&& f) {  // f(std::bool_constant<on>)
+    if (on) {
+      f(std::true_type());
+    } else {
+      f(std::false_type());
+    }
+  };
   with_cell(cell, [&](auto c) {
     constexpr Cell k = decltype(c)::value;
     constexpr bool gated = k == Cell::LSTM || k == Cell::GRU, lstm = k == Cell::LSTM;
-    if (!o.any) {
-      body(c, NoOptions());
-    } else if (o.ln_weight != nullptr && o.ln_c_weight != nullptr) {
-      body(c, OptionsOn<gated, lstm, gated>());
-    } else if (o.ln_weight != nullptr) {
-      body(c, OptionsOn<gated, false, gated>());
-    } else if (o.ln_c_weight != nullptr) {
-      body(c, OptionsOn<false, lstm, gated>());
-    } else {
-      body(c, OptionsOn<false, false, gated>());
-    }
+    if (!o.any) return body(c, NoOptions());
+    with_flag(o.ln_weight != nullptr, [&](auto ln) {
+      with_flag(o.ln_c_weight != nullptr, [&](auto ln_c) {
+        with_flag(o.peephole != nullptr, [&](auto peep) {
+          body(c, OptionsOn<gated && decltype(ln)::value, lstm && decltype(ln_c)::value,
+                            lstm && decltype(peep)::value, gated>());
+        });
+      });
+    });
   });
 }
 
@@ -104,6 +109,7 @@ struct Options {
   bool ln() const { return ln_weight.defined(); }
   bool ln_c() const { return ln_c_weight.defined(); }
   bool mask() const { return recurrent_mask.defined(); }
+  bool peep() const { return peephole.defined(); }
   bool any() const { return FASTRNN_ANY_OPTION(*this); }
 };
 
@@ -251,10 +257,10 @@ inline void check_options(const Shapes& s, const Options& o, const Tensor& like)
               "fastrnn native: options exist for lstm and gru only");
   TORCH_CHECK(s.cell == Cell::LSTM || !(o.ln_c_weight.defined() || o.ln_c_bias.defined() ||
                                         o.zoneout_c.defined() || o.cell_clip.has_value() ||
-                                        o.proj_clip.has_value()),
-              "fastrnn native: ln_c_weight, ln_c_bias, zoneout_c, cell_clip and proj_clip "
-              "are lstm options; gru takes ln_weight, ln_bias, recurrent_mask, zoneout_h and "
-              "grad_clip");
+                                        o.proj_clip.has_value() || o.peep()),
+              "fastrnn native: ln_c_weight, ln_c_bias, zoneout_c, cell_clip, proj_clip and "
+              "peephole are lstm options; gru takes ln_weight, ln_bias, recurrent_mask, "
+              "zoneout_h and grad_clip");
   TORCH_CHECK(o.ln_weight.defined() == o.ln_bias.defined(),
               "fastrnn native: ln_weight and ln_bias come together (both or neither)");
   TORCH_CHECK(o.ln_c_weight.defined() == o.ln_c_bias.defined(),
@@ -275,6 +281,7 @@ inline void check_options(const Shapes& s, const Options& o, const Tensor& like)
   check(o.recurrent_mask, "recurrent_mask", {s.B, s.P});
   check(o.zoneout_h, "zoneout_h", {s.N, s.P});
   check(o.zoneout_c, "zoneout_c", {s.N, s.H});
+  check(o.peephole, "peephole", {3 * s.H});
   for (const auto& clip : {std::make_pair("cell_clip", o.cell_clip),
                            std::make_pair("proj_clip", o.proj_clip),
                            std::make_pair("grad_clip", o.grad_clip)}) {
@@ -345,6 +352,7 @@ StepOptions<scalar_t, acc_t> step_options(const Shapes& s, const Options& o,
   so.ln_bias = ptr(o.ln_bias);
   so.ln_c_weight = ptr(o.ln_c_weight);
   so.ln_c_bias = ptr(o.ln_c_bias);
+  so.peephole = ptr(o.peephole);
   so.zoneout_h = o.zoneout_h.defined() ? ptr(o.zoneout_h) : ptr(zeros);
   so.zh_stride = o.zoneout_h.defined() ? s.P : 0;
   so.zoneout_c = o.zoneout_c.defined() ? ptr(o.zoneout_c) : ptr(zeros);
@@ -444,8 +452,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   return {output, h_state, c_n, workspace};
 }
 
+// The learnable options' gradients (fastrnn/spec.py), in spec order.
+struct LearnableGrads {
+  FASTRNN_LEARNABLE_FIELDS
+};
+
+template <size_t>
+using TensorAt = Tensor;
+template <size_t... I>
+std::tuple<TensorAt<I>...> tensors(std::index_sequence<I...>);
+
+// The gradients of xproj, h0, c0, w_hh, b_hh, w_hr, then LearnableGrads.
 using BackwardResult =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+    decltype(tensors(std::make_index_sequence<6 + FASTRNN_NUM_LEARNABLE>()));
 
 template <class Dev>
 BackwardResult recurrence_backward(
@@ -503,6 +522,7 @@ BackwardResult recurrence_backward(
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row
   Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor dh_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // dL/dh_rec
+  Tensor grad_peephole = opt.peep() ? new_buffer({s.N, 3 * s.H}, acc_opts) : Tensor();
   const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
   // The step kernels leave a direct part of dL/dh_prev in dh_state for the GEMM to add to
   // (gru's z * dh; zoneout's z_h * dh).
@@ -530,6 +550,7 @@ BackwardResult recurrence_backward(
     a.grad_a = grad_a.data_ptr<scalar_t>();
     a.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;
     a.grad_p = s.proj ? grad_out_all.data_ptr<scalar_t>() : nullptr;
+    a.grad_peephole = opt.peep() ? grad_peephole.data_ptr<acc_t>() : nullptr;
     const int64_t T = static_cast<int64_t>(layout.order.size());
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = layout.order[k];
@@ -578,20 +599,26 @@ BackwardResult recurrence_backward(
   const Tensor h_pre = s.proj ? workspace.narrow(1, s.cols.h_pre, s.H).to(dtype) : Tensor();
   Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), h_pre) : at::empty({0}, opts);
   Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
-  // Absent options' gradients: empty, and distinct tensors (outputs may not alias).
-  Tensor grad_ln_weight = at::empty({0}, opts), grad_ln_bias = at::empty({0}, opts),
-         grad_ln_c_weight = at::empty({0}, opts), grad_ln_c_bias = at::empty({0}, opts);
+  // The per-unit parameters' gradients: column sums (over steps and batch), in acc_t, of the
+  // per-row gradients the steps left.
+  auto column_sums = [&](const Tensor& rows) { return rows.sum(0).to(dtype); };
+  LearnableGrads g;
   if (opt.ln()) {  // sum over rows of d_hh * a_hat, and of d_hh (= grad_b_hh)
-    grad_ln_weight = (grad_hgates.to(acc_dtype) * workspace.narrow(1, s.cols.ln, s.G * s.H))
-                         .sum(0).to(dtype);
-    grad_ln_bias = grad_b_hh.clone();
+    g.ln_weight = column_sums(grad_hgates.to(acc_dtype) *
+                              workspace.narrow(1, s.cols.ln, s.G * s.H));
+    g.ln_bias = grad_b_hh.clone();
   }
   if (opt.ln_c()) {
-    grad_ln_c_weight = (grad_y * workspace.narrow(1, s.cols.ln_c, s.H)).sum(0).to(dtype);
-    grad_ln_c_bias = grad_y.sum(0).to(dtype);
+    g.ln_c_weight = column_sums(grad_y * workspace.narrow(1, s.cols.ln_c, s.H));
+    g.ln_c_bias = column_sums(grad_y);
   }
-  return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr,
-          grad_ln_weight, grad_ln_bias, grad_ln_c_weight, grad_ln_c_bias};
+  if (opt.peep()) g.peephole = column_sums(grad_peephole);
+  // Absent options' gradients: empty, and distinct tensors (outputs may not alias).
+  std::apply([&](auto&... t) { ((t = t.defined() ? t : at::empty({0}, opts)), ...); },
+             FASTRNN_LEARNABLE_TIE(g));
+  return std::tuple_cat(std::make_tuple(grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh,
+                                        grad_w_hr),
+                        FASTRNN_LEARNABLE_TIE(g));
 }
 
 }  // namespace fastrnn

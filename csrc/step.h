@@ -21,6 +21,7 @@ struct StepOptions {
   const scalar_t* ln_bias = nullptr;          // [G*H]
   const scalar_t* ln_c_weight = nullptr;      // [H]   (layer norm of the new cell state)
   const scalar_t* ln_c_bias = nullptr;        // [H]
+  const scalar_t* peephole = nullptr;         // [3*H] p_i | p_f | p_o
   const scalar_t* zoneout_h = nullptr;        // [N, P]: row r at zoneout_h + r * zh_stride
   const scalar_t* zoneout_c = nullptr;        // [N, H]
   int64_t zh_stride = 0, zc_stride = 0;
@@ -29,15 +30,16 @@ struct StepOptions {
 };
 
 // The options a step has on, as compile-time constants: the two layer norms, which need the
-// row's sums between the element phases (`rows`: on CUDA a block per row), and whether there
-// is any option at all. The clips and zoneouts are data; a step without options (ANY false)
-// leaves out their arithmetic (clip, clip_mask, zoneout below), which the plain CPU loops
-// would pay 2-5% for.
-template <bool LN, bool LNC, bool ANY>
+// row's sums between the element phases (`rows`: on CUDA a block per row), the peepholes,
+// whose backward keeps per-row sums (BackwardStep::grad_peephole), and whether there is any
+// option at all. The clips and zoneouts are data; a step without options (ANY false) leaves
+// out their arithmetic (clip, clip_mask, zoneout below), which the plain CPU loops would pay
+// 2-5% for.
+template <bool LN, bool LNC, bool PEEP, bool ANY>
 struct OptionsOn {
-  static constexpr bool ln = LN, ln_c = LNC, any = ANY, rows = LN || LNC;
+  static constexpr bool ln = LN, ln_c = LNC, peep = PEEP, any = ANY, rows = LN || LNC;
 };
-using NoOptions = OptionsOn<false, false, false>;
+using NoOptions = OptionsOn<false, false, false, false>;
 
 template <class V, typename T>
 FASTRNN_HD T clip(T x, T limit) {
@@ -66,6 +68,12 @@ FASTRNN_HD T zoneout_z(const S* z, int64_t stride, int64_t r, int64_t j) {
 template <class V, typename T>
 FASTRNN_HD T zoneout(T z, T x_new, T x_prev) {
   return V::any ? blend_(z, x_new, x_prev) : x_new;
+}
+
+// x + p[k] * c with the peephole weight p[k] (cells.h peephole_), x without peepholes.
+template <class V, typename T, typename S>
+FASTRNN_HD T peephole(T x, const S* p, int64_t k, T c) {
+  return V::peep ? peephole_(x, static_cast<T>(p[k]), c) : x;
 }
 
 template <typename T>
@@ -149,6 +157,8 @@ struct BackwardStep {
   scalar_t* grad_a = nullptr;        // [N, G*H] (layer norm) gradient of h_rec @ w_hh.T
   acc_t* grad_y = nullptr;           // [N, H] (cell layer norm) dL/dy, y = LN(c_new)
   scalar_t* grad_p = nullptr;        // [N, P] (proj) dL/dp, p = h_pre @ w_hr.T
+  acc_t* grad_peephole = nullptr;    // [N, 3*H] (peephole) per row d_i * c_prev | d_f * c_prev
+                                     // | d_o * c, whose column sums are the weights' gradient
 };
 
 // ------------------------------------------------------------------ rows
@@ -246,23 +256,27 @@ struct LSTMForwardElement {
     acc_t* c = a.c_state + b * H + j;
     const acc_t c_prev = *c;
     const LSTMGates<acc_t> s = lstm_forward<acc_t>(
-        static_cast<acc_t>(x[0]) + recurrent_input<V>(a, b, GH, j, st),
-        static_cast<acc_t>(x[H]) + recurrent_input<V>(a, b, GH, H + j, st),
-        static_cast<acc_t>(x[2 * H]) + recurrent_input<V>(a, b, GH, 2 * H + j, st),
-        static_cast<acc_t>(x[3 * H]) + recurrent_input<V>(a, b, GH, 3 * H + j, st), c_prev);
+        peephole<V>(static_cast<acc_t>(x[0]) + recurrent_input<V>(a, b, GH, j, st),
+                    o.peephole, j, c_prev),
+        peephole<V>(static_cast<acc_t>(x[H]) + recurrent_input<V>(a, b, GH, H + j, st),
+                    o.peephole, H + j, c_prev),
+        static_cast<acc_t>(x[2 * H]) + recurrent_input<V>(a, b, GH, 2 * H + j, st), c_prev);
     const acc_t c_new = clip<V>(s.c, o.cell_clip);
+    const acc_t o_gate = sigmoid_(
+        peephole<V>(static_cast<acc_t>(x[3 * H]) + recurrent_input<V>(a, b, GH, 3 * H + j, st),
+                    o.peephole, 2 * H + j, c_new));
     const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j);
     const acc_t c_t = zoneout<V>(zc, c_new, c_prev);
     ws[j] = s.i;
     ws[H + j] = s.f;
     ws[2 * H + j] = s.g;
-    ws[3 * H + j] = s.o;
+    ws[3 * H + j] = o_gate;
     ws[4 * H + j] = c_t;
     *c = c_t;
     if constexpr (V::ln_c) {
       ws[o.ln_c_col + j] = c_new;  // normalised in place by the next phase
     } else {
-      lstm_store_h<V>(a, b, j, c_new, s.o);
+      lstm_store_h<V>(a, b, j, c_new, o_gate);
     }
   }
 };
@@ -425,7 +439,8 @@ FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, 
 // An lstm row's backward, element j, in two parts: `operator()` takes dL/dh back through
 // h = o * tanh(y) (and zoneout of h), `finish` takes dL/dc_new through the cell clip to the
 // gates i, f, g and dL/dc_prev (and zoneout of c). With the cell layer norm, dL/dy goes to
-// grad_y and the row's layer-norm backward calls `finish` once it has the row's sums.
+// grad_y and the row's layer-norm backward calls `finish` once it has the row's sums. With
+// peepholes, d_o waits for `finish` (which adds its path to c) in grad_peephole's o column.
 template <class V, typename scalar_t, typename acc_t>
 struct LSTMBackwardElement {
   BackwardStep<scalar_t, acc_t> a;  // a copy, as in LSTMForwardElement
@@ -457,6 +472,7 @@ struct LSTMBackwardElement {
     const LSTMOutputGrads<acc_t> d =
         lstm_backward_output(dh, ws[3 * H + j], y, clip_limit<V>(o.grad_clip));
     a.grad_xproj[r * 4 * H + 3 * H + j] = static_cast<scalar_t>(d.do_);
+    if constexpr (V::peep) a.grad_peephole[r * 3 * H + 2 * H + j] = d.do_;
     if constexpr (V::ln_c) {
       a.grad_y[r * H + j] = d.dy;
     } else {
@@ -474,13 +490,23 @@ struct LSTMBackwardElement {
     const acc_t dc_t = *dc_state;
     const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j);
     const acc_t c_raw = f * c_prev + i * g;
-    const acc_t dc = ((acc_t(1) - zc) * dc_t + dc_y) * clip_mask<V>(c_raw, o.cell_clip);
+    const acc_t d_o = V::peep ? a.grad_peephole[r * 3 * H + 2 * H + j] : acc_t(0);
+    const acc_t dc = peephole<V>((acc_t(1) - zc) * dc_t + dc_y, o.peephole, 2 * H + j, d_o) *
+                     clip_mask<V>(c_raw, o.cell_clip);
     const LSTMGrads<acc_t> d = lstm_backward(dc, i, f, g, c_prev, clip_limit<V>(o.grad_clip));
     scalar_t* gx = a.grad_xproj + r * 4 * H;
     gx[j] = static_cast<scalar_t>(d.di);
     gx[H + j] = static_cast<scalar_t>(d.df);
     gx[2 * H + j] = static_cast<scalar_t>(d.dg);
-    *dc_state = V::any ? d.dc_prev + zc * dc_t : d.dc_prev;
+    const acc_t dc_prev =
+        peephole<V>(peephole<V>(d.dc_prev, o.peephole, j, d.di), o.peephole, H + j, d.df);
+    *dc_state = V::any ? dc_prev + zc * dc_t : dc_prev;
+    if constexpr (V::peep) {
+      acc_t* gp = a.grad_peephole + r * 3 * H;
+      gp[j] = d.di * c_prev;
+      gp[H + j] = d.df * c_prev;
+      gp[2 * H + j] = d_o * clip<V>(c_raw, o.cell_clip);
+    }
   }
 };
 

@@ -95,6 +95,7 @@ OPTIONS = (
     Option("proj_clip", (Arg("proj_clip", "float"),), ("lstm",), (Columns("p", p=1),),
            needs_projection=True),
     Option("grad_clip", (Arg("grad_clip", "float"),), ("lstm", "gru")),
+    Option("peephole", (Arg("peephole", "Tensor", ("3*H",), True),), ("lstm",)),
 )
 ARGS = tuple(arg for option in OPTIONS for arg in option.args)
 
@@ -183,7 +184,7 @@ def check(cell: str, options: Optional[StepOptions], rows: int, batch: int, hidd
     """Shape / value checks of the options for direct callers of the ops."""
     if options is None:
         return
-    sizes = {"G*H": CELLS[cell].num_gates * hidden, "H": hidden, "B": batch, "P": width,
+    sizes = {"G*H": CELLS[cell].num_gates * hidden, "3*H": 3 * hidden, "H": hidden, "B": batch, "P": width,
              "N": rows}
     for option in OPTIONS:
         given = [getattr(options, arg.name) is not None for arg in option.args]

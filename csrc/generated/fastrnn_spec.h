@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <tuple>
 namespace fastrnn {
 namespace spec {
 using at::Tensor;
@@ -21,12 +22,17 @@ inline bool is_on(const Tensor& t) { return t.defined(); }
 inline bool is_on(const c10::optional<double>& v) { return v.has_value(); }
 }  // namespace spec
 }  // namespace fastrnn
-#define FASTRNN_OPTIONS_SCHEMA "Tensor? ln_weight=None, Tensor? ln_bias=None, Tensor? ln_c_weight=None, Tensor? ln_c_bias=None, Tensor? recurrent_mask=None, Tensor? zoneout_h=None, Tensor? zoneout_c=None, float? cell_clip=None, float? proj_clip=None, float? grad_clip=None"
-#define FASTRNN_OPTION_PARAMS const c10::optional<Tensor>& ln_weight, const c10::optional<Tensor>& ln_bias, const c10::optional<Tensor>& ln_c_weight, const c10::optional<Tensor>& ln_c_bias, const c10::optional<Tensor>& recurrent_mask, const c10::optional<Tensor>& zoneout_h, const c10::optional<Tensor>& zoneout_c, c10::optional<double> cell_clip, c10::optional<double> proj_clip, c10::optional<double> grad_clip
-#define FASTRNN_OPTION_ARGS ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask, zoneout_h, zoneout_c, cell_clip, proj_clip, grad_clip
-#define FASTRNN_OPTION_FIELDS Tensor ln_weight; Tensor ln_bias; Tensor ln_c_weight; Tensor ln_c_bias; Tensor recurrent_mask; Tensor zoneout_h; Tensor zoneout_c; c10::optional<double> cell_clip; c10::optional<double> proj_clip; c10::optional<double> grad_clip;
+#define FASTRNN_OPTIONS_SCHEMA "Tensor? ln_weight=None, Tensor? ln_bias=None, Tensor? ln_c_weight=None, Tensor? ln_c_bias=None, Tensor? recurrent_mask=None, Tensor? zoneout_h=None, Tensor? zoneout_c=None, float? cell_clip=None, float? proj_clip=None, float? grad_clip=None, Tensor? peephole=None"
+#define FASTRNN_OPTION_PARAMS const c10::optional<Tensor>& ln_weight, const c10::optional<Tensor>& ln_bias, const c10::optional<Tensor>& ln_c_weight, const c10::optional<Tensor>& ln_c_bias, const c10::optional<Tensor>& recurrent_mask, const c10::optional<Tensor>& zoneout_h, const c10::optional<Tensor>& zoneout_c, c10::optional<double> cell_clip, c10::optional<double> proj_clip, c10::optional<double> grad_clip, const c10::optional<Tensor>& peephole
+#define FASTRNN_OPTION_ARGS ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask, zoneout_h, zoneout_c, cell_clip, proj_clip, grad_clip, peephole
+#define FASTRNN_OPTION_FIELDS Tensor ln_weight; Tensor ln_bias; Tensor ln_c_weight; Tensor ln_c_bias; Tensor recurrent_mask; Tensor zoneout_h; Tensor zoneout_c; c10::optional<double> cell_clip; c10::optional<double> proj_clip; c10::optional<double> grad_clip; Tensor peephole;
 // o.<field> = get(<argument>) for a tensor, the value itself for a float
-#define FASTRNN_OPTION_ASSIGN(o, get) o.ln_weight = get(ln_weight); o.ln_bias = get(ln_bias); o.ln_c_weight = get(ln_c_weight); o.ln_c_bias = get(ln_c_bias); o.recurrent_mask = get(recurrent_mask); o.zoneout_h = get(zoneout_h); o.zoneout_c = get(zoneout_c); o.cell_clip = cell_clip; o.proj_clip = proj_clip; o.grad_clip = grad_clip;
+#define FASTRNN_OPTION_ASSIGN(o, get) o.ln_weight = get(ln_weight); o.ln_bias = get(ln_bias); o.ln_c_weight = get(ln_c_weight); o.ln_c_bias = get(ln_c_bias); o.recurrent_mask = get(recurrent_mask); o.zoneout_h = get(zoneout_h); o.zoneout_c = get(zoneout_c); o.cell_clip = cell_clip; o.proj_clip = proj_clip; o.grad_clip = grad_clip; o.peephole = get(peephole);
 // whether option i of spec.OPTIONS / any option is on in Options o
-#define FASTRNN_OPTION_ON(o, i) ((i) == 0 ? ::fastrnn::spec::is_on((o).ln_weight) : (i) == 1 ? ::fastrnn::spec::is_on((o).ln_c_weight) : (i) == 2 ? ::fastrnn::spec::is_on((o).recurrent_mask) : (i) == 3 ? ::fastrnn::spec::is_on((o).zoneout_h) : (i) == 4 ? ::fastrnn::spec::is_on((o).zoneout_c) : (i) == 5 ? ::fastrnn::spec::is_on((o).cell_clip) : (i) == 6 ? ::fastrnn::spec::is_on((o).proj_clip) : (i) == 7 ? ::fastrnn::spec::is_on((o).grad_clip) : false)
-#define FASTRNN_ANY_OPTION(o) (::fastrnn::spec::is_on((o).ln_weight) || ::fastrnn::spec::is_on((o).ln_c_weight) || ::fastrnn::spec::is_on((o).recurrent_mask) || ::fastrnn::spec::is_on((o).zoneout_h) || ::fastrnn::spec::is_on((o).zoneout_c) || ::fastrnn::spec::is_on((o).cell_clip) || ::fastrnn::spec::is_on((o).proj_clip) || ::fastrnn::spec::is_on((o).grad_clip))
+#define FASTRNN_OPTION_ON(o, i) ((i) == 0 ? ::fastrnn::spec::is_on((o).ln_weight) : (i) == 1 ? ::fastrnn::spec::is_on((o).ln_c_weight) : (i) == 2 ? ::fastrnn::spec::is_on((o).recurrent_mask) : (i) == 3 ? ::fastrnn::spec::is_on((o).zoneout_h) : (i) == 4 ? ::fastrnn::spec::is_on((o).zoneout_c) : (i) == 5 ? ::fastrnn::spec::is_on((o).cell_clip) : (i) == 6 ? ::fastrnn::spec::is_on((o).proj_clip) : (i) == 7 ? ::fastrnn::spec::is_on((o).grad_clip) : (i) == 8 ? ::fastrnn::spec::is_on((o).peephole) : false)
+#define FASTRNN_ANY_OPTION(o) (::fastrnn::spec::is_on((o).ln_weight) || ::fastrnn::spec::is_on((o).ln_c_weight) || ::fastrnn::spec::is_on((o).recurrent_mask) || ::fastrnn::spec::is_on((o).zoneout_h) || ::fastrnn::spec::is_on((o).zoneout_c) || ::fastrnn::spec::is_on((o).cell_clip) || ::fastrnn::spec::is_on((o).proj_clip) || ::fastrnn::spec::is_on((o).grad_clip) || ::fastrnn::spec::is_on((o).peephole))
+// the learnable arguments' gradients: the backward op's last results, in this order
+#define FASTRNN_NUM_LEARNABLE 5
+#define FASTRNN_LEARNABLE_RETURNS "Tensor, Tensor, Tensor, Tensor, Tensor"
+#define FASTRNN_LEARNABLE_FIELDS Tensor ln_weight; Tensor ln_bias; Tensor ln_c_weight; Tensor ln_c_bias; Tensor peephole;
+#define FASTRNN_LEARNABLE_TIE(g) std::tie((g).ln_weight, (g).ln_bias, (g).ln_c_weight, (g).ln_c_bias, (g).peephole)

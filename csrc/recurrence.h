@@ -458,9 +458,11 @@ struct LearnableGrads {
 };
 
 template <size_t>
-using TensorAt = Tensor;
+struct TensorAt {
+  using type = Tensor;
+};
 template <size_t... I>
-std::tuple<TensorAt<I>...> tensors(std::index_sequence<I...>);
+std::tuple<typename TensorAt<I>::type...> tensors(std::index_sequence<I...>);
 
 // The gradients of xproj, h0, c0, w_hh, b_hh, w_hr, then LearnableGrads.
 using BackwardResult =

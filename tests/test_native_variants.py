@@ -1,8 +1,9 @@
-"""The native backend's options (docs/op-contract.md): layer norm of the recurrent
-pre-activation and of the cell state, recurrent mask, zoneout, cell / proj clip, recurrent
-gradient clip. Parity with the reference backend (the contract in code), forward and
-backward, each option alone and all together; the shared workspace layout; gradcheck;
-poisoned buffers; option checks; which devices claim the options.
+"""The native backend's options (docs/op-contract.md), every option of fastrnn.spec: layer
+norm of the recurrent pre-activation and of the cell state, recurrent mask, zoneout, cell /
+proj clip, recurrent gradient clip, peepholes. Parity with the reference backend (the
+contract in code), forward and backward, each option alone and all together; the shared
+workspace layout; gradcheck; poisoned buffers; option checks; which devices claim the
+options.
 
 Skips when the extension cannot be built here, unless FASTRNN_REQUIRE_NATIVE=1 (CI).
 """
@@ -12,8 +13,7 @@ import torch
 
 import fastrnn  # noqa: F401  (defines the public ops)
 from fastrnn import backends, ops
-from fastrnn.spec import CELLS
-from fastrnn.spec import StepOptions
+from fastrnn.spec import CELLS, LEARNABLE, StepOptions
 
 import backend_cases
 from backend_cases import (check_backend, compare_all, native_available_mark, run_backward,
@@ -23,15 +23,10 @@ native = backends.get("native")
 reference = backends.get("reference")
 pytestmark = native_available_mark()
 
-# (cell, proj) cases and the options each has.
+# (cell, proj) cases and the options each has (the spec's).
 CASES = {"lstm": ("lstm", False), "lstm_proj": ("lstm", True), "gru": ("gru", False)}
-FEATURES = {
-    "lstm": ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
-             "cell_clip", "grad_clip"),
-    "lstm_proj": ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
-                  "cell_clip", "proj_clip", "grad_clip"),
-    "gru": ("layer_norm", "recurrent_mask", "zoneout_h", "grad_clip"),
-}
+FEATURES = {name: tuple(o.name for o in CELLS[cell].options if proj or not o.needs_projection)
+            for name, (cell, proj) in CASES.items()}
 SINGLE = [(case, feature) for case, features in FEATURES.items() for feature in features]
 DTYPES = [torch.float64, torch.float32]
 LENGTHS = [6, 4, 4, 1, 1]  # packed layout: ragged, with length-1 sequences
@@ -74,7 +69,11 @@ def make_options(cell, case, features, seed=2):
         kw["proj_clip"] = 0.3
     if "grad_clip" in features:
         kw["grad_clip"] = 0.05
-    return StepOptions(**kw)
+    if "peephole" in features:
+        kw["peephole"] = 0.5 * rand(3 * hidden)
+    options = StepOptions(**kw)
+    assert set(options.features()) == set(features), "an option without test values here"
+    return options
 
 
 def check_against_reference(cell, case, reverse, options, dtype):
@@ -270,8 +269,7 @@ def test_gradcheck_public_op(name):
     case = make_case(cell, 2 if proj else 0, hidden=3, lengths=[3, 2, 1])
     options = make_options(cell, case, [f for f in FEATURES[name] if f != "grad_clip"])
     names = [n for n in ("xproj", "h0", "c0", "w_hh", "b_hh", "w_hr") if case[n] is not None]
-    option_names = [n for n in ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")
-                    if getattr(options, n) is not None]
+    option_names = [n for n in LEARNABLE if getattr(options, n) is not None]
     leaves = [case[n].clone().requires_grad_() for n in names]
     leaves += [getattr(options, n).clone().requires_grad_() for n in option_names]
 

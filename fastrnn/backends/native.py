@@ -6,7 +6,7 @@ direction taking the cell name. Their fake (meta) impls live here, so they trace
 ``torch.compile`` and pass ``torch.library.opcheck``.
 
 Options (fastrnn.spec) are the ops' trailing arguments; backward then also returns the
-layer-norm parameters' gradients. The CPU kernels run every option
+learnable options' gradients. The CPU kernels run every option
 (tests/test_native_variants.py); on CUDA :meth:`NativeBackend.unsupported_reason` refuses
 them until they are verified on a GPU (fastrnn.backends.routing.GPU_VERIFIED).
 

@@ -452,21 +452,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   return {output, h_state, c_n, workspace};
 }
 
-// The learnable options' gradients (fastrnn/spec.py), in spec order.
-struct LearnableGrads {
-  FASTRNN_LEARNABLE_FIELDS
-};
-
-template <size_t>
-struct TensorAt {
-  using type = Tensor;
-};
-template <size_t... I>
-std::tuple<typename TensorAt<I>::type...> tensors(std::index_sequence<I...>);
-
-// The gradients of xproj, h0, c0, w_hh, b_hh, w_hr, then LearnableGrads.
-using BackwardResult =
-    decltype(tensors(std::make_index_sequence<6 + FASTRNN_NUM_LEARNABLE>()));
+using BackwardResult = FASTRNN_BACKWARD_TUPLE;
 
 template <class Dev>
 BackwardResult recurrence_backward(
@@ -524,7 +510,7 @@ BackwardResult recurrence_backward(
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row
   Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor dh_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // dL/dh_rec
-  Tensor grad_peephole = opt.peep() ? new_buffer({s.N, 3 * s.H}, acc_opts) : Tensor();
+  Tensor peephole_rows = opt.peep() ? new_buffer({s.N, 3 * s.H}, acc_opts) : Tensor();
   const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
   // The step kernels leave a direct part of dL/dh_prev in dh_state for the GEMM to add to
   // (gru's z * dh; zoneout's z_h * dh).
@@ -552,7 +538,7 @@ BackwardResult recurrence_backward(
     a.grad_a = grad_a.data_ptr<scalar_t>();
     a.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;
     a.grad_p = s.proj ? grad_out_all.data_ptr<scalar_t>() : nullptr;
-    a.grad_peephole = opt.peep() ? grad_peephole.data_ptr<acc_t>() : nullptr;
+    a.grad_peephole = opt.peep() ? peephole_rows.data_ptr<acc_t>() : nullptr;
     const int64_t T = static_cast<int64_t>(layout.order.size());
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = layout.order[k];
@@ -601,26 +587,25 @@ BackwardResult recurrence_backward(
   const Tensor h_pre = s.proj ? workspace.narrow(1, s.cols.h_pre, s.H).to(dtype) : Tensor();
   Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), h_pre) : at::empty({0}, opts);
   Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
+  // Absent options' gradients: empty, and distinct tensors (outputs may not alias).
+  Tensor grad_ln_weight = at::empty({0}, opts), grad_ln_bias = at::empty({0}, opts),
+         grad_ln_c_weight = at::empty({0}, opts), grad_ln_c_bias = at::empty({0}, opts),
+         grad_peephole = at::empty({0}, opts);
   // The per-unit parameters' gradients: column sums (over steps and batch), in acc_t, of the
   // per-row gradients the steps left.
   auto column_sums = [&](const Tensor& rows) { return rows.sum(0).to(dtype); };
-  LearnableGrads g;
   if (opt.ln()) {  // sum over rows of d_hh * a_hat, and of d_hh (= grad_b_hh)
-    g.ln_weight = column_sums(grad_hgates.to(acc_dtype) *
-                              workspace.narrow(1, s.cols.ln, s.G * s.H));
-    g.ln_bias = grad_b_hh.clone();
+    grad_ln_weight = column_sums(grad_hgates.to(acc_dtype) *
+                                 workspace.narrow(1, s.cols.ln, s.G * s.H));
+    grad_ln_bias = grad_b_hh.clone();
   }
   if (opt.ln_c()) {
-    g.ln_c_weight = column_sums(grad_y * workspace.narrow(1, s.cols.ln_c, s.H));
-    g.ln_c_bias = column_sums(grad_y);
+    grad_ln_c_weight = column_sums(grad_y * workspace.narrow(1, s.cols.ln_c, s.H));
+    grad_ln_c_bias = column_sums(grad_y);
   }
-  if (opt.peep()) g.peephole = column_sums(grad_peephole);
-  // Absent options' gradients: empty, and distinct tensors (outputs may not alias).
-  std::apply([&](auto&... t) { ((t = t.defined() ? t : at::empty({0}, opts)), ...); },
-             FASTRNN_LEARNABLE_TIE(g));
-  return std::tuple_cat(std::make_tuple(grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh,
-                                        grad_w_hr),
-                        FASTRNN_LEARNABLE_TIE(g));
+  if (opt.peep()) grad_peephole = column_sums(peephole_rows);
+  return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr,
+          grad_ln_weight, grad_ln_bias, grad_ln_c_weight, grad_ln_c_bias, grad_peephole};
 }
 
 }  // namespace fastrnn

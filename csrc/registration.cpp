@@ -9,7 +9,7 @@
 
 // The options (fastrnn/spec.py; FASTRNN_OPTIONS_SCHEMA is generated from it) trail with
 // defaults, so calls without them are unchanged; backward then returns the gradients of the
-// learnable ones too (FASTRNN_LEARNABLE_RETURNS; empty [0] when absent). need_workspace=false (forward, last): no
+// learnable ones too (empty [0] when absent). need_workspace=false (forward, last): no
 // backward follows, the workspace is one step of scratch and comes back empty [0, W].
 TORCH_LIBRARY(fastrnn, m) {
   m.def(
@@ -20,5 +20,5 @@ TORCH_LIBRARY(fastrnn, m) {
       "native_backward(str cell, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "bool reverse, Tensor output, Tensor workspace, " FASTRNN_OPTIONS_SCHEMA
-      ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, " FASTRNN_LEARNABLE_RETURNS ")");
+      ") -> " FASTRNN_BACKWARD_RETURNS);
 }

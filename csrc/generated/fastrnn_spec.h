@@ -2,7 +2,6 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
-#include <tuple>
 namespace fastrnn {
 namespace spec {
 using at::Tensor;
@@ -31,8 +30,6 @@ inline bool is_on(const c10::optional<double>& v) { return v.has_value(); }
 // whether option i of spec.OPTIONS / any option is on in Options o
 #define FASTRNN_OPTION_ON(o, i) ((i) == 0 ? ::fastrnn::spec::is_on((o).ln_weight) : (i) == 1 ? ::fastrnn::spec::is_on((o).ln_c_weight) : (i) == 2 ? ::fastrnn::spec::is_on((o).recurrent_mask) : (i) == 3 ? ::fastrnn::spec::is_on((o).zoneout_h) : (i) == 4 ? ::fastrnn::spec::is_on((o).zoneout_c) : (i) == 5 ? ::fastrnn::spec::is_on((o).cell_clip) : (i) == 6 ? ::fastrnn::spec::is_on((o).proj_clip) : (i) == 7 ? ::fastrnn::spec::is_on((o).grad_clip) : (i) == 8 ? ::fastrnn::spec::is_on((o).peephole) : false)
 #define FASTRNN_ANY_OPTION(o) (::fastrnn::spec::is_on((o).ln_weight) || ::fastrnn::spec::is_on((o).ln_c_weight) || ::fastrnn::spec::is_on((o).recurrent_mask) || ::fastrnn::spec::is_on((o).zoneout_h) || ::fastrnn::spec::is_on((o).zoneout_c) || ::fastrnn::spec::is_on((o).cell_clip) || ::fastrnn::spec::is_on((o).proj_clip) || ::fastrnn::spec::is_on((o).grad_clip) || ::fastrnn::spec::is_on((o).peephole))
-// the learnable arguments' gradients: the backward op's last results, in this order
-#define FASTRNN_NUM_LEARNABLE 5
-#define FASTRNN_LEARNABLE_RETURNS "Tensor, Tensor, Tensor, Tensor, Tensor"
-#define FASTRNN_LEARNABLE_FIELDS Tensor ln_weight; Tensor ln_bias; Tensor ln_c_weight; Tensor ln_c_bias; Tensor peephole;
-#define FASTRNN_LEARNABLE_TIE(g) std::tie((g).ln_weight, (g).ln_bias, (g).ln_c_weight, (g).ln_c_bias, (g).peephole)
+// backward's results: six gradients, then one per learnable option argument
+#define FASTRNN_BACKWARD_RETURNS "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+#define FASTRNN_BACKWARD_TUPLE std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>

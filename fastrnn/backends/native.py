@@ -132,8 +132,9 @@ class NativeBackend(Backend):
                   grad_w_hh, grad_b_hh, grad_w_hr if w_hr is not None else None)
         if options is None:
             return result
-        return result + tuple(None if getattr(options, name) is None else grad
-                              for name, grad in zip(LEARNABLE, grads[6:]))
+        option_grads = dict(zip(LEARNABLE, grads[6:]))
+        return result + tuple(None if getattr(options, name) is None else option_grads[name]
+                              for name in LEARNABLE)
 
     def _require(self):
         reason = self._load()

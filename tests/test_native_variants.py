@@ -121,6 +121,25 @@ def test_all_options_together(name, layout, reverse, dtype):
     check_against_reference(cell, case, reverse, make_options(cell, case, FEATURES[name]), dtype)
 
 
+# Peepholes with each other lstm option: the pieces of the step they meet (the clip before o
+# sees c, the cell layer norm between the two backward parts, zoneout of the c they read).
+PEEPHOLE_PAIRS = [(name, feature) for name in ("lstm", "lstm_proj") for feature in FEATURES[name]
+                  if feature != "peephole"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout,reverse", [("dense", True), ("packed", False)],
+                         ids=["dense_rev", "packed_fwd"])
+@pytest.mark.parametrize("name,feature", PEEPHOLE_PAIRS,
+                         ids=[f"{c}-{f}" for c, f in PEEPHOLE_PAIRS])
+def test_each_option_with_peephole(name, feature, layout, reverse, dtype):
+    cell, proj = CASES[name]
+    case = make_case(cell, 3 if proj else 0, dtype=dtype,
+                     lengths=LENGTHS if layout == "packed" else None)
+    check_against_reference(cell, case, reverse,
+                            make_options(cell, case, (feature, "peephole")), dtype)
+
+
 ODD = {"T1": dict(steps=1, batch=3, hidden=4), "H1": dict(steps=4, batch=3, hidden=1),
        "B1": dict(steps=5, batch=1, hidden=4), "H37": dict(steps=3, batch=2, hidden=37)}
 
@@ -202,10 +221,11 @@ def test_zoneout_of_one_keeps_the_state_bit_for_bit():
     assert torch.equal(output, case["h0"].repeat(4, 1))
 
 
+@pytest.mark.parametrize("steps,batch", [(0, 3), (4, 0)], ids=["T0", "B0"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_empty_steps(name):
+def test_empty_steps(name, steps, batch):
     cell, proj = CASES[name]
-    case = make_case(cell, 2 if proj else 0, batch=3, steps=0)
+    case = make_case(cell, 2 if proj else 0, batch=batch, steps=steps)
     options = make_options(cell, case, FEATURES[name])
     fwd_n = run_forward(native, cell, case, False, options)
     fwd_r = run_forward(reference, cell, case, False, options)

@@ -25,6 +25,9 @@ without options compiles none of their code:
 - recurrent_mask: the kernel that finishes a step also writes h_t * mask, the next GEMM's
   input (``hrec``); backward multiplies the recurrent GEMM's result by the mask;
 - zoneout, cell_clip, grad_clip: blends and clamps inside the pointwise kernels;
+- peephole: its weights enter the lstm gate math (i, f see c_prev, o the new c); backward
+  writes per-row products whose column sums, after the loop, are the weights' gradient (as
+  for the layer-norm parameters);
 - with a projection, proj_clip and zoneout_h act on the projected h: a small epilogue kernel
   after the projection GEMM (forward) and prologue kernel before it (backward) do them.
 

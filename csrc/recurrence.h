@@ -444,8 +444,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   return {output, h_state, c_n, workspace};
 }
 
-using BackwardResult =
-    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using BackwardResult = FASTRNN_BACKWARD_TUPLE;
 
 template <class Dev>
 BackwardResult recurrence_backward(
@@ -580,7 +579,8 @@ BackwardResult recurrence_backward(
   Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
   // Absent options' gradients: empty, and distinct tensors (outputs may not alias).
   Tensor grad_ln_weight = at::empty({0}, opts), grad_ln_bias = at::empty({0}, opts),
-         grad_ln_c_weight = at::empty({0}, opts), grad_ln_c_bias = at::empty({0}, opts);
+         grad_ln_c_weight = at::empty({0}, opts), grad_ln_c_bias = at::empty({0}, opts),
+         grad_peephole = at::empty({0}, opts);
   if (opt.ln()) {  // sum over rows of d_hh * a_hat, and of d_hh (= grad_b_hh)
     grad_ln_weight = (grad_hgates.to(acc_dtype) * workspace.narrow(1, s.cols.ln, s.G * s.H))
                          .sum(0).to(dtype);
@@ -591,7 +591,7 @@ BackwardResult recurrence_backward(
     grad_ln_c_bias = grad_y.sum(0).to(dtype);
   }
   return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr,
-          grad_ln_weight, grad_ln_bias, grad_ln_c_weight, grad_ln_c_bias};
+          grad_ln_weight, grad_ln_bias, grad_ln_c_weight, grad_ln_c_bias, grad_peephole};
 }
 
 }  // namespace fastrnn

@@ -20,5 +20,5 @@ TORCH_LIBRARY(fastrnn, m) {
       "native_backward(str cell, Tensor grad_output, Tensor? grad_h_n, Tensor? grad_c_n, "
       "Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, "
       "bool reverse, Tensor output, Tensor workspace, " FASTRNN_OPTIONS_SCHEMA
-      ") -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      ") -> " FASTRNN_BACKWARD_RETURNS);
 }

@@ -320,6 +320,11 @@ def spec_header() -> str:
         "#define FASTRNN_OPTION_ON(o, i) ("
         + "".join(f"(i) == {i} ? {test} : " for i, test in enumerate(on)) + "false)",
         f"#define FASTRNN_ANY_OPTION(o) ({' || '.join(on)})",
+        "// backward's results: six gradients, then one per learnable option argument",
+        '#define FASTRNN_BACKWARD_RETURNS "('
+        + ", ".join(["Tensor"] * (6 + len(spec.LEARNABLE))) + ')"',
+        "#define FASTRNN_BACKWARD_TUPLE std::tuple<"
+        + ", ".join(["Tensor"] * (6 + len(spec.LEARNABLE))) + ">",
     ]
     return "\n".join(lines) + "\n"
 

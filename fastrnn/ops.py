@@ -119,8 +119,10 @@ def _check(kind: Cell, kw: dict, options, read_batch_sizes=True):
 def _resolve(name, kind, xproj, w_hh, w_hr, options):
     hidden = w_hh.shape[0] // kind.num_gates
     proj = 0 if w_hr is None else w_hr.shape[0]
-    if name == "auto":
-        return backends.resolve("auto", kind.name, xproj.device, xproj.dtype, hidden, proj,
+    # A named backend is checked when options are on: one that lacks an option must say so,
+    # not run without it (the plain checks are the kernels' own).
+    if name == "auto" or options is not None:
+        return backends.resolve(name, kind.name, xproj.device, xproj.dtype, hidden, proj,
                                 spec.features(options))
     return name
 

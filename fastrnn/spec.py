@@ -64,8 +64,9 @@ class Cell:
 
 @dataclass(frozen=True)
 class Arg:
-    """One op argument of an option. ``shape`` in the symbols G*H, H, B (batch), P (h width),
-    N (rows); a float has none and must be a positive finite number."""
+    """One op argument of an option. ``shape``: each dimension a product of whole numbers and
+    the symbols G (gates), H, B (batch), P (h width) and N (rows); a float has none and must be
+    a positive finite number."""
     name: str
     type: str                  # "Tensor" or "float"
     shape: Tuple[str, ...] = ()
@@ -95,6 +96,7 @@ OPTIONS = (
     Option("proj_clip", (Arg("proj_clip", "float"),), ("lstm",), (Columns("p", p=1),),
            needs_projection=True),
     Option("grad_clip", (Arg("grad_clip", "float"),), ("lstm", "gru")),
+    Option("peephole", (Arg("peephole", "Tensor", ("3*H",), True),), ("lstm",)),
 )
 ARGS = tuple(arg for option in OPTIONS for arg in option.args)
 
@@ -178,13 +180,17 @@ def workspace_width(cell: str, hidden: int, proj: int, features: Tuple[str, ...]
     return workspace_layout(cell, hidden, proj, features)["width"].stop
 
 
+def dimension(rule: str, sizes: Dict[str, int]) -> int:
+    """The size a shape rule such as "3*H" gives (the symbols' values in ``sizes``)."""
+    return math.prod(int(f) if f.isdigit() else sizes[f] for f in rule.split("*"))
+
+
 def check(cell: str, options: Optional[StepOptions], rows: int, batch: int, hidden: int,
           width: int, projected: bool, dtype) -> None:
     """Shape / value checks of the options for direct callers of the ops."""
     if options is None:
         return
-    sizes = {"G*H": CELLS[cell].num_gates * hidden, "H": hidden, "B": batch, "P": width,
-             "N": rows}
+    sizes = {"G": CELLS[cell].num_gates, "H": hidden, "B": batch, "P": width, "N": rows}
     for option in OPTIONS:
         given = [getattr(options, arg.name) is not None for arg in option.args]
         if any(given) and not all(given):
@@ -199,7 +205,7 @@ def check(cell: str, options: Optional[StepOptions], rows: int, batch: int, hidd
                     raise ValueError(f"fastrnn.{cell}: {arg.name} must be a positive finite "
                                      f"number, got {value}")
                 continue
-            shape = [sizes[s] for s in arg.shape]
+            shape = [dimension(s, sizes) for s in arg.shape]
             if list(value.shape) != shape:
                 raise ValueError(f"fastrnn.{cell}: {arg.name} must be {shape}, "
                                  f"got {list(value.shape)}")
@@ -246,14 +252,28 @@ _CHECKS = {
 
 
 @dataclass(frozen=True)
+class Param:
+    """A parameter a module keyword adds when on, per layer and direction (after torch.nn's
+    own, so a seed still gives torch.nn's weights): its name stem, size (a shape rule of
+    Arg), initial value (None: uniform(-1/sqrt(H), 1/sqrt(H)) as torch.nn's RNN weights) and
+    the cells that have it."""
+    stem: str
+    size: str
+    init: Optional[float]
+    cells: Tuple[str, ...] = ("lstm", "gru")
+
+
+@dataclass(frozen=True)
 class Keyword:
     """A keyword argument of the modules: its "off" default, the cells that take it, its
-    value check (a key of _CHECKS), and a module argument it needs when on (name, why)."""
+    value check (a key of _CHECKS), a module argument it needs when on (name, why) and the
+    parameters it adds when on."""
     name: str
     default: object
     cells: Tuple[str, ...]
     check: str
     needs: Optional[Tuple[str, str]] = None
+    parameters: Tuple[Param, ...] = ()
 
     def problem(self, value, mode: str) -> Optional[str]:
         """None when ``value`` is allowed for a module of ``mode``, else what is allowed."""
@@ -262,7 +282,10 @@ class Keyword:
 
 
 KEYWORDS = (
-    Keyword("layer_norm", False, ("lstm", "gru"), "bool"),
+    Keyword("layer_norm", False, ("lstm", "gru"), "bool", parameters=(
+        Param("ln_weight_ih", "G*H", 1.0), Param("ln_bias_ih", "G*H", 0.0),
+        Param("ln_weight_hh", "G*H", 1.0), Param("ln_bias_hh", "G*H", 0.0),
+        Param("ln_weight_c", "H", 1.0, ("lstm",)), Param("ln_bias_c", "H", 0.0, ("lstm",)))),
     Keyword("recurrent_dropout", 0.0, ("lstm", "gru"), "probability"),
     Keyword("weight_drop", 0.0, ("lstm", "gru"), "probability"),
     Keyword("zoneout", 0.0, ("lstm", "gru"), "zoneout"),
@@ -272,4 +295,6 @@ KEYWORDS = (
     Keyword("recurrent_grad_clip", None, ("lstm", "gru"), "positive"),
     Keyword("forget_bias", None, ("lstm",), "finite",
             ("bias", "forget_bias initialises the forget gate's bias, so it needs bias=True")),
+    Keyword("peephole", False, ("lstm",), "bool",
+            parameters=(Param("weight_peephole", "3*H", None, ("lstm",)),)),
 )

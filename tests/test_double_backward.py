@@ -46,6 +46,14 @@ def op_function(cell, backend, reverse, batch_sizes, make_options=None, with_c0=
     return f
 
 
+def _skip_unless_runs(backend, cell, features):
+    """Skip where the backend itself says it does not run these options."""
+    reason = fastrnn.backends.get(backend).unsupported_reason(
+        cell, DTYPE, torch.device("cpu"), 3, 2, features)
+    if reason is not None:
+        pytest.skip(f"backend {backend} does not run {features}: {reason}")
+
+
 def case_inputs(cell, hidden=2, proj=0, lengths=None, seed=0):
     case = make_case(cell, hidden=hidden, proj=proj, batch=2, steps=3, lengths=lengths,
                      seed=seed)
@@ -106,8 +114,11 @@ def _option_case(cell, option, lengths):
         fixed["cell_clip"] = 0.4
     elif option == "proj_clip":
         fixed["proj_clip"] = 0.3
+    elif option == "peephole":
+        learnable = [_rand(gen, 9, low=-0.8, high=0.8)]
     learnable = [t.requires_grad_() for t in learnable]
-    names = ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")
+    names = ("peephole",) if option == "peephole" else \
+        ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")
 
     def make_options(*tensors):
         return StepOptions(**dict(zip(names, tensors)), **fixed)
@@ -115,7 +126,7 @@ def _option_case(cell, option, lengths):
 
 
 OPTIONS = {"lstm": ("layer_norm", "recurrent_mask", "zoneout_train", "zoneout_eval",
-                    "cell_clip", "proj_clip"),
+                    "cell_clip", "proj_clip", "peephole"),
            "gru": ("layer_norm", "recurrent_mask", "zoneout_train", "zoneout_eval")}
 
 
@@ -125,6 +136,8 @@ def test_op_gradgradcheck_options(cell, option, backend):
     lengths, reverse = LAYOUTS["packed_rev" if option in ("layer_norm", "zoneout_train")
                                else "plain"]
     case, inputs, make_options = _option_case(cell, option, lengths)
+    if option == "peephole":
+        _skip_unless_runs(backend, cell, ("peephole",))
     f = op_function(cell, backend, reverse, case["batch_sizes"], make_options)
     if option in ("cell_clip", "proj_clip"):   # the clip acts on this case
         with torch.no_grad():
@@ -153,7 +166,7 @@ def test_all_options_together(cell, backend):
 MODULE_OPTIONS = {
     "lstm": (fastrnn.LSTM, dict(proj_size=2, layer_norm=True, recurrent_dropout=0.3,
                                 weight_drop=0.3, zoneout=(0.3, 0.2), cell_clip=0.7,
-                                proj_clip=0.4)),
+                                proj_clip=0.4, peephole=True)),
     "gru": (fastrnn.GRU, dict(layer_norm=True, recurrent_dropout=0.3, weight_drop=0.3,
                               zoneout=0.3)),
 }
@@ -168,6 +181,7 @@ def test_module_options_gradgradcheck(cell, training, backend):
     cls, kwargs = MODULE_OPTIONS[cell]
     torch.manual_seed(0)
     module = cls(2, 3, **kwargs, backend=backend).double().train(training)
+    _skip_unless_runs(backend, cell, fastrnn.nn.options.features(module))
     names = [n for n, _ in module.named_parameters()]
     params = [p.detach().requires_grad_() for p in module.parameters()]
     x = torch.randn(3, 2, 2, dtype=DTYPE, requires_grad=True)

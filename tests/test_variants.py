@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_sequence
 
 import fastrnn
-from fastrnn import backends
+from fastrnn import backends, spec
 from fastrnn.testing import to_float64
 
 import variant_loops as loops
@@ -30,7 +30,7 @@ DTYPES = [torch.float64, torch.float32]
 MODULES = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}
 CELL_MODULES = {"lstm": fastrnn.LSTMCell, "gru": fastrnn.GRUCell}
 FEATURE_ORDER = ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
-                 "cell_clip", "proj_clip", "grad_clip")
+                 "cell_clip", "proj_clip", "grad_clip", "peephole")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -51,8 +51,8 @@ def op_features(cell, options, training):
     if p_c > 0:
         on.add("zoneout_c")
     for option, feature in (("cell_clip", "cell_clip"), ("proj_clip", "proj_clip"),
-                            ("recurrent_grad_clip", "grad_clip")):
-        if options.get(option) is not None:
+                            ("recurrent_grad_clip", "grad_clip"), ("peephole", "peephole")):
+        if options.get(option) not in (None, False):
             on.add(feature)
     return tuple(f for f in FEATURE_ORDER if f in on)
 
@@ -229,7 +229,8 @@ def check_module(cell, options, backend, dtype, *, form="batched", training=True
             bidirectional=options.get("bidirectional", False),
             layer_norm=options.get("layer_norm", False), masks=masks, rows=inputs.rows,
             batch_pos=inputs.batch_pos, cell_clip=options.get("cell_clip"),
-            proj_clip=options.get("proj_clip"), grad_clip=options.get("recurrent_grad_clip"))
+            proj_clip=options.get("proj_clip"), grad_clip=options.get("recurrent_grad_clip"),
+            peephole=options.get("peephole", False))
         return inputs.assemble(outputs, h_n, c_n), inputs.leaves + list(module.parameters())
 
     outs_ref, wrt = loop(module, inputs, masks)
@@ -297,6 +298,8 @@ LSTM_ALONE = {
     "recurrent_grad_clip": dict(recurrent_grad_clip=0.05),
     "forget_bias": dict(forget_bias=1.0),
     "layer_norm_no_bias": dict(layer_norm=True, bias=False),
+    "peephole": dict(peephole=True),
+    "peephole_proj": dict(peephole=True, proj_size=2),
 }
 GRU_ALONE = {
     "layer_norm": dict(layer_norm=True),
@@ -340,18 +343,25 @@ ALL_LSTM = dict(proj_size=2, layer_norm=True, recurrent_dropout=0.3, weight_drop
                 forget_bias=1.0)
 ALL_GRU = dict(layer_norm=True, recurrent_dropout=0.3, weight_drop=0.25, zoneout=0.3,
                recurrent_grad_clip=0.1)
-ALL = {"lstm": ALL_LSTM, "gru": ALL_GRU}
+# A peephole LSTM with every other option too (a case of its own: a backend without the
+# peephole still runs the others).
+ALL = {"lstm": ALL_LSTM, "lstm_peephole": dict(ALL_LSTM, peephole=True), "gru": ALL_GRU}
+CASES = list(ALL)
+
+
+def cell_of(case):
+    return case.split("_")[0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_all_options_stacked_bidirectional_packed(cell, training, dtype, backend):
+@pytest.mark.parametrize("case", CASES)
+def test_all_options_stacked_bidirectional_packed(case, training, dtype, backend):
     """Every option at once, 2 layers, both directions, torch.nn's dropout between layers,
     packed unsorted with a length-1 sequence."""
-    options = dict(ALL[cell], num_layers=2, bidirectional=True, dropout=0.3)
-    check_module(cell, options, backend, dtype, form="packed_unsorted", training=training,
+    options = dict(ALL[case], num_layers=2, bidirectional=True, dropout=0.3)
+    check_module(cell_of(case), options, backend, dtype, form="packed_unsorted", training=training,
                  lengths=(3, 5, 1))
 
 
@@ -360,10 +370,10 @@ FORMS = ["batched", "batch_first", "unbatched", "packed_sorted", "no_hx"]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("form", FORMS)
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_all_options_input_forms(cell, form, backend):
+@pytest.mark.parametrize("case", CASES)
+def test_all_options_input_forms(case, form, backend):
     init_state = form != "no_hx"
-    check_module(cell, dict(ALL[cell], bidirectional=True), backend, torch.float64,
+    check_module(cell_of(case), dict(ALL[case], bidirectional=True), backend, torch.float64,
                  form="batched" if form == "no_hx" else form, init_state=init_state,
                  lengths=(4, 2, 2))
 
@@ -378,14 +388,14 @@ SIZE_DTYPES = [(size, dtype) for size in ODD_SIZES for dtype in DTYPES]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("size,dtype", SIZE_DTYPES, ids=[f"{s}-{d}" for s, d in SIZE_DTYPES])
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_all_options_odd_sizes(cell, size, dtype, backend):
+@pytest.mark.parametrize("case", CASES)
+def test_all_options_odd_sizes(case, size, dtype, backend):
     input_size, hidden, steps, batch = ODD_SIZES[size]
-    options = dict(ALL[cell])
+    options = dict(ALL[case])
     if hidden == 1:  # proj_size must be smaller than hidden_size
         options.pop("proj_size", None)
         options.pop("proj_clip", None)
-    check_module(cell, options, backend, dtype, steps=steps, batch=batch,
+    check_module(cell_of(case), options, backend, dtype, steps=steps, batch=batch,
                  input_size=input_size, hidden=hidden)
 
 
@@ -422,6 +432,7 @@ CELL_ALL = {
     "gru": dict(layer_norm=True, recurrent_dropout=0.3, weight_drop=0.25, zoneout=0.3,
                 recurrent_grad_clip=0.1),
 }
+CELL_ALL["lstm_peephole"] = dict(CELL_ALL["lstm"], peephole=True)
 
 
 def build_cell(cell, options, backend, dtype, seed=0):
@@ -451,7 +462,8 @@ def cell_reference(cell, module, options, masks, x, state, training):
                              masks.step(x.shape[0], training),
                              layer_norm=options.get("layer_norm", False),
                              cell_clip=options.get("cell_clip"),
-                             grad_clip=options.get("recurrent_grad_clip"))
+                             grad_clip=options.get("recurrent_grad_clip"),
+                             peephole=options.get("peephole", False))
     result = result if cell == "lstm" else (result,)
     return tuple(r.squeeze(0) for r in result) if unbatched else result
 
@@ -478,11 +490,11 @@ def fast_cell(cell, module, x, state):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("form", ["batched", "unbatched", "no_hx"])
-@pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_cell_steps(cell, form, training, dtype, backend):
+@pytest.mark.parametrize("case", list(CELL_ALL))
+def test_cell_steps(case, form, training, dtype, backend):
     """A few steps fed back, as a decoder does: the first training call draws weight_drop
     and recurrent masks, every call draws zoneout."""
-    options = CELL_ALL[cell]
+    cell, options = cell_of(case), CELL_ALL[case]
     skip_unless_supported(backend, cell, dtype, 4, 0, op_features(cell, options, training))
     module = build_cell(cell, options, backend, dtype).train(training)
     gen = torch.Generator().manual_seed(0)
@@ -590,7 +602,8 @@ def op_case(cell, dtype, *, batch_sizes, hidden=3, proj=0, batch=3, steps=4, see
     if cell == "lstm":
         options.update(ln_c_weight=rand(hidden, scale=0.5, shift=1.0),
                        ln_c_bias=rand(hidden, scale=0.5), zoneout_c=weights(rows, hidden),
-                       cell_clip=0.6, proj_clip=0.2 if proj else None)
+                       cell_clip=0.6, proj_clip=0.2 if proj else None,
+                       peephole=rand(3 * hidden, scale=0.5))
     return args, options
 
 
@@ -623,7 +636,7 @@ def loop_op(cell, args, options, batch_sizes, reverse, workspace=None):
     if cell == "lstm":
         step_options.update(ln_c=pair("ln_c_weight", "ln_c_bias"),
                             cell_clip=options.get("cell_clip"),
-                            proj_clip=options.get("proj_clip"))
+                            proj_clip=options.get("proj_clip"), peephole=options.get("peephole"))
     outs, hs, cs, all_rows = [], [], [], []
     for s in range(batch):
         rows = torch.tensor([offsets[t] + s for t in range(len(sizes)) if sizes[t] > s])
@@ -663,7 +676,7 @@ def op_features_of(options):
     on = {"ln_weight": "layer_norm", "ln_c_weight": "layer_norm_cell",
           "recurrent_mask": "recurrent_mask", "zoneout_h": "zoneout_h",
           "zoneout_c": "zoneout_c", "cell_clip": "cell_clip", "proj_clip": "proj_clip",
-          "grad_clip": "grad_clip"}
+          "grad_clip": "grad_clip", "peephole": "peephole"}
     names = {on[k] for k, v in options.items() if k in on and v is not None}
     return tuple(f for f in FEATURE_ORDER if f in names)
 
@@ -824,8 +837,8 @@ def test_workspace_shared_by_every_backend(cell, proj, which, forward_backend,
     assert len(grads) == len(expected)
     for i, (a, b) in enumerate(zip(grads, expected)):
         assert_close(a, b, what=f"grad {i}")
-    option_grads = grads[-4:] if cell == "lstm" else grads[-2:]
-    option_names = ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")[:len(option_grads)]
+    option_names = spec.LEARNABLE if cell == "lstm" else ("ln_weight", "ln_bias")
+    option_grads = grads[-len(option_names):]
     for name, grad in zip(option_names, option_grads):
         if options.get(name) is None:
             assert list(grad.shape) == [0], f"grad {name} of an absent option: {grad.shape}"

@@ -64,17 +64,25 @@ def recurrent_preactivation(h_prev, w_hh, b_hh, ln_hh, rec_mask, record=None):
 
 def lstm_step(xp, h_prev, c_prev, w_hh, b_hh=None, w_hr=None, *, ln_hh=None, ln_c=None,
               rec_mask=None, z_h=None, z_c=None, cell_clip=None, proj_clip=None,
-              grad_clip=None, record=None):
+              grad_clip=None, peephole=None, record=None):
     """One LSTM step on [rows, ...]: returns the carried (h_t, c_t).
     ln_hh / ln_c: (weight, bias) pairs or None; masks broadcast against the rows.
+    peephole: [3H] diagonal weights (p_i, p_f, p_o): c_prev feeds i and f, the new c feeds o
+    (Gers and Schmidhuber 2000). The gradient clip sits on each gate's whole pre-activation.
     record: a dict that receives the contract's workspace columns of the step (by name)."""
     hh = recurrent_preactivation(h_prev, w_hh, b_hh, ln_hh, rec_mask, record)
-    pre = clip_grad(xp + hh, grad_clip)
-    i, f, g, o = pre.chunk(4, -1)
-    i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+    a_i, a_f, a_g, a_o = (xp + hh).chunk(4, -1)
+    if peephole is not None:
+        p_i, p_f, p_o = peephole.chunk(3, -1)
+        a_i, a_f = a_i + p_i * c_prev, a_f + p_f * c_prev
+    i, f = torch.sigmoid(clip_grad(a_i, grad_clip)), torch.sigmoid(clip_grad(a_f, grad_clip))
+    g = torch.tanh(clip_grad(a_g, grad_clip))
     c_new = f * c_prev + i * g
     if cell_clip is not None:
         c_new = c_new.clamp(-cell_clip, cell_clip)
+    if peephole is not None:
+        a_o = a_o + p_o * c_new
+    o = torch.sigmoid(clip_grad(a_o, grad_clip))
     y = c_new if ln_c is None else layer_norm(c_new, *ln_c, record, ("c_hat", "rstd_c"))
     h_new = o * torch.tanh(y)
     if record is not None:
@@ -158,7 +166,8 @@ class Params:
 
 
 def run_module(cell, params, seqs, h0, c0, *, num_layers, bidirectional, layer_norm,
-               masks, rows, batch_pos, cell_clip=None, proj_clip=None, grad_clip=None):
+               masks, rows, batch_pos, cell_clip=None, proj_clip=None, grad_clip=None,
+               peephole=False):
     """A stacked fastrnn.LSTM / GRU forward, each sequence on its own length.
 
     seqs: [L_j, input] per sequence in the user's batch order; h0 [layers*dirs, B, P] and
@@ -194,6 +203,7 @@ def run_module(cell, params, seqs, h0, c0, *, num_layers, bidirectional, layer_n
                 opts = dict(step_options, ln_hh=ln("hh"))
                 if lstm:
                     opts["ln_c"] = ln("c")
+                    opts["peephole"] = params.need(f"weight_peephole{sfx}") if peephole else None
                 out, h, c = run_direction(
                     cell, xproj.unsqueeze(1), h0[index, j:j + 1],
                     c0[index, j:j + 1] if lstm else None, w_hh, params.get(f"bias_hh{sfx}"),
@@ -304,7 +314,8 @@ class CellMasks:
         return dict(w_hh=self.w_hh, rec=self.rec, zh=zh, zc=zc)
 
 
-def cell_step(cell, params, x, h, c, masks, *, layer_norm, cell_clip=None, grad_clip=None):
+def cell_step(cell, params, x, h, c, masks, *, layer_norm, cell_clip=None, grad_clip=None,
+              peephole=False):
     """One call of fastrnn.LSTMCell / GRUCell (batched: x [B, I], h, c [B, H]) with the masks
     of CellMasks.step(). Returns h (gru) or (h, c) (lstm)."""
     ln = (lambda n: (params.need(f"ln_weight_{n}"), params.need(f"ln_bias_{n}"))) \
@@ -316,6 +327,7 @@ def cell_step(cell, params, x, h, c, masks, *, layer_norm, cell_clip=None, grad_
     if cell == "lstm":
         return lstm_step(xp, h, c, w_hh, params.get("bias_hh"), None, ln_hh=ln("hh"),
                          ln_c=ln("c"), rec_mask=masks["rec"], z_h=masks["zh"],
-                         z_c=masks["zc"], cell_clip=cell_clip, grad_clip=grad_clip)
+                         z_c=masks["zc"], cell_clip=cell_clip, grad_clip=grad_clip,
+                         peephole=params.need("weight_peephole") if peephole else None)
     return gru_step(xp, h, w_hh, params.get("bias_hh"), ln_hh=ln("hh"), rec_mask=masks["rec"],
                     z_h=masks["zh"], grad_clip=grad_clip)

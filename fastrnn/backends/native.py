@@ -28,9 +28,10 @@ from .base import Backend, fake_backward, fake_forward, no_rows_backward, no_row
 CPU_DTYPES = (torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Options each device's kernels run and are tested for (CUDA: once verified on a GPU).
+_KERNEL_OPTIONS = tuple(o.name for o in OPTIONS if o.name != "peephole")
 SUPPORTED_FEATURES = {
-    "cpu": tuple(o.name for o in OPTIONS),
-    "cuda": tuple(o.name for o in OPTIONS) if "options" in GPU_VERIFIED["native"] else (),
+    "cpu": _KERNEL_OPTIONS,
+    "cuda": _KERNEL_OPTIONS if "options" in GPU_VERIFIED["native"] else (),
 }
 
 
@@ -132,8 +133,9 @@ class NativeBackend(Backend):
                   grad_w_hh, grad_b_hh, grad_w_hr if w_hr is not None else None)
         if options is None:
             return result
-        return result + tuple(None if getattr(options, name) is None else grad
-                              for name, grad in zip(LEARNABLE, grads[6:]))
+        option_grads = dict(zip(LEARNABLE, grads[6:]))
+        return result + tuple(None if getattr(options, name) is None else option_grads[name]
+                              for name in LEARNABLE)
 
     def _require(self):
         reason = self._load()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ..spec import CELLS, accumulate_dtype
+from ..spec import CELLS, LEARNABLE, accumulate_dtype
 from ..spec import LAYER_NORM_EPS, StepOptions, features, workspace_layout
 from .base import Backend, step_layout
 
@@ -61,11 +61,19 @@ class LSTMMath:
     @staticmethod
     def forward(xp, hh, h_prev, c_prev, opts, known=None):
         known = [None] * 4 if known is None else known.chunk(4, 1)
-        i, f, g, o = (_activate(pre, fn, value) for pre, fn, value in zip(
-            (xp + hh).chunk(4, 1), ("sigmoid", "sigmoid", "tanh", "sigmoid"), known))
+        a_i, a_f, a_g, a_o = (xp + hh).chunk(4, 1)
+        if opts.peephole is not None:   # the gates see the cell state: c_prev into i and f
+            p_i, p_f, p_o = opts.peephole.chunk(3)
+            a_i, a_f = a_i + p_i * c_prev, a_f + p_f * c_prev
+        i = _activate(a_i, "sigmoid", known[0])
+        f = _activate(a_f, "sigmoid", known[1])
+        g = _activate(a_g, "tanh", known[2])
         c = f * c_prev + i * g
         if opts.cell_clip is not None:
             c = c.clamp(-opts.cell_clip, opts.cell_clip)
+        if opts.peephole is not None:   # ... and the new (clipped) c into o
+            a_o = a_o + p_o * c
+        o = _activate(a_o, "sigmoid", known[3])
         y, ln_cols = c, []
         if opts.ln_c_weight is not None:
             c_hat, rstd_c = _layer_norm(c)
@@ -91,14 +99,22 @@ class LSTMMath:
         else:
             tanh_c = c.tanh()
             dc = dc + dh * o * (1 - tanh_c * tanh_c)
+        limit = opts.grad_clip
+        d_o = _clip_grad(dh * tanh_c * o * (1 - o), limit)
+        if opts.peephole is not None:
+            p_i, p_f, p_o = opts.peephole.chunk(3)
+            dc = dc + d_o * p_o
         if opts.cell_clip is not None:
             dc = dc * (c_raw.abs() <= opts.cell_clip).to(dc.dtype)
-        limit = opts.grad_clip
-        d_gates = torch.cat([_clip_grad(dc * g * i * (1 - i), limit),
-                             _clip_grad(dc * c_prev * f * (1 - f), limit),
-                             _clip_grad(dc * i * (1 - g * g), limit),
-                             _clip_grad(dh * tanh_c * o * (1 - o), limit)], 1)
-        return d_gates, d_gates, None, dc * f
+        d_i = _clip_grad(dc * g * i * (1 - i), limit)
+        d_f = _clip_grad(dc * c_prev * f * (1 - f), limit)
+        d_gates = torch.cat([d_i, d_f, _clip_grad(dc * i * (1 - g * g), limit), d_o], 1)
+        dc_prev = dc * f
+        if opts.peephole is not None:
+            sums["peephole"] = sums["peephole"] + torch.cat(
+                [(d_i * c_prev).sum(0), (d_f * c_prev).sum(0), (d_o * c).sum(0)])
+            dc_prev = dc_prev + d_i * p_i + d_f * p_f
+        return d_gates, d_gates, None, dc_prev
 
 
 class GRUMath:
@@ -273,7 +289,7 @@ class ReferenceBackend(Backend):
         d_xp, d_hh, d_a = [None] * steps, [None] * steps, [None] * steps
         h_recs, d_outs = [None] * steps, [None] * steps
         cells = None if c0 is None else workspace[:, layout["c"]]
-        sums = {name: 0 for name in ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias")}
+        sums = dict.fromkeys(LEARNABLE, 0)
         for t in reversed(order):
             live = sizes[t]
             rows = slice(offsets[t], offsets[t + 1])
@@ -340,7 +356,7 @@ class ReferenceBackend(Backend):
         if options is None:
             return grads
         option_grads = []
-        for name in ("ln_weight", "ln_bias", "ln_c_weight", "ln_c_bias"):
+        for name in LEARNABLE:
             param = getattr(options, name)
             value = sums[name]
             if param is not None and not isinstance(value, torch.Tensor):

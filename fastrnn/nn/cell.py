@@ -6,7 +6,6 @@ kernels (and gate math) as the full-sequence modules.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -46,10 +45,7 @@ class RNNCellBase(nn.Module):
         self.mode = CELLS[cell].cell_mode
         num_chunks = CELLS[cell].num_gates
         # fastrnn's options (fastrnn.nn.options); all off = torch.nn exactly.
-        unknown = set(variant) - set(options.DEFAULTS)
-        if unknown:
-            raise TypeError(f"{type(self).__name__}.__init__() got an unexpected keyword "
-                            f"argument {sorted(unknown)[0]!r}")
+        options.check_keywords(type(self).__name__, variant)
         checked = options.check(type(self).__name__, self.mode,
                                 dict(options.DEFAULTS, **variant), bias=bias)
         for name, value in checked.items():
@@ -65,21 +61,18 @@ class RNNCellBase(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
-        self._norm_names = []   # after torch.nn's parameters: a seed gives torch.nn's weights
-        if self.layer_norm:
-            for name, size, _ in options.norm_parameters(self.mode, hidden_size):
-                setattr(self, name, nn.Parameter(torch.empty(size, **factory_kwargs)))
-                self._norm_names.append(name)
+        self._option_names = []   # after torch.nn's parameters: a seed gives torch.nn's weights
+        for name, size, _ in options.parameters(self):
+            setattr(self, name, nn.Parameter(torch.empty(size, **factory_kwargs)))
+            self._option_names.append(name)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            if all(weight is not getattr(self, name) for name in self._norm_names):
+        for weight in self.parameters():   # torch.nn's parameters, in its order
+            if all(weight is not getattr(self, name) for name in self._option_names):
                 init.uniform_(weight, -stdv, stdv)
-        for name, _, fill in options.norm_parameters(self.mode, self.hidden_size):
-            if name in self._norm_names:
-                init.constant_(getattr(self, name), fill)
+        options.init_parameters(self, self._option_names)
         if getattr(self, "forget_bias", None) is not None:
             options.set_forget_bias(self.bias_ih, self.bias_hh, self.hidden_size,
                                     self.forget_bias)
@@ -204,13 +197,10 @@ class GRUCell(_SingleStateCell):
     _torch_forward = nn.GRUCell.forward
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None, *, backend: str = "auto", layer_norm: bool = False,
-                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
-                 zoneout: float = 0.0, recurrent_grad_clip: Optional[float] = None) -> None:
+                 dtype=None, *, backend: str = "auto", **option_values) -> None:
+        """``option_values``: the GRU options of fastrnn.spec.KEYWORDS."""
         super().__init__(input_size, hidden_size, bias, cell="gru", device=device,
-                         dtype=dtype, backend=backend, layer_norm=layer_norm,
-                         recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
-                         zoneout=zoneout, recurrent_grad_clip=recurrent_grad_clip)
+                         dtype=dtype, backend=backend, **option_values)
 
     def _cell_name(self) -> str:
         return "gru"
@@ -222,15 +212,10 @@ class LSTMCell(RNNCellBase):
     _torch_forward = nn.LSTMCell.forward
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None,
-                 dtype=None, *, backend: str = "auto", layer_norm: bool = False,
-                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0, zoneout=0.0,
-                 cell_clip: Optional[float] = None, recurrent_grad_clip: Optional[float] = None,
-                 forget_bias: Optional[float] = None) -> None:
+                 dtype=None, *, backend: str = "auto", **option_values) -> None:
+        """``option_values``: the LSTM options of fastrnn.spec.KEYWORDS."""
         super().__init__(input_size, hidden_size, bias, cell="lstm", device=device,
-                         dtype=dtype, backend=backend, layer_norm=layer_norm,
-                         recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
-                         zoneout=zoneout, cell_clip=cell_clip,
-                         recurrent_grad_clip=recurrent_grad_clip, forget_bias=forget_bias)
+                         dtype=dtype, backend=backend, **option_values)
 
     def forward(self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None):
         if options.runs_torch_path(self, input, cell=True):

@@ -13,6 +13,7 @@ dropout and zoneout uses its expectation (the probability as the weight of the o
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Optional
 
@@ -89,7 +90,8 @@ def features(module) -> tuple:
           ("zoneout_c", bool(zoneout_pair(module)[1]) and lstm),
           ("cell_clip", getattr(module, "cell_clip", None) is not None),
           ("proj_clip", getattr(module, "proj_clip", None) is not None),
-          ("grad_clip", module.recurrent_grad_clip is not None)]
+          ("grad_clip", module.recurrent_grad_clip is not None),
+          ("peephole", getattr(module, "peephole", False))]
     return tuple(name for name, is_on in on if is_on)
 
 
@@ -138,14 +140,35 @@ def refuse_torch_path(module, what: str) -> None:
                            "be turned into a torch.nn module or its ONNX operator")
 
 
-def norm_parameters(mode: str, hidden_size: int):
-    """(name stem, size, initial value) of the layer-norm parameters of one layer/direction."""
-    gates = spec.cell_of_mode(mode).num_gates * hidden_size
-    params = [("ln_weight_ih", gates, 1.0), ("ln_bias_ih", gates, 0.0),
-              ("ln_weight_hh", gates, 1.0), ("ln_bias_hh", gates, 0.0)]
-    if mode == "LSTM":
-        params += [("ln_weight_c", hidden_size, 1.0), ("ln_bias_c", hidden_size, 0.0)]
-    return params
+def parameters(module) -> list:
+    """(name stem, size, initial value or None for torch.nn's uniform) of the parameters the
+    module's options add to one layer and direction, in spec order (spec.Keyword.parameters)."""
+    cell = spec.cell_of_mode(module.mode)
+    sizes = {"G": cell.num_gates, "H": module.hidden_size}
+    return [(p.stem, spec.dimension(p.size, sizes), p.init)
+            for keyword in spec.KEYWORDS if getattr(module, keyword.name, keyword.default)
+            for p in keyword.parameters if cell.name in p.cells]
+
+
+def init_parameters(module, names) -> None:
+    """Initial values of the option parameters ``names`` (stem + layer suffix), after
+    torch.nn's own parameters drew theirs."""
+    inits = {stem: init for stem, _, init in parameters(module)}
+    stdv = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
+    for name in names:
+        stem = next(s for s in inits if name == s or name.startswith(s + "_l"))
+        if inits[stem] is None:
+            torch.nn.init.uniform_(getattr(module, name), -stdv, stdv)
+        else:
+            torch.nn.init.constant_(getattr(module, name), inits[stem])
+
+
+def check_keywords(owner: str, given: dict) -> None:
+    """A keyword the modules do not have fails as Python's own check would."""
+    unknown = set(given) - set(DEFAULTS)
+    if unknown:
+        raise TypeError(f"{owner}.__init__() got an unexpected keyword argument "
+                        f"{sorted(unknown)[0]!r}")
 
 
 def set_forget_bias(bias_ih: Tensor, bias_hh: Tensor, hidden_size: int, value: float) -> None:
@@ -208,7 +231,8 @@ def step_options(module, get, mask: Optional[Tensor], zoneout_h, zoneout_c
         recurrent_mask=mask, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
         cell_clip=_float(getattr(module, "cell_clip", None)),
         proj_clip=_float(getattr(module, "proj_clip", None)),
-        grad_clip=_float(module.recurrent_grad_clip))
+        grad_clip=_float(module.recurrent_grad_clip),
+        peephole=get("weight_peephole") if getattr(module, "peephole", False) else None)
     return options if any(v is not None for v in options) else None
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,11 +49,9 @@ class RNNBase(nn.Module):
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None,
-                 *, backend: str = "auto", layer_norm: bool = False,
-                 recurrent_dropout: float = 0.0, weight_drop: float = 0.0, zoneout=0.0,
-                 cell_clip: Optional[float] = None, proj_clip: Optional[float] = None,
-                 recurrent_grad_clip: Optional[float] = None,
-                 forget_bias: Optional[float] = None, checkpoint_every=None) -> None:
+                 *, backend: str = "auto", checkpoint_every=None, **option_values) -> None:
+        """``option_values``: fastrnn's options (the keywords of fastrnn.spec.KEYWORDS; all
+        off = torch.nn exactly)."""
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.mode = mode
@@ -106,11 +103,10 @@ class RNNBase(nn.Module):
         gates = CELL_OF_MODE[mode].num_gates
         gate_size = hidden_size if gates == 1 else gates * hidden_size
         # fastrnn's options (fastrnn.nn.options); all off = torch.nn exactly.
-        checked = options.check(type(self).__name__, mode, dict(
-            layer_norm=layer_norm, recurrent_dropout=recurrent_dropout, weight_drop=weight_drop,
-            zoneout=zoneout, cell_clip=cell_clip, proj_clip=proj_clip,
-            recurrent_grad_clip=recurrent_grad_clip, forget_bias=forget_bias),
-            bias=bias, proj_size=proj_size)
+        options.check_keywords("RNNBase", option_values)
+        checked = options.check(type(self).__name__, mode,
+                                dict(options.DEFAULTS, **option_values),
+                                bias=bias, proj_size=proj_size)
         for name, value in checked.items():
             setattr(self, name, value)
         # Full BPTT in bounded memory (fastrnn.segments): keep the state every k steps.
@@ -135,15 +131,14 @@ class RNNBase(nn.Module):
                     setattr(self, name, nn.Parameter(torch.empty(shape, **factory_kwargs)))
                 self._flat_weights_names.extend(name for name, _ in params)
                 self._all_weights.append([name for name, _ in params])
-        # The layer-norm parameters come after torch.nn's, so a seed gives torch.nn's weights.
-        self._norm_names = []
-        if layer_norm:
-            for layer in range(num_layers):
-                for suffix in ("", "_reverse")[:num_directions]:
-                    for stem, size, _ in options.norm_parameters(mode, hidden_size):
-                        name = f"{stem}_l{layer}{suffix}"
-                        setattr(self, name, nn.Parameter(torch.empty(size, **factory_kwargs)))
-                        self._norm_names.append(name)
+        # The options' parameters come after torch.nn's, so a seed gives torch.nn's weights.
+        self._option_names = []
+        for layer in range(num_layers):
+            for suffix in ("", "_reverse")[:num_directions]:
+                for stem, size, _ in options.parameters(self):
+                    name = f"{stem}_l{layer}{suffix}"
+                    setattr(self, name, nn.Parameter(torch.empty(size, **factory_kwargs)))
+                    self._option_names.append(name)
         self.reset_parameters()
 
     @property
@@ -167,9 +162,7 @@ class RNNBase(nn.Module):
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
         for weight in self._flat_weights:   # torch.nn's parameters, in its order
             init.uniform_(weight, -stdv, stdv)
-        fills = {stem: fill for stem, _, fill in options.norm_parameters(self.mode, 1)}
-        for name in self._norm_names:
-            init.constant_(getattr(self, name), fills[name[:name.rindex("_l")]])
+        options.init_parameters(self, self._option_names)
         if self.forget_bias is not None:
             for layer in range(self.num_layers):
                 for direction in range(2 if self.bidirectional else 1):

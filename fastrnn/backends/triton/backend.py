@@ -87,8 +87,6 @@ class TritonBackend(Backend):
             return f"unknown cell {cell!r}"
         if features and cell not in OPTION_CELLS:
             return f"the {cell} op has no options ({', '.join(features)} given)"
-        if "peephole" in features:
-            return "the Triton kernels do not run the peephole option"
         if features and self._kernel_choice() == "persistent":
             return self._no_options(features)
         if (self._kernel_choice() == "persistent"

@@ -35,7 +35,7 @@ class RNNCellBase(nn.Module):
     __constants__ = ["input_size", "hidden_size", "bias", "backend", *options.DEFAULTS]
 
     def __init__(self, input_size: int, hidden_size: int, bias: bool, cell: str,
-                 device=None, dtype=None, *, backend: str = "auto", **variant) -> None:
+                 device=None, dtype=None, *, backend: str = "auto", **option_values) -> None:
         factory_kwargs = {"device": device, "dtype": dtype}
         super().__init__()
         self.input_size = input_size
@@ -45,9 +45,9 @@ class RNNCellBase(nn.Module):
         self.mode = CELLS[cell].cell_mode
         num_chunks = CELLS[cell].num_gates
         # fastrnn's options (fastrnn.nn.options); all off = torch.nn exactly.
-        options.check_keywords(type(self).__name__, variant)
+        options.check_keywords(type(self).__name__, option_values)
         checked = options.check(type(self).__name__, self.mode,
-                                dict(options.DEFAULTS, **variant), bias=bias)
+                                dict(options.DEFAULTS, **option_values), bias=bias)
         for name, value in checked.items():
             setattr(self, name, value)
         self._dropout_masks = None   # (batch, weight mask, recurrent mask), see _masks

@@ -112,9 +112,28 @@ inline void dot_block(const float* a, int64_t lda, const W* w, int64_t ldw, int6
 // weights stream through once per block.
 constexpr int64_t kBlockRows = 8;
 
+// Rows of a sharing each widened weight vector: widening costs as much as the multiply, so a
+// longer chunk (the input projection) or a larger batch reuses it. With AVX-512 the 4 x 4
+// accumulators fit the 32 vector registers; with fewer registers, 2 rows.
+#if defined(__AVX512F__)
+constexpr int kGroup = 4;
+#else
+constexpr int kGroup = 2;
+#endif
+
+// dot_block for `rows` (1..kGroup) rows of a, the count a compile-time constant.
+template <int kRows, typename W, int kBatch = kGroup>
+inline void dot_rows(int64_t rows, const float* a, int64_t lda, const W* w, int64_t ldw,
+                     int64_t K, float* result) {
+  if constexpr (kBatch > 1) {
+    if (rows < kBatch) return dot_rows<kRows, W, kBatch - 1>(rows, a, lda, w, ldw, K, result);
+  }
+  dot_block<kRows, kBatch>(a, lda, w, ldw, K, result);
+}
+
 // out[b, n] = scale[n] * sum_k a[b, k] * w[n, k] + bias[n], for `rows` rows of a ([rows, K])
 // and w [N, K] row-major; scale and bias may be null (1 and 0). Four weight rows at a time,
-// two rows of a at a time (the registers hold 8 accumulators).
+// up to kGroup rows of a at a time.
 template <typename W>
 void linear(float* out, const float* a, int64_t rows, const W* w, const float* scale,
             const float* bias, int64_t N, int64_t K) {
@@ -123,29 +142,21 @@ void linear(float* out, const float* a, int64_t rows, const W* w, const float* s
       const int64_t b1 = std::min(rows, b0 + kBlockRows);
       for (int64_t n = q0 * 4; n < std::min(N, q1 * 4); n += 4) {
         const int64_t count = std::min<int64_t>(4, N - n);
-        for (int64_t b = b0; b < b1; b += 2) {
-          const int64_t pair = std::min<int64_t>(2, b1 - b);
-          float result[8];
+        for (int64_t b = b0; b < b1; b += kGroup) {
+          const int64_t group = std::min<int64_t>(kGroup, b1 - b);
+          float result[4 * kGroup];
           const float* ab = a + b * K;
           const W* wn = w + n * K;
           if (count == 4) {
-            if (pair == 2) {
-              dot_block<4, 2>(ab, K, wn, K, K, result);
-            } else {
-              dot_block<4, 1>(ab, K, wn, K, K, result);
-            }
+            dot_rows<4>(group, ab, K, wn, K, K, result);
           } else {
             for (int64_t r = 0; r < count; ++r) {
-              float one[2];
-              if (pair == 2) {
-                dot_block<1, 2>(ab, K, wn + r * K, K, K, one);
-              } else {
-                dot_block<1, 1>(ab, K, wn + r * K, K, K, one);
-              }
-              for (int64_t i = 0; i < pair; ++i) result[i * count + r] = one[i];
+              float one[kGroup];
+              dot_rows<1>(group, ab, K, wn + r * K, K, K, one);
+              for (int64_t i = 0; i < group; ++i) result[i * count + r] = one[i];
             }
           }
-          for (int64_t i = 0; i < pair; ++i) {
+          for (int64_t i = 0; i < group; ++i) {
             float* o = out + (b + i) * N + n;
             for (int64_t r = 0; r < count; ++r) {
               const float sum = result[i * count + r];

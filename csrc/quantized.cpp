@@ -1,7 +1,9 @@
 // One layer and direction of an RNN with reduced-precision weights (quantized.h), for CPU
-// inference: fastrnn/quantized.py's modules call it. The input projection (every frame of
-// the chunk at once) and the recurrent product of each step read int8 (with per-row scales)
-// or bfloat16 weights; the gate math is cells.h's, in float32. No gradient: inference only.
+// inference: fastrnn/quantized.py's modules call quantized_layer, whose input projection
+// (every frame of the chunk at once) and recurrent product of each step read int8 (with
+// per-row scales) or bfloat16 weights; the native backend's bfloat16 inference calls run
+// quantized_recurrence on their own input projection. The gate math is cells.h's, in
+// float32. No gradient: inference only.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -88,25 +90,10 @@ void step_row(const float* xp, const float* hp, float* h, float* c, float* out, 
   }
 }
 
-// x [T, B, I] float32 -> (output [T, B, H], h_n [B, H], c_n [B, H] or [0]). reverse runs the
-// frames last to first (the backward direction of a bidirectional layer).
-std::tuple<Tensor, Tensor, Tensor> quantized_layer(
-    const std::string& cell_name, const Tensor& x, const Tensor& h0,
-    const c10::optional<Tensor>& c0, const Tensor& w_ih, const c10::optional<Tensor>& s_ih,
-    const Tensor& w_hh, const c10::optional<Tensor>& s_hh, const c10::optional<Tensor>& b_ih,
-    const c10::optional<Tensor>& b_hh, bool reverse) {
-  const Cell cell = cell_named(cell_name);
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
-              "fastrnn quantized: the input must be a float32 CPU tensor [T, batch, input], "
-              "got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2);
-  TORCH_CHECK(h0.device().is_cpu() && h0.scalar_type() == at::kFloat && h0.dim() == 2 &&
-                  h0.size(0) == B,
-              "fastrnn quantized: h0 must be a float32 CPU tensor [", B, ", hidden], got ",
+void check_state(const Tensor& h0, const c10::optional<Tensor>& c0, Cell cell) {
+  TORCH_CHECK(h0.device().is_cpu() && h0.scalar_type() == at::kFloat && h0.dim() == 2,
+              "fastrnn quantized: h0 must be a float32 CPU tensor [batch, hidden], got ",
               h0.scalar_type(), " ", h0.sizes());
-  const int64_t H = h0.size(1), G = num_gates(cell) * H;
-  check_weight("w_ih", w_ih, s_ih, b_ih, G, I);
-  check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
   TORCH_CHECK(c0.has_value() == (cell == Cell::LSTM),
               "fastrnn quantized: c0 must be given for lstm and only for lstm");
   if (c0.has_value()) {
@@ -115,14 +102,23 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer(
                 "fastrnn quantized: c0 must be a float32 CPU tensor like h0 ", h0.sizes(),
                 ", got ", c0->scalar_type(), " ", c0->sizes());
   }
-  const Tensor input = x.contiguous();
-  Tensor output = at::empty({T, B, H}, x.options());
+}
+
+// The time loop on the input projection xproj [T * B, G] (time-major rows, float32): per
+// step the recurrent product of the state with w_hh, then the gate math per row. Returns
+// (output [T * B, H], h_n [B, H], c_n [B, H] or [0]).
+std::tuple<Tensor, Tensor, Tensor> recurrence(Cell cell, const Tensor& xproj, const Tensor& h0,
+                                              const c10::optional<Tensor>& c0,
+                                              const Tensor& w_hh,
+                                              const c10::optional<Tensor>& s_hh,
+                                              const c10::optional<Tensor>& b_hh, bool reverse) {
+  const int64_t B = h0.size(0), H = h0.size(1), G = num_gates(cell) * H;
+  const int64_t T = B > 0 ? xproj.size(0) / B : 0;
+  Tensor output = at::empty({xproj.size(0), H}, h0.options());
   Tensor h = h0.contiguous().clone();
-  Tensor c = c0.has_value() ? c0->contiguous().clone() : at::empty({0}, x.options());
-  if (T == 0 || B == 0) return {output, h, c};
-  Tensor xproj = at::empty({T * B, G}, x.options());
-  if (G > 0) linear(xproj, input.view({T * B, I}), w_ih, s_ih, b_ih);
-  Tensor hproj = at::empty({B, G}, x.options());
+  Tensor c = c0.has_value() ? c0->contiguous().clone() : at::empty({0}, h0.options());
+  if (T == 0) return {output, h, c};
+  Tensor hproj = at::empty({B, G}, h0.options());
   const float* xp = xproj.data_ptr<float>();
   const float* hp = hproj.data_ptr<float>();
   float* hs = h.data_ptr<float>();
@@ -146,6 +142,48 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer(
   return {output, h, c};
 }
 
+// x [T, B, I] float32 -> (output [T, B, H], h_n [B, H], c_n [B, H] or [0]). reverse runs the
+// frames last to first (the backward direction of a bidirectional layer).
+std::tuple<Tensor, Tensor, Tensor> quantized_layer(
+    const std::string& cell_name, const Tensor& x, const Tensor& h0,
+    const c10::optional<Tensor>& c0, const Tensor& w_ih, const c10::optional<Tensor>& s_ih,
+    const Tensor& w_hh, const c10::optional<Tensor>& s_hh, const c10::optional<Tensor>& b_ih,
+    const c10::optional<Tensor>& b_hh, bool reverse) {
+  const Cell cell = cell_named(cell_name);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
+              "fastrnn quantized: the input must be a float32 CPU tensor [T, batch, input], "
+              "got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  check_state(h0, c0, cell);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1);
+  const int64_t G = num_gates(cell) * H;
+  TORCH_CHECK(h0.size(0) == B, "fastrnn quantized: h0 must have ", B, " rows, got ",
+              h0.sizes());
+  check_weight("w_ih", w_ih, s_ih, b_ih, G, I);
+  check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
+  Tensor xproj = at::empty({T * B, G}, x.options());
+  if (T * B > 0 && G > 0) linear(xproj, x.contiguous().view({T * B, I}), w_ih, s_ih, b_ih);
+  auto [output, h_n, c_n] = recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse);
+  return {output.view({T, B, H}), h_n, c_n};
+}
+
+// The recurrence alone, on a given input projection xproj [T * batch, gates] (float32):
+// the native backend's bfloat16 inference calls (fastrnn/backends/native.py).
+std::tuple<Tensor, Tensor, Tensor> quantized_recurrence(
+    const std::string& cell_name, const Tensor& xproj, const Tensor& h0,
+    const c10::optional<Tensor>& c0, const Tensor& w_hh, const c10::optional<Tensor>& s_hh,
+    const c10::optional<Tensor>& b_hh, bool reverse) {
+  const Cell cell = cell_named(cell_name);
+  check_state(h0, c0, cell);
+  const int64_t B = h0.size(0), H = h0.size(1), G = num_gates(cell) * H;
+  TORCH_CHECK(xproj.device().is_cpu() && xproj.scalar_type() == at::kFloat &&
+                  xproj.dim() == 2 && xproj.size(1) == G && xproj.is_contiguous() &&
+                  (B > 0 ? xproj.size(0) % B == 0 : xproj.size(0) == 0),
+              "fastrnn quantized: xproj must be a contiguous float32 CPU tensor [steps * ", B,
+              ", ", G, "], got ", xproj.scalar_type(), " ", xproj.sizes());
+  check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
+  return recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastrnn, m) {
@@ -153,8 +191,14 @@ TORCH_LIBRARY_FRAGMENT(fastrnn, m) {
       "quantized_layer(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor? s_ih, "
       "Tensor w_hh, Tensor? s_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "quantized_recurrence(str cell, Tensor xproj, Tensor h0, Tensor? c0, Tensor w_hh, "
+      "Tensor? s_hh, Tensor? b_hh, bool reverse) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastrnn, CPU, m) { m.impl("quantized_layer", &quantized_layer); }
+TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
+  m.impl("quantized_layer", &quantized_layer);
+  m.impl("quantized_recurrence", &quantized_recurrence);
+}
 
 }  // namespace fastrnn

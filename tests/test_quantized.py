@@ -239,3 +239,50 @@ def test_refused_modules():
         fastrnn.quantize_weights(nn.LSTM(8, 6), torch.float16)
     with pytest.raises(ValueError, match="with options .* is not supported"):
         fastrnn.quantize_weights(fastrnn.LSTM(8, 6, layer_norm=True))
+
+
+# ---- bfloat16 modules on the native CPU backend -------------------------------------------
+
+def _op_results(backend, cell, case, reverse, dtype=None):
+    cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+    with torch.no_grad():
+        output, h_n, c_n = fastrnn.ops.recurrence(
+            cell, cast(case["xproj"]), cast(case["h0"]), cast(case["c0"]), cast(case["w_hh"]),
+            cast(case["b_hh"]), None, None, reverse, backend)
+    return [output, h_n] + ([c_n] if c_n is not None else [])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("batch,steps", [(1, 1), (1, 16), (4, 4)])
+def test_native_bfloat16_inference_runs_the_bfloat16_kernel(cell, batch, steps, monkeypatch):
+    """A bfloat16 inference call on the native CPU backend reads w_hh as bfloat16 with float32
+    state and gate math: within the rule of the reference backend's float32 computation,
+    against the float64 truth on the same bfloat16 values."""
+    import fastrnn.backends.native as native
+    from backend_cases import make_case
+    calls = []
+    kernel = native._bfloat16_inference
+    monkeypatch.setattr(native, "_bfloat16_inference", lambda *a: calls.append(a) or kernel(*a))
+    case = make_case(cell, hidden=20, batch=batch, steps=steps, dtype=torch.bfloat16)
+    for reverse in (False, True):
+        actual = _op_results("native", cell, case, reverse)
+        baseline = _op_results("reference", cell, case, reverse)
+        truth = _op_results("reference", cell, case, reverse, torch.float64)
+        assert_all_close(actual, baseline, truth, f"{cell} reverse={reverse}")
+    assert len(calls) == 2
+
+
+def test_native_bfloat16_training_runs_the_reference_computation():
+    """With a gradient to compute, a bfloat16 CPU call on the native backend is the
+    reference backend's, forward and backward."""
+    results = []
+    for backend in ("native", "reference"):
+        torch.manual_seed(6)
+        module = fastrnn.LSTM(8, 6, backend=backend).to(torch.bfloat16)
+        x = torch.randn(5, 2, 8, dtype=torch.bfloat16, requires_grad=True)
+        output, (h, c) = module(x)
+        grads = torch.autograd.grad(output.float().sum() + c.float().sum(),
+                                    [x, *module.parameters()])
+        results.append([output, h, c, *grads])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -29,7 +29,7 @@ from .base import Backend, fake_backward, fake_forward, no_rows_backward, no_row
 # call of a plain layer (no workspace kept for backward, no options, projection or packed
 # input) runs the streaming kernel of csrc/quantized.h instead: w_hh read as bfloat16, state,
 # sums and gate math in float32. Every other bfloat16 call runs the reference backend's
-# float32 computation (what "auto" ran for bfloat16 on CPU before), so its backward does too.
+# float32 computation, and so does its backward.
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Options each device's kernels run and are tested for (CUDA: once verified on a GPU).

@@ -43,7 +43,7 @@ if os.environ.get("FASTRNN_BUILD_EXT") == "1":
             fastrnn_build.write_digest(self.get_ext_fullpath(ext.name))
 
     cuda = os.environ.get("FASTRNN_BUILD_CUDA") == "1"
-    sources = ["csrc/registration.cpp", "csrc/recurrence_cpu.cpp"]
+    sources = ["csrc/registration.cpp", "csrc/recurrence_cpu.cpp", "csrc/quantized.cpp"]
     flags = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno"]}
     include_dirs = [os.path.abspath("csrc")]
     if cuda:

@@ -75,3 +75,18 @@ def judge(result: Mapping[str, torch.Tensor], baseline: Mapping[str, torch.Tenso
             verdict.message += " (no higher-precision result to judge it against)"
         return verdict
     return _judge_all(result, baseline, gold(), "gold")
+
+
+def approximation(result: Mapping[str, torch.Tensor],
+                  baseline: Mapping[str, torch.Tensor]) -> dict:
+    """The check record of a reduced-precision provider (Case.approximate): its largest
+    absolute error against the baseline over every tensor, or what keeps them apart."""
+    problem = _problem(result, baseline)
+    if problem:
+        return {"error": float("inf"), "against": "baseline", "worst": problem[0],
+                "message": problem[1]}
+    errors = {name: (result[name].detach().double() - b.detach().double()).abs().max().item()
+              if b.numel() else 0.0 for name, b in baseline.items()}
+    worst = max(errors, key=errors.get)
+    return {"max_abs_error": errors[worst], "against": "baseline (reduced precision: not "
+            "judged)", "worst": worst}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -57,6 +57,9 @@ class Case:
     gold: Optional[Callable[[], Workload]] = None
     dtype: torch.dtype = torch.float32
     cleanup: Optional[Callable[[], object]] = None   # called after the case ran: free its data
+    # Providers computing with reduced-precision weights (int8, bfloat16): their results
+    # approximate the baseline's by design, so their error against it is recorded, not judged.
+    approximate: Tuple[str, ...] = ()
 
 
 SUITES: Dict[str, Callable[[Options], Iterable[Case]]] = {}

@@ -178,7 +178,28 @@ def per_frame_table(records: List[dict]) -> List[str]:
     """Markdown lines: microseconds per frame by chunk size (streaming records only), the
     median call and the fastest (on a loaded machine the fastest is the one least disturbed)."""
     return _per_frame_lines(records, "median_ms", "median call") + \
-        _per_frame_lines(records, "min_ms", "fastest call")
+        _per_frame_lines(records, "min_ms", "fastest call") + _approximation_lines(records)
+
+
+def _approximation_lines(records: List[dict]) -> List[str]:
+    """Markdown lines: the largest error against the baseline of the reduced-precision
+    providers (bench.core.Case.approximate) by chunk size, on the benchmark's inputs."""
+    table = {}
+    for r in records:
+        error = (r.get("check") or {}).get("max_abs_error")
+        if r.get("chunk") and error is not None:
+            case = (r["cell"], r["hidden"], r["batch"], r["provider"])
+            table.setdefault(case, {})[r["chunk"]] = error
+    if not table:
+        return []
+    chunks = sorted({c for by_chunk in table.values() for c in by_chunk})
+    lines = ["## Max error against the float32 baseline (reduced-precision weights)", "",
+             "| cell | hidden | batch | provider | " + " | ".join(f"chunk {c}" for c in chunks)
+             + " |", "|---|---|---|---|" + "---|" * len(chunks)]
+    for (cell, hidden, batch, provider), by_chunk in sorted(table.items()):
+        lines.append(f"| {cell} | {hidden} | {batch} | {provider} | " + " | ".join(
+            _fmt(by_chunk.get(c), ".2g") for c in chunks) + " |")
+    return lines + [""]
 
 
 def _per_frame_lines(records: List[dict], key: str, what: str) -> List[str]:

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .check import judge
+from .check import approximation, judge
 from .core import Case, Options, Skip, provider_names
 from .timing import Budget, paired_ratio, peak_memory, summary, time_interleaved
 
@@ -62,6 +62,11 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
                 baseline_result = result
                 tokens, flops = _value(case.tokens), _value(case.flops)
                 record["check"] = {"against": "is the baseline"}
+            elif name in case.approximate:
+                record["check"] = approximation(result, baseline_result)
+                if "message" in record["check"]:
+                    record.update(status="wrong", reason=record["check"]["message"])
+                    continue
             else:
                 verdict = judge(result, baseline_result, case.dtype, case.gold)
                 record["check"] = {"error": verdict.error, "tolerance": verdict.tolerance,

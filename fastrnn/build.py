@@ -53,7 +53,7 @@ import torch
 
 CSRC_CANDIDATES = (Path(__file__).resolve().parent / "csrc",          # installed package data
                    Path(__file__).resolve().parent.parent / "csrc")   # source checkout
-CPU_SOURCES = ("registration.cpp", "recurrence_cpu.cpp")
+CPU_SOURCES = ("registration.cpp", "recurrence_cpu.cpp", "quantized.cpp")
 CUDA_SOURCES = ("recurrence_cuda.cu",)
 HEADERS = ("cells.h", "step.h", "recurrence.h", "gemv.h", "generated/fastrnn_spec.h")
 DEFAULT_CUDA_ARCH = "9.0"  # used only when no GPU is visible to detect the arch from

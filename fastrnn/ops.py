@@ -8,6 +8,7 @@ docs/op-contract.md; the reference backend (fastrnn/backends/reference.py) is it
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -330,6 +331,29 @@ def _workspace_backward(kind: Cell, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output
 
 for _kind in CELLS.values():
     _register(_kind)
+
+
+def schema_digest() -> str:
+    """A digest of the public ops' schemas as registered."""
+    schemas = [str(getattr(torch.ops.fastrnn, f"{name}_{d}").default._schema)
+               for name in CELLS for d in ("forward", "backward")]
+    return hashlib.sha256("\n".join(schemas).encode()).hexdigest()[:16]
+
+
+def _tag_compile_caches() -> None:
+    """torch.compile's on-disk caches key a graph by its text, which names fastrnn's ops but
+    not their schemas: after an upgrade that changed one, a cached graph would call the op
+    with the old argument list. The schemas' digest joins the caches' key tag (torch's
+    ``torch.compiler.config.cache_key_tag``; a user's own tag is kept)."""
+    config = getattr(torch.compiler, "config", None)
+    if config is None or not hasattr(config, "cache_key_tag"):
+        return
+    tag = f"fastrnn-ops-{schema_digest()}"
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag}+{tag}" if config.cache_key_tag else tag
+
+
+_tag_compile_caches()
 
 
 def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,

@@ -248,14 +248,20 @@ def test_streaming_suite_times_per_frame_and_writes_its_files(tmp_path, capsys):
     records = json.load(open(json_path))["results"]
     assert {(r["batch"], r["chunk"]) for r in records} == {(1, 1), (1, 4), (3, 1), (3, 4)}
     providers = {"torch.nn", "torch.nn cell loop", "onnxruntime", "fastrnn:native",
-                 "fastrnn:auto", "memory floor"}
+                 "fastrnn:auto", "memory floor", "fastrnn int8", "fastrnn bf16",
+                 "torch dynamic int8"}
     assert {r["provider"] for r in records} == providers
     for r in records:
         assert r["status"] == "ok", r
         assert r["tokens"] == r["batch"] * r["chunk"]
+        if r["provider"] in ("fastrnn int8", "fastrnn bf16", "torch dynamic int8"):
+            # an approximation of torch.nn's result, its error recorded
+            assert 0 < r["check"]["max_abs_error"] < 0.1, r
     markdown = open(json_path[:-5] + ".md").read()
     assert "## Time per frame, median call" in markdown and "## Time per frame, fastest" \
         in markdown and "| lstm | 16 | 3 | memory floor |" in markdown
+    assert "## Max error against the float32 baseline" in markdown and \
+        "| lstm | 16 | 3 | fastrnn int8 |" in markdown
     assert glob.glob(str(tmp_path / "streaming-*-per-frame.png"))
 
 

@@ -181,6 +181,24 @@ def test_torch_compile_fullgraph_matches_eager():
                          "compiled" if run is compiled else "eager")
 
 
+def test_compile_caches_are_keyed_by_the_op_schemas():
+    """torch.compile's disk caches would replay a graph compiled against an older schema of
+    the ops (they key a graph by its text): the schemas' digest is part of their key tag, and
+    a user's own tag stays."""
+    import torch.compiler.config as compiler_config
+    tag = f"fastrnn-ops-{ops.schema_digest()}"
+    assert tag in compiler_config.cache_key_tag.split("+")
+    old = compiler_config.cache_key_tag
+    try:
+        compiler_config.cache_key_tag = "mine"
+        ops._tag_compile_caches()
+        assert compiler_config.cache_key_tag == f"mine+{tag}"
+        ops._tag_compile_caches()   # once only
+        assert compiler_config.cache_key_tag == f"mine+{tag}"
+    finally:
+        compiler_config.cache_key_tag = old
+
+
 def test_torch_compile_inductor_matches_eager():
     torch.manual_seed(0)
     lstm = fastrnn.LSTM(4, 5)

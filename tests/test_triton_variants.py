@@ -2,11 +2,14 @@
 
 Runs under the Triton interpreter on CPU like tests/test_triton.py (whose setup, problem
 builder, NaN poisoning and tolerance helpers it shares). Tiny shapes: the interpreter is slow.
-Every option alone and all together, for lstm, lstm with projection and gru, dense and packed
-(ragged, with a length-1 sequence), both directions; float32, float16 and bfloat16 by
-fastrnn.testing's rule (against a float64 run of the same rounded inputs, within twice
-PyTorch's own same-dtype error); the workspace crossing backends both ways.
+Every option alone, every pair of lstm options and all together, for lstm, lstm with
+projection and gru, dense and packed (ragged, with a length-1 sequence), both directions;
+float32, float16 and bfloat16 by fastrnn.testing's rule (against a float64 run of the same
+rounded inputs, within twice PyTorch's own same-dtype error); the workspace crossing
+backends both ways.
 """
+import itertools
+
 import pytest
 import torch
 
@@ -14,14 +17,14 @@ from test_triton import (DEVICE, GATES, REFERENCE, TritonBackend, assert_float32
                          cast, make_problem, to)
 from test_triton import poison  # noqa: F401  (the autouse NaN-filling fixture)
 from fastrnn.testing import assert_close
-from fastrnn.spec import StepOptions, workspace_width
+from fastrnn.spec import CELLS, LEARNABLE, StepOptions, workspace_width
 
-GRAD_NAMES = ("grad_xproj", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh", "grad_w_hr",
-              "grad_ln_weight", "grad_ln_bias", "grad_ln_c_weight", "grad_ln_c_bias")
-LSTM_OPTIONS = ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
-                "cell_clip", "grad_clip")
-PROJ_OPTIONS = LSTM_OPTIONS + ("proj_clip",)
-GRU_OPTIONS = ("layer_norm", "recurrent_mask", "zoneout_h", "grad_clip")
+GRAD_NAMES = ("grad_xproj", "grad_h0", "grad_c0", "grad_w_hh", "grad_b_hh",
+              "grad_w_hr") + tuple("grad_" + name for name in LEARNABLE)
+# every option of the spec that the cell takes (with a projection: also those needing one)
+LSTM_OPTIONS = tuple(o.name for o in CELLS["lstm"].options if not o.needs_projection)
+PROJ_OPTIONS = tuple(o.name for o in CELLS["lstm"].options)
+GRU_OPTIONS = tuple(o.name for o in CELLS["gru"].options)
 ALL = {"lstm": LSTM_OPTIONS, "lstm_proj": PROJ_OPTIONS, "gru": GRU_OPTIONS}
 # (batch, steps, hidden, lengths or None, reverse)
 CASES = {
@@ -36,7 +39,8 @@ PROJ = 3
 def make_options(cell, features, inputs, seed=2):
     """float64 StepOptions for ``features``. Clip limits sit inside the values' range, so
     every clip is active somewhere; zoneout weights mix 0, 1 (keep the state) and 0.3 (the
-    eval-mode expectation); the recurrent mask is a dropout mask (0 or 1/0.7)."""
+    eval-mode expectation); the recurrent mask is a dropout mask (0 or 1/0.7); peephole
+    weights of either sign, up to 1."""
     gen = torch.Generator().manual_seed(seed)
     rand = lambda *shape: torch.rand(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
     G, (B, P) = GATES[cell], inputs["h0"].shape
@@ -54,6 +58,8 @@ def make_options(cell, features, inputs, seed=2):
         values["zoneout_h"] = zone(P)
     if "zoneout_c" in features:
         values["zoneout_c"] = zone(H)
+    if "peephole" in features:
+        values["peephole"] = 2 * rand(3 * H) - 1
     values.update({name: limit for name, limit in (("cell_clip", 0.4), ("proj_clip", 0.3),
                                                    ("grad_clip", 0.05)) if name in features})
     return StepOptions(**values)
@@ -65,7 +71,7 @@ def cast_options(options, dtype):
 
 def run(backend, cell, inputs, grads, reverse, options, ws_backend=None):
     """Forward with ``backend``, backward with ``ws_backend`` (default the same) on its
-    workspace. -> dict of every output, the workspace and all ten gradients, on the CPU."""
+    workspace. -> dict of every output, the workspace and all the gradients, on the CPU."""
     device = "cpu" if backend is REFERENCE and ws_backend in (None, REFERENCE) else DEVICE
     inputs, grads = to(inputs, device), to(grads, device)
     options = StepOptions(*[v.to(device) if isinstance(v, torch.Tensor) else v
@@ -74,7 +80,7 @@ def run(backend, cell, inputs, grads, reverse, options, ws_backend=None):
     op_in = {k: inputs[k] for k in ("h0", "c0", "w_hh", "b_hh", "w_hr", "batch_sizes")}
     back = (ws_backend or backend).backward(cell, reverse=reverse, output=out, workspace=ws,
                                             options=options, **op_in, **grads)
-    assert len(back) == 10
+    assert len(back) == len(GRAD_NAMES)
     result = dict(output=out, h_n=h_n, c_n=c_n, workspace=ws, **dict(zip(GRAD_NAMES, back)))
     return {k: v.cpu() for k, v in result.items() if v is not None}
 
@@ -123,6 +129,14 @@ def check_float32(cell, case, features, pairs=("triton>triton",)):
 @pytest.mark.parametrize("feature", LSTM_OPTIONS)
 def test_lstm_option_alone(feature):
     check_float32("lstm", "packed_reverse", (feature,))
+
+
+@pytest.mark.parametrize("pair", list(itertools.combinations(PROJ_OPTIONS, 2)), ids="+".join)
+def test_lstm_option_pairs(pair):
+    """Each option with each other one: where two act on the same values (the peepholes and
+    the cell clip, layer norm or zoneout of c, say), their order shows."""
+    needs_projection = any(o.needs_projection for o in CELLS["lstm"].options if o.name in pair)
+    check_float32("lstm_proj" if needs_projection else "lstm", "packed_reverse", pair)
 
 
 @pytest.mark.parametrize("feature", ("proj_clip", "zoneout_h", "recurrent_mask"))
@@ -175,7 +189,8 @@ def pytorch_loop(cell, inputs, grads, reverse, options, dtype):
               if isinstance(v, torch.Tensor) and k != "batch_sizes"}
     opts = {k: v.to(dtype).requires_grad_() if isinstance(v, torch.Tensor) else v
             for k, v in options._asdict().items() if v is not None}
-    step = {k: v for k, v in opts.items() if k in ("cell_clip", "proj_clip", "grad_clip")}
+    step = {k: v for k, v in opts.items()
+            if k in ("cell_clip", "proj_clip", "grad_clip", "peephole")}
     if "ln_weight" in opts:
         step["ln_hh"] = (opts["ln_weight"], opts["ln_bias"])
     if "ln_c_weight" in opts:
@@ -194,7 +209,7 @@ def pytorch_loop(cell, inputs, grads, reverse, options, dtype):
     loss.backward()
     result = dict(output=out.reshape(T * B, P), h_n=h_n, c_n=c_n)
     for name, leaf in list(leaves.items()) + [(k, v) for k, v in opts.items()
-                                              if k.startswith("ln_")]:
+                                              if k in LEARNABLE]:
         result["grad_" + name] = leaf.grad
     return {k: v.detach() for k, v in result.items() if v is not None}
 
@@ -240,8 +255,8 @@ def test_zoneout_one_keeps_previous_state_bit_for_bit():
 
 
 def test_no_option_set_is_the_plain_recurrence():
-    """options with every field None: exactly the numbers of options=None, ten gradients
-    with the last four None."""
+    """options with every field None: exactly the numbers of options=None, and the learnable
+    options' gradients all None."""
     cell, inputs, grads, reverse, _ = problem("gru", "packed_reverse", ())
     inputs, grads = to(cast(inputs, torch.float32), DEVICE), to(cast(grads, torch.float32), DEVICE)
     plain = TritonBackend("step").forward(cell, reverse=reverse, **inputs)
@@ -253,7 +268,7 @@ def test_no_option_set_is_the_plain_recurrence():
     back = TritonBackend("step").backward(cell, reverse=reverse, output=plain[0],
                                           workspace=plain[3], options=StepOptions(),
                                           **op_in, **grads)
-    assert len(back) == 10 and back[6:] == (None,) * 4
+    assert len(back) == len(GRAD_NAMES) and back[6:] == (None,) * len(LEARNABLE)
 
 
 def test_zero_steps_with_options():
@@ -271,7 +286,8 @@ def test_zero_steps_with_options():
         cell, reverse=reverse, output=out, workspace=ws, options=options,
         grad_output=out, grad_h_n=h_n, grad_c_n=c_n,
         **{k: inputs[k] for k in ("h0", "c0", "w_hh", "b_hh", "w_hr", "batch_sizes")})
-    assert [tuple(g.shape) for g in back[6:]] == [(20,), (20,), (5,), (5,)]
+    assert [tuple(g.shape) for g in back[6:]] == [tuple(getattr(options, name).shape)
+                                                  for name in LEARNABLE]
     assert all(not g.any() for g in back[6:])
 
 
@@ -289,6 +305,9 @@ def test_options_use_the_step_path(monkeypatch):
     reason = TritonBackend("persistent").unsupported_reason("lstm", torch.float32, cpu, 8, 0,
                                                             ("layer_norm", "cell_clip"))
     assert "layer_norm, cell_clip" in reason and "persistent" in reason
+    reason = TritonBackend("persistent").unsupported_reason("lstm", torch.float32, cpu, 8, 0,
+                                                            ("peephole",))
+    assert "peephole" in reason and "persistent" in reason
     assert TritonBackend("persistent").unsupported_reason("lstm", torch.float32, cpu, 8,
                                                           0) is None
     assert "rnn_tanh" in TritonBackend().unsupported_reason("rnn_tanh", torch.float32, cpu, 8,
@@ -302,7 +321,7 @@ def test_options_use_the_step_path(monkeypatch):
 @pytest.mark.parametrize("cell", ["lstm_proj", "gru"])
 def test_through_the_op_with_autograd(cell):
     """fastrnn.ops with backend="triton" and every option: forward and the autograd backward
-    (every input's and every layer-norm parameter's gradient) match the reference."""
+    (every input's and every learnable option's gradient) match the reference."""
     from fastrnn.ops import recurrence
     cell, inputs, grads, reverse, options = problem(cell, "packed_reverse", ALL[cell])
     inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
@@ -318,7 +337,7 @@ def test_through_the_op_with_autograd(cell):
         leaves = {k: v.requires_grad_() for k, v in args.items()
                   if isinstance(v, torch.Tensor) and k != "batch_sizes"}
         leaves.update({k: v.requires_grad_() for k, v in opts._asdict().items()
-                       if k.startswith("ln_") and v is not None})
+                       if k in LEARNABLE and v is not None})
         out, h_n, c_n = recurrence(cell, **args, reverse=reverse, backend=backend,
                                    options=opts)
         g = to(cast(grads, dtype), DEVICE)

@@ -10,18 +10,25 @@ size = hidden) from the state the previous call left. Providers:
 - ``onnxruntime``: the torch.nn module exported to ONNX (its LSTM/GRU operator) run by
   ONNX Runtime with as many intra-op threads as torch has, state fed in and out;
 - ``fastrnn:native``, ``fastrnn:auto``: fastrnn's module with that backend;
+- ``fastrnn int8``, ``fastrnn bf16``: ``fastrnn.quantize_weights`` of the torch.nn module
+  (int8 weights with per-row scales, or bfloat16 weights; float32 activations);
+- ``torch dynamic int8``: ``torch.ao.quantization.quantize_dynamic`` of the torch.nn module
+  (int8 weights with one scale per tensor, activations quantized per call);
 - ``memory floor``: not a model. It reads the weight bytes one call needs from memory
   (``w_ih`` once per call, ``w_hh`` once per frame) as one sum over a buffer of each size:
   the time below which no implementation that reads the weights per frame can go. It hands
   back torch.nn's result computed once beforehand, so the check has something to compare.
 
-Every provider's first call (from a zero state) is checked against torch.nn's. The table of
+Every provider's first call (from a zero state) is checked against torch.nn's; the
+reduced-precision ones differ from it by design, so their largest error against it is
+recorded instead (the Markdown's error table). The table of
 ``python -m bench --suite streaming`` gives the time per call; its Markdown adds the time per
 frame (per call / chunk) by chunk size, and a plot of it.
 """
 from __future__ import annotations
 
 import io
+import warnings
 
 import torch
 from torch import nn
@@ -32,6 +39,7 @@ from ..core import Case, Options, Skip, suite
 
 CELLS = {"lstm": (nn.LSTM, nn.LSTMCell, "LSTM", 4), "gru": (nn.GRU, nn.GRUCell, "GRU", 3)}
 CHUNKS = (1, 4, 16, 100)
+APPROXIMATE = ("fastrnn int8", "fastrnn bf16", "torch dynamic int8")
 SIZES = {"tiny": dict(hidden=(16,), batch=(1, 3), chunks=(1, 4)),
          "quick": dict(hidden=(512,), batch=(1,), chunks=CHUNKS),
          "full": dict(hidden=(256, 512, 1024), batch=(1, 4), chunks=CHUNKS)}
@@ -79,6 +87,24 @@ class Stream:
                     raise Skip(reason)
             return self.module_call(module)
         return factory
+
+    def quantized(self, dtype: torch.dtype):
+        """fastrnn.quantize_weights of the torch.nn module, weights in ``dtype``."""
+        if self.device.type != "cpu":
+            raise Skip("the quantized kernels run on CPU")
+        reason = fastrnn.backends.get("native").unavailable_reason(self.device)
+        if reason:
+            raise Skip(reason)
+        return self.module_call(fastrnn.quantize_weights(self.module, dtype))
+
+    def torch_dynamic_int8(self):
+        if self.device.type != "cpu":
+            raise Skip("measured on CPU only")
+        with warnings.catch_warnings():   # torch.ao.quantization is deprecated, still shipped
+            warnings.simplefilter("ignore")
+            holder = torch.ao.quantization.quantize_dynamic(
+                nn.Sequential(self.module), {type(self.module)}, dtype=torch.qint8)
+        return self.module_call(holder[0])
 
     def cell_loop(self):
         cell = CELLS[self.cell][1](self.hidden, self.hidden).to(self.device)
@@ -173,6 +199,9 @@ def _case(cell, hidden, batch, chunk, options) -> Case:
         "fastrnn:native": lambda: stream().fastrnn("native")(),
         "fastrnn:auto": lambda: stream().fastrnn("auto")(),
         "memory floor": lambda: stream().memory_floor(),
+        "fastrnn int8": lambda: stream().quantized(torch.int8),
+        "fastrnn bf16": lambda: stream().quantized(torch.bfloat16),
+        "torch dynamic int8": lambda: stream().torch_dynamic_int8(),
     }
     gates = CELLS[cell][3]
     config = f"h{hidden}-b{batch}"
@@ -181,7 +210,7 @@ def _case(cell, hidden, batch, chunk, options) -> Case:
                             hidden=hidden, input=hidden, batch=batch, chunk=chunk),
                 providers=providers, baseline="torch.nn", tokens=chunk * batch,
                 flops=2 * chunk * batch * gates * hidden * 2 * hidden,
-                cleanup=made.clear)
+                cleanup=made.clear, approximate=APPROXIMATE)
 
 
 # ---- interleaved timing (a machine shared with other jobs) -------------------------------
@@ -192,7 +221,7 @@ def interleaved(case: Case, rounds: int, calls_per_round: int) -> list:
     Each provider is checked against torch.nn first, as in the suite."""
     import statistics
     import time
-    from ..check import judge
+    from ..check import approximation, judge
     calls, records, expected = {}, {}, None
     for name, factory in case.providers.items():
         record = records[name] = {"suite": case.suite, "case": case.name, "provider": name,
@@ -206,6 +235,11 @@ def interleaved(case: Case, rounds: int, calls_per_round: int) -> list:
             continue
         if expected is None:
             expected = result
+        elif name in case.approximate:
+            record["check"] = approximation(result, expected)
+            if "message" in record["check"]:
+                record.update(status="wrong", reason=record["check"]["message"])
+                continue
         else:
             verdict = judge(result, expected, case.dtype, case.gold)
             if not verdict.ok:

@@ -105,6 +105,6 @@ class Backend:
                  batch_sizes: Optional[Tensor], reverse: bool, output: Tensor,
                  workspace: Tensor, options=None):
         """-> (grad_xproj, grad_h0, grad_c0 or None, grad_w_hh, grad_b_hh, grad_w_hr or None),
-        and with ``options`` four more: grad_ln_weight, grad_ln_bias, grad_ln_c_weight,
-        grad_ln_c_bias (None where absent)."""
+        and with ``options`` the gradient of each learnable option argument, in the order of
+        ``spec.LEARNABLE`` (None where absent)."""
         raise NotImplementedError

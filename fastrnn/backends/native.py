@@ -25,7 +25,12 @@ from ..spec import CELLS, LEARNABLE, OPTION_FIELDS, OPTIONS, StepOptions, bind
 from .routing import GPU_VERIFIED
 from .base import Backend, fake_backward, fake_forward, no_rows_backward, no_rows_forward
 
-CPU_DTYPES = (torch.float32, torch.float64)
+# bfloat16 on CPU: the C++ recurrence (recurrence.h) runs float32 and float64. An inference
+# call of a plain layer (no workspace kept for backward, no options, projection or packed
+# input) runs the streaming kernel of csrc/quantized.h instead: w_hh read as bfloat16, state,
+# sums and gate math in float32. Every other bfloat16 call runs the reference backend's
+# float32 computation, and so does its backward.
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Options each device's kernels run and are tested for (CUDA: once verified on a GPU).
 SUPPORTED_FEATURES = {
@@ -111,6 +116,13 @@ class NativeBackend(Backend):
     def forward(self, cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse,
                 options=None, need_workspace=True):
         self._require()
+        if _cpu_bfloat16(xproj):
+            if need_workspace or options is not None or w_hr is not None or \
+                    batch_sizes is not None or xproj.shape[0] == 0:
+                return _reference().forward(cell, xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes,
+                                            reverse, options=options,
+                                            need_workspace=need_workspace)
+            return _bfloat16_inference(cell, xproj, h0, c0, w_hh, b_hh, reverse)
         if xproj.shape[0] == 0:   # the kernels' layout checks want live rows in every step
             return no_rows_forward(cell, xproj, h0, c0, w_hh, w_hr, options)
         output, h_n, c_n, workspace = torch.ops.fastrnn.native_forward(
@@ -121,6 +133,10 @@ class NativeBackend(Backend):
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
                  batch_sizes, reverse, output, workspace, options=None):
         self._require()
+        if _cpu_bfloat16(output):   # its forward ran on the reference backend (CPU_DTYPES)
+            return _reference().backward(cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh,
+                                         b_hh, w_hr, batch_sizes, reverse, output, workspace,
+                                         options=options)
         if output.shape[0] == 0:
             return no_rows_backward(grad_h_n, grad_c_n if CELLS[cell].has_cell_state else None,
                                     w_hh, w_hr, options)
@@ -140,6 +156,26 @@ class NativeBackend(Backend):
         reason = self._load()
         if reason is not None:
             raise RuntimeError(f"fastrnn native backend unavailable: {reason}")
+
+
+def _cpu_bfloat16(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bfloat16 and t.device.type == "cpu"
+
+
+def _reference():
+    from . import get
+    return get("reference")
+
+
+def _bfloat16_inference(cell, xproj, h0, c0, w_hh, b_hh, reverse):
+    """A bfloat16 CPU forward without workspace (CPU_DTYPES): float32 in the kernel, results
+    in bfloat16 as the reference backend returns them."""
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    output, h_n, c_n = torch.ops.fastrnn.quantized_recurrence(
+        cell, f32(xproj), f32(h0), f32(c0), w_hh.contiguous(), None, f32(b_hh), reverse)
+    workspace = fake_forward(cell, xproj, h0, c0, w_hh, None, None, False)[3]   # [0, W]
+    return (output.to(xproj.dtype), h_n.to(xproj.dtype),
+            None if c0 is None else c_n.to(xproj.dtype), workspace)
 
 
 BACKEND = NativeBackend()

@@ -106,6 +106,38 @@ def lstm_backward(i, f, g, c_prev, dc, clip, CLIP: tl.constexpr):
     return dai, daf, dag, dc * f
 
 
+@triton.jit
+def lstm_forward_options(ai, af, ag, ao, c_prev, p_i, p_f, p_o, cell_clip,
+                         PEEPHOLE: tl.constexpr, CELL_CLIP: tl.constexpr):
+    """lstm_forward with the options inside the cell -> i, f, g, o, c. PEEPHOLE: i and f also
+    see c_prev (weights p_i, p_f), o sees the new c (p_o) after CELL_CLIP clamps it."""
+    if PEEPHOLE:
+        ai += p_i * c_prev
+        af += p_f * c_prev
+    i, f, g, o, c = lstm_forward(ai, af, ag, ao, c_prev)
+    if CELL_CLIP:
+        c = clamp(c, cell_clip)
+    if PEEPHOLE:
+        o = sigmoid(ao + p_o * c)
+    return i, f, g, o, c
+
+
+@triton.jit
+def lstm_backward_options(i, f, g, c_prev, c_raw, dc, dao, p_i, p_f, p_o, cell_clip, clip,
+                          PEEPHOLE: tl.constexpr, CELL_CLIP: tl.constexpr, CLIP: tl.constexpr):
+    """lstm_backward through lstm_forward_options: ``dc`` is dL/dc of the new c from every
+    path but o's peephole, ``dao`` o's pre-activation gradient, ``c_raw`` c before the clip.
+    -> as lstm_backward, dL/dc_prev with the peephole paths of i and f."""
+    if PEEPHOLE:
+        dc += dao * p_o
+    if CELL_CLIP:
+        dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
+    dai, daf, dag, dc_prev = lstm_backward(i, f, g, c_prev, dc, clip, CLIP)
+    if PEEPHOLE:
+        dc_prev += dai * p_i + daf * p_f
+    return dai, daf, dag, dc_prev
+
+
 # ---------------------------------------------------------------- GRU (gates r, z, n)
 
 @triton.jit

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from ...spec import CELLS, workspace_layout
+from ...spec import CELLS, LEARNABLE, workspace_layout
 from ..base import Backend, no_rows_backward, step_layout
 from . import persistent, step
 from ._gates import CELL_IDS, NUM_GATES
@@ -87,8 +87,6 @@ class TritonBackend(Backend):
             return f"unknown cell {cell!r}"
         if features and cell not in OPTION_CELLS:
             return f"the {cell} op has no options ({', '.join(features)} given)"
-        if "peephole" in features:
-            return "the Triton kernels do not run the peephole option"
         if features and self._kernel_choice() == "persistent":
             return self._no_options(features)
         if (self._kernel_choice() == "persistent"
@@ -131,8 +129,8 @@ class TritonBackend(Backend):
 
     def backward(self, cell, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, b_hh, w_hr,
                  batch_sizes, reverse, output, workspace, options=None):
-        """The 6 gradients of the op contract; with ``options`` (not None) 10: then the
-        gradients of ln_weight, ln_bias, ln_c_weight, ln_c_bias (None where absent)."""
+        """The 6 gradients of the op contract; with ``options`` (not None) also those of the
+        learnable option arguments, in spec.LEARNABLE order (None where absent)."""
         cell_id, G = CELL_IDS[cell], NUM_GATES[cell]
         (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace) = map(
             _c, (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace))
@@ -142,7 +140,7 @@ class TritonBackend(Backend):
         sizes, offsets = step_layout(N, B, batch_sizes)
         if N == 0:
             return no_rows_backward(grad_h_n, grad_c_n, w_hh, w_hr, given)
-        ln_grads = (None,) * 4
+        learned = {}  # gradients of the learnable option arguments, by name
 
         if self._persistent(cell, H, P if w_hr is not None else 0, features):
             bs, offs = self._steps_on(dev, sizes, offsets)
@@ -155,7 +153,7 @@ class TritonBackend(Backend):
             h_prev_all = torch.cat([h0, output])[prev]
             c_prev_all = None if c0 is None else torch.cat(
                 [c0.to(workspace.dtype), workspace[:, layout["c"]]])[prev]
-            gx, gh0, gc0, d_hh, d_a, d_out_all, dy_all = step.backward(
+            gx, gh0, gc0, d_hh, d_a, d_out_all, dy_all, d_peephole_all = step.backward(
                 cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
                 sizes, offsets, reverse, output, workspace, options, layout)
             h_rec_all = h_prev_all.to(d_hh.dtype)  # what the forward GEMM saw
@@ -167,13 +165,16 @@ class TritonBackend(Backend):
             gwr = None if w_hr is None else d_out_all.t() @ workspace[:, layout["h_pre"]]
             if "layer_norm" in features:
                 a_hat = workspace[:, layout["a_hat"]]
-                ln_grads = ((d_hh * a_hat).sum(0), gb) + ln_grads[2:]
+                learned.update(ln_weight=(d_hh * a_hat).sum(0), ln_bias=gb)
             if "layer_norm_cell" in features:
                 c_hat = workspace[:, layout["c_hat"]]
-                ln_grads = ln_grads[:2] + ((dy_all * c_hat).sum(0), dy_all.sum(0))
+                learned.update(ln_c_weight=(dy_all * c_hat).sum(0), ln_c_bias=dy_all.sum(0))
+            if "peephole" in features:
+                learned["peephole"] = d_peephole_all.sum(0)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         grads = cast(gx), cast(gh0), cast(gc0), cast(gw), cast(gb), cast(gwr)
-        return grads if given is None else grads + tuple(map(cast, ln_grads))
+        return grads if given is None else grads + tuple(cast(learned.get(name))
+                                                         for name in LEARNABLE)
 
     @staticmethod
     def _steps_on(device, sizes, offsets):

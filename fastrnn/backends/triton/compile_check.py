@@ -29,12 +29,12 @@ _INT32_POINTERS = {"bs_ptr", "off_ptr"}
 # arguments that are float32 whatever the input dtype (states, workspace, partial sums)
 _FLOAT32_POINTERS = {"hh_ptr", "h_ptr", "c_ptr", "ws_ptr", "dh_ptr", "cprev_ptr", "dc_ptr",
                      "dhh_ptr", "ddir_ptr", "dw_ptr", "db_ptr", "dwr_ptr", "hrec_ptr", "da_ptr",
-                     "dy_ptr", "p_ptr", "dp_ptr"}
+                     "dy_ptr", "p_ptr", "dp_ptr", "dpp_ptr"}
 # the option constexprs of the step kernels, all off
 _NO_OPTIONS = dict(LN=False, LN_C=False, MASK=False, ZONEOUT_H=False, ZONEOUT_C=False,
-                   CELL_CLIP=False)
+                   CELL_CLIP=False, PEEPHOLE=False)
 _NO_BACKWARD_OPTIONS = dict(LN=False, LN_C=False, ZONEOUT_H=False, ZONEOUT_C=False,
-                            CELL_CLIP=False, GRAD_CLIP=False)
+                            CELL_CLIP=False, GRAD_CLIP=False, PEEPHOLE=False)
 
 
 def _signature(fn, dtype, constexprs):
@@ -117,7 +117,8 @@ def _option_variants(cell, cid, dtype, everything):
     program), at H=512 and, with ``everything``, also H=2048; the projection
     epilogue / prologue kernels once per dtype (a cell that can project)."""
     takes = {option.name for option in CELLS[cell].options}
-    ln_c, z_c, clip = ("layer_norm_cell" in takes, "zoneout_c" in takes, "cell_clip" in takes)
+    ln_c, z_c, clip, peep = ("layer_norm_cell" in takes, "zoneout_c" in takes,
+                             "cell_clip" in takes, "peephole" in takes)
     for hidden in ([512, 2048] if everything else [512]):
         block_b, block_h, warps = step._blocks(64, hidden, whole_rows=True)
         tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
@@ -126,11 +127,12 @@ def _option_variants(cell, cid, dtype, everything):
                    f"{dtype}", step._step_forward_kernel, dtype,
                    dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, LN=True, LN_C=ln_c,
                         MASK=not proj, ZONEOUT_H=not proj, ZONEOUT_C=z_c, CELL_CLIP=clip,
-                        **tile), warps)
+                        PEEPHOLE=peep, **tile), warps)
         yield (f"step backward {cell} all options H={hidden} {dtype}",
                step._step_backward_kernel, dtype,
                dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, LN=True, LN_C=ln_c,
-                    ZONEOUT_H=True, ZONEOUT_C=z_c, CELL_CLIP=clip, GRAD_CLIP=True, **tile),
+                    ZONEOUT_H=True, ZONEOUT_C=z_c, CELL_CLIP=clip, GRAD_CLIP=True,
+                    PEEPHOLE=peep, **tile),
                warps)
     if CELLS[cell].has_projection:
         block_b, block_h, warps = step._blocks(64, 512)

@@ -25,6 +25,9 @@ without options compiles none of their code:
 - recurrent_mask: the kernel that finishes a step also writes h_t * mask, the next GEMM's
   input (``hrec``); backward multiplies the recurrent GEMM's result by the mask;
 - zoneout, cell_clip, grad_clip: blends and clamps inside the pointwise kernels;
+- peephole: its weights enter the lstm gate math (i, f see c_prev, o the new c); backward
+  writes per-row products whose column sums, after the loop, are the weights' gradient (as
+  for the layer-norm parameters);
 - with a projection, proj_clip and zoneout_h act on the projected h: a small epilogue kernel
   after the projection GEMM (forward) and prologue kernel before it (backward) do them.
 
@@ -36,9 +39,9 @@ import triton
 import triton.language as tl
 
 from ._gates import (GRU, LSTM, RNN_RELU, clamp, gru_backward, gru_forward, layer_norm_rows,
-                     layer_norm_rows_backward, lstm_backward, lstm_backward_output,
-                     lstm_forward, num_gates, rnn_backward, rnn_forward, store_tiles, tanh,
-                     zoneout)
+                     layer_norm_rows_backward, lstm_backward_options, lstm_backward_output,
+                     lstm_forward_options, num_gates, rnn_backward, rnn_forward, store_tiles,
+                     tanh, zoneout)
 
 
 # ---------------------------------------------------------------- heuristics
@@ -77,10 +80,11 @@ def _step_forward_kernel(
     hrec_ptr,  # [n, H] float32 out: h_t * recurrent_mask, the next GEMM's input (MASK)
     zh_ptr,    # [n, H] zoneout_h rows of this step (ZONEOUT_H, no projection)
     zc_ptr,    # [n, H] zoneout_c rows of this step (ZONEOUT_C)
+    pp_ptr,    # [3H] peephole weights p_i | p_f | p_o (PEEPHOLE)
     n, H, WS_STRIDE, LN_OFF, LNC_OFF, cell_clip,
     CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr,
     LN: tl.constexpr, LN_C: tl.constexpr, MASK: tl.constexpr, ZONEOUT_H: tl.constexpr,
-    ZONEOUT_C: tl.constexpr, CELL_CLIP: tl.constexpr,
+    ZONEOUT_C: tl.constexpr, CELL_CLIP: tl.constexpr, PEEPHOLE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
@@ -119,9 +123,9 @@ def _step_forward_kernel(
 
     if CELL == LSTM:
         c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
-        i, f, g, o, c = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev)
-        if CELL_CLIP:
-            c = clamp(c, cell_clip)
+        p_i, p_f, p_o = _peephole_tiles(pp_ptr, cols, H, c_prev, PEEPHOLE)
+        i, f, g, o, c = lstm_forward_options(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev, p_i,
+                                             p_f, p_o, cell_clip, PEEPHOLE, CELL_CLIP)
         y = c
         if LN_C:
             c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
@@ -174,10 +178,13 @@ def _step_backward_kernel(
     zc_ptr,     # [n, H] zoneout_c rows (ZONEOUT_C)
     da_ptr,     # [n, G*H] float32 out (LN): LNback of d_hh, the operand of both GEMMs
     dy_ptr,     # [n, H] float32 out (LN_C): grad w.r.t. y = LN(c), for ln_c's gradients
+    pp_ptr,     # [3H] peephole weights p_i | p_f | p_o (PEEPHOLE)
+    dpp_ptr,    # [n, 3H] float32 out (PEEPHOLE): d_i c_prev | d_f c_prev | d_o c, whose
+                # column sums are the peephole weights' gradient
     n, H, WS_STRIDE, LN_OFF, LNC_OFF, cell_clip, grad_clip,
     CELL: tl.constexpr, ADD_DOUT: tl.constexpr, STORE_DHH: tl.constexpr,
     LN: tl.constexpr, LN_C: tl.constexpr, ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr,
-    CELL_CLIP: tl.constexpr, GRAD_CLIP: tl.constexpr,
+    CELL_CLIP: tl.constexpr, GRAD_CLIP: tl.constexpr, PEEPHOLE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
@@ -213,9 +220,10 @@ def _step_backward_kernel(
             c_raw = f * c_prev + i * g  # the workspace holds c_t, after clip and zoneout
         else:
             c_raw = tl.load(ws + 4 * H, mask=mask, other=0.0)
-        y = c_raw
+        c = c_raw
         if CELL_CLIP:
-            y = clamp(c_raw, cell_clip)
+            c = clamp(c_raw, cell_clip)
+        y = c
         if LN_C:
             c_hat = tl.load(ws + LNC_OFF, mask=mask, other=0.0)
             rstd_c = tl.load(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, mask=rows < n, other=0.0)
@@ -226,12 +234,15 @@ def _step_backward_kernel(
             tl.store(dy_ptr + state, dy, mask=mask)
             dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat, c_hat,
                                                    c_hat, rstd_c, mask, H, 1)
-        dc = dc + dy
-        if CELL_CLIP:
-            dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
-        dai, daf, dag, dc_prev = lstm_backward(i, f, g, c_prev, dc, grad_clip, GRAD_CLIP)
+        p_i, p_f, p_o = _peephole_tiles(pp_ptr, cols, H, c_prev, PEEPHOLE)
+        dai, daf, dag, dc_prev = lstm_backward_options(
+            i, f, g, c_prev, c_raw, dc + dy, dao, p_i, p_f, p_o, cell_clip, grad_clip,
+            PEEPHOLE, CELL_CLIP, GRAD_CLIP)
         if ZONEOUT_C:
             dc_prev += dc_direct
+        if PEEPHOLE:
+            store_tiles(dpp_ptr + rows * (3 * H) + cols, H, dai * c_prev, daf * c_prev, dao * c,
+                        dao, mask, 3)
         tl.store(gx, dai.to(ty), mask=mask)
         tl.store(gx + H, daf.to(ty), mask=mask)
         tl.store(gx + 2 * H, dag.to(ty), mask=mask)
@@ -338,6 +349,17 @@ def _load_tile(ptr, cols, H):
 
 
 @triton.jit
+def _peephole_tiles(p_ptr, cols, H, like, PEEPHOLE: tl.constexpr):
+    """The peephole weight tiles p_i, p_f, p_o; without PEEPHOLE, ``like`` stands for them."""
+    p_i, p_f, p_o = like, like, like
+    if PEEPHOLE:
+        p_i = _load_tile(p_ptr, cols, H)
+        p_f = _load_tile(p_ptr + H, cols, H)
+        p_o = _load_tile(p_ptr + 2 * H, cols, H)
+    return p_i, p_f, p_o
+
+
+@triton.jit
 def _affine_tiles(t0, t1, t2, t3, w_ptr, b_ptr, cols, H, TILES: tl.constexpr):
     """t_g * w[gH + cols] + b[gH + cols] for the first TILES gates."""
     t0 = t0 * _load_tile(w_ptr, cols, H) + _load_tile(b_ptr, cols, H)
@@ -405,13 +427,13 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
     ln_w, ln_b, lnc_w, lnc_b = (opt(k) for k in ("ln_weight", "ln_bias", "ln_c_weight",
                                                   "ln_c_bias"))
     keep, z_h, z_c = opt("recurrent_mask"), opt("zoneout_h"), opt("zoneout_c")
-    cell_clip, proj_clip = opt("cell_clip"), opt("proj_clip")
+    cell_clip, proj_clip, peephole = opt("cell_clip"), opt("proj_clip"), opt("peephole")
     proj = w_hr is not None
     h_rec = None if keep is None else h * keep.to(f32)  # what the recurrent GEMM sees
     meta = dict(CELL=cell_id, HAS_BIAS=b_hh is not None, HAS_PROJ=proj, LN=ln_w is not None,
                 LN_C=lnc_w is not None, MASK=keep is not None and not proj,
                 ZONEOUT_H=z_h is not None and not proj, ZONEOUT_C=z_c is not None,
-                CELL_CLIP=cell_clip is not None)
+                CELL_CLIP=cell_clip is not None, PEEPHOLE=peephole is not None)
     whole_rows = ln_w is not None or lnc_w is not None
     epilogue = proj and (keep is not None or z_h is not None or proj_clip is not None)
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
@@ -424,6 +446,7 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
                 lnc_w if lnc_w is not None else dummy, lnc_b if lnc_b is not None else dummy,
                 _rows(keep, slice(0, n), dummy), _rows(h_rec, slice(0, n), dummy),
                 _rows(z_h, rows, dummy), _rows(z_c, rows, dummy),
+                dummy if peephole is None else peephole,
                 n, H, ws.shape[1], _offset(layout, "a_hat"), _offset(layout, "c_hat"),
                 float(cell_clip or 0.0), whole_rows=whole_rows, **meta)
         if epilogue:
@@ -443,12 +466,13 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
 def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
              sizes, offsets, reverse, output, ws, options=None, layout=None):
     """-> (grad_xproj, grad_h0 fp32, grad_c0 fp32 or None, d_hh_all, d_a_all,
-    d_out_all or None, dy_all or None).
+    d_out_all or None, dy_all or None, d_peephole_all or None).
 
     ``h_prev_all``/``c_prev_all`` [N, .]: every row's state before its step. The caller
     forms the weight gradients: d_a_all is the GEMM operand (LNback of d_hh_all with layer
     norm, else d_hh_all itself), d_out_all the gradient of the projection's output, dy_all
-    that of the normalised cell state (layer_norm_cell).
+    that of the normalised cell state (layer_norm_cell), d_peephole_all [N, 3H] the rows
+    whose column sums are the peephole weights' gradient.
     """
     G = num_gates(cell_id)
     H = w_hh.shape[0] // G
@@ -471,16 +495,19 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
     ln_w, lnc_w, lnc_b = opt("ln_weight"), opt("ln_c_weight"), opt("ln_c_bias")
     keep, z_h, z_c = opt("recurrent_mask"), opt("zoneout_h"), opt("zoneout_c")
     cell_clip, proj_clip, grad_clip = opt("cell_clip"), opt("proj_clip"), opt("grad_clip")
+    peephole = opt("peephole")
     proj = w_hr is not None
     d_a = d_hh if ln_w is None else torch.empty(N, G * H, dtype=torch.float32,
                                                 device=output.device)
     dy_all = None if lnc_w is None else torch.empty(N, H, dtype=torch.float32,
                                                     device=output.device)
+    dpp_all = None if peephole is None else torch.empty(N, 3 * H, dtype=torch.float32,
+                                                        device=output.device)
     keep32 = None if keep is None else keep.to(torch.float32)
     meta = dict(CELL=cell_id, ADD_DOUT=not proj, STORE_DHH=store_dhh, LN=ln_w is not None,
                 LN_C=lnc_w is not None, ZONEOUT_H=z_h is not None and not proj,
                 ZONEOUT_C=z_c is not None, CELL_CLIP=cell_clip is not None,
-                GRAD_CLIP=grad_clip is not None)
+                GRAD_CLIP=grad_clip is not None, PEEPHOLE=peephole is not None)
     whole_rows = ln_w is not None or lnc_w is not None
     prologue = proj and (z_h is not None or proj_clip is not None)
     # dh[:n] holds a direct part of grad h_prev after the kernels: gru's z * dh, zoneout's
@@ -509,6 +536,7 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
                 lnc_w if lnc_w is not None else dummy, lnc_b if lnc_b is not None else dummy,
                 _rows(z_h, rows, dummy), _rows(z_c, rows, dummy),
                 d_a[rows], _rows(dy_all, rows, dummy),
+                dummy if peephole is None else peephole, _rows(dpp_all, rows, dummy),
                 n, H, ws.shape[1], _offset(layout, "a_hat"), _offset(layout, "c_hat"),
                 float(cell_clip or 0.0), float(grad_clip or 0.0),
                 whole_rows=whole_rows, **meta)
@@ -522,4 +550,4 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
             dh[:n] += recurrent  # the kernels stored the direct part
         else:
             dh[:n] = recurrent
-    return grad_xproj, dh, dc, d_hh, d_a, d_out_all, dy_all
+    return grad_xproj, dh, dc, d_hh, d_a, d_out_all, dy_all, dpp_all

@@ -1,0 +1,204 @@
+// One layer and direction of an RNN with reduced-precision weights (quantized.h), for CPU
+// inference: fastrnn/quantized.py's modules call quantized_layer, whose input projection
+// (every frame of the chunk at once) and recurrent product of each step read int8 (with
+// per-row scales) or bfloat16 weights; the native backend's bfloat16 inference calls run
+// quantized_recurrence on their own input projection. The gate math is cells.h's, in
+// float32. No gradient: inference only.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "cells.h"
+#include "quantized.h"
+
+namespace fastrnn {
+namespace {
+
+using at::Tensor;
+
+int num_gates(Cell cell) { return cell == Cell::LSTM ? 4 : cell == Cell::GRU ? 3 : 1; }
+
+Cell cell_named(const std::string& name) {
+  if (name == "lstm") return Cell::LSTM;
+  if (name == "gru") return Cell::GRU;
+  if (name == "rnn_tanh") return Cell::RNN_TANH;
+  if (name == "rnn_relu") return Cell::RNN_RELU;
+  TORCH_CHECK(false, "fastrnn quantized: unknown cell ", name,
+              " (lstm, gru, rnn_tanh or rnn_relu)");
+}
+
+// A weight [N, K] (int8 with a float32 scale per row, or bfloat16 without scales) and an
+// optional float32 bias [N].
+void check_weight(const char* name, const Tensor& w, const c10::optional<Tensor>& scale,
+                  const c10::optional<Tensor>& bias, int64_t N, int64_t K) {
+  TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(0) == N && w.size(1) == K &&
+                  w.is_contiguous(),
+              "fastrnn quantized: ", name, " must be a contiguous CPU tensor [", N, ", ", K,
+              "], got ", w.sizes(), " on ", w.device());
+  if (w.scalar_type() == at::kChar) {
+    TORCH_CHECK(scale.has_value() && scale->scalar_type() == at::kFloat &&
+                    scale->device().is_cpu() && scale->dim() == 1 && scale->size(0) == N &&
+                    scale->is_contiguous(),
+                "fastrnn quantized: an int8 ", name, " needs float32 scales [", N, "]");
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16 && !scale.has_value(),
+                "fastrnn quantized: ", name, " must be int8 (with scales) or bfloat16 "
+                "(without), got ", w.scalar_type(), scale.has_value() ? " with scales" : "");
+  }
+  TORCH_CHECK(!bias.has_value() ||
+                  (bias->scalar_type() == at::kFloat && bias->device().is_cpu() &&
+                   bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous()),
+              "fastrnn quantized: the bias of ", name, " must be a float32 CPU tensor [", N,
+              "]");
+}
+
+// out [rows, N] = a [rows, K] @ w.T (scaled) + bias.
+void linear(Tensor& out, const Tensor& a, const Tensor& w, const c10::optional<Tensor>& scale,
+            const c10::optional<Tensor>& bias) {
+  const float* s = scale.has_value() ? scale->data_ptr<float>() : nullptr;
+  const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  const int64_t N = w.size(0), K = w.size(1);
+  if (w.scalar_type() == at::kChar) {
+    quantized::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
+                      w.data_ptr<int8_t>(), s, b, N, K);
+  } else {
+    quantized::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
+                      w.data_ptr<at::BFloat16>(), s, b, N, K);
+  }
+}
+
+// The pointwise pass of one step for row b: gates from the two projections, the new state.
+template <Cell kCell>
+void step_row(const float* xp, const float* hp, float* h, float* c, float* out, int64_t H) {
+#pragma GCC ivdep
+  for (int64_t j = 0; j < H; ++j) {
+    if constexpr (kCell == Cell::LSTM) {
+      const LSTMGates<float> g = lstm_forward(xp[j] + hp[j], xp[H + j] + hp[H + j],
+                                              xp[2 * H + j] + hp[2 * H + j],
+                                              xp[3 * H + j] + hp[3 * H + j], c[j]);
+      c[j] = g.c;
+      h[j] = g.o * tanh_(g.c);
+    } else if constexpr (kCell == Cell::GRU) {
+      h[j] = gru_forward(xp[j], xp[H + j], xp[2 * H + j], hp[j], hp[H + j], hp[2 * H + j],
+                         h[j]).h;
+    } else {
+      h[j] = rnn_forward(kCell, xp[j] + hp[j]);
+    }
+    out[j] = h[j];
+  }
+}
+
+void check_state(const Tensor& h0, const c10::optional<Tensor>& c0, Cell cell) {
+  TORCH_CHECK(h0.device().is_cpu() && h0.scalar_type() == at::kFloat && h0.dim() == 2,
+              "fastrnn quantized: h0 must be a float32 CPU tensor [batch, hidden], got ",
+              h0.scalar_type(), " ", h0.sizes());
+  TORCH_CHECK(c0.has_value() == (cell == Cell::LSTM),
+              "fastrnn quantized: c0 must be given for lstm and only for lstm");
+  if (c0.has_value()) {
+    TORCH_CHECK(c0->device().is_cpu() && c0->scalar_type() == at::kFloat &&
+                    c0->sizes() == h0.sizes(),
+                "fastrnn quantized: c0 must be a float32 CPU tensor like h0 ", h0.sizes(),
+                ", got ", c0->scalar_type(), " ", c0->sizes());
+  }
+}
+
+// The time loop on the input projection xproj [T * B, G] (time-major rows, float32): per
+// step the recurrent product of the state with w_hh, then the gate math per row. Returns
+// (output [T * B, H], h_n [B, H], c_n [B, H] or [0]).
+std::tuple<Tensor, Tensor, Tensor> recurrence(Cell cell, const Tensor& xproj, const Tensor& h0,
+                                              const c10::optional<Tensor>& c0,
+                                              const Tensor& w_hh,
+                                              const c10::optional<Tensor>& s_hh,
+                                              const c10::optional<Tensor>& b_hh, bool reverse) {
+  const int64_t B = h0.size(0), H = h0.size(1), G = num_gates(cell) * H;
+  const int64_t T = B > 0 ? xproj.size(0) / B : 0;
+  Tensor output = at::empty({xproj.size(0), H}, h0.options());
+  Tensor h = h0.contiguous().clone();
+  Tensor c = c0.has_value() ? c0->contiguous().clone() : at::empty({0}, h0.options());
+  if (T == 0) return {output, h, c};
+  Tensor hproj = at::empty({B, G}, h0.options());
+  const float* xp = xproj.data_ptr<float>();
+  const float* hp = hproj.data_ptr<float>();
+  float* hs = h.data_ptr<float>();
+  float* cs = c0.has_value() ? c.data_ptr<float>() : nullptr;
+  float* out = output.data_ptr<float>();
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    if (G > 0) linear(hproj, h, w_hh, s_hh, b_hh);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xr = xp + (t * B + b) * G;
+      const float* hr = hp + b * G;
+      float* o = out + (t * B + b) * H;
+      switch (cell) {
+        case Cell::LSTM: step_row<Cell::LSTM>(xr, hr, hs + b * H, cs + b * H, o, H); break;
+        case Cell::GRU: step_row<Cell::GRU>(xr, hr, hs + b * H, nullptr, o, H); break;
+        case Cell::RNN_TANH: step_row<Cell::RNN_TANH>(xr, hr, hs + b * H, nullptr, o, H); break;
+        case Cell::RNN_RELU: step_row<Cell::RNN_RELU>(xr, hr, hs + b * H, nullptr, o, H); break;
+      }
+    }
+  }
+  return {output, h, c};
+}
+
+// x [T, B, I] float32 -> (output [T, B, H], h_n [B, H], c_n [B, H] or [0]). reverse runs the
+// frames last to first (the backward direction of a bidirectional layer).
+std::tuple<Tensor, Tensor, Tensor> quantized_layer(
+    const std::string& cell_name, const Tensor& x, const Tensor& h0,
+    const c10::optional<Tensor>& c0, const Tensor& w_ih, const c10::optional<Tensor>& s_ih,
+    const Tensor& w_hh, const c10::optional<Tensor>& s_hh, const c10::optional<Tensor>& b_ih,
+    const c10::optional<Tensor>& b_hh, bool reverse) {
+  const Cell cell = cell_named(cell_name);
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
+              "fastrnn quantized: the input must be a float32 CPU tensor [T, batch, input], "
+              "got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
+  check_state(h0, c0, cell);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1);
+  const int64_t G = num_gates(cell) * H;
+  TORCH_CHECK(h0.size(0) == B, "fastrnn quantized: h0 must have ", B, " rows, got ",
+              h0.sizes());
+  check_weight("w_ih", w_ih, s_ih, b_ih, G, I);
+  check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
+  Tensor xproj = at::empty({T * B, G}, x.options());
+  if (T * B > 0 && G > 0) linear(xproj, x.contiguous().view({T * B, I}), w_ih, s_ih, b_ih);
+  auto [output, h_n, c_n] = recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse);
+  return {output.view({T, B, H}), h_n, c_n};
+}
+
+// The recurrence alone, on a given input projection xproj [T * batch, gates] (float32):
+// the native backend's bfloat16 inference calls (fastrnn/backends/native.py).
+std::tuple<Tensor, Tensor, Tensor> quantized_recurrence(
+    const std::string& cell_name, const Tensor& xproj, const Tensor& h0,
+    const c10::optional<Tensor>& c0, const Tensor& w_hh, const c10::optional<Tensor>& s_hh,
+    const c10::optional<Tensor>& b_hh, bool reverse) {
+  const Cell cell = cell_named(cell_name);
+  check_state(h0, c0, cell);
+  const int64_t B = h0.size(0), H = h0.size(1), G = num_gates(cell) * H;
+  TORCH_CHECK(xproj.device().is_cpu() && xproj.scalar_type() == at::kFloat &&
+                  xproj.dim() == 2 && xproj.size(1) == G && xproj.is_contiguous() &&
+                  (B > 0 ? xproj.size(0) % B == 0 : xproj.size(0) == 0),
+              "fastrnn quantized: xproj must be a contiguous float32 CPU tensor [steps * ", B,
+              ", ", G, "], got ", xproj.scalar_type(), " ", xproj.sizes());
+  check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
+  return recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastrnn, m) {
+  m.def(
+      "quantized_layer(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor? s_ih, "
+      "Tensor w_hh, Tensor? s_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "quantized_recurrence(str cell, Tensor xproj, Tensor h0, Tensor? c0, Tensor w_hh, "
+      "Tensor? s_hh, Tensor? b_hh, bool reverse) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
+  m.impl("quantized_layer", &quantized_layer);
+  m.impl("quantized_recurrence", &quantized_recurrence);
+}
+
+}  // namespace fastrnn

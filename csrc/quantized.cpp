@@ -76,10 +76,9 @@ void step_row(const float* xp, const float* hp, float* h, float* c, float* out, 
   for (int64_t j = 0; j < H; ++j) {
     if constexpr (kCell == Cell::LSTM) {
       const LSTMGates<float> g = lstm_forward(xp[j] + hp[j], xp[H + j] + hp[H + j],
-                                              xp[2 * H + j] + hp[2 * H + j],
-                                              xp[3 * H + j] + hp[3 * H + j], c[j]);
+                                              xp[2 * H + j] + hp[2 * H + j], c[j]);
       c[j] = g.c;
-      h[j] = g.o * tanh_(g.c);
+      h[j] = sigmoid_(xp[3 * H + j] + hp[3 * H + j]) * tanh_(g.c);
     } else if constexpr (kCell == Cell::GRU) {
       h[j] = gru_forward(xp[j], xp[H + j], xp[2 * H + j], hp[j], hp[H + j], hp[2 * H + j],
                          h[j]).h;

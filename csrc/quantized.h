@@ -320,9 +320,12 @@ FASTRNN_VNNI inline void dot_block(const int8_t* const* plane, int64_t ld, const
   }
   for (int p = 0; p < kPlanes; ++p) {
     for (int b = 0; b < kBatch; ++b) {
-      if constexpr (kRows == 4) {
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(sums[p][b]),
-                         sum4(acc[p][b][0], acc[p][b][1], acc[p][b][2], acc[p][b][3]));
+      if constexpr (kRows % 4 == 0) {
+        for (int r = 0; r < kRows; r += 4) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(sums[p][b] + r),
+                           sum4(acc[p][b][r], acc[p][b][r + 1], acc[p][b][r + 2],
+                                acc[p][b][r + 3]));
+        }
       } else {
         for (int r = 0; r < kRows; ++r) sums[p][b][r] = _mm512_reduce_add_epi32(acc[p][b][r]);
       }
@@ -345,19 +348,23 @@ FASTRNN_VNNI void rows_out(const Activations& q, int64_t b, const int8_t* w, int
   for (int p = 0; p < kPlanes; ++p) plane[p] = q.plane[p].data() + b * q.ld;
   dot_block<kPlanes, kRows, kBatch>(plane, q.ld, w + n * K, K, K, sums);
   for (int i = 0; i < kBatch; ++i) {
-    if constexpr (kRows == 4) {   // the loop below, 4 rows at once
-      __m256d dot = _mm256_setzero_pd();
-      for (int p = 0; p < kPlanes; ++p) {
-        const __m128i exact = _mm_sub_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(sums[p][i])),
-            _mm_set1_epi32(static_cast<int32_t>(128u * static_cast<uint32_t>(q.sum[p][b + i]))));
-        dot = _mm256_add_pd(_mm256_mul_pd(dot, _mm256_set1_pd(256.)), _mm256_cvtepi32_pd(exact));
+    if constexpr (kRows % 4 == 0) {   // the loop below, 4 rows at once
+      for (int r = 0; r < kRows; r += 4) {
+        __m256d dot = _mm256_setzero_pd();
+        for (int p = 0; p < kPlanes; ++p) {
+          const __m128i exact = _mm_sub_epi32(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(sums[p][i] + r)),
+              _mm_set1_epi32(
+                  static_cast<int32_t>(128u * static_cast<uint32_t>(q.sum[p][b + i]))));
+          dot = _mm256_add_pd(_mm256_mul_pd(dot, _mm256_set1_pd(256.)),
+                              _mm256_cvtepi32_pd(exact));
+        }
+        const __m256d factor = _mm256_mul_pd(_mm256_set1_pd(q.scale[b + i]),
+                                             _mm256_cvtps_pd(_mm_loadu_ps(scale + n + r)));
+        __m128 result = _mm256_cvtpd_ps(_mm256_mul_pd(dot, factor));
+        if (bias != nullptr) result = _mm_add_ps(result, _mm_loadu_ps(bias + n + r));
+        _mm_storeu_ps(out + (b + i) * N + n + r, result);
       }
-      const __m256d factor = _mm256_mul_pd(_mm256_set1_pd(q.scale[b + i]),
-                                           _mm256_cvtps_pd(_mm_loadu_ps(scale + n)));
-      __m128 result = _mm256_cvtpd_ps(_mm256_mul_pd(dot, factor));
-      if (bias != nullptr) result = _mm_add_ps(result, _mm_loadu_ps(bias + n));
-      _mm_storeu_ps(out + (b + i) * N + n, result);
       continue;
     }
     for (int r = 0; r < kRows; ++r) {
@@ -396,6 +403,20 @@ template <int kPlanes>
 void linear_planes(float* out, const Activations& q, int64_t rows, const int8_t* w,
                    const float* scale, const float* bias, int64_t N, int64_t K) {
   constexpr int group = kGroup<kPlanes>;
+  if (rows == 1) {   // a step at batch 1: 8 weight rows at a time, 8 independent sums
+    at::parallel_for(0, (N + 7) / 8, gemv::grain(8 * K), [&](int64_t o0, int64_t o1) {
+      for (int64_t n = o0 * 8; n < std::min(N, o1 * 8); n += 8) {
+        if (n + 8 <= N) {
+          rows_out<kPlanes, 8, 1>(q, 0, w, n, scale, bias, N, K, out);
+        } else {
+          for (int64_t r = n; r < N; ++r) {
+            rows_out<kPlanes, 1, 1>(q, 0, w, r, scale, bias, N, K, out);
+          }
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, (N + 3) / 4, gemv::grain(4 * K), [&](int64_t q0, int64_t q1) {
     for (int64_t b0 = 0; b0 < rows; b0 += kBlockRows) {
       const int64_t b1 = std::min(rows, b0 + kBlockRows);

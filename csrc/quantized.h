@@ -1,11 +1,13 @@
 // Products with reduced-precision weights for CPU inference (fastrnn/quantized.py): the
 // weight is int8 with one float32 scale per row (symmetric, w ~= scale[n] * q[n, :]) or
-// bfloat16; activations and sums stay float32. A streaming step is bound by reading the
-// weight, so a quarter (int8) or half (bfloat16) of the float32 bytes is that much less time.
+// bfloat16; activations and sums stay float32, except for int8 weights on a CPU with
+// AVX-512 VNNI, where the activations are quantized too and the sums are integer (vnni,
+// below). A streaming step is bound by reading the weight, so a quarter (int8) or half
+// (bfloat16) of the float32 bytes is that much less time.
 //
 // Each output element sums in an order fixed by K alone (16 lanes over k, the tail, then a
-// pairwise reduction), whatever the number of rows or the thread split: a frame gives the
-// same bits alone or inside a longer chunk.
+// pairwise reduction; vnni's integer sums are exact), whatever the number of rows or the
+// thread split: a frame gives the same bits alone or inside a longer chunk.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -135,45 +137,54 @@ inline void dot_rows(int64_t rows, const float* a, int64_t lda, const W* w, int6
   dot_block<kRows, kBatch>(a, lda, w, ldw, K, result);
 }
 
-// out[b, n] = scale[n] * sum_k a[b, k] * w[n, k] + bias[n], for `rows` rows of a ([rows, K])
-// and w [N, K] row-major; scale and bias may be null (1 and 0). Four weight rows at a time,
-// up to kGroup rows of a at a time.
-template <typename W>
-void linear(float* out, const float* a, int64_t rows, const W* w, const float* scale,
-            const float* bias, int64_t N, int64_t K) {
+// Calls tile(b, size, n, count) for every tile of `size` (up to `group`) rows of a from b
+// and `count` (up to 4) weight rows from n: the weight rows split over the threads, the rows
+// of a in blocks of block_rows per pass over the weights.
+template <typename Tile>
+void for_each_tile(int64_t rows, int64_t N, int64_t K, int64_t block_rows, int64_t group,
+                   const Tile& tile) {
   at::parallel_for(0, (N + 3) / 4, gemv::grain(4 * K), [&](int64_t q0, int64_t q1) {
-    for (int64_t b0 = 0; b0 < rows; b0 += kBlockRows) {
-      const int64_t b1 = std::min(rows, b0 + kBlockRows);
+    for (int64_t b0 = 0; b0 < rows; b0 += block_rows) {
+      const int64_t b1 = std::min(rows, b0 + block_rows);
       for (int64_t n = q0 * 4; n < std::min(N, q1 * 4); n += 4) {
-        const int64_t count = std::min<int64_t>(4, N - n);
-        for (int64_t b = b0; b < b1; b += kGroup) {
-          const int64_t group = std::min<int64_t>(kGroup, b1 - b);
-          float result[4 * kGroup];
-          const float* ab = a + b * K;
-          const W* wn = w + n * K;
-          if (count == 4) {
-            dot_rows<4>(group, ab, K, wn, K, K, result);
-          } else {
-            for (int64_t r = 0; r < count; ++r) {
-              float one[kGroup];
-              dot_rows<1>(group, ab, K, wn + r * K, K, K, one);
-              for (int64_t i = 0; i < group; ++i) result[i * count + r] = one[i];
-            }
-          }
-          for (int64_t i = 0; i < group; ++i) {
-            float* o = out + (b + i) * N + n;
-            for (int64_t r = 0; r < count; ++r) {
-              const float sum = result[i * count + r];
-              o[r] = (scale != nullptr ? sum * scale[n + r] : sum) +
-                     (bias != nullptr ? bias[n + r] : 0.f);
-            }
-          }
+        for (int64_t b = b0; b < b1; b += group) {
+          tile(b, std::min(group, b1 - b), n, std::min<int64_t>(4, N - n));
         }
       }
     }
   });
 }
 
+// out[b, n] = scale[n] * sum_k a[b, k] * w[n, k] + bias[n], for `rows` rows of a ([rows, K])
+// and w [N, K] row-major; scale and bias may be null (1 and 0). Four weight rows at a time,
+// up to kGroup rows of a at a time.
+template <typename W>
+void linear(float* out, const float* a, int64_t rows, const W* w, const float* scale,
+            const float* bias, int64_t N, int64_t K) {
+  for_each_tile(rows, N, K, kBlockRows, kGroup, [&](int64_t b, int64_t group, int64_t n,
+                                                    int64_t count) {
+    float result[4 * kGroup];
+    const float* ab = a + b * K;
+    const W* wn = w + n * K;
+    if (count == 4) {
+      dot_rows<4>(group, ab, K, wn, K, K, result);
+    } else {
+      for (int64_t r = 0; r < count; ++r) {
+        float one[kGroup];
+        dot_rows<1>(group, ab, K, wn + r * K, K, K, one);
+        for (int64_t i = 0; i < group; ++i) result[i * count + r] = one[i];
+      }
+    }
+    for (int64_t i = 0; i < group; ++i) {
+      float* o = out + (b + i) * N + n;
+      for (int64_t r = 0; r < count; ++r) {
+        const float sum = result[i * count + r];
+        o[r] = (scale != nullptr ? sum * scale[n + r] : sum) +
+               (bias != nullptr ? bias[n + r] : 0.f);
+      }
+    }
+  });
+}
 
 // ---- int8 weights with integer dot products (AVX-512 VNNI) ---------------------------------
 //
@@ -417,21 +428,13 @@ void linear_planes(float* out, const Activations& q, int64_t rows, const int8_t*
     });
     return;
   }
-  at::parallel_for(0, (N + 3) / 4, gemv::grain(4 * K), [&](int64_t q0, int64_t q1) {
-    for (int64_t b0 = 0; b0 < rows; b0 += kBlockRows) {
-      const int64_t b1 = std::min(rows, b0 + kBlockRows);
-      for (int64_t n = q0 * 4; n < std::min(N, q1 * 4); n += 4) {
-        const int64_t count = std::min<int64_t>(4, N - n);
-        for (int64_t b = b0; b < b1; b += group) {
-          const int64_t size = std::min<int64_t>(group, b1 - b);
-          if (count == 4) {
-            group_out<kPlanes, 4>(size, q, b, w, n, scale, bias, N, K, out);
-          } else {
-            for (int64_t r = n; r < n + count; ++r) {
-              group_out<kPlanes, 1>(size, q, b, w, r, scale, bias, N, K, out);
-            }
-          }
-        }
+  for_each_tile(rows, N, K, kBlockRows, group, [&](int64_t b, int64_t size, int64_t n,
+                                                  int64_t count) {
+    if (count == 4) {
+      group_out<kPlanes, 4>(size, q, b, w, n, scale, bias, N, K, out);
+    } else {
+      for (int64_t r = n; r < n + count; ++r) {
+        group_out<kPlanes, 1>(size, q, b, w, r, scale, bias, N, K, out);
       }
     }
   });

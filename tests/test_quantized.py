@@ -225,6 +225,25 @@ def test_chunks_give_the_bits_of_one_sequence(cell, dtype, bits, batch, int8_pat
 
 
 @pytest.mark.parametrize("bits", [8, 16])
+def test_threads_give_the_same_bits(bits, int8_path):
+    """The weight rows are split over threads (hidden 256: several tasks per product); each
+    output element is computed whole by one of them, so the thread count changes no bit."""
+    quantized = fastrnn.quantize_weights(_model("lstm", 64, 256), activation_bits=bits)
+    x = torch.randn(16, 2, 64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                results.append(_flat(quantized(x)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
 def test_error_against_float32_is_below_torch_dynamic_int8(bits, int8_path):
     """Per-row scales (weights, and activations with VNNI) are finer than torch's per-tensor
     ones: a smaller error against the float32 model on the same inputs."""

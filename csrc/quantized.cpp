@@ -54,13 +54,20 @@ void check_weight(const char* name, const Tensor& w, const c10::optional<Tensor>
               "]");
 }
 
-// out [rows, N] = a [rows, K] @ w.T (scaled) + bias.
+// out [rows, N] = a [rows, K] @ w.T (scaled) + bias. With int8 weights on a CPU with VNNI
+// the rows of a are quantized to activation_bits (8 or 16) first (quantized.h's vnni).
 void linear(Tensor& out, const Tensor& a, const Tensor& w, const c10::optional<Tensor>& scale,
-            const c10::optional<Tensor>& bias) {
+            const c10::optional<Tensor>& bias, int64_t activation_bits) {
   const float* s = scale.has_value() ? scale->data_ptr<float>() : nullptr;
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const int64_t N = w.size(0), K = w.size(1);
   if (w.scalar_type() == at::kChar) {
+    if (quantized::vnni::enabled() &&
+        quantized::vnni::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
+                                w.data_ptr<int8_t>(), s, b, N, K,
+                                activation_bits == 16 ? 2 : 1)) {
+      return;
+    }
     quantized::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
                       w.data_ptr<int8_t>(), s, b, N, K);
   } else {
@@ -89,6 +96,11 @@ void step_row(const float* xp, const float* hp, float* h, float* c, float* out, 
   }
 }
 
+void check_activation_bits(int64_t bits) {
+  TORCH_CHECK(bits == 8 || bits == 16, "fastrnn quantized: activation_bits must be 8 or 16, "
+              "got ", bits);
+}
+
 void check_state(const Tensor& h0, const c10::optional<Tensor>& c0, Cell cell) {
   TORCH_CHECK(h0.device().is_cpu() && h0.scalar_type() == at::kFloat && h0.dim() == 2,
               "fastrnn quantized: h0 must be a float32 CPU tensor [batch, hidden], got ",
@@ -110,7 +122,8 @@ std::tuple<Tensor, Tensor, Tensor> recurrence(Cell cell, const Tensor& xproj, co
                                               const c10::optional<Tensor>& c0,
                                               const Tensor& w_hh,
                                               const c10::optional<Tensor>& s_hh,
-                                              const c10::optional<Tensor>& b_hh, bool reverse) {
+                                              const c10::optional<Tensor>& b_hh, bool reverse,
+                                              int64_t activation_bits) {
   const int64_t B = h0.size(0), H = h0.size(1), G = num_gates(cell) * H;
   const int64_t T = B > 0 ? xproj.size(0) / B : 0;
   Tensor output = at::empty({xproj.size(0), H}, h0.options());
@@ -125,7 +138,7 @@ std::tuple<Tensor, Tensor, Tensor> recurrence(Cell cell, const Tensor& xproj, co
   float* out = output.data_ptr<float>();
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
-    if (G > 0) linear(hproj, h, w_hh, s_hh, b_hh);
+    if (G > 0) linear(hproj, h, w_hh, s_hh, b_hh, activation_bits);
     for (int64_t b = 0; b < B; ++b) {
       const float* xr = xp + (t * B + b) * G;
       const float* hr = hp + b * G;
@@ -147,8 +160,9 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer(
     const std::string& cell_name, const Tensor& x, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_ih, const c10::optional<Tensor>& s_ih,
     const Tensor& w_hh, const c10::optional<Tensor>& s_hh, const c10::optional<Tensor>& b_ih,
-    const c10::optional<Tensor>& b_hh, bool reverse) {
+    const c10::optional<Tensor>& b_hh, bool reverse, int64_t activation_bits) {
   const Cell cell = cell_named(cell_name);
+  check_activation_bits(activation_bits);
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3,
               "fastrnn quantized: the input must be a float32 CPU tensor [T, batch, input], "
               "got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
@@ -160,8 +174,11 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer(
   check_weight("w_ih", w_ih, s_ih, b_ih, G, I);
   check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
   Tensor xproj = at::empty({T * B, G}, x.options());
-  if (T * B > 0 && G > 0) linear(xproj, x.contiguous().view({T * B, I}), w_ih, s_ih, b_ih);
-  auto [output, h_n, c_n] = recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse);
+  if (T * B > 0 && G > 0) {
+    linear(xproj, x.contiguous().view({T * B, I}), w_ih, s_ih, b_ih, activation_bits);
+  }
+  auto [output, h_n, c_n] = recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse,
+                                       activation_bits);
   return {output.view({T, B, H}), h_n, c_n};
 }
 
@@ -170,8 +187,9 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer(
 std::tuple<Tensor, Tensor, Tensor> quantized_recurrence(
     const std::string& cell_name, const Tensor& xproj, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_hh, const c10::optional<Tensor>& s_hh,
-    const c10::optional<Tensor>& b_hh, bool reverse) {
+    const c10::optional<Tensor>& b_hh, bool reverse, int64_t activation_bits) {
   const Cell cell = cell_named(cell_name);
+  check_activation_bits(activation_bits);
   check_state(h0, c0, cell);
   const int64_t B = h0.size(0), H = h0.size(1), G = num_gates(cell) * H;
   TORCH_CHECK(xproj.device().is_cpu() && xproj.scalar_type() == at::kFloat &&
@@ -180,19 +198,26 @@ std::tuple<Tensor, Tensor, Tensor> quantized_recurrence(
               "fastrnn quantized: xproj must be a contiguous float32 CPU tensor [steps * ", B,
               ", ", G, "], got ", xproj.scalar_type(), " ", xproj.sizes());
   check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
-  return recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse);
+  return recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse, activation_bits);
 }
+
+// Whether int8 products run on integer dot products (quantized.h's vnni), with the
+// activations quantized to activation_bits: the tests' truth reproduces that.
+bool quantized_int8_vnni() { return quantized::vnni::enabled(); }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(fastrnn, m) {
+  m.def("quantized_int8_vnni() -> bool", &quantized_int8_vnni);   // no tensor: catch-all
   m.def(
       "quantized_layer(str cell, Tensor x, Tensor h0, Tensor? c0, Tensor w_ih, Tensor? s_ih, "
-      "Tensor w_hh, Tensor? s_hh, Tensor? b_ih, Tensor? b_hh, bool reverse) "
+      "Tensor w_hh, Tensor? s_hh, Tensor? b_ih, Tensor? b_hh, bool reverse, "
+      "int activation_bits=8) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "quantized_recurrence(str cell, Tensor xproj, Tensor h0, Tensor? c0, Tensor w_hh, "
-      "Tensor? s_hh, Tensor? b_hh, bool reverse) -> (Tensor, Tensor, Tensor)");
+      "Tensor? s_hh, Tensor? b_hh, bool reverse, int activation_bits=8) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {

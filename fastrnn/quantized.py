@@ -2,6 +2,7 @@
 
     qmodel = fastrnn.quantize_weights(model)                       # int8 weights
     qmodel = fastrnn.quantize_weights(model, dtype=torch.bfloat16)  # bfloat16 weights
+    qmodel = fastrnn.quantize_weights(model, activation_bits=16)    # finer int8 products
 
 replaces every LSTM / GRU / RNN layer of ``model`` (fastrnn's or torch.nn's) with an
 inference-only twin holding its weights in the smaller dtype; the model itself is left as it
@@ -11,8 +12,14 @@ bfloat16 half.
 
 - int8: symmetric, one scale per output row (per gate unit), ``w ~= scale[n] * q[n, :]``
   with ``scale[n] = max|w[n, :]| / 127``;
-- activations, sums and gate math stay float32 (the weights are widened to float32 in the
-  kernel), biases stay float32;
+- int8 products on a CPU with AVX-512 VNNI (recent Intel Xeons, AMD Zen 4) run on integer
+  dot products: each row of activations (one frame of one stream) is quantized with its own
+  scale to ``activation_bits`` (8, the default, as torch's dynamic quantization; or 16, twice
+  the integer products for an activation error 256x smaller), the integer sums are exact and
+  scaled back to float32 (:func:`quantize_activations` is the kernel's rounding). Elsewhere,
+  and for bfloat16 weights, the weights are widened to float32 and the activations stay
+  float32;
+- gate math, states and biases stay float32;
 - the input projection of the chunk and the recurrent product of every step both read the
   reduced weights (csrc/quantized.h), so a chunk gives the same bits as its frames run one
   call at a time.
@@ -52,6 +59,27 @@ def quantize_rows(weight: Tensor):
     return q, scale
 
 
+def quantize_activations(a: Tensor, bits: int = 8):
+    """The int8 kernels' quantization of activations on a CPU with VNNI (:func:`int8_vnni`):
+    (q, scale) for each row of a float32 ``a`` (last dimension), ``a ~= scale[..., None] * q``
+    with ``scale = max|a| / 127`` (8 bits) or ``/ 32511`` (16 bits) in float32 and ``q`` the
+    quotient rounded to nearest even (an all-zero row: scale 0, q 0). q is returned in
+    float32 (exact)."""
+    limit = {8: 127, 16: 32511}[bits]
+    scale = a.abs().amax(dim=-1, keepdim=True) / limit
+    q = (a / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(-limit, limit).round()
+    return q, scale.squeeze(-1)
+
+
+def int8_vnni() -> bool:
+    """Whether this CPU runs int8 products on integer dot products (AVX-512 VNNI), the
+    activations quantized as :func:`quantize_activations`; False on other CPUs and with
+    ``FASTRNN_QUANTIZED_VNNI=0`` in the environment, which forces the float32 kernel."""
+    from .backends.native import BACKEND
+    BACKEND._require()
+    return torch.ops.fastrnn.quantized_int8_vnni()
+
+
 def dequantize_rows(q: Tensor, scale: Optional[Tensor]) -> Tensor:
     """The float32 weight the kernels compute with: ``scale[:, None] * q``, or the bfloat16
     weight widened (``scale`` None)."""
@@ -61,23 +89,27 @@ def dequantize_rows(q: Tensor, scale: Optional[Tensor]) -> Tensor:
 class QuantizedRNNBase(nn.Module):
     """An inference-only LSTM / GRU / RNN with int8 (per-row scales) or bfloat16 weights.
     Made by :func:`quantize_weights` (or ``from_float``); constructed directly, it holds zero
-    weights to ``load_state_dict`` into."""
+    weights to ``load_state_dict`` into. ``activation_bits`` (8 or 16): the activations'
+    precision in int8 products on a CPU with VNNI (module docstring)."""
 
     def __init__(self, mode: str, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, bidirectional: bool = False,
-                 weight_dtype: torch.dtype = torch.int8):
+                 weight_dtype: torch.dtype = torch.int8, activation_bits: int = 8):
         super().__init__()
         if mode not in CELLS:
             raise ValueError(f"Unknown mode {mode!r}; expected one of {', '.join(CELLS)}")
         if weight_dtype not in WEIGHT_DTYPES:
             raise ValueError(f"weight_dtype must be torch.int8 or torch.bfloat16, "
                              f"got {weight_dtype}")
+        if activation_bits not in (8, 16):
+            raise ValueError(f"activation_bits must be 8 or 16, got {activation_bits!r}")
         if num_layers < 1 or hidden_size < 0 or input_size < 0:
             raise ValueError(f"num_layers must be >= 1 and the sizes >= 0, got num_layers="
                              f"{num_layers}, input_size={input_size}, hidden_size={hidden_size}")
         self.mode, self.input_size, self.hidden_size = mode, input_size, hidden_size
         self.num_layers, self.bias, self.batch_first = num_layers, bias, batch_first
         self.bidirectional, self.weight_dtype = bidirectional, weight_dtype
+        self.activation_bits = activation_bits
         gates = {"LSTM": 4, "GRU": 3}.get(mode, 1) * hidden_size
         for layer in range(num_layers):
             for suffix in self._suffixes():
@@ -96,7 +128,8 @@ class QuantizedRNNBase(nn.Module):
         return ("", "_reverse") if self.bidirectional else ("",)
 
     @classmethod
-    def from_float(cls, module: nn.Module, weight_dtype: torch.dtype = torch.int8):
+    def from_float(cls, module: nn.Module, weight_dtype: torch.dtype = torch.int8,
+                   activation_bits: int = 8):
         """The quantized twin of a float ``module`` (a torch.nn or fastrnn LSTM/GRU/RNN)."""
         name = type(module).__name__
         if getattr(module, "proj_size", 0):
@@ -112,7 +145,7 @@ class QuantizedRNNBase(nn.Module):
                              f"{name}'s weights are on {module.weight_ih_l0.device}")
         kwargs = dict(num_layers=module.num_layers, bias=module.bias,
                       batch_first=module.batch_first, bidirectional=module.bidirectional,
-                      weight_dtype=weight_dtype)
+                      weight_dtype=weight_dtype, activation_bits=activation_bits)
         if cls is QuantizedRNN:
             kwargs["nonlinearity"] = module.nonlinearity
         quantized = cls(module.input_size, module.hidden_size, **kwargs)
@@ -155,7 +188,9 @@ class QuantizedRNNBase(nn.Module):
                               ("bidirectional", False)):
             if getattr(self, name) != default:
                 text += f", {name}={getattr(self, name)}"
-        return text + f", weight_dtype={self.weight_dtype}"
+        text += f", weight_dtype={self.weight_dtype}"
+        return text + (f", activation_bits={self.activation_bits}"
+                       if self.activation_bits != 8 else "")
 
     def forward(self, input: Tensor, hx=None):
         name = type(self).__name__
@@ -213,7 +248,8 @@ class QuantizedRNNBase(nn.Module):
                 index = layer * directions + direction
                 w_ih, s_ih, w_hh, s_hh, b_ih, b_hh = self.weights(layer, direction == 1)
                 out, h_n, c_n = op(cell, x, states[0][index], states[1][index] if lstm else None,
-                                   w_ih, s_ih, w_hh, s_hh, b_ih, b_hh, direction == 1)
+                                   w_ih, s_ih, w_hh, s_hh, b_ih, b_hh, direction == 1,
+                                   self.activation_bits)
                 outputs.append(out)
                 final[0].append(h_n)
                 if lstm:
@@ -255,22 +291,29 @@ def _quantizable(module: nn.Module) -> bool:
     return isinstance(module, (nn.RNNBase, FastRNNBase)) and module.mode in _TWINS
 
 
-def quantize_weights(model: nn.Module, dtype: torch.dtype = torch.int8) -> nn.Module:
+def quantize_weights(model: nn.Module, dtype: torch.dtype = torch.int8,
+                     activation_bits: int = 8) -> nn.Module:
     """A copy of ``model`` with every LSTM / GRU / RNN layer (torch.nn's or fastrnn's)
     replaced by its inference-only quantized twin (:class:`QuantizedLSTM`, ...), weights in
-    ``dtype``: ``torch.int8`` (per-row scales) or ``torch.bfloat16``. ``model`` itself is
+    ``dtype``: ``torch.int8`` (per-row scales) or ``torch.bfloat16``; ``activation_bits``
+    (8 or 16) sets the int8 products' activation precision on CPUs with VNNI (module
+    docstring). ``model`` itself is
     unchanged; a layer passed alone comes back quantized. Everything else is copied as is."""
     if dtype not in WEIGHT_DTYPES:
         raise ValueError(f"fastrnn.quantize_weights: dtype must be torch.int8 or "
                          f"torch.bfloat16, got {dtype}")
+    if activation_bits not in (8, 16):
+        raise ValueError(f"fastrnn.quantize_weights: activation_bits must be 8 or 16, got "
+                         f"{activation_bits!r}")
     if _quantizable(model):
-        return _TWINS[model.mode].from_float(model, dtype)
+        return _TWINS[model.mode].from_float(model, dtype, activation_bits)
     model = copy.deepcopy(model)
 
     def swap(parent: nn.Module):
         for name, child in parent.named_children():
             if _quantizable(child):
-                setattr(parent, name, _TWINS[child.mode].from_float(child, dtype))
+                setattr(parent, name, _TWINS[child.mode].from_float(child, dtype,
+                                                                    activation_bits))
             else:
                 swap(child)
     swap(model)

@@ -2,13 +2,17 @@
 
 The quantized kernels' only difference from a float64 evaluation with the same (dequantized)
 weights is float32 rounding and summation order, so they are held to the tolerance rule
-against that truth, with torch.nn float32 on the dequantized weights as the baseline."""
+against that truth, with torch.nn float32 on the dequantized weights as the baseline. On a
+CPU with AVX-512 VNNI the int8 products quantize the activations too: there the truth is a
+float64 step loop on the activations as the kernel quantizes them (quantize_activations),
+and FASTRNN_QUANTIZED_VNNI=0 runs the float32 kernel of other CPUs (the int8_path fixture
+runs a test on both)."""
 import pytest
 import torch
 from torch import nn
 
 import fastrnn
-from fastrnn.quantized import dequantize_rows, quantize_rows
+from fastrnn.quantized import dequantize_rows, int8_vnni, quantize_activations, quantize_rows
 from fastrnn.testing import assert_all_close
 
 pytestmark = pytest.mark.usefixtures("native_cpu")
@@ -22,6 +26,18 @@ def native_cpu():
     reason = fastrnn.backends.get("native").unavailable_reason("cpu")
     if reason:
         pytest.skip(reason)
+
+
+@pytest.fixture(params=["vnni", "float"])
+def int8_path(request, monkeypatch):
+    """The int8 kernel a test runs: integer dot products (skipped on a CPU without VNNI) or
+    the float32 kernel (forced)."""
+    if request.param == "float":
+        monkeypatch.setenv("FASTRNN_QUANTIZED_VNNI", "0")
+    elif not int8_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    assert int8_vnni() == (request.param == "vnni")
+    return request.param
 
 
 def _model(cell, input_size=24, hidden=20, seed=0, **kwargs):
@@ -79,7 +95,9 @@ def _flat(result):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("steps", [1, 4, 16])
-def test_matches_float64_truth(cell, dtype, batch, steps):
+def test_matches_float64_truth(cell, dtype, batch, steps, monkeypatch):
+    """Float32 activations: bfloat16 weights, and int8 ones on the float32 kernel."""
+    monkeypatch.setenv("FASTRNN_QUANTIZED_VNNI", "0")
     quantized = fastrnn.quantize_weights(_model(cell), dtype)
     torch.manual_seed(1)
     x = torch.randn(steps, batch, 24)
@@ -91,13 +109,90 @@ def test_matches_float64_truth(cell, dtype, batch, steps):
     assert_all_close(actual, baseline, truth, f"{cell} {dtype}")
 
 
+def _int8_frame(quantized, x, state, bits, dtype):
+    """One frame of a one-layer int8 module on the activations quantized as the VNNI kernel
+    does (from the float32 x [B, I] and state the kernel saw), in ``dtype``: the integer
+    sums are exact in float64, so the truth differs from the kernel by its roundings only."""
+    w_ih, s_ih, w_hh, s_hh, b_ih, b_hh = quantized.weights(0)
+
+    def product(a, w, s, b):
+        q, scale = quantize_activations(a, bits)
+        out = (q.to(dtype) @ w.to(dtype).T) * (scale.to(dtype)[:, None] * s.to(dtype))
+        return out if b is None else out + b.to(dtype)
+
+    h = state[0] if isinstance(state, tuple) else state
+    xp, hp = product(x, w_ih, s_ih, b_ih), product(h, w_hh, s_hh, b_hh)
+    h = h.to(dtype)
+    if quantized.mode == "LSTM":
+        i, f, g, o = (xp + hp).chunk(4, 1)
+        c = torch.sigmoid(f) * state[1].to(dtype) + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    if quantized.mode == "GRU":
+        (xr, xz, xn), (hr, hz, hn) = xp.chunk(3, 1), hp.chunk(3, 1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h
+    return torch.tanh(xp + hp) if quantized.mode == "RNN_TANH" else torch.relu(xp + hp)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("cell,sizes", [("lstm", (24, 20)), ("gru", (24, 20)),
+                                        ("rnn", (70, 35)),     # K past 64, N not of 4
+                                        ("lstm", (130, 3))])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("steps", [1, 4, 16])
+def test_vnni_matches_float64_truth_of_its_activations(cell, sizes, bits, batch, steps):
+    """Integer dot products: every frame (fed one call at a time, which gives the bits of the
+    chunk) within the rule of a float32 evaluation of the same quantized activations,
+    against the float64 truth on them."""
+    if not int8_vnni():
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    quantized = fastrnn.quantize_weights(_model(cell, *sizes), activation_bits=bits)
+    torch.manual_seed(7)
+    x = torch.randn(steps, batch, sizes[0]) * 3
+    x[0, 0] = 0   # an all-zero row: scale 0
+    h = torch.randn(1, batch, sizes[1])
+    state = (h, torch.randn(1, batch, sizes[1])) if cell == "lstm" else h
+    actual, truth, baseline = [], [], []
+    with torch.no_grad():
+        whole = _flat(quantized(x, state))
+        for frame in x:
+            seen = _map(state, lambda t: t[0])
+            output, state = quantized(frame[None], state)
+            actual += _flat((output[0], _map(state, lambda t: t[0])))[1:]
+            for dtype, results in ((torch.float64, truth), (torch.float32, baseline)):
+                new = _int8_frame(quantized, frame, seen, bits, dtype)
+                results += list(new) if isinstance(new, tuple) else [new]
+    assert torch.equal(torch.stack(actual[::len(actual) // steps]), whole[0][:, :])
+    assert_all_close(actual, baseline, truth, f"{cell} {bits} bits")
+
+
+def test_vnni_keeps_nan_and_infinity(monkeypatch):
+    """A call with a value that is not finite takes the float32 kernel: NaN and infinity
+    land where they land without VNNI."""
+    quantized = fastrnn.quantize_weights(_model("lstm", 8, 6))
+    x = torch.randn(3, 2, 8)
+    x[1, 0, 3] = float("nan")
+    x[1, 1, 2] = float("inf")
+    results = []
+    for path in ("1", "0"):
+        monkeypatch.setenv("FASTRNN_QUANTIZED_VNNI", path)
+        with torch.no_grad():
+            results.append(_flat(quantized(x)))
+    for ours, floats in zip(*results):
+        assert torch.equal(ours.isnan(), floats.isnan())
+        assert torch.equal(ours.isinf(), floats.isinf())
+    assert results[0][0][1:, 0].isnan().all() and results[0][0][0].isfinite().all()
+
+
 @pytest.mark.parametrize("config", [
     dict(cell="lstm", num_layers=2, bidirectional=True),
     dict(cell="gru", num_layers=3, bias=False),
     dict(cell="rnn", nonlinearity="relu", num_layers=2),
     dict(cell="rnn", hidden=35, input_size=70),     # not multiples of the 16 lanes
 ])
-def test_layers_directions_and_odd_sizes(config):
+def test_layers_directions_and_odd_sizes(config, monkeypatch):
+    monkeypatch.setenv("FASTRNN_QUANTIZED_VNNI", "0")   # float32 activations
     config = dict(config)
     quantized = fastrnn.quantize_weights(_model(config.pop("cell"), **config))
     torch.manual_seed(2)
@@ -108,12 +203,13 @@ def test_layers_directions_and_odd_sizes(config):
     assert_all_close(actual, baseline, truth)
 
 
-@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=["int8", "bf16"])
+@pytest.mark.parametrize("dtype,bits", [(torch.int8, 8), (torch.int8, 16),
+                                        (torch.bfloat16, 8)], ids=["int8", "int8-a16", "bf16"])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("batch", [1, 3, 4])
-def test_chunks_give_the_bits_of_one_sequence(cell, dtype, batch):
+def test_chunks_give_the_bits_of_one_sequence(cell, dtype, bits, batch, int8_path):
     """Streaming: the frames fed in chunks, the state carried, equal one call bit for bit."""
-    quantized = fastrnn.quantize_weights(_model(cell, 40, 33), dtype)
+    quantized = fastrnn.quantize_weights(_model(cell, 40, 33), dtype, activation_bits=bits)
     torch.manual_seed(3)
     x = torch.randn(16, batch, 40)
     with torch.no_grad():
@@ -128,13 +224,33 @@ def test_chunks_give_the_bits_of_one_sequence(cell, dtype, batch):
                 assert torch.equal(a, b), sizes
 
 
-def test_error_against_float32_is_below_torch_dynamic_int8():
-    """Per-row scales are finer than torch's per-tensor ones: a smaller error against the
-    float32 model on the same inputs."""
+@pytest.mark.parametrize("bits", [8, 16])
+def test_threads_give_the_same_bits(bits, int8_path):
+    """The weight rows are split over threads (hidden 256: several tasks per product); each
+    output element is computed whole by one of them, so the thread count changes no bit."""
+    quantized = fastrnn.quantize_weights(_model("lstm", 64, 256), activation_bits=bits)
+    x = torch.randn(16, 2, 64)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.no_grad():
+                results.append(_flat(quantized(x)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_error_against_float32_is_below_torch_dynamic_int8(bits, int8_path):
+    """Per-row scales (weights, and activations with VNNI) are finer than torch's per-tensor
+    ones: a smaller error against the float32 model on the same inputs."""
     model = nn.Sequential(_model("lstm", 64, 64))
     with pytest.warns(DeprecationWarning):
         theirs = torch.ao.quantization.quantize_dynamic(model, {nn.LSTM}, dtype=torch.qint8)
-    ours = fastrnn.quantize_weights(model)
+    ours = fastrnn.quantize_weights(model, activation_bits=bits)
     torch.manual_seed(4)
     x = torch.randn(20, 2, 64)
     with torch.no_grad():
@@ -144,8 +260,9 @@ def test_error_against_float32_is_below_torch_dynamic_int8():
     assert 0 < error < their_error
 
 
-def test_fastrnn_modules_and_models_convert():
+def test_fastrnn_modules_and_models_convert(monkeypatch):
     """fastrnn's modules are quantized like torch.nn's; a model is copied, not changed."""
+    monkeypatch.setenv("FASTRNN_QUANTIZED_VNNI", "0")   # float32 activations, as expected's
     torch.manual_seed(5)
     model = nn.Sequential(fastrnn.LSTM(8, 6, batch_first=True))
     quantized = fastrnn.quantize_weights(model)
@@ -233,6 +350,12 @@ def test_bad_input():
 
 
 def test_refused_modules():
+    with pytest.raises(ValueError, match="activation_bits must be 8 or 16, got 4"):
+        fastrnn.quantize_weights(nn.LSTM(8, 6), activation_bits=4)
+    with pytest.raises(ValueError, match="activation_bits must be 8 or 16, got 12"):
+        fastrnn.QuantizedGRU(8, 6, activation_bits=12)
+    assert "activation_bits=16" in repr(fastrnn.quantize_weights(nn.GRU(8, 6),
+                                                                 activation_bits=16))
     with pytest.raises(ValueError, match="proj_size=4 is not supported"):
         fastrnn.quantize_weights(nn.LSTM(8, 6, proj_size=4))
     with pytest.raises(ValueError, match="dtype must be torch.int8 or torch.bfloat16"):

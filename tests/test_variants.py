@@ -383,7 +383,14 @@ ODD_SIZES = {  # (input, hidden, steps, batch); H37 / B17 cross vector widths an
     "H37": (5, 37, 3, 2), "B17": (3, 4, 3, 17)}
 
 
-SIZE_DTYPES = [(size, dtype) for size in ODD_SIZES for dtype in DTYPES]
+# T63 runs in float64 only. Over 63 steps with every option on, two correct float32
+# implementations (the hand loop and the reference backend) differ from the float64 truth by
+# heavy-tailed amounts: across 30-40 mask seeds the reference backend exceeded 2x the hand
+# loop's own error on 5-15% of seeds (a bias or weight gradient at 3-11x), as did the native
+# kernels, so one seed's pass or fail says nothing about either. float32 at long sequences is
+# checked against torch.nn (whose error is the rule's baseline) in test_parity's T63 cases.
+SIZE_DTYPES = [(size, dtype) for size in ODD_SIZES for dtype in DTYPES
+               if not (size == "T63" and dtype != torch.float64)]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -175,7 +175,9 @@ def test_copies_and_pickles_after_calls():
     with torch.no_grad():
         fast(x)
     assert list(fast.state_dict()) == list(reference.state_dict())
+    assert "_fastrnn_calls" in vars(fast)
     for clone in (copy.deepcopy(fast), pickle.loads(pickle.dumps(fast))):
+        assert "_fastrnn_calls" not in vars(clone)
         clone.backend = "reference"
         with torch.no_grad():
             assert_close(flatten(clone(x))[0], flatten(reference(x))[0])
@@ -205,3 +207,39 @@ def test_unhashable_option_value_still_routes(op_calls):  # noqa: F811
     fast.zoneout = [0.0, 0.0]   # a list: off, and not a key
     check(fast, reference, STREAM, op_calls, want_op=False)
     check(fast, reference, STREAM, op_calls, want_op=False)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_eager_autograd_equals_the_registered_op(cell, monkeypatch):
+    """ops.recurrence runs an eager call that wants gradients through ops._EAGER (the op's
+    forward, setup_context and backward as an autograd.Function); the registered op's
+    autograd gives the same bits, first and second derivatives, with and without options."""
+    from fastrnn import ops, spec
+    used = []
+    eager = ops._EAGER[cell]
+    monkeypatch.setitem(ops._EAGER, cell, type("Spy", (eager,), {"apply": classmethod(
+        lambda klass, *a: used.append(1) or eager.apply(*a))}))
+    torch.manual_seed(0)
+    hidden, gates = 4, {"lstm": 16, "gru": 12}[cell]
+    leaves = [torch.randn(6, gates, dtype=torch.float64), torch.randn(2, hidden,
+              dtype=torch.float64), torch.randn(2, hidden, dtype=torch.float64) if
+              cell == "lstm" else None, torch.randn(gates, hidden, dtype=torch.float64),
+              torch.randn(gates, dtype=torch.float64)]
+    leaves = [t.requires_grad_() if t is not None else None for t in leaves]
+    op = getattr(torch.ops.fastrnn, f"{cell}_forward")
+    for options in (None, spec.StepOptions(cell_clip=0.5) if cell == "lstm" else None):
+        results = []
+        for run in ("eager", "op"):
+            args = (*leaves, None, None, False, "reference")
+            if run == "eager":
+                output, h_n, c_n = ops.recurrence(cell, *args, options=options)
+            else:
+                output, h_n, c_n, _ = op(*args, *(options or ()))
+            loss = output.pow(2).sum() + h_n.sum()
+            wanted = [t for t in leaves if t is not None]
+            grads = torch.autograd.grad(loss, wanted, create_graph=True)
+            second = torch.autograd.grad(sum(g.pow(2).sum() for g in grads), wanted)
+            results.append([output, h_n, *grads, *second])
+        for a, b in zip(*results):
+            assert torch.equal(a, b)
+    assert len(used) == 2

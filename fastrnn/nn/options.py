@@ -110,7 +110,6 @@ class Call:
         self.torch_path, self.plan = torch_path, None
 
 
-_TORCH_PATH, _NOT_TENSOR = Call(True), Call(False)
 # Distinct kinds of call (shapes, modes) a module remembers.
 _MAX_CALLS = 64
 
@@ -120,29 +119,35 @@ def call(module, input, cell: bool = False) -> Call:
     earlier one decides its route by one dictionary lookup."""
     if torch.onnx.is_in_onnx_export():
         refuse_torch_path(module, "ONNX export")
-        return _TORCH_PATH
+        return Call(True)
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
-        return _NOT_TENSOR
+        return Call(False)
     key = call_key(module, data, packed, cell)
+    if key is None:
+        return Call(_decide_torch_path(module, data, packed, cell))
     calls = module.__dict__.get("_fastrnn_calls")
-    if key is not None and calls is not None:
-        try:
-            known = calls.get(key)
-        except TypeError:   # an attribute that is not hashable (e.g. zoneout set to a list)
-            key = known = None
-        if known is not None:
-            return known
-    new = Call(_decide_torch_path(module, data, packed, cell))
-    if key is not None:
-        if calls is None or len(calls) >= _MAX_CALLS:   # a first call, or a stream of shapes
-            calls = module.__dict__["_fastrnn_calls"] = {}
-        try:
-            calls[key] = new
-        except TypeError:
-            pass
-    return new
+    if calls is None:
+        calls = module.__dict__["_fastrnn_calls"] = {}
+    try:
+        known = calls.get(key)
+    except TypeError:   # an attribute that is not hashable (e.g. zoneout set to a list)
+        return Call(_decide_torch_path(module, data, packed, cell))
+    if known is None:
+        known = Call(_decide_torch_path(module, data, packed, cell))
+        if len(calls) >= _MAX_CALLS:   # a stream of shapes: start afresh
+            calls.clear()
+        calls[key] = known
+    return known
+
+
+def copied_state(module) -> dict:
+    """The module's state for pickle and deepcopy: what it remembers of calls is left out (a
+    copy decides afresh)."""
+    state = torch.nn.Module.__getstate__(module)
+    state.pop("_fastrnn_calls", None)
+    return state
 
 
 def call_key(module, data: Tensor, packed: bool, cell: bool) -> Optional[tuple]:

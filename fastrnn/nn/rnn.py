@@ -172,6 +172,9 @@ class RNNBase(nn.Module):
         """torch.nn's forward (run under ONNX export) calls this; _flat_weights is always
         current here."""
 
+    def __getstate__(self):
+        return options.copied_state(self)
+
     def __prepare_scriptable__(self):
         """torch.jit.script compiles the torch.nn twin, on the very same Parameter objects
         (convert.scriptable_twin)."""

@@ -13,6 +13,7 @@ dropout and zoneout uses its expectation (the probability as the weight of the o
 """
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Optional
 
@@ -161,11 +162,19 @@ def call_key(module, data: Tensor, packed: bool, cell: bool) -> Optional[tuple]:
     # A parameter held by a child (torch.nn.utils.parametrize) needs the full walk.
     wants_grad = grad and any(p is not None and p.requires_grad for p in (
         module.parameters() if module._modules else module._parameters.values()))
-    return (grad, wants_grad, module.training, module.backend, backends.get_backend(),
-            data.device, data.dtype, None if packed or cell else data.shape[:-1],
-            getattr(module, "batch_first", False), module.mode,
-            None if cell else module.checkpoint_every, id(backends.routing.ROUTES),
-            *[getattr(module, name, None) for name in DEFAULTS])
+    names = _CELL_STATE if cell else _MODULE_STATE
+    try:
+        state = _GETTERS[names](module)   # one C call for the lot
+    except AttributeError:   # e.g. a module pickled before an option existed
+        state = tuple(getattr(module, name, None) for name in names)
+    return (grad, wants_grad, backends.get_backend(), data.device, data.dtype,
+            None if packed or cell else data.shape[:-1], id(backends.routing.ROUTES), state)
+
+
+# The attributes a call's route and plan read: the options, then what else can change.
+_CELL_STATE = (*DEFAULTS, "training", "backend", "mode")
+_MODULE_STATE = _CELL_STATE + ("batch_first", "checkpoint_every")
+_GETTERS = {names: operator.attrgetter(*names) for names in (_CELL_STATE, _MODULE_STATE)}
 
 
 def _decide_torch_path(module, data: Tensor, packed: bool, cell: bool) -> bool:

@@ -157,7 +157,11 @@ class RNNBase(nn.Module):
 
     @property
     def _flat_weights(self):   # torch.nn's forward reads it twice a call
-        return [self._param(name) for name in self._flat_weights_names]
+        params = self._parameters
+        try:
+            return [params[name] for name in self._flat_weights_names]
+        except KeyError:   # a wrapper holds a weight elsewhere
+            return [self._param(name) for name in self._flat_weights_names]
 
     def _param(self, name: str):
         """getattr(self, name, None), quicker for a registered parameter (the common case; a

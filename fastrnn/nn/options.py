@@ -118,16 +118,19 @@ _MAX_CALLS = 64
 def call(module, input, cell: bool = False) -> Call:
     """The Call for ``input``: remembered by the module per call_key, so a call like an
     earlier one decides its route by one dictionary lookup."""
-    if torch.onnx.is_in_onnx_export():
+    # Both ONNX exporters record the call, by tracing (TorchScript) or compiling (dynamo);
+    # a recording is made once, so nothing is remembered there.
+    recording = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if recording and torch.onnx.is_in_onnx_export():
         refuse_torch_path(module, "ONNX export")
         return Call(True)
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
         return Call(False)
-    key = call_key(module, data, packed, cell)
-    if key is None:
+    if recording:
         return Call(_decide_torch_path(module, data, packed, cell))
+    key = call_key(module, data, packed, cell)
     calls = module.__dict__.get("_fastrnn_calls")
     if calls is None:
         calls = module.__dict__["_fastrnn_calls"] = {}
@@ -151,13 +154,11 @@ def copied_state(module) -> dict:
     return state
 
 
-def call_key(module, data: Tensor, packed: bool, cell: bool) -> Optional[tuple]:
-    """Everything a call's route and plan depend on besides the module's structure: grad
-    mode and whether a parameter wants a gradient, training, the backend setting, the
+def call_key(module, data: Tensor, packed: bool, cell: bool) -> tuple:
+    """Everything an eager call's route and plan depend on besides the module's structure:
+    grad mode and whether a parameter wants a gradient, training, the backend setting, the
     options' values, the routing table, the device, dtype and the geometry the shape class
-    reads. None where nothing may be remembered: while compiling or tracing."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
-        return None
+    reads."""
     grad = torch.is_grad_enabled()
     # A parameter held by a child (torch.nn.utils.parametrize) needs the full walk.
     wants_grad = grad and any(p is not None and p.requires_grad for p in (

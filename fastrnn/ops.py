@@ -360,7 +360,9 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
                   batch_sizes=batch_sizes, reverse=reverse)
         output, h_n, c_n, _ = _run_forward(kind, kw, backend, None, False)
         return output, h_n, c_n if kind.has_cell_state else None
-    if direct and need_workspace and not torch._C._are_functorch_transforms_active():
+    # (An empty result may be an input handed back, which autograd.Function cannot save.)
+    if direct and need_workspace and xproj.numel() and h0.numel() and \
+            not torch._C._are_functorch_transforms_active():
         output, h_n, c_n, _ = _EAGER[cell].apply(
             xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
             *(options or spec.StepOptions()), need_workspace)

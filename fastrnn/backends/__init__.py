@@ -72,11 +72,29 @@ def get_backend() -> str:
     """The default backend name: what set_backend() chose, else FASTRNN_BACKEND, else auto."""
     if _default is not None:
         return _default
-    name = os.environ.get("FASTRNN_BACKEND", "auto") or "auto"
+    name = _environment_backend() or "auto"
     if name != "auto" and name not in BACKEND_NAMES:
         raise ValueError(f"FASTRNN_BACKEND={name!r} is not a fastrnn backend; "
                          f"known backends are {', '.join(BACKEND_NAMES)} and 'auto'")
     return name
+
+
+def _environment_backend() -> Optional[str]:
+    """FASTRNN_BACKEND, read at each call (a module asks on every call, so the lookup is one
+    dictionary read where the platform keeps os.environ as encoded bytes)."""
+    try:
+        value = _ENVIRON_DATA.get(_ENVIRON_KEY)
+    except NameError:
+        return os.environ.get("FASTRNN_BACKEND")
+    return None if value is None else os.environ.decodevalue(value)
+
+
+try:   # os.environ's own store, which every change made through os.environ updates
+    _ENVIRON_DATA, _ENVIRON_KEY = os.environ._data, os.environ.encodekey("FASTRNN_BACKEND")
+    if not isinstance(_ENVIRON_DATA, dict):
+        del _ENVIRON_DATA, _ENVIRON_KEY
+except AttributeError:
+    pass
 
 
 def check_name(name: str) -> str:

@@ -96,6 +96,13 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
     # GRU, batch 1: 0.76, 0.91, 1.01; batch 4: 0.85, 0.95, 1.13: torch.nn's GRU has no
     # per-call set-up, and fastrnn's Python per call (tens of microseconds) is what it loses.
     routes["cpu", "GRU", True, "stream_small"] = TORCH
+    # GRU training on short chunks (Intel, 1 thread, per call, 1 / 4 / 16 frames): hidden 512
+    # batch 1: 0.63, 0.91, 1.11; batch 4: 0.76, 1.03, 1.22; hidden 256 batch 1: 0.45, 0.76,
+    # 1.16; batch 4: 0.39, 0.62, 0.87. The op's autograd set-up per call outweighs the
+    # kernels' gain until about 16 frames, so torch.nn's path (as for every dense GRU
+    # training call, batch 1 and 2-16 above, from 17 frames on).
+    routes["cpu", "GRU", False, "stream1"] = TORCH
+    routes["cpu", "GRU", False, "stream_small"] = TORCH
     # Stay torch.nn (a loss on at least one CPU): LSTM dense, any mode (Intel 0.76-0.99
     # inference, 0.83-1.07 training; AMD 0.50-0.76); LSTM packed inference (1.00 / 1.13);
     # GRU batch 64 (training 1.12 / 1.15 / 0.90); GRU packed inference (0.94 / - / 1.07);

@@ -82,6 +82,9 @@ class RNNCellBase(nn.Module):
         extra = options.describe(self)
         return f"{text}, {extra}" if extra else text
 
+    def __getstate__(self):
+        return options.copied_state(self)
+
     def __prepare_scriptable__(self):
         """torch.jit.script compiles the torch.nn twin, on the very same Parameter objects
         (convert.scriptable_twin)."""

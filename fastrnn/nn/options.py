@@ -14,6 +14,7 @@ dropout and zoneout uses its expectation (the probability as the weight of the o
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from typing import Optional
 
@@ -100,13 +101,86 @@ def runs_torch_path(module, input, cell: bool = False) -> bool:
     ONNX export (ONNX has standard LSTM/GRU/RNN operators and the exporters emit them for
     that path; options are refused), else as the backend registry decides
     (backends.torch_path). ``cell``: the module is a cell (one step)."""
-    if torch.onnx.is_in_onnx_export():
+    return call(module, input, cell).torch_path
+
+
+class Call:
+    """What a module does for calls alike (call_key): ``torch_path`` (runs_torch_path), and
+    what the module's own forward fills in on its first such call (``plan``)."""
+    __slots__ = ("torch_path", "plan")
+
+    def __init__(self, torch_path: bool):
+        self.torch_path, self.plan = torch_path, None
+
+
+# Distinct kinds of call (shapes, modes) a module remembers.
+_MAX_CALLS = 64
+
+
+def call(module, input, cell: bool = False) -> Call:
+    """The Call for ``input``: remembered by the module per call_key, so a call like an
+    earlier one decides its route by one dictionary lookup."""
+    # Both ONNX exporters record the call, by tracing (TorchScript) or compiling (dynamo);
+    # a recording is made once, so nothing is remembered there.
+    recording = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    if recording and torch.onnx.is_in_onnx_export():
         refuse_torch_path(module, "ONNX export")
-        return True
+        return Call(True)
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
-        return False
+        return Call(False)
+    if recording:
+        return Call(_decide_torch_path(module, data, packed, cell))
+    key = call_key(module, data, packed, cell)
+    calls = module.__dict__.get("_fastrnn_calls")
+    if calls is None:
+        calls = module.__dict__["_fastrnn_calls"] = {}
+    try:
+        known = calls.get(key)
+    except TypeError:   # an attribute that is not hashable (e.g. zoneout set to a list)
+        return Call(_decide_torch_path(module, data, packed, cell))
+    if known is None:
+        known = Call(_decide_torch_path(module, data, packed, cell))
+        if len(calls) >= _MAX_CALLS:   # a stream of shapes: start afresh
+            calls.clear()
+        calls[key] = known
+    return known
+
+
+def copied_state(module) -> dict:
+    """The module's state for pickle and deepcopy: what it remembers of calls is left out (a
+    copy decides afresh)."""
+    state = torch.nn.Module.__getstate__(module)
+    state.pop("_fastrnn_calls", None)
+    return state
+
+
+def call_key(module, data: Tensor, packed: bool, cell: bool) -> tuple:
+    """Everything an eager call's route and plan depend on besides the module's structure:
+    grad mode and whether a parameter wants a gradient, training, the backend setting, the
+    options' values, the routing table, the device, dtype and the geometry the shape class
+    reads."""
+    grad = torch.is_grad_enabled()
+    # A parameter held by a child (torch.nn.utils.parametrize) needs the full walk.
+    wants_grad = grad and any(p is not None and p.requires_grad for p in (
+        module.parameters() if module._modules else module._parameters.values()))
+    names = _CELL_STATE if cell else _MODULE_STATE
+    try:
+        state = _GETTERS[names](module)   # one C call for the lot
+    except AttributeError:   # e.g. a module pickled before an option existed
+        state = tuple(getattr(module, name, None) for name in names)
+    return (grad, wants_grad, backends.get_backend(), data.device, data.dtype,
+            None if packed or cell else data.shape[:-1], id(backends.routing.ROUTES), state)
+
+
+# The attributes a call's route and plan read: the options, then what else can change.
+_CELL_STATE = (*DEFAULTS, "training", "backend", "mode")
+_MODULE_STATE = _CELL_STATE + ("batch_first", "checkpoint_every")
+_GETTERS = {names: operator.attrgetter(*names) for names in (_CELL_STATE, _MODULE_STATE)}
+
+
+def _decide_torch_path(module, data: Tensor, packed: bool, cell: bool) -> bool:
     # A segmented module in training: torch.nn's path would keep the whole history.
     segmented = not cell and module.checkpoint_every is not None and torch.is_grad_enabled()
     return backends.torch_path(
@@ -121,9 +195,10 @@ def torch_forward(module, *args):
     """torch.nn's own forward on the module's parameters. cuDNN warns on every new call
     site that separate (not flattened) weights are packed per call and to call
     flatten_parameters(); for fastrnn modules that is by design and the advice does not
-    apply, so the warning is silenced here (outside compiled code; without CUDA there is no
-    such warning, and the silencing would cost a streaming call ~15 us)."""
-    if torch.compiler.is_compiling() or not torch.cuda.is_available():
+    apply, so the warning is silenced here (outside compiled code; on other devices there is
+    no such warning, and the silencing would cost a streaming call ~15 us)."""
+    data = args[0].data if isinstance(args[0], PackedSequence) else args[0]
+    if torch.compiler.is_compiling() or not getattr(data, "is_cuda", False):
         return module._torch_forward(*args)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="RNN module weights are not part of single "

@@ -23,6 +23,15 @@ from . import amp, options
 from .cell import dtype_mismatch
 
 
+def _layer_names(layer: int, direction: int) -> tuple:
+    suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+    return tuple(stem + suffix for stem in ("weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                                            "weight_hr"))
+
+
+_LAYER_NAMES = {}   # (layer, direction) -> _layer_names(layer, direction)
+
+
 class RNNBase(nn.Module):
     """Shared machinery of LSTM, GRU and RNN (the twin of ``torch.nn.RNNBase``).
 
@@ -142,8 +151,18 @@ class RNNBase(nn.Module):
         self.reset_parameters()
 
     @property
-    def _flat_weights(self):
-        return [getattr(self, name) for name in self._flat_weights_names]
+    def _flat_weights(self):   # torch.nn's forward reads it twice a call
+        params = self._parameters
+        try:
+            return [params[name] for name in self._flat_weights_names]
+        except KeyError:   # a wrapper holds a weight elsewhere
+            return [self._param(name) for name in self._flat_weights_names]
+
+    def _param(self, name: str):
+        """getattr(self, name, None), quicker for a registered parameter (the common case; a
+        wrapper may hold the weight elsewhere, e.g. as a plain attribute)."""
+        found = self._parameters.get(name)
+        return found if found is not None else getattr(self, name, None)
 
     def flatten_parameters(self) -> None:
         """Accepted for compatibility; fastrnn keeps parameters as separate tensors."""
@@ -151,6 +170,9 @@ class RNNBase(nn.Module):
     def _update_flat_weights(self) -> None:
         """torch.nn's forward (run under ONNX export) calls this; _flat_weights is always
         current here."""
+
+    def __getstate__(self):
+        return options.copied_state(self)
 
     def __prepare_scriptable__(self):
         """torch.jit.script compiles the torch.nn twin, on the very same Parameter objects
@@ -177,45 +199,64 @@ class RNNBase(nn.Module):
             extra = f"{extra}, {every}" if extra else every
         return f"{text}, {extra}" if extra else text
 
-    def _layer_params(self, layer: int, direction: int, getter: bool = False):
-        suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
-        get = lambda name: getattr(self, name + suffix, None)  # noqa: E731
-        params = (get("weight_ih"), get("weight_hh"), get("bias_ih"), get("bias_hh"),
-                  get("weight_hr"))
-        return params + (get,) if getter else params
+    def _layer_params(self, layer: int, direction: int) -> tuple:
+        """(w_ih, w_hh, b_ih, b_hh, w_hr) of a layer and direction, None where absent."""
+        names = _LAYER_NAMES.get((layer, direction))
+        if names is None:
+            names = _LAYER_NAMES[layer, direction] = _layer_names(layer, direction)
+        w_ih, w_hh, b_ih, b_hh, w_hr = names
+        param = self._param   # the names of absent parameters are not looked up
+        return (param(w_ih), param(w_hh), param(b_ih) if self.bias else None,
+                param(b_hh) if self.bias else None, param(w_hr) if self.proj_size > 0 else None)
+
+    def _layer_getter(self, layer: int, direction: int):
+        """A function finding a layer's parameter by its stem (e.g. "ln_weight_ih")."""
+        suffix = _layer_names(layer, direction)[0][len("weight_ih"):]
+        return lambda stem: self._param(stem + suffix)
 
     # -- forward -------------------------------------------------------------------------
 
-    def _run(self, input: Tensor, hx: tuple, batch_sizes):
+    def _run(self, input: Tensor, hx: tuple, batch_sizes, call=None):
         """The stacked recurrence on time-major rows.
 
         input: [N, input_size] rows in packed time-major order ([T*B, I] when not packed);
-        hx: (h0, c0) or (h0,) with [layers*directions, B, *] each.
+        hx: (h0, c0) or (h0,) with [layers*directions, B, *] each; call: the options.Call of
+        this call, whose plan (options, backend) is made once for calls alike.
         Returns output rows [N, directions*P] and the final states in hx's layout.
         """
         kind = CELL_OF_MODE[self.mode]
+        has_cell_state = kind.has_cell_state
         num_directions = 2 if self.bidirectional else 1
         autocast = amp.layers_plan(self, input, hx, batch_sizes is not None)
         recurrence = ops.recurrence if autocast is None else autocast.recurrence
         compute = input.dtype if autocast is None else autocast.compute
         if autocast is None:   # torch.nn's recurrent matmul refuses a state of another dtype
+            weight = self._param("weight_ih_l0")
             for state in hx:
-                if state.dtype != self.weight_ih_l0.dtype:
-                    raise dtype_mismatch(state, self.weight_ih_l0)
-        variant = options.active(self)
-        features = options.features(self) if variant else ()
-        backend = backends.resolve(self.backend, kind.name, input.device, compute,
-                                   self.hidden_size, self.proj_size, features)
+                if state.dtype != weight.dtype:
+                    raise dtype_mismatch(state, weight)
+        plan = call.plan if call is not None and autocast is None else None
+        if plan is None:   # the backend depends on the compute dtype: autocast's is not kept
+            variant = options.active(self)
+            features = options.features(self) if variant else ()
+            plan = variant, backends.resolve(self.backend, kind.name, input.device, compute,
+                                             self.hidden_size, self.proj_size, features)
+            if call is not None and autocast is None:
+                call.plan = plan
+        variant, backend = plan
+        segmented = self.checkpoint_every is not None
         batch, width = hx[0].shape[1], hx[0].shape[2]
-        draw_like = torch.empty(0, dtype=compute, device=input.device)
+        if variant:
+            draw_like = torch.empty(0, dtype=compute, device=input.device)
         layer_input = input
         final_h, final_c = [], []
         for layer in range(self.num_layers):
             outputs = []
             for direction in range(num_directions):
-                w_ih, w_hh, b_ih, b_hh, w_hr, get = self._layer_params(layer, direction, True)
+                w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_params(layer, direction)
+                # the options' parameters (a plain call reads none)
+                get = self._layer_getter(layer, direction) if variant or segmented else None
                 index = layer * num_directions + direction
-                segmented = self.checkpoint_every is not None
                 if not segmented:
                     xproj = options.input_projection(self, layer_input, w_ih, b_ih, get)
                 step_options = None
@@ -225,7 +266,7 @@ class RNNBase(nn.Module):
                     zoneout_h, zoneout_c = options.zoneout_weights(
                         self, layer_input.shape[0], width, self.hidden_size, draw_like)
                     step_options = options.step_options(self, get, mask, zoneout_h, zoneout_c)
-                h0, c0 = hx[0][index], hx[1][index] if kind.has_cell_state else None
+                h0, c0 = hx[0][index], hx[1][index] if has_cell_state else None
                 if segmented:   # the projection is made per segment, in there
                     run = ops.recurrence
                     if autocast is not None:   # states cross segments in the compute dtype
@@ -248,9 +289,14 @@ class RNNBase(nn.Module):
             layer_input = outputs[0] if num_directions == 1 else torch.cat(outputs, 1)
             if self.dropout and self.training and layer < self.num_layers - 1:
                 layer_input = F.dropout(layer_input, self.dropout, True)
-        state = (torch.stack(final_h),)
-        if kind.has_cell_state:
-            state += (torch.stack(final_c),)
+        if len(final_h) == 1:   # one layer, one direction: no copy
+            state = (final_h[0].unsqueeze(0),)
+            if has_cell_state:
+                state += (final_c[0].unsqueeze(0),)
+        else:
+            state = (torch.stack(final_h),)
+            if has_cell_state:
+                state += (torch.stack(final_c),)
         return layer_input, state
 
     def _projection_params(self, w_ih, b_ih, get) -> tuple:
@@ -305,7 +351,8 @@ class RNNBase(nn.Module):
             # torch.nn's kernels take exactly an int and a bool: its forward raises their
             # TypeError (the constructor accepts e.g. bidirectional=1, as torch.nn's does).
             return options.torch_forward(self, input, hx)
-        if options.runs_torch_path(self, input):
+        call = options.call(self, input)
+        if call.torch_path:
             return options.torch_forward(self, input, hx)
         kind = CELL_OF_MODE[self.mode]
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -352,12 +399,12 @@ class RNNBase(nn.Module):
             steps, batch = time_major.shape[:2]
             # explicit widths: with batch 0 a -1 could not be inferred
             rows, state = self._run(time_major.reshape(steps * batch, time_major.shape[2]),
-                                    state, None)
+                                    state, None, call)
             output = rows.view(steps, batch, rows.shape[1])
             if self.batch_first:
                 output = output.transpose(0, 1)
         else:
-            rows, state = self._run(input, state, batch_sizes)
+            rows, state = self._run(input, state, batch_sizes, call)
             output = PackedSequence(rows, batch_sizes, sorted_indices, unsorted_indices)
         hidden = self.permute_hidden(state if kind.has_cell_state else state[0],
                                      unsorted_indices)

@@ -124,7 +124,7 @@ def _resolve(name, kind, xproj, w_hh, w_hr, options):
     # not run without it (the plain checks are the kernels' own).
     if name == "auto" or options is not None:
         return backends.resolve(name, kind.name, xproj.device, xproj.dtype, hidden, proj,
-                                spec.features(options))
+                                spec.option_names(options))
     return name
 
 
@@ -315,7 +315,7 @@ def _workspace_backward(kind: Cell, ctx, grads, h0, c0, w_hh, b_hh, w_hr, output
                                   for name in spec.LEARNABLE})
     gates = spec.workspace_layout(
         kind.name, w_hh.shape[0] // kind.num_gates, 0 if w_hr is None else w_hr.shape[0],
-        options.features())["gates"]
+        options.option_names())["gates"]
     xproj = output.new_zeros(output.shape[0], w_hh.shape[0], requires_grad=True)  # not read
     inputs = [xproj, leaf(h0), leaf(c0), leaf(w_hh), leaf(b_hh), leaf(w_hr)]
     inputs += [getattr(options, name) for name in spec.LEARNABLE]

@@ -128,7 +128,7 @@ class StepOptions(namedtuple("StepOptions", [arg.name for arg in ARGS],
     """The option arguments of one op call; None = off."""
     __slots__ = ()
 
-    def features(self) -> Tuple[str, ...]:
+    def option_names(self) -> Tuple[str, ...]:
         """Names of the options that are on, in spec order (hashable, for resolve)."""
         return tuple(o.name for o in OPTIONS if getattr(self, o.args[0].name) is not None)
 
@@ -152,19 +152,19 @@ def bind(names: Tuple[str, ...], args, kwargs, tail: Tuple[str, ...] = ()) -> di
     return values
 
 
-def features(options: Optional[StepOptions]) -> Tuple[str, ...]:
-    return () if options is None else options.features()
+def option_names(options: Optional[StepOptions]) -> Tuple[str, ...]:
+    return () if options is None else options.option_names()
 
 
 def workspace_layout(cell: str, hidden: int, proj: int,
-                     features: Tuple[str, ...] = ()) -> Dict[str, slice]:
+                     option_names: Tuple[str, ...] = ()) -> Dict[str, slice]:
     """Column ranges of the workspace (docs/op-contract.md): name -> slice, and "width" -> all
     of it. ``proj`` is proj_size, 0 without a projection. The cell's own columns come first,
     then those of each option that is on, in spec order."""
     kind = CELLS[cell]
     groups = list(kind.workspace)
     for option in OPTIONS:
-        if option.name in features:
+        if option.name in option_names:
             groups += option.workspace
     layout, start = {}, 0
     for group in groups:
@@ -176,8 +176,9 @@ def workspace_layout(cell: str, hidden: int, proj: int,
     return layout
 
 
-def workspace_width(cell: str, hidden: int, proj: int, features: Tuple[str, ...] = ()) -> int:
-    return workspace_layout(cell, hidden, proj, features)["width"].stop
+def workspace_width(cell: str, hidden: int, proj: int,
+                    option_names: Tuple[str, ...] = ()) -> int:
+    return workspace_layout(cell, hidden, proj, option_names)["width"].stop
 
 
 def dimension(rule: str, sizes: Dict[str, int]) -> int:

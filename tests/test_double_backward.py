@@ -46,12 +46,12 @@ def op_function(cell, backend, reverse, batch_sizes, make_options=None, with_c0=
     return f
 
 
-def _skip_unless_runs(backend, cell, features):
+def _skip_unless_runs(backend, cell, option_names):
     """Skip where the backend itself says it does not run these options."""
     reason = fastrnn.backends.get(backend).unsupported_reason(
-        cell, DTYPE, torch.device("cpu"), 3, 2, features)
+        cell, DTYPE, torch.device("cpu"), 3, 2, option_names)
     if reason is not None:
-        pytest.skip(f"backend {backend} does not run {features}: {reason}")
+        pytest.skip(f"backend {backend} does not run {option_names}: {reason}")
 
 
 def case_inputs(cell, hidden=2, proj=0, lengths=None, seed=0):
@@ -181,7 +181,7 @@ def test_module_options_gradgradcheck(cell, training, backend):
     cls, kwargs = MODULE_OPTIONS[cell]
     torch.manual_seed(0)
     module = cls(2, 3, **kwargs, backend=backend).double().train(training)
-    _skip_unless_runs(backend, cell, fastrnn.nn.options.features(module))
+    _skip_unless_runs(backend, cell, fastrnn.nn.options.option_names(module))
     names = [n for n, _ in module.named_parameters()]
     params = [p.detach().requires_grad_() for p in module.parameters()]
     x = torch.randn(3, 2, 2, dtype=DTYPE, requires_grad=True)

@@ -27,7 +27,7 @@ pytestmark = native_available_mark()
 CASES = {"lstm": ("lstm", False), "lstm_proj": ("lstm", True), "gru": ("gru", False)}
 FEATURES = {name: tuple(o.name for o in CELLS[cell].options if proj or not o.needs_projection)
             for name, (cell, proj) in CASES.items()}
-SINGLE = [(case, feature) for case, features in FEATURES.items() for feature in features]
+SINGLE = [(case, feature) for case, option_names in FEATURES.items() for feature in option_names]
 DTYPES = [torch.float64, torch.float32]
 LENGTHS = [6, 4, 4, 1, 1]  # packed layout: ragged, with length-1 sequences
 
@@ -36,7 +36,7 @@ def make_case(cell, proj, batch=5, **kwargs):
     return backend_cases.make_case(cell, proj=proj, batch=batch, **kwargs)
 
 
-def make_options(cell, case, features, seed=2):
+def make_options(cell, case, option_names, seed=2):
     """Random values for the given options; clips small enough that they engage."""
     gen = torch.Generator().manual_seed(seed)
     dtype = case["xproj"].dtype
@@ -52,27 +52,27 @@ def make_options(cell, case, features, seed=2):
         return torch.tensor([0.0, 1.0, 0.25], dtype=dtype)[choice]
 
     kw = {}
-    if "layer_norm" in features:
+    if "layer_norm" in option_names:
         kw.update(ln_weight=1 + 0.3 * rand(gates), ln_bias=0.3 * rand(gates))
-    if "layer_norm_cell" in features:
+    if "layer_norm_cell" in option_names:
         kw.update(ln_c_weight=1 + 0.3 * rand(hidden), ln_c_bias=0.3 * rand(hidden))
-    if "recurrent_mask" in features:
+    if "recurrent_mask" in option_names:
         keep = torch.rand(batch, width, generator=gen) < 0.7
         kw["recurrent_mask"] = keep.to(dtype) / 0.7
-    if "zoneout_h" in features:
+    if "zoneout_h" in option_names:
         kw["zoneout_h"] = zoneout(rows, width)
-    if "zoneout_c" in features:
+    if "zoneout_c" in option_names:
         kw["zoneout_c"] = zoneout(rows, hidden)
-    if "cell_clip" in features:
+    if "cell_clip" in option_names:
         kw["cell_clip"] = 0.5
-    if "proj_clip" in features:
+    if "proj_clip" in option_names:
         kw["proj_clip"] = 0.3
-    if "grad_clip" in features:
+    if "grad_clip" in option_names:
         kw["grad_clip"] = 0.05
-    if "peephole" in features:
+    if "peephole" in option_names:
         kw["peephole"] = 0.5 * rand(3 * hidden)
     options = StepOptions(**kw)
-    assert set(options.features()) == set(features), "an option without test values here"
+    assert set(options.option_names()) == set(option_names), "an option without test values here"
     return options
 
 
@@ -99,7 +99,7 @@ def test_each_option_alone(name, feature, layout, reverse, dtype):
     case = make_case(cell, 3 if proj else 0, dtype=dtype,
                      lengths=LENGTHS if layout == "packed" else None)
     options = make_options(cell, case, (feature,))
-    assert options.features() == (feature,)
+    assert options.option_names() == (feature,)
     fwd, bwd = check_against_reference(cell, case, reverse, options, dtype)
     # The option is not a no-op on this case (a kernel ignoring it would fail above).
     plain_fwd = run_forward(native, cell, case, reverse)
@@ -157,8 +157,8 @@ def test_odd_sizes(name, size, dtype):
 def test_layer_norms_without_bias(name):
     cell, proj = CASES[name]
     case = dict(make_case(cell, 3 if proj else 0, lengths=LENGTHS), b_hh=None)
-    features = ("layer_norm", "layer_norm_cell") if cell == "lstm" else ("layer_norm",)
-    check_against_reference(cell, case, False, make_options(cell, case, features),
+    option_names = ("layer_norm", "layer_norm_cell") if cell == "lstm" else ("layer_norm",)
+    check_against_reference(cell, case, False, make_options(cell, case, option_names),
                             torch.float64)
 
 

@@ -36,8 +36,8 @@ CASES = {
 PROJ = 3
 
 
-def make_options(cell, features, inputs, seed=2):
-    """float64 StepOptions for ``features``. Clip limits sit inside the values' range, so
+def make_options(cell, option_names, inputs, seed=2):
+    """float64 StepOptions for ``option_names``. Clip limits sit inside the values' range, so
     every clip is active somewhere; zoneout weights mix 0, 1 (keep the state) and 0.3 (the
     eval-mode expectation); the recurrent mask is a dropout mask (0 or 1/0.7); peephole
     weights of either sign, up to 1."""
@@ -48,20 +48,20 @@ def make_options(cell, features, inputs, seed=2):
     zone = lambda w: torch.tensor([0.0, 1.0, 0.3], dtype=torch.float64)[  # noqa: E731
         torch.randint(0, 3, (N, w), generator=gen)]
     values = {}
-    if "layer_norm" in features:
+    if "layer_norm" in option_names:
         values.update(ln_weight=0.5 + rand(G * H), ln_bias=rand(G * H) - 0.5)
-    if "layer_norm_cell" in features:
+    if "layer_norm_cell" in option_names:
         values.update(ln_c_weight=0.5 + rand(H), ln_c_bias=rand(H) - 0.5)
-    if "recurrent_mask" in features:
+    if "recurrent_mask" in option_names:
         values["recurrent_mask"] = (rand(B, P) < 0.7).double() / 0.7
-    if "zoneout_h" in features:
+    if "zoneout_h" in option_names:
         values["zoneout_h"] = zone(P)
-    if "zoneout_c" in features:
+    if "zoneout_c" in option_names:
         values["zoneout_c"] = zone(H)
-    if "peephole" in features:
+    if "peephole" in option_names:
         values["peephole"] = 2 * rand(3 * H) - 1
     values.update({name: limit for name, limit in (("cell_clip", 0.4), ("proj_clip", 0.3),
-                                                   ("grad_clip", 0.05)) if name in features})
+                                                   ("grad_clip", 0.05)) if name in option_names})
     return StepOptions(**values)
 
 
@@ -85,17 +85,17 @@ def run(backend, cell, inputs, grads, reverse, options, ws_backend=None):
     return {k: v.cpu() for k, v in result.items() if v is not None}
 
 
-def problem(cell, case, features, seed=0):
+def problem(cell, case, option_names, seed=0):
     """-> (cell name, float64 inputs, grads, reverse, options)."""
     proj = PROJ if cell == "lstm_proj" else 0
     cell = "lstm" if proj else cell
     batch, steps, hidden, lengths, reverse = CASES[case]
     inputs, grads = make_problem(cell, batch, steps, hidden, lengths, proj, seed=seed)
-    if cell == "gru" and "grad_clip" in features:
+    if cell == "gru" and "grad_clip" in option_names:
         # d_r = clamp(d_n * hn * r(1-r)) with |d_n| <= grad_clip exceeds the clip only where
         # |hn| > 4: make hn that large somewhere
         inputs["b_hh"][2 * hidden:] *= 12
-    return cell, inputs, grads, reverse, make_options(cell, features, inputs)
+    return cell, inputs, grads, reverse, make_options(cell, option_names, inputs)
 
 
 def float32_expected(cell, inputs, grads, reverse, options):
@@ -107,16 +107,16 @@ def float32_expected(cell, inputs, grads, reverse, options):
                 cast_options(options, torch.float64)))
 
 
-def check_float32(cell, case, features, pairs=("triton>triton",)):
+def check_float32(cell, case, option_names, pairs=("triton>triton",)):
     """``pairs``: forward backend > backward backend, run in turn."""
-    cell, inputs, grads, reverse, options = problem(cell, case, features)
+    cell, inputs, grads, reverse, options = problem(cell, case, option_names)
     inputs, grads = cast(inputs, torch.float32), cast(grads, torch.float32)
     options = cast_options(options, torch.float32)
     expected = float32_expected(cell, inputs, grads, reverse, options)
     H = inputs["w_hh"].shape[0] // GATES[cell]
     proj = 0 if inputs["w_hr"] is None else inputs["w_hr"].shape[0]
     assert expected[1]["workspace"].shape[1] == workspace_width(cell, H, proj,
-                                                                options.features())
+                                                                options.option_names())
     backends = {"triton": TritonBackend(), "reference": REFERENCE}
     for pair in pairs:
         first, second = (backends[name] for name in pair.split(">"))
@@ -221,9 +221,9 @@ def test_half_precision_error_within_twice_pytorch(dtype, cell, reverse):
     """As tests/test_triton.py (fastrnn.testing's rule, PyTorch's own same-dtype result as the
     baseline), here with every option on."""
     proj = PROJ if cell == "lstm_proj" else 0
-    features, cell = ALL[cell], "lstm" if proj else cell
+    option_names, cell = ALL[cell], "lstm" if proj else cell
     inputs, grads = make_problem(cell, 4, 5, 8, None, proj, seed=1)
-    options = make_options(cell, features, inputs, seed=4)
+    options = make_options(cell, option_names, inputs, seed=4)
     rounded = lambda t: cast(cast(t, dtype), torch.float64)  # noqa: E731
     inputs, grads = rounded(inputs), rounded(grads)
     options = cast_options(cast_options(options, dtype), torch.float64)
@@ -281,7 +281,7 @@ def test_zero_steps_with_options():
     inputs["xproj"] = inputs["xproj"][:0]
     out, h_n, c_n, ws = TritonBackend().forward(cell, reverse=reverse, options=options,
                                                 **inputs)
-    assert ws.shape == (0, workspace_width("lstm", 5, 0, options.features()))
+    assert ws.shape == (0, workspace_width("lstm", 5, 0, options.option_names()))
     back = TritonBackend().backward(
         cell, reverse=reverse, output=out, workspace=ws, options=options,
         grad_output=out, grad_h_n=h_n, grad_c_n=c_n,

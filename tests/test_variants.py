@@ -29,13 +29,13 @@ BACKENDS = cpu_backends()
 DTYPES = [torch.float64, torch.float32]
 MODULES = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}
 CELL_MODULES = {"lstm": fastrnn.LSTMCell, "gru": fastrnn.GRUCell}
-FEATURE_ORDER = ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
+OPTION_ORDER = ("layer_norm", "layer_norm_cell", "recurrent_mask", "zoneout_h", "zoneout_c",
                  "cell_clip", "proj_clip", "grad_clip", "peephole")
 
 
 # ----------------------------------------------------------------------------- helpers
 
-def op_features(cell, options, training):
+def op_option_names(cell, options, training):
     """The feature names (the op options that are on) of the op calls a module with
     ``options`` makes."""
     p_h, p_c = loops.zoneout_pair(cell, options.get("zoneout", 0.0))
@@ -54,15 +54,15 @@ def op_features(cell, options, training):
                             ("recurrent_grad_clip", "grad_clip"), ("peephole", "peephole")):
         if options.get(option) not in (None, False):
             on.add(feature)
-    return tuple(f for f in FEATURE_ORDER if f in on)
+    return tuple(f for f in OPTION_ORDER if f in on)
 
 
-def skip_unless_supported(backend, cell, dtype, hidden, proj, features):
-    """Skip only when the backend itself says it cannot run these features."""
+def skip_unless_supported(backend, cell, dtype, hidden, proj, option_names):
+    """Skip only when the backend itself says it cannot run these option_names."""
     reason = backends.get(backend).unsupported_reason(cell, dtype, torch.device("cpu"),
-                                                      hidden, proj, features)
+                                                      hidden, proj, option_names)
     if reason is not None:
-        pytest.skip(f"backend {backend} does not run {cell} {features}: {reason}")
+        pytest.skip(f"backend {backend} does not run {cell} {option_names}: {reason}")
 
 
 def randomize_layer_norm(module, seed=5):
@@ -202,7 +202,7 @@ def check_module(cell, options, backend, dtype, *, form="batched", training=True
         options["batch_first"] = True
     proj = options.get("proj_size", 0)
     skip_unless_supported(backend, cell, dtype, hidden, proj,
-                          op_features(cell, options, training))
+                          op_option_names(cell, options, training))
     module = build(cell, options, backend, dtype, input_size, hidden)
     module.train(training)
     inputs = Inputs(cell, options, form, dtype, steps, batch, lengths, init_state,
@@ -414,7 +414,7 @@ def test_all_options_odd_sizes(case, size, dtype, backend):
 def test_masks_reproducible_fresh_and_off_in_eval(cell, option, backend):
     options = {option: 0.4, "num_layers": 2}
     skip_unless_supported(backend, cell, torch.float64, 4, 0,
-                          op_features(cell, options, True))
+                          op_option_names(cell, options, True))
     module = build(cell, options, backend, torch.float64)
     x = torch.randn(5, 3, 3, dtype=torch.float64)
     torch.manual_seed(3)
@@ -502,7 +502,7 @@ def test_cell_steps(case, form, training, dtype, backend):
     """A few steps fed back, as a decoder does: the first training call draws weight_drop
     and recurrent masks, every call draws zoneout."""
     cell, options = cell_of(case), CELL_ALL[case]
-    skip_unless_supported(backend, cell, dtype, 4, 0, op_features(cell, options, training))
+    skip_unless_supported(backend, cell, dtype, 4, 0, op_option_names(cell, options, training))
     module = build_cell(cell, options, backend, dtype).train(training)
     gen = torch.Generator().manual_seed(0)
     batch_shape = () if form == "unbatched" else (2,)
@@ -548,7 +548,7 @@ def test_cell_steps(case, form, training, dtype, backend):
 def test_cell_masks_cached_until_reset_or_new_batch(cell, backend):
     dtype = torch.float64
     options = dict(recurrent_dropout=0.5, weight_drop=0.5, zoneout=0.3)
-    skip_unless_supported(backend, cell, dtype, 4, 0, op_features(cell, options, True))
+    skip_unless_supported(backend, cell, dtype, 4, 0, op_option_names(cell, options, True))
     module = build_cell(cell, options, backend, dtype).train()
     masks = cell_masks(cell, options, dtype)
     gen = torch.Generator().manual_seed(0)
@@ -679,13 +679,13 @@ OP_LAYOUTS = {"dense": None, "packed": torch.tensor([3, 3, 2, 1])}
 OP_CASES = [("lstm", 0), ("lstm", 2), ("gru", 0)]
 
 
-def op_features_of(options):
+def op_option_names_of(options):
     on = {"ln_weight": "layer_norm", "ln_c_weight": "layer_norm_cell",
           "recurrent_mask": "recurrent_mask", "zoneout_h": "zoneout_h",
           "zoneout_c": "zoneout_c", "cell_clip": "cell_clip", "proj_clip": "proj_clip",
           "grad_clip": "grad_clip", "peephole": "peephole"}
     names = {on[k] for k, v in options.items() if k in on and v is not None}
-    return tuple(f for f in FEATURE_ORDER if f in names)
+    return tuple(f for f in OPTION_ORDER if f in names)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -697,7 +697,7 @@ def test_op_every_option_matches_loop(cell, proj, layout, reverse, dtype, backen
     batch_sizes = OP_LAYOUTS[layout]
     args, options = op_case(cell, dtype, batch_sizes=batch_sizes, proj=proj)
     options["grad_clip"] = 0.05
-    skip_unless_supported(backend, cell, dtype, 3, proj, op_features_of(options))
+    skip_unless_supported(backend, cell, dtype, 3, proj, op_option_names_of(options))
     outs_fast = call_op(cell, args, options, batch_sizes, reverse, backend)
     outs_ref = loop_op(cell, args, options, batch_sizes, reverse)
     names = [k for k, v in list(args.items()) + list(options.items())
@@ -723,7 +723,7 @@ def test_op_gradcheck_every_option(cell, proj, backend):
     args, options = op_case(cell, torch.float64, batch_sizes=batch_sizes, proj=proj,
                             hidden=2, batch=3, steps=4, seed=3)
     options["grad_clip"] = 1e3
-    skip_unless_supported(backend, cell, torch.float64, 2, proj, op_features_of(options))
+    skip_unless_supported(backend, cell, torch.float64, 2, proj, op_option_names_of(options))
     # the clips must bite somewhere, or they are not being checked
     clipped = loop_op(cell, args, options, batch_sizes, True)
     unclipped = loop_op(cell, args, dict(options, cell_clip=None, proj_clip=None),
@@ -750,7 +750,7 @@ def test_op_opcheck_every_option(cell, proj, backend):
     batch_sizes = OP_LAYOUTS["packed"]
     args, options = op_case(cell, torch.float32, batch_sizes=batch_sizes, proj=proj)
     options["grad_clip"] = 0.5
-    skip_unless_supported(backend, cell, torch.float32, 3, proj, op_features_of(options))
+    skip_unless_supported(backend, cell, torch.float32, 3, proj, op_option_names_of(options))
     names = ["xproj", "h0", "c0", "w_hh", "b_hh", "w_hr"]
     positional = [args.get(n) for n in names] + [batch_sizes, True, backend]
     # test_aot_dispatch_dynamic is left out: 2 s a case, and the gradcheck and loop tests
@@ -769,7 +769,7 @@ def test_op_zoneout_one_keeps_the_state_bit_for_bit(cell, proj, backend):
     options["zoneout_h"] = torch.ones_like(options["zoneout_h"])
     if cell == "lstm":
         options["zoneout_c"] = torch.ones_like(options["zoneout_c"])
-    skip_unless_supported(backend, cell, torch.float64, 3, proj, op_features_of(options))
+    skip_unless_supported(backend, cell, torch.float64, 3, proj, op_option_names_of(options))
     with torch.no_grad():
         result = call_op(cell, args, options, batch_sizes, False, backend)
     h0 = args["h0"].detach()
@@ -823,9 +823,9 @@ def test_workspace_shared_by_every_backend(cell, proj, which, forward_backend,
     options["grad_clip"] = 0.05
     for name in WORKSPACE_OPTIONS[which] or ():
         options.pop(name, None)
-    features = op_features_of(options)
+    option_names = op_option_names_of(options)
     for backend in {forward_backend, backward_backend}:
-        skip_unless_supported(backend, cell, torch.float64, 3, proj, features)
+        skip_unless_supported(backend, cell, torch.float64, 3, proj, option_names)
 
     def forward_backward(forward_name, backward_name):
         with torch.no_grad():
@@ -882,7 +882,7 @@ def test_op_half_precision_within_twice_pytorch(cell, proj, dtype, backend):
     batch_sizes = OP_LAYOUTS["packed"]
     args, options = op_case(cell, torch.float64, batch_sizes=batch_sizes, proj=proj)
     options["grad_clip"] = 0.05
-    skip_unless_supported(backend, cell, dtype, 3, proj, op_features_of(options))
+    skip_unless_supported(backend, cell, dtype, 3, proj, op_option_names_of(options))
     exact_args = cast_values(cast_values(args, dtype), torch.float64)
     exact_options = cast_values(cast_values(options, dtype), torch.float64)
     gen = torch.Generator().manual_seed(7)
@@ -921,7 +921,7 @@ def test_workspace_columns_are_the_spec(cell, proj, dtype, backend):
     args, options = op_case(cell, dtype, batch_sizes=batch_sizes, proj=proj)
     if proj:
         options["proj_clip"] = 0.2
-    skip_unless_supported(backend, cell, dtype, 3, proj, op_features_of(options))
+    skip_unless_supported(backend, cell, dtype, 3, proj, op_option_names_of(options))
     with torch.no_grad():
         workspace = call_op_full(cell, args, options, batch_sizes, True, backend)[-1]
 
@@ -953,7 +953,7 @@ def test_op_grad_clip_leaves_the_forward_alone(cell, proj, backend):
     batch_sizes = OP_LAYOUTS["packed"]
     args, options = op_case(cell, torch.float64, batch_sizes=batch_sizes, proj=proj)
     skip_unless_supported(backend, cell, torch.float64, 3, proj,
-                          op_features_of(dict(options, grad_clip=0.01)))
+                          op_option_names_of(dict(options, grad_clip=0.01)))
     with torch.no_grad():
         clipped = call_op_full(cell, args, dict(options, grad_clip=0.01), batch_sizes, False,
                                backend)

@@ -96,13 +96,13 @@ class LayerNormCaseData(rnn.CaseData):
         self._norms = None
 
 
-def _features_reason(backend: str, spec: rnn.Spec, features: Tuple[str, ...]) -> Optional[str]:
-    """Why ``backend`` cannot run this case with ``features``, or None."""
+def _options_reason(backend: str, spec: rnn.Spec, option_names: Tuple[str, ...]) -> Optional[str]:
+    """Why ``backend`` cannot run this case with ``option_names``, or None."""
     from fastrnn import backends
     check = backends.get(backend).unsupported_reason
-    if features and "features" not in inspect.signature(check).parameters:
+    if option_names and "option_names" not in inspect.signature(check).parameters:
         return "this fastrnn has no options (layer_norm, zoneout, ...)"
-    extra = {"features": features} if features else {}
+    extra = {"option_names": option_names} if option_names else {}
     return check(spec.cell, spec.dtype, spec.device, spec.config.hidden, 0, **extra)
 
 
@@ -110,7 +110,7 @@ def fastrnn_variant_module(spec: rnn.Spec, backend: str, variant: str):
     """``fastrnn.LSTM(layer_norm=True, backend=backend)`` (and the regularisers for
     ln-lstm-reg), or Skip naming why the backend cannot."""
     import fastrnn
-    reason = _features_reason(backend, spec, VARIANTS[variant])
+    reason = _options_reason(backend, spec, VARIANTS[variant])
     if reason:
         raise Skip(reason)
     c = spec.config

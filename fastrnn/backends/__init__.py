@@ -109,21 +109,21 @@ def check_name(name: str) -> str:
 # answer depends only on these constant arguments (and the process-wide default).
 @torch.compiler.assume_constant_result
 def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
-            hidden_size: int, proj_size: int = 0, features: tuple = ()) -> str:
+            hidden_size: int, proj_size: int = 0, option_names: tuple = ()) -> str:
     """The backend that will run this call.
 
     A backend named explicitly (argument, set_backend or FASTRNN_BACKEND) must serve the call
     or a ValueError says why and lists what is available. Under "auto" the first capable
     backend in preference order runs; when a preferred one cannot, ONE warning per reason says
-    which backend runs instead. ``features``: the variant options of the call
-    (fastrnn.spec.StepOptions.features()).
+    which backend runs instead. ``option_names``: the variant options of the call
+    (fastrnn.spec.StepOptions.option_names()).
     """
     if name == "auto":
         name = get_backend()
     if name != "auto":
         backend = get(name)
         reason = backend.unavailable_reason(device) or _unsupported(
-            backend, cell, dtype, device, hidden_size, proj_size, features)
+            backend, cell, dtype, device, hidden_size, proj_size, option_names)
         if reason is not None:
             raise ValueError(f"fastrnn backend {name!r} cannot run {cell} on {device} "
                              f"({dtype}): {reason}. Available on {device.type}: "
@@ -135,7 +135,7 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
         reason = backend.unavailable_reason(device)
         if reason is None:
             reason = _unsupported(backend, cell, dtype, device, hidden_size, proj_size,
-                                  features)
+                                  option_names)
         if reason is None:
             if skipped:
                 _warn_once(skipped, candidate)
@@ -188,10 +188,10 @@ def torch_path(name: str, data: torch.Tensor, mode: str, *, batch_dim: int, pack
     return choose(name, data.device, mode, inference, shape, compiling) == "torch"
 
 
-def _unsupported(backend, cell, dtype, device, hidden_size, proj_size, features):
-    if not features:
+def _unsupported(backend, cell, dtype, device, hidden_size, proj_size, option_names):
+    if not option_names:
         return backend.unsupported_reason(cell, dtype, device, hidden_size, proj_size)
-    return backend.unsupported_reason(cell, dtype, device, hidden_size, proj_size, features)
+    return backend.unsupported_reason(cell, dtype, device, hidden_size, proj_size, option_names)
 
 
 def _warn_once(skipped, chosen):

@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..spec import CELLS, LEARNABLE, accumulate_dtype, features, workspace_width
+from ..spec import CELLS, LEARNABLE, accumulate_dtype, option_names, workspace_width
 
 Tensor = torch.Tensor
 
@@ -36,7 +36,7 @@ def fake_forward(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_h
     empty [0] for cells without one, workspace; [0, W] without need_workspace)."""
     hidden = w_hh.shape[0] // CELLS[cell].num_gates
     width = workspace_width(cell, hidden, 0 if w_hr is None else w_hr.shape[0],
-                            features(options))
+                            option_names(options))
     return (xproj.new_empty(xproj.shape[0], h0.shape[1]), h0.new_empty(h0.shape),
             xproj.new_empty(0) if c0 is None else c0.new_empty(c0.shape),
             xproj.new_empty(xproj.shape[0] if need_workspace else 0, width,
@@ -81,11 +81,11 @@ class Backend:
 
     def unsupported_reason(self, cell: str, dtype: torch.dtype, device: torch.device,
                            hidden_size: int, proj_size: int,
-                           features: Tuple[str, ...] = ()) -> Optional[str]:
+                           option_names: Tuple[str, ...] = ()) -> Optional[str]:
         """None when this call can be served, else why not (dtype, size, a variant option:
-        ``features`` names the options that are on, see fastrnn.spec)."""
-        if features:
-            return f"the {self.name} backend does not run the options {', '.join(features)}"
+        ``option_names`` names the options that are on, see fastrnn.spec)."""
+        if option_names:
+            return f"the {self.name} backend does not run the options {', '.join(option_names)}"
         return None
 
     def forward(self, cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor],
@@ -94,7 +94,7 @@ class Backend:
                 need_workspace: bool = True):
         """-> (output [N, P], h_n [B, P], c_n [B, H] or None, workspace [N, W]).
         ``options``: None or a fastrnn.spec.StepOptions (only if unsupported_reason
-        accepted its features). ``need_workspace`` false: no backward will follow, so the
+        accepted the options that are on). ``need_workspace`` false: no backward will follow, so the
         workspace may come back empty [0, W] (a backend that returns it whole anyway is
         correct; the op then drops it)."""
         raise NotImplementedError

@@ -33,7 +33,7 @@ from .base import Backend, fake_backward, fake_forward, no_rows_backward, no_row
 CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 CUDA_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Options each device's kernels run and are tested for (CUDA: once verified on a GPU).
-SUPPORTED_FEATURES = {
+SUPPORTED_OPTIONS = {
     "cpu": tuple(o.name for o in OPTIONS),
     "cuda": tuple(o.name for o in OPTIONS) if "options" in GPU_VERIFIED["native"] else (),
 }
@@ -93,7 +93,7 @@ class NativeBackend(Backend):
             return "no CUDA device is available"
         return self._load()
 
-    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size, features=()):
+    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size, option_names=()):
         device = torch.device(device)
         allowed = CUDA_DTYPES if device.type == "cuda" else CPU_DTYPES
         if dtype not in allowed:
@@ -102,9 +102,9 @@ class NativeBackend(Backend):
                     f"not {str(dtype).replace('torch.', '')}")
         if cell not in CELLS:
             return f"unknown cell {cell!r}"
-        if features and not OPTION_FIELDS.get(cell):
-            return f"{cell} takes no options (got {', '.join(features)})"
-        missing = [f for f in features if f not in SUPPORTED_FEATURES.get(device.type, ())]
+        if option_names and not OPTION_FIELDS.get(cell):
+            return f"{cell} takes no options (got {', '.join(option_names)})"
+        missing = [f for f in option_names if f not in SUPPORTED_OPTIONS.get(device.type, ())]
         if missing:
             why = (" (the CUDA option kernels are not verified on a GPU: "
                    "fastrnn.backends.routing.GPU_VERIFIED)"

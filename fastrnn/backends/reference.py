@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..spec import CELLS, LEARNABLE, accumulate_dtype
-from ..spec import LAYER_NORM_EPS, StepOptions, features, workspace_layout
+from ..spec import LAYER_NORM_EPS, StepOptions, option_names, workspace_layout
 from .base import Backend, step_layout
 
 
@@ -205,7 +205,7 @@ class ReferenceBackend(Backend):
     def unavailable_reason(self, device):
         return None
 
-    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size, features=()):
+    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size, option_names=()):
         if not dtype.is_floating_point:
             return f"dtype {dtype} is not a floating point type"
         return None
@@ -266,7 +266,7 @@ class ReferenceBackend(Backend):
             proj = 0 if w_hr is None else w_hr.shape[0]
             output = xp.new_empty(0, h0.shape[1])
             workspace = xp.new_empty(0, workspace_layout(cell, hidden, proj,
-                                                         features(options))["width"].stop)
+                                                         option_names(options))["width"].stop)
         dtype = xproj.dtype
         return (output.to(dtype), h_run.to(dtype),
                 None if c_run is None else c_run.to(dtype), workspace)
@@ -282,7 +282,7 @@ class ReferenceBackend(Backend):
             acc, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace)
         hidden = w_hh.shape[0] // CELLS[cell].num_gates
         proj = 0 if w_hr is None else w_hr.shape[0]
-        layout = workspace_layout(cell, hidden, proj, features(options))
+        layout = workspace_layout(cell, hidden, proj, option_names(options))
         sizes, offsets = step_layout(output.shape[0], h0.shape[0], batch_sizes)
         steps = len(sizes)
         order = list(reversed(range(steps)) if reverse else range(steps))

@@ -143,7 +143,7 @@ class RNNCellBase(nn.Module):
         compute = input.dtype if autocast is None else autocast.compute
         variant = options.active(self)
         backend = backends.resolve(self.backend, cell, input.device, compute, self.hidden_size,
-                                   0, options.features(self) if variant else ())
+                                   0, options.option_names(self) if variant else ())
         w_hh, step_options = self.weight_hh, None
         if variant:
             like = torch.empty(0, dtype=compute, device=input.device)

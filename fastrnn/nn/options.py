@@ -81,7 +81,7 @@ def describe(module) -> str:
     return ", ".join(f"{name}={getattr(module, name)!r}" for name in _on(module))
 
 
-def features(module) -> tuple:
+def option_names(module) -> tuple:
     """The op options a forward of ``module`` turns on now (fastrnn.spec), for choosing a
     backend that runs them."""
     lstm = module.mode == "LSTM"
@@ -186,7 +186,7 @@ def _decide_torch_path(module, data: Tensor, packed: bool, cell: bool) -> bool:
     return backends.torch_path(
         module.backend, data, module.mode, packed=packed, cell=cell,
         batch_dim=0 if getattr(module, "batch_first", False) else 1,
-        changes_math=bool(features(module) or (module.weight_drop and module.training)
+        changes_math=bool(option_names(module) or (module.weight_drop and module.training)
                           or segmented),
         parameters=module.parameters)
 

@@ -238,9 +238,9 @@ class RNNBase(nn.Module):
         plan = call.plan if call is not None and autocast is None else None
         if plan is None:   # the backend depends on the compute dtype: autocast's is not kept
             variant = options.active(self)
-            features = options.features(self) if variant else ()
+            option_names = options.option_names(self) if variant else ()
             plan = variant, backends.resolve(self.backend, kind.name, input.device, compute,
-                                             self.hidden_size, self.proj_size, features)
+                                             self.hidden_size, self.proj_size, option_names)
             if call is not None and autocast is None:
                 call.plan = plan
         variant, backend = plan

@@ -44,11 +44,11 @@ class TritonBackend(Backend):
             raise ValueError(f"FASTRNN_TRITON_KERNEL={choice!r}; allowed: {', '.join(KERNELS)}")
         return choice
 
-    def _persistent(self, cell, hidden, proj, features=()) -> bool:
+    def _persistent(self, cell, hidden, proj, option_names=()) -> bool:
         choice = self._kernel_choice()
-        if features:  # the step path runs the options; the persistent kernel has none
+        if option_names:  # the step path runs the options; the persistent kernel has none
             if choice == "persistent":
-                raise ValueError(self._no_options(features))
+                raise ValueError(self._no_options(option_names))
             return False
         fits = persistent.fits(NUM_GATES[cell], hidden, proj)
         if choice == "persistent" and not fits:
@@ -56,8 +56,8 @@ class TritonBackend(Backend):
         return choice == "persistent" or (choice == "auto" and fits)
 
     @staticmethod
-    def _no_options(features):
-        return (f"the persistent Triton kernel does not run the options {', '.join(features)}; "
+    def _no_options(option_names):
+        return (f"the persistent Triton kernel does not run the options {', '.join(option_names)}; "
                 f"use FASTRNN_TRITON_KERNEL=auto or step (the step kernels run them)")
 
     @staticmethod
@@ -80,15 +80,15 @@ class TritonBackend(Backend):
                     "before fastrnn.backends.triton is imported), which is meant for tests")
         return f"Triton kernels do not run on {device.type} tensors"
 
-    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size, features=()):
+    def unsupported_reason(self, cell, dtype, device, hidden_size, proj_size, option_names=()):
         if dtype not in SUPPORTED_DTYPES:
             return f"dtype {dtype} is not supported (float32, float16 and bfloat16 are)"
         if cell not in CELL_IDS:
             return f"unknown cell {cell!r}"
-        if features and cell not in OPTION_CELLS:
-            return f"the {cell} op has no options ({', '.join(features)} given)"
-        if features and self._kernel_choice() == "persistent":
-            return self._no_options(features)
+        if option_names and cell not in OPTION_CELLS:
+            return f"the {cell} op has no options ({', '.join(option_names)} given)"
+        if option_names and self._kernel_choice() == "persistent":
+            return self._no_options(option_names)
         if (self._kernel_choice() == "persistent"
                 and not persistent.fits(NUM_GATES[cell], hidden_size, proj_size)):
             return self._too_big(hidden_size, proj_size)
@@ -102,7 +102,7 @@ class TritonBackend(Backend):
         # them when it is false).
         cell_id, G = CELL_IDS[cell], NUM_GATES[cell]
         xproj, h0, c0, w_hh, b_hh, w_hr = map(_c, (xproj, h0, c0, w_hh, b_hh, w_hr))
-        options, features, layout = _options(cell, options, w_hh, w_hr)
+        options, option_names, layout = _options(cell, options, w_hh, w_hr)
         dtype, dev = xproj.dtype, xproj.device
         acc = torch.float32 if dtype in HALF else dtype
         N, (B, P), H = xproj.shape[0], h0.shape, w_hh.shape[0] // G
@@ -113,7 +113,7 @@ class TritonBackend(Backend):
         if N == 0:
             return output, h0.clone(), None if c0 is None else c0.clone(), ws
 
-        if self._persistent(cell, H, P if w_hr is not None else 0, features):
+        if self._persistent(cell, H, P if w_hr is not None else 0, option_names):
             bs, offs = self._steps_on(dev, sizes, offsets)
             h_n = torch.empty_like(h0)
             c_n = None if c0 is None else torch.empty_like(c0)
@@ -134,7 +134,7 @@ class TritonBackend(Backend):
         cell_id, G = CELL_IDS[cell], NUM_GATES[cell]
         (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace) = map(
             _c, (grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace))
-        given, (options, features, layout) = options, _options(cell, options, w_hh, w_hr)
+        given, (options, option_names, layout) = options, _options(cell, options, w_hh, w_hr)
         dtype, dev = output.dtype, output.device
         N, (B, P), H = output.shape[0], h0.shape, w_hh.shape[0] // G
         sizes, offsets = step_layout(N, B, batch_sizes)
@@ -142,7 +142,7 @@ class TritonBackend(Backend):
             return no_rows_backward(grad_h_n, grad_c_n, w_hh, w_hr, given)
         learned = {}  # gradients of the learnable option arguments, by name
 
-        if self._persistent(cell, H, P if w_hr is not None else 0, features):
+        if self._persistent(cell, H, P if w_hr is not None else 0, option_names):
             bs, offs = self._steps_on(dev, sizes, offsets)
             gx, gh0, gc0, gw, gb, gwr = persistent.backward(
                 cell_id, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, bs, offs,
@@ -163,13 +163,13 @@ class TritonBackend(Backend):
             gw = d_a.t() @ h_rec_all  # one GEMM over all steps
             gb = d_hh.sum(0)
             gwr = None if w_hr is None else d_out_all.t() @ workspace[:, layout["h_pre"]]
-            if "layer_norm" in features:
+            if "layer_norm" in option_names:
                 a_hat = workspace[:, layout["a_hat"]]
                 learned.update(ln_weight=(d_hh * a_hat).sum(0), ln_bias=gb)
-            if "layer_norm_cell" in features:
+            if "layer_norm_cell" in option_names:
                 c_hat = workspace[:, layout["c_hat"]]
                 learned.update(ln_c_weight=(dy_all * c_hat).sum(0), ln_c_bias=dy_all.sum(0))
-            if "peephole" in features:
+            if "peephole" in option_names:
                 learned["peephole"] = d_peephole_all.sum(0)
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         grads = cast(gx), cast(gh0), cast(gc0), cast(gw), cast(gb), cast(gwr)
@@ -185,11 +185,11 @@ class TritonBackend(Backend):
 def _options(cell, options, w_hh, w_hr):
     """-> (options with contiguous tensors or None when no option is on, the names of the
     options that are on, the workspace layout)."""
-    features = () if options is None else options.features()
-    if features:
+    option_names = () if options is None else options.option_names()
+    if option_names:
         options = type(options)(*[_c(v) if isinstance(v, torch.Tensor) else v
                                   for v in options])
     hidden = w_hh.shape[0] // NUM_GATES[cell]
     proj = 0 if w_hr is None else w_hr.shape[0]
-    return (options if features else None), features, workspace_layout(cell, hidden, proj,
-                                                                        features)
+    return (options if option_names else None), option_names, workspace_layout(cell, hidden, proj,
+                                                                        option_names)

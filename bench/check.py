@@ -90,3 +90,17 @@ def approximation(result: Mapping[str, torch.Tensor],
     worst = max(errors, key=errors.get)
     return {"max_abs_error": errors[worst], "against": "baseline (reduced precision: not "
             "judged)", "worst": worst}
+
+
+def check_provider(case, name: str, result: Mapping[str, torch.Tensor],
+                   baseline: Mapping[str, torch.Tensor]):
+    """(check record, why it is wrong or None) of provider ``name`` of ``case`` against the
+    baseline's result: a reduced-precision provider (Case.approximate) records its error, any
+    other is judged by the tolerance rule."""
+    if name in case.approximate:
+        record = approximation(result, baseline)
+        return record, record.get("message")
+    verdict = judge(result, baseline, case.dtype, case.gold)
+    record = {"error": verdict.error, "tolerance": verdict.tolerance,
+              "against": verdict.against, "worst": verdict.worst}
+    return record, None if verdict.ok else verdict.message

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .check import approximation, judge
+from .check import check_provider
 from .core import Case, Options, Skip, provider_names
 from .timing import Budget, paired_ratio, peak_memory, summary, time_interleaved
 
@@ -62,17 +62,10 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
                 baseline_result = result
                 tokens, flops = _value(case.tokens), _value(case.flops)
                 record["check"] = {"against": "is the baseline"}
-            elif name in case.approximate:
-                record["check"] = approximation(result, baseline_result)
-                if "message" in record["check"]:
-                    record.update(status="wrong", reason=record["check"]["message"])
-                    continue
             else:
-                verdict = judge(result, baseline_result, case.dtype, case.gold)
-                record["check"] = {"error": verdict.error, "tolerance": verdict.tolerance,
-                                   "against": verdict.against, "worst": verdict.worst}
-                if not verdict.ok:
-                    record.update(status="wrong", reason=verdict.message)
+                record["check"], wrong = check_provider(case, name, result, baseline_result)
+                if wrong:
+                    record.update(status="wrong", reason=wrong)
                     continue
             del result
             record["peak_mem_bytes"] = peak_memory(workload, options.device, budget.warmup)

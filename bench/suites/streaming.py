@@ -221,7 +221,7 @@ def interleaved(case: Case, rounds: int, calls_per_round: int) -> list:
     Each provider is checked against torch.nn first, as in the suite."""
     import statistics
     import time
-    from ..check import approximation, judge
+    from ..check import check_provider
     calls, records, expected = {}, {}, None
     for name, factory in case.providers.items():
         record = records[name] = {"suite": case.suite, "case": case.name, "provider": name,
@@ -235,15 +235,10 @@ def interleaved(case: Case, rounds: int, calls_per_round: int) -> list:
             continue
         if expected is None:
             expected = result
-        elif name in case.approximate:
-            record["check"] = approximation(result, expected)
-            if "message" in record["check"]:
-                record.update(status="wrong", reason=record["check"]["message"])
-                continue
         else:
-            verdict = judge(result, expected, case.dtype, case.gold)
-            if not verdict.ok:
-                record.update(status="wrong", reason=verdict.message)
+            record["check"], wrong = check_provider(case, name, result, expected)
+            if wrong:
+                record.update(status="wrong", reason=wrong)
                 continue
         calls[name] = call
     times = {name: [] for name in calls}

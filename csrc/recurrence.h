@@ -74,28 +74,34 @@ void with_cell(Cell cell, Body&& body) {
   }
 }
 
-// Calls body(cell, OptionsOn<ln, ln_c, peep, any>()) with the cell and the options it has on
-// as compile-time constants (ln_c and peep are lstm's; the Elman cells have no options).
+// Calls f(std::integral_constant<unsigned, bits>) with the run-time `bits` (below 1 << N, the
+// bits from K on) as a compile-time constant.
+template <unsigned BITS, int K, int N, class F>
+void with_bits(unsigned bits, F&& f) {
+  if constexpr (K == N) {
+    f(std::integral_constant<unsigned, BITS>());
+  } else if ((bits >> K) & 1u) {
+    with_bits<BITS | (1u << K), K + 1, N>(bits, f);
+  } else {
+    with_bits<BITS, K + 1, N>(bits, f);
+  }
+}
+
+// Calls body(cell, OptionsOn<bits, any>()) with the cell and the specialised options it has on
+// as compile-time constants (a cell's bits are only those of its options: the Elman cells
+// have none).
 template <typename scalar_t, typename acc_t, class Body>
 void with_step(Cell cell, const StepOptions<scalar_t, acc_t>& o, Body&& body) {
-  auto with_flag = [](bool on, auto&& f) {  // f(std::bool_constant<on>)
-    if (on) {
-      f(std::true_type());
-    } else {
-      f(std::false_type());
-    }
-  };
+  unsigned bits = 0;
+#define FASTRNN_OPTION_BIT(option, bit, arg) bits |= (o.arg != nullptr ? 1u : 0u) << bit;
+  FASTRNN_SPECIALISED(FASTRNN_OPTION_BIT)
+#undef FASTRNN_OPTION_BIT
   with_cell(cell, [&](auto c) {
-    constexpr Cell k = decltype(c)::value;
-    constexpr bool gated = k == Cell::LSTM || k == Cell::GRU, lstm = k == Cell::LSTM;
+    constexpr int k = static_cast<int>(decltype(c)::value);
     if (!o.any) return body(c, NoOptions());
-    with_flag(o.ln_weight != nullptr, [&](auto ln) {
-      with_flag(o.ln_c_weight != nullptr, [&](auto ln_c) {
-        with_flag(o.peephole != nullptr, [&](auto peep) {
-          body(c, OptionsOn<gated && decltype(ln)::value, lstm && decltype(ln_c)::value,
-                            lstm && decltype(peep)::value, gated>());
-        });
-      });
+    with_bits<0, 0, FASTRNN_NUM_SPECIALISED>(bits, [&](auto on) {
+      body(c, OptionsOn<decltype(on)::value & spec::kSpecialisedOfCell[k],
+                        spec::kCellTakesOptions[k]>());
     });
   });
 }
@@ -109,7 +115,6 @@ struct Options {
   bool ln() const { return ln_weight.defined(); }
   bool ln_c() const { return ln_c_weight.defined(); }
   bool mask() const { return recurrent_mask.defined(); }
-  bool peep() const { return peephole.defined(); }
   bool any() const { return FASTRNN_ANY_OPTION(*this); }
 };
 
@@ -125,16 +130,21 @@ inline Options make_options(FASTRNN_OPTION_PARAMS) {
 // Workspace columns (fastrnn/spec.py workspace_layout): the cell's own, then those of each
 // option that is on. Where the named groups start (an absent one: where it would start).
 struct Columns {
-  int64_t width, c, h_pre, ln, ln_c, p;  // ln: a_hat, ln_c: c_hat
+  int64_t width, c, h_pre;
+#define FASTRNN_COLUMN_FIELD(group) int64_t group;
+  FASTRNN_OPTION_COLUMNS(FASTRNN_COLUMN_FIELD)
+#undef FASTRNN_COLUMN_FIELD
 };
 
 inline Columns workspace_columns(Cell cell, int64_t H, int64_t P, bool proj,
                                  const Options& o = Options()) {
   const int id = static_cast<int>(cell);
   const int64_t G = num_gates(cell);
-  Columns c{0, 0, 0, 0, 0, 0};
+  Columns c{};
+#define FASTRNN_COLUMN_NAME(group) {#group, &c.group},
   const std::pair<const char*, int64_t*> named[] = {
-      {"c", &c.c}, {"h_pre", &c.h_pre}, {"a_hat", &c.ln}, {"c_hat", &c.ln_c}, {"p", &c.p}};
+      {"c", &c.c}, {"h_pre", &c.h_pre}, FASTRNN_OPTION_COLUMNS(FASTRNN_COLUMN_NAME)};
+#undef FASTRNN_COLUMN_NAME
   for (const spec::ColumnGroup& g : spec::kColumnGroups) {
     if (g.cell != id && g.option < 0) continue;  // another cell's own columns
     for (const auto& name : named) {
@@ -253,18 +263,12 @@ struct Shapes {
 // this is for direct callers of the ops.
 inline void check_options(const Shapes& s, const Options& o, const Tensor& like) {
   if (!o.any()) return;
-  TORCH_CHECK(spec::kCellTakesOptions[static_cast<int>(s.cell)],
-              "fastrnn native: options exist for lstm and gru only");
-  TORCH_CHECK(s.cell == Cell::LSTM || !(o.ln_c_weight.defined() || o.ln_c_bias.defined() ||
-                                        o.zoneout_c.defined() || o.cell_clip.has_value() ||
-                                        o.proj_clip.has_value() || o.peep()),
-              "fastrnn native: ln_c_weight, ln_c_bias, zoneout_c, cell_clip, proj_clip and "
-              "peephole are lstm options; gru takes ln_weight, ln_bias, recurrent_mask, "
-              "zoneout_h and grad_clip");
-  TORCH_CHECK(o.ln_weight.defined() == o.ln_bias.defined(),
-              "fastrnn native: ln_weight and ln_bias come together (both or neither)");
-  TORCH_CHECK(o.ln_c_weight.defined() == o.ln_c_bias.defined(),
-              "fastrnn native: ln_c_weight and ln_c_bias come together (both or neither)");
+  const int64_t G = s.G, H = s.H, B = s.B, P = s.P, N = s.N;  // the shape rules' sizes
+  const int id = static_cast<int>(s.cell);
+  auto check_cell = [&](bool given, int option, const char* name) {
+    TORCH_CHECK(!given || (spec::kOptionCells[option] >> id) & 1u, "fastrnn native: ", name,
+                " is not an option of ", spec::kCellNames[id], " (", spec::kOptionsOfCells, ")");
+  };
   auto check = [&](const Tensor& t, const char* name, std::vector<int64_t> shape) {
     if (!t.defined()) return;
     TORCH_CHECK(t.sizes() == at::IntArrayRef(shape), "fastrnn native: ", name, " must be ",
@@ -274,22 +278,25 @@ inline void check_options(const Shapes& s, const Options& o, const Tensor& like)
                 like.scalar_type(), ", ", like.device(), "), got ", t.scalar_type(), " on ",
                 t.device());
   };
-  check(o.ln_weight, "ln_weight", {s.G * s.H});
-  check(o.ln_bias, "ln_bias", {s.G * s.H});
-  check(o.ln_c_weight, "ln_c_weight", {s.H});
-  check(o.ln_c_bias, "ln_c_bias", {s.H});
-  check(o.recurrent_mask, "recurrent_mask", {s.B, s.P});
-  check(o.zoneout_h, "zoneout_h", {s.N, s.P});
-  check(o.zoneout_c, "zoneout_c", {s.N, s.H});
-  check(o.peephole, "peephole", {3 * s.H});
-  for (const auto& clip : {std::make_pair("cell_clip", o.cell_clip),
-                           std::make_pair("proj_clip", o.proj_clip),
-                           std::make_pair("grad_clip", o.grad_clip)}) {
-    TORCH_CHECK(!clip.second.has_value() || *clip.second > 0, "fastrnn native: ", clip.first,
-                " must be a positive number or None, got ", clip.second.value_or(0));
-  }
-  TORCH_CHECK(!o.proj_clip.has_value() || s.proj,
-              "fastrnn native: proj_clip needs a projection (w_hr)");
+#define FASTRNN_CHECK_TENSOR(arg, option, ...)      \
+  check_cell(o.arg.defined(), option, #arg);        \
+  check(o.arg, #arg, {__VA_ARGS__});
+  FASTRNN_TENSOR_ARGS(FASTRNN_CHECK_TENSOR)
+#undef FASTRNN_CHECK_TENSOR
+#define FASTRNN_CHECK_FLOAT(arg, option)                                                   \
+  check_cell(o.arg.has_value(), option, #arg);                                             \
+  TORCH_CHECK(!o.arg.has_value() || *o.arg > 0, "fastrnn native: " #arg                   \
+              " must be a positive number or None, got ", o.arg.value_or(0));
+  FASTRNN_FLOAT_ARGS(FASTRNN_CHECK_FLOAT)
+#undef FASTRNN_CHECK_FLOAT
+#define FASTRNN_CHECK_TOGETHER(names, together) \
+  TORCH_CHECK(together, "fastrnn native: " names " come together (both or neither)");
+  FASTRNN_ARGS_TOGETHER(FASTRNN_CHECK_TOGETHER, o)
+#undef FASTRNN_CHECK_TOGETHER
+#define FASTRNN_CHECK_PROJECTION(arg) \
+  TORCH_CHECK(!spec::is_on(o.arg) || s.proj, "fastrnn native: " #arg " needs a projection (w_hr)");
+  FASTRNN_NEEDS_PROJECTION(FASTRNN_CHECK_PROJECTION)
+#undef FASTRNN_CHECK_PROJECTION
 }
 
 // Shapes of the op (docs/op-contract.md); `rows`/`cols` are those of xproj (in backward: N
@@ -347,22 +354,22 @@ StepOptions<scalar_t, acc_t> step_options(const Shapes& s, const Options& o,
     return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
   };
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
-  so.proj_clip_on = o.proj_clip.has_value();
-  so.ln_weight = ptr(o.ln_weight);
-  so.ln_bias = ptr(o.ln_bias);
-  so.ln_c_weight = ptr(o.ln_c_weight);
-  so.ln_c_bias = ptr(o.ln_c_bias);
-  so.peephole = ptr(o.peephole);
-  so.zoneout_h = o.zoneout_h.defined() ? ptr(o.zoneout_h) : ptr(zeros);
-  so.zh_stride = o.zoneout_h.defined() ? s.P : 0;
-  so.zoneout_c = o.zoneout_c.defined() ? ptr(o.zoneout_c) : ptr(zeros);
-  so.zc_stride = o.zoneout_c.defined() ? s.H : 0;
-  so.cell_clip = o.cell_clip.has_value() ? static_cast<acc_t>(*o.cell_clip) : inf;
-  so.proj_clip = o.proj_clip.has_value() ? static_cast<acc_t>(*o.proj_clip) : inf;
-  so.grad_clip = o.grad_clip.has_value() ? static_cast<acc_t>(*o.grad_clip) : inf;
-  so.ln_col = s.cols.ln;
-  so.ln_c_col = s.cols.ln_c;
-  so.p_col = s.cols.p;
+  const int64_t H = s.H, P = s.P;  // the per-row options' widths
+#define FASTRNN_TENSOR_POINTER(arg, ...) so.arg = ptr(o.arg);
+  FASTRNN_TENSOR_ARGS(FASTRNN_TENSOR_POINTER)
+#undef FASTRNN_TENSOR_POINTER
+#define FASTRNN_ROW_POINTER(arg, width) \
+  so.arg = ptr(o.arg.defined() ? o.arg : zeros); \
+  so.arg##_stride = o.arg.defined() ? (width) : 0;
+  FASTRNN_ROW_ARGS(FASTRNN_ROW_POINTER)
+#undef FASTRNN_ROW_POINTER
+#define FASTRNN_FLOAT_VALUE(arg, option) \
+  so.arg = o.arg.has_value() ? static_cast<acc_t>(*o.arg) : inf;
+  FASTRNN_FLOAT_ARGS(FASTRNN_FLOAT_VALUE)
+#undef FASTRNN_FLOAT_VALUE
+#define FASTRNN_COLUMN_START(group) so.group##_col = s.cols.group;
+  FASTRNN_OPTION_COLUMNS(FASTRNN_COLUMN_START)
+#undef FASTRNN_COLUMN_START
   return so;
 }
 
@@ -510,7 +517,15 @@ BackwardResult recurrence_backward(
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row
   Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor dh_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // dL/dh_rec
-  Tensor peephole_rows = opt.peep() ? new_buffer({s.N, 3 * s.H}, acc_opts) : Tensor();
+  // Per-row gradients of the learnable option arguments that are on (the kernels write them).
+  Tensor grad_rows[FASTRNN_NUM_LEARNABLE];
+  {
+    const int64_t G = s.G, H = s.H;
+#define FASTRNN_ROWS_BUFFER(arg, k, ...) \
+    if (opt.arg.defined()) grad_rows[k] = new_buffer({s.N, __VA_ARGS__}, acc_opts);
+    FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_BUFFER)
+#undef FASTRNN_ROWS_BUFFER
+  }
   const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
   // The step kernels leave a direct part of dL/dh_prev in dh_state for the GEMM to add to
   // (gru's z * dh; zoneout's z_h * dh).
@@ -538,7 +553,10 @@ BackwardResult recurrence_backward(
     a.grad_a = grad_a.data_ptr<scalar_t>();
     a.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;
     a.grad_p = s.proj ? grad_out_all.data_ptr<scalar_t>() : nullptr;
-    a.grad_peephole = opt.peep() ? peephole_rows.data_ptr<acc_t>() : nullptr;
+#define FASTRNN_ROWS_POINTER(arg, k, ...) \
+    a.grad_##arg = grad_rows[k].defined() ? grad_rows[k].data_ptr<acc_t>() : nullptr;
+    FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_POINTER)
+#undef FASTRNN_ROWS_POINTER
     const int64_t T = static_cast<int64_t>(layout.order.size());
     for (int64_t k = T - 1; k >= 0; --k) {
       const int64_t t = layout.order[k];
@@ -587,25 +605,13 @@ BackwardResult recurrence_backward(
   const Tensor h_pre = s.proj ? workspace.narrow(1, s.cols.h_pre, s.H).to(dtype) : Tensor();
   Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), h_pre) : at::empty({0}, opts);
   Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
-  // Absent options' gradients: empty, and distinct tensors (outputs may not alias).
-  Tensor grad_ln_weight = at::empty({0}, opts), grad_ln_bias = at::empty({0}, opts),
-         grad_ln_c_weight = at::empty({0}, opts), grad_ln_c_bias = at::empty({0}, opts),
-         grad_peephole = at::empty({0}, opts);
-  // The per-unit parameters' gradients: column sums (over steps and batch), in acc_t, of the
-  // per-row gradients the steps left.
-  auto column_sums = [&](const Tensor& rows) { return rows.sum(0).to(dtype); };
-  if (opt.ln()) {  // sum over rows of d_hh * a_hat, and of d_hh (= grad_b_hh)
-    grad_ln_weight = column_sums(grad_hgates.to(acc_dtype) *
-                                 workspace.narrow(1, s.cols.ln, s.G * s.H));
-    grad_ln_bias = grad_b_hh.clone();
+  // The learnable option arguments' gradients: column sums (over steps and batch), in acc_t,
+  // of the per-row gradients; absent ones empty, and distinct tensors (outputs may not alias).
+  Tensor learned[FASTRNN_NUM_LEARNABLE];
+  for (int k = 0; k < FASTRNN_NUM_LEARNABLE; ++k) {
+    learned[k] = grad_rows[k].defined() ? grad_rows[k].sum(0).to(dtype) : at::empty({0}, opts);
   }
-  if (opt.ln_c()) {
-    grad_ln_c_weight = column_sums(grad_y * workspace.narrow(1, s.cols.ln_c, s.H));
-    grad_ln_c_bias = column_sums(grad_y);
-  }
-  if (opt.peep()) grad_peephole = column_sums(peephole_rows);
-  return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr,
-          grad_ln_weight, grad_ln_bias, grad_ln_c_weight, grad_ln_c_bias, grad_peephole};
+  return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, FASTRNN_LEARNED(learned)};
 }
 
 }  // namespace fastrnn

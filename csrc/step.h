@@ -6,40 +6,46 @@
 #pragma once
 
 #include "cells.h"
+#include "generated/fastrnn_spec.h"  // generated from fastrnn/spec.py by fastrnn/build.py
 
 namespace fastrnn {
 
-// The options of a call as the kernels see them. An absent zoneout reads a row of zeros (row
-// stride 0) and an absent clip is +inf, so every combination runs the same branch-free code;
-// only the layer norms change its shape, and a call without options skips the rest
+// The options of a call as the kernels see them (fields from fastrnn/spec.py). An absent
+// per-row option (zoneout) reads a row of zeros (row stride 0) and an absent clip is +inf,
+// so every combination runs the same branch-free code; only the specialised options (the
+// layer norms, the peepholes) change its shape, and a call without options skips the rest
 // (OptionsOn).
 template <typename scalar_t, typename acc_t>
 struct StepOptions {
-  bool any = false;                           // any option at all
-  bool proj_clip_on = false;                  // the workspace has the [p] columns
-  const scalar_t* ln_weight = nullptr;        // [G*H] (layer norm of h_rec @ w_hh.T)
-  const scalar_t* ln_bias = nullptr;          // [G*H]
-  const scalar_t* ln_c_weight = nullptr;      // [H]   (layer norm of the new cell state)
-  const scalar_t* ln_c_bias = nullptr;        // [H]
-  const scalar_t* peephole = nullptr;         // [3*H] p_i | p_f | p_o
-  const scalar_t* zoneout_h = nullptr;        // [N, P]: row r at zoneout_h + r * zh_stride
-  const scalar_t* zoneout_c = nullptr;        // [N, H]
-  int64_t zh_stride = 0, zc_stride = 0;
-  acc_t cell_clip = acc_t(0), proj_clip = acc_t(0), grad_clip = acc_t(0);
-  int64_t ln_col = 0, ln_c_col = 0, p_col = 0;  // workspace columns of a_hat, c_hat, p
+  bool any = false;  // any option at all
+#define FASTRNN_TENSOR_FIELD(arg, option, ...) const scalar_t* arg = nullptr;
+  FASTRNN_TENSOR_ARGS(FASTRNN_TENSOR_FIELD)  // e.g. ln_weight [G*H], zoneout_h [N, P]
+#undef FASTRNN_TENSOR_FIELD
+#define FASTRNN_ROW_STRIDE(arg, width) int64_t arg##_stride = 0;  // row r at arg + r * stride
+  FASTRNN_ROW_ARGS(FASTRNN_ROW_STRIDE)
+#undef FASTRNN_ROW_STRIDE
+#define FASTRNN_FLOAT_FIELD(arg, option) acc_t arg = acc_t(0);
+  FASTRNN_FLOAT_ARGS(FASTRNN_FLOAT_FIELD)
+#undef FASTRNN_FLOAT_FIELD
+#define FASTRNN_COLUMN_FIELD(group) int64_t group##_col = 0;  // where its workspace columns start
+  FASTRNN_OPTION_COLUMNS(FASTRNN_COLUMN_FIELD)
+#undef FASTRNN_COLUMN_FIELD
 };
 
-// The options a step has on, as compile-time constants: the two layer norms, which need the
-// row's sums between the element phases (`rows`: on CUDA a block per row), the peepholes,
-// whose backward keeps per-row sums (BackwardStep::grad_peephole), and whether there is any
+// The options a step has on, as compile-time constants: V::<option> for each specialised
+// option (FASTRNN_SPECIALISED: bit k of BITS), `rows` when one needs the row's sums between
+// the element phases (the layer norms; on CUDA a block per row), and whether there is any
 // option at all. The clips and zoneouts are data; a step without options (ANY false) leaves
 // out their arithmetic (clip, clip_mask, zoneout below), which the plain CPU loops would pay
 // 2-5% for.
-template <bool LN, bool LNC, bool PEEP, bool ANY>
+template <unsigned BITS, bool ANY>
 struct OptionsOn {
-  static constexpr bool ln = LN, ln_c = LNC, peep = PEEP, any = ANY, rows = LN || LNC;
+#define FASTRNN_OPTION_BIT(option, bit, arg) static constexpr bool option = (BITS >> bit) & 1u;
+  FASTRNN_SPECIALISED(FASTRNN_OPTION_BIT)
+#undef FASTRNN_OPTION_BIT
+  static constexpr bool any = ANY, rows = (BITS & spec::kWholeRows) != 0;
 };
-using NoOptions = OptionsOn<false, false, false, false>;
+using NoOptions = OptionsOn<0, false>;
 
 template <class V, typename T>
 FASTRNN_HD T clip(T x, T limit) {
@@ -73,7 +79,7 @@ FASTRNN_HD T zoneout(T z, T x_new, T x_prev) {
 // x + p[k] * c with the peephole weight p[k] (cells.h peephole_), x without peepholes.
 template <class V, typename T, typename S>
 FASTRNN_HD T peephole(T x, const S* p, int64_t k, T c) {
-  return V::peep ? peephole_(x, static_cast<T>(p[k]), c) : x;
+  return V::peephole ? peephole_(x, static_cast<T>(p[k]), c) : x;
 }
 
 template <typename T>
@@ -157,8 +163,11 @@ struct BackwardStep {
   scalar_t* grad_a = nullptr;        // [N, G*H] (layer norm) gradient of h_rec @ w_hh.T
   acc_t* grad_y = nullptr;           // [N, H] (cell layer norm) dL/dy, y = LN(c_new)
   scalar_t* grad_p = nullptr;        // [N, P] (proj) dL/dp, p = h_pre @ w_hr.T
-  acc_t* grad_peephole = nullptr;    // [N, 3*H] (peephole) per row d_i * c_prev | d_f * c_prev
-                                     // | d_o * c, whose column sums are the weights' gradient
+  // grad_<argument> [N, size] of each learnable option argument that is on: per-row
+  // gradients, whose column sums are its gradient
+#define FASTRNN_ROWS_FIELD(arg, k, ...) acc_t* grad_##arg = nullptr;
+  FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_FIELD)
+#undef FASTRNN_ROWS_FIELD
 };
 
 // ------------------------------------------------------------------ rows
@@ -197,12 +206,12 @@ FASTRNN_HD RowStats<stat_t<acc_t>> recurrent_norm_stats(const ForwardStep<scalar
                                                         int64_t b, int64_t GH, const Row& row) {
   using S = stat_t<acc_t>;
   RowStats<S> st{S(0), S(1)};
-  if constexpr (V::ln) {
+  if constexpr (V::layer_norm) {
     const scalar_t* hg = a.hgates + b * GH;
     st = row_mean_rstd<S>(row, GH, [&](int64_t k) {
       return static_cast<S>(hg[k]);
     });
-    if (row.leader()) a.ws_row(b)[a.opt.ln_col + GH] = static_cast<acc_t>(st.rstd);
+    if (row.leader()) a.ws_row(b)[a.opt.a_hat_col + GH] = static_cast<acc_t>(st.rstd);
   }
   return st;
 }
@@ -212,9 +221,9 @@ template <class V, typename scalar_t, typename acc_t>
 FASTRNN_HD acc_t recurrent_input(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t GH,
                                  int64_t k, RowStats<stat_t<acc_t>> st) {
   acc_t hh = static_cast<acc_t>(a.hgates[b * GH + k]);
-  if constexpr (V::ln) {
+  if constexpr (V::layer_norm) {
     const acc_t hat = static_cast<acc_t>((hh - st.mean) * st.rstd);
-    a.ws_row(b)[a.opt.ln_col + k] = hat;
+    a.ws_row(b)[a.opt.a_hat_col + k] = hat;
     hh = hat * static_cast<acc_t>(a.opt.ln_weight[k]) + static_cast<acc_t>(a.opt.ln_bias[k]);
   }
   return hh + static_cast<acc_t>(a.bias[k]);
@@ -231,7 +240,7 @@ FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, i
     a.hh[b * H + j] = static_cast<scalar_t>(h);
   } else {
     scalar_t* h_state = a.h_state + b * H + j;
-    const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zh_stride, r, j);
+    const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zoneout_h_stride, r, j);
     const scalar_t h_t = static_cast<scalar_t>(zoneout<V>(z, h, static_cast<acc_t>(*h_state)));
     a.output[r * H + j] = h_t;
     *h_state = h_t;
@@ -265,7 +274,7 @@ struct LSTMForwardElement {
     const acc_t o_gate = sigmoid_(
         peephole<V>(static_cast<acc_t>(x[3 * H]) + recurrent_input<V>(a, b, GH, 3 * H + j, st),
                     o.peephole, 2 * H + j, c_new));
-    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j);
+    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zoneout_c_stride, r, j);
     const acc_t c_t = zoneout<V>(zc, c_new, c_prev);
     ws[j] = s.i;
     ws[H + j] = s.f;
@@ -273,8 +282,8 @@ struct LSTMForwardElement {
     ws[3 * H + j] = o_gate;
     ws[4 * H + j] = c_t;
     *c = c_t;
-    if constexpr (V::ln_c) {
-      ws[o.ln_c_col + j] = c_new;  // normalised in place by the next phase
+    if constexpr (V::layer_norm_cell) {
+      ws[o.c_hat_col + j] = c_new;  // normalised in place by the next phase
     } else {
       lstm_store_h<V>(a, b, j, c_new, o_gate);
     }
@@ -289,16 +298,16 @@ FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t 
   acc_t* ws = a.ws_row(b);
   const RowStats<stat_t<acc_t>> st = recurrent_norm_stats<V>(a, b, GH, row);
   row.for_each(H, LSTMForwardElement<V, scalar_t, acc_t>{a, b, st});
-  if constexpr (V::ln_c) {
+  if constexpr (V::layer_norm_cell) {
     using S = stat_t<acc_t>;
     const RowStats<S> sc =
         row_mean_rstd<S>(row, H, [&](int64_t j) {
-          return static_cast<S>(ws[o.ln_c_col + j]);
+          return static_cast<S>(ws[o.c_hat_col + j]);
         });
-    if (row.leader()) ws[o.ln_c_col + H] = static_cast<acc_t>(sc.rstd);
+    if (row.leader()) ws[o.c_hat_col + H] = static_cast<acc_t>(sc.rstd);
     row.for_each(H, [&](int64_t j) {
-      const acc_t hat = static_cast<acc_t>((ws[o.ln_c_col + j] - sc.mean) * sc.rstd);
-      ws[o.ln_c_col + j] = hat;
+      const acc_t hat = static_cast<acc_t>((ws[o.c_hat_col + j] - sc.mean) * sc.rstd);
+      ws[o.c_hat_col + j] = hat;
       const acc_t y = hat * static_cast<acc_t>(o.ln_c_weight[j]) +
                       static_cast<acc_t>(o.ln_c_bias[j]);
       lstm_store_h<V>(a, b, j, y, ws[3 * H + j]);
@@ -326,7 +335,7 @@ struct GRUForwardElement {
     ws[H + j] = s.z;
     ws[2 * H + j] = s.n;
     ws[3 * H + j] = s.hn;
-    const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zh_stride, r, j);
+    const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zoneout_h_stride, r, j);
     const scalar_t h_t = static_cast<scalar_t>(zoneout<V>(z, s.h, h_prev));
     a.output[r * H + j] = h_t;
     *h_state = h_t;
@@ -375,9 +384,9 @@ FASTRNN_HD void projection_forward_element(const ForwardStep<scalar_t, acc_t>& a
   const int64_t P = a.P, r = a.row + b;
   const StepOptions<scalar_t, acc_t>& o = a.opt;
   const acc_t p = static_cast<acc_t>(a.output[r * P + j]);
-  if (o.proj_clip_on) a.ws_row(b)[o.p_col + j] = p;
+  if (o.proj_clip < acc_t(INFINITY)) a.ws_row(b)[o.p_col + j] = p;
   scalar_t* h_state = a.h_state + b * P + j;
-  const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
+  const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zoneout_h_stride + j]);
   const scalar_t h_t =
       static_cast<scalar_t>(blend_(z, clamp_(p, o.proj_clip), static_cast<acc_t>(*h_state)));
   a.output[r * P + j] = h_t;
@@ -393,9 +402,11 @@ FASTRNN_HD void projection_backward_element(const BackwardStep<scalar_t, acc_t>&
   const StepOptions<scalar_t, acc_t>& o = a.opt;
   scalar_t* dh_state = a.dh_state + b * P + j;
   const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * P + j]) + static_cast<acc_t>(*dh_state);
-  const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zh_stride + j]);
+  const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zoneout_h_stride + j]);
   acc_t dp = (acc_t(1) - z) * dh_t;
-  if (o.proj_clip_on) dp = dp * inside_(a.ws[r * a.W + o.p_col + j], o.proj_clip);
+  if (o.proj_clip < acc_t(INFINITY)) {
+    dp = dp * inside_(a.ws[r * a.W + o.p_col + j], o.proj_clip);
+  }
   a.grad_p[r * P + j] = static_cast<scalar_t>(dp);
   *dh_state = static_cast<scalar_t>(z * dh_t);
 }
@@ -424,15 +435,20 @@ template <class Row, typename scalar_t, typename acc_t>
 FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
                                         int64_t GH, const scalar_t* d_hh_row, const Row& row) {
   const int64_t r = a.row + b;
-  const acc_t* hat = a.ws + r * a.W + a.opt.ln_col;
+  const acc_t* hat = a.ws + r * a.W + a.opt.a_hat_col;
   const acc_t rstd = hat[GH];
   const scalar_t* w = a.opt.ln_weight;
   auto g = [&](int64_t k) {
     return mul_rounded(static_cast<acc_t>(d_hh_row[k]), static_cast<acc_t>(w[k]));
   };
   scalar_t* out = a.grad_a + r * GH;
+  acc_t* d_weight = a.grad_ln_weight + r * GH;  // the per-row gradients of ln_weight, ln_bias
+  acc_t* d_bias = a.grad_ln_bias + r * GH;
   layer_norm_backward_row(row, GH, hat, rstd, g, [&](int64_t k, acc_t d) {
     out[k] = static_cast<scalar_t>(d);
+    const acc_t d_hh = static_cast<acc_t>(d_hh_row[k]);
+    d_weight[k] = d_hh * hat[k];
+    d_bias[k] = d_hh;
   });
 }
 
@@ -458,13 +474,13 @@ struct LSTMBackwardElement {
       scalar_t* dh_state = a.dh_state + b * H + j;
       const acc_t dh_t =
           static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
-      const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zh_stride, r, j);
+      const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zoneout_h_stride, r, j);
       if (V::any) *dh_state = static_cast<scalar_t>(z * dh_t);  // else unread
       dh = (acc_t(1) - z) * dh_t;
     }
     acc_t y;
-    if constexpr (V::ln_c) {
-      y = ws[o.ln_c_col + j] * static_cast<acc_t>(o.ln_c_weight[j]) +
+    if constexpr (V::layer_norm_cell) {
+      y = ws[o.c_hat_col + j] * static_cast<acc_t>(o.ln_c_weight[j]) +
           static_cast<acc_t>(o.ln_c_bias[j]);
     } else {
       y = clip<V>(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
@@ -472,8 +488,8 @@ struct LSTMBackwardElement {
     const LSTMOutputGrads<acc_t> d =
         lstm_backward_output(dh, ws[3 * H + j], y, clip_limit<V>(o.grad_clip));
     a.grad_xproj[r * 4 * H + 3 * H + j] = static_cast<scalar_t>(d.do_);
-    if constexpr (V::peep) a.grad_peephole[r * 3 * H + 2 * H + j] = d.do_;
-    if constexpr (V::ln_c) {
+    if constexpr (V::peephole) a.grad_peephole[r * 3 * H + 2 * H + j] = d.do_;
+    if constexpr (V::layer_norm_cell) {
       a.grad_y[r * H + j] = d.dy;
     } else {
       finish(j, d.dy);
@@ -488,9 +504,9 @@ struct LSTMBackwardElement {
     const acc_t i = ws[j], f = ws[H + j], g = ws[2 * H + j], c_prev = c_prev_row[j];
     acc_t* dc_state = a.dc_state + b * H + j;
     const acc_t dc_t = *dc_state;
-    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zc_stride, r, j);
+    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zoneout_c_stride, r, j);
     const acc_t c_raw = f * c_prev + i * g;
-    const acc_t d_o = V::peep ? a.grad_peephole[r * 3 * H + 2 * H + j] : acc_t(0);
+    const acc_t d_o = V::peephole ? a.grad_peephole[r * 3 * H + 2 * H + j] : acc_t(0);
     const acc_t dc = peephole<V>((acc_t(1) - zc) * dc_t + dc_y, o.peephole, 2 * H + j, d_o) *
                      clip_mask<V>(c_raw, o.cell_clip);
     const LSTMGrads<acc_t> d = lstm_backward(dc, i, f, g, c_prev, clip_limit<V>(o.grad_clip));
@@ -501,7 +517,7 @@ struct LSTMBackwardElement {
     const acc_t dc_prev =
         peephole<V>(peephole<V>(d.dc_prev, o.peephole, j, d.di), o.peephole, H + j, d.df);
     *dc_state = V::any ? dc_prev + zc * dc_t : dc_prev;
-    if constexpr (V::peep) {
+    if constexpr (V::peephole) {
       acc_t* gp = a.grad_peephole + r * 3 * H;
       gp[j] = d.di * c_prev;
       gp[H + j] = d.df * c_prev;
@@ -518,17 +534,22 @@ FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_
                                             : a.c0 + b * H;
   const LSTMBackwardElement<V, scalar_t, acc_t> element{a, b, c_prev_row};
   row.for_each(H, element);
-  if constexpr (V::ln_c) {
+  if constexpr (V::layer_norm_cell) {
     const StepOptions<scalar_t, acc_t>& o = a.opt;
-    const acc_t* hat = a.ws + r * a.W + o.ln_c_col;
+    const acc_t* hat = a.ws + r * a.W + o.c_hat_col;
     const acc_t* dy = a.grad_y + r * H;
     auto g = [&](int64_t j) {
       return mul_rounded(dy[j], static_cast<acc_t>(o.ln_c_weight[j]));
     };
-    layer_norm_backward_row(row, H, hat, hat[H], g,
-                            [&](int64_t j, acc_t dc_y) { element.finish(j, dc_y); });
+    acc_t* d_weight = a.grad_ln_c_weight + r * H;  // per-row gradients of ln_c_weight, ln_c_bias
+    acc_t* d_bias = a.grad_ln_c_bias + r * H;
+    layer_norm_backward_row(row, H, hat, hat[H], g, [&](int64_t j, acc_t dc_y) {
+      element.finish(j, dc_y);
+      d_weight[j] = dy[j] * hat[j];
+      d_bias[j] = dy[j];
+    });
   }
-  if constexpr (V::ln) recurrent_norm_backward(a, b, GH, a.grad_xproj + r * GH, row);
+  if constexpr (V::layer_norm) recurrent_norm_backward(a, b, GH, a.grad_xproj + r * GH, row);
 }
 
 template <class V, typename scalar_t, typename acc_t>
@@ -545,7 +566,7 @@ struct GRUBackwardElement {
     scalar_t* gh = a.grad_hgates + r * GH;
     scalar_t* dh_state = a.dh_state + b * H + j;
     const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
-    const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zh_stride, r, j);
+    const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zoneout_h_stride, r, j);
     const GRUGrads<acc_t> d = gru_backward<acc_t>(
         (acc_t(1) - z) * dh_t, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
         static_cast<acc_t>(h_prev_row[j]), clip_limit<V>(o.grad_clip));
@@ -580,7 +601,7 @@ FASTRNN_HD void backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b, 
     const scalar_t* h_prev_row =
         b < a.prev_rows ? a.output + (a.prev_row + b) * a.H : a.h0 + b * a.H;
     row.for_each(a.H, GRUBackwardElement<V, scalar_t, acc_t>{a, b, h_prev_row});
-    if constexpr (V::ln) {
+    if constexpr (V::layer_norm) {
       recurrent_norm_backward(a, b, 3 * a.H, a.grad_hgates + (a.row + b) * 3 * a.H, row);
     }
   } else {

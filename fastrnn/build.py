@@ -301,6 +301,7 @@ def spec_header() -> str:
         "  " + ", ".join(f'{{"{g.name}", {c}, {o}, {g.h}, {g.gh}, {g.p}, {g.one}, '
                          f'{"true" if g.projected else "false"}}}' for c, o, g in groups)
         + "};",
+    ] + _option_tables(spec) + [
         "inline bool is_on(const Tensor& t) { return t.defined(); }",
         "inline bool is_on(const c10::optional<double>& v) { return v.has_value(); }",
         "}  // namespace spec",
@@ -320,6 +321,7 @@ def spec_header() -> str:
         "#define FASTRNN_OPTION_ON(o, i) ("
         + "".join(f"(i) == {i} ? {test} : " for i, test in enumerate(on)) + "false)",
         f"#define FASTRNN_ANY_OPTION(o) ({' || '.join(on)})",
+    ] + _option_macros(spec) + [
         "// backward's results: six gradients, then one per learnable option argument",
         '#define FASTRNN_BACKWARD_RETURNS "('
         + ", ".join(["Tensor"] * (6 + len(spec.LEARNABLE))) + ')"',
@@ -327,6 +329,80 @@ def spec_header() -> str:
         + ", ".join(["Tensor"] * (6 + len(spec.LEARNABLE))) + ">",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _option_macros(spec) -> List[str]:
+    """The X-macros of the options (spec.OPTIONS) that the C++ code expands: the lists of
+    option arguments by kind, with their shape rules (products over the sizes G, H, B, P, N
+    in scope where a list is expanded), the options the kernels are specialised for, and
+    what the argument checks say."""
+    options = spec.OPTIONS
+    index = {arg.name: i for i, o in enumerate(options) for arg in o.args}
+    learnable = {name: i for i, name in enumerate(spec.LEARNABLE)}
+    tensors = [a for a in spec.ARGS if a.type == "Tensor"]
+    dims = lambda arg: ", ".join(r.replace("*", " * ") for r in arg.shape)  # noqa: E731
+    specialised = [o for o in options if o.specialised]
+    groups = [g.name for o in options for g in o.workspace]
+    together = [o for o in options if len(o.args) > 1]
+    return [
+        "// X(argument, option, dims...) of every tensor option argument: its option's index in",
+        "// spec.OPTIONS and its shape, in the sizes G, H, B, P, N",
+        "#define FASTRNN_TENSOR_ARGS(X) "
+        + " ".join(f"X({a.name}, {index[a.name]}, {dims(a)})" for a in tensors),
+        "// X(argument, row width) of the per-row ones ([N, width]): the kernels read a row of",
+        "// zeros (row stride 0) where one is absent",
+        "#define FASTRNN_ROW_ARGS(X) "
+        + " ".join(f"X({a.name}, {dims(a).split(', ', 1)[1]})" for a in tensors
+                   if a.shape[0] == "N"),
+        "// X(argument, option) of every float option argument: a positive number, +inf in the",
+        "// kernels where absent",
+        "#define FASTRNN_FLOAT_ARGS(X) "
+        + " ".join(f"X({a.name}, {index[a.name]})" for a in spec.ARGS if a.type == "float"),
+        "// X(argument, k, dims...) of the learnable ones: backward's gradient k after the six,",
+        "// the column sum of per-row gradients [N, dims...] that the kernels write",
+        "#define FASTRNN_LEARNABLE_ARGS(X) "
+        + " ".join(f"X({name}, {k}, {dims(next(a for a in spec.ARGS if a.name == name))})"
+                   for name, k in learnable.items()),
+        f"#define FASTRNN_NUM_LEARNABLE {len(spec.LEARNABLE)}",
+        "#define FASTRNN_LEARNED(g) " + ", ".join(f"g[{k}]" for k in learnable.values()),
+        "// X(option, bit, first argument) of the options the kernels are compiled for on and off",
+        "// (OptionsOn; spec::kSpecialisedOfCell, spec::kWholeRows)",
+        "#define FASTRNN_SPECIALISED(X) "
+        + " ".join(f"X({o.name}, {k}, {o.args[0].name})" for k, o in enumerate(specialised)),
+        f"#define FASTRNN_NUM_SPECIALISED {len(specialised)}",
+        "// X(column group) of the options' workspace columns",
+        "#define FASTRNN_OPTION_COLUMNS(X) " + " ".join(f"X({g})" for g in groups),
+        "// X(\"a and b\", whether they are given together) of the options with several arguments",
+        "#define FASTRNN_ARGS_TOGETHER(X, o) "
+        + " ".join(f'X("{" and ".join(a.name for a in o.args)}", '
+                   + " == ".join(f"::fastrnn::spec::is_on((o).{a.name})" for a in o.args) + ")"
+                   for o in together),
+        "// X(argument) of the options that need a projection (w_hr)",
+        "#define FASTRNN_NEEDS_PROJECTION(X) "
+        + " ".join(f"X({o.args[0].name})" for o in options if o.needs_projection),
+    ]
+
+
+def _option_tables(spec) -> List[str]:
+    """The constants of the options, in namespace fastrnn::spec (see _option_macros)."""
+    options, cells = spec.OPTIONS, list(spec.CELLS.values())
+    specialised = [o.name for o in options if o.specialised]
+    bits = lambda names: sum(1 << specialised.index(n)  # noqa: E731
+                             for n in names if n in specialised)
+    return [
+        "// bits (FASTRNN_SPECIALISED) of each cell's specialised options / of those that need",
+        "// each step's rows whole (the layer norms)",
+        "constexpr unsigned kSpecialisedOfCell[kNumCells] = {"
+        + ", ".join(str(bits([o.name for o in c.options])) for c in cells) + "};",
+        f"constexpr unsigned kWholeRows = {bits([o.name for o in options if o.whole_rows])};",
+        "// bit c: cell c takes option i (spec.OPTIONS order)",
+        f"constexpr unsigned kOptionCells[{len(options)}] = {{" + ", ".join(
+            str(sum(1 << i for i, c in enumerate(cells) if c.name in o.cells))
+            for o in options) + "};",
+        'constexpr const char* kOptionsOfCells = "' + "; ".join(
+            f"{c.name} options: " + ", ".join(a.name for o in c.options for a in o.args)
+            for c in cells if c.options) + '";',
+    ]
 
 
 def write_spec_header(directory) -> Path:

@@ -75,20 +75,26 @@ class Arg:
 
 @dataclass(frozen=True)
 class Option:
+    """An option of the ops. ``specialised``: the kernels are compiled once with it on and
+    once off (it changes the step's code, not just its data: native's OptionsOn; every
+    option is a Triton constexpr, see ``flags``); ``whole_rows``: a step needs sums over each
+    row (the layer norms), so a kernel holds whole rows."""
     name: str                  # the name it goes by in backend support lists
     args: Tuple[Arg, ...]      # given all together or not at all; the first one switches it on
     cells: Tuple[str, ...]
     workspace: Tuple[Columns, ...] = ()
     needs_projection: bool = False
+    specialised: bool = False
+    whole_rows: bool = False
 
 
 OPTIONS = (
     Option("layer_norm", (Arg("ln_weight", "Tensor", ("G*H",), True),
                           Arg("ln_bias", "Tensor", ("G*H",), True)), ("lstm", "gru"),
-           (Columns("a_hat", gh=1), Columns("rstd", one=1))),
+           (Columns("a_hat", gh=1), Columns("rstd", one=1)), specialised=True, whole_rows=True),
     Option("layer_norm_cell", (Arg("ln_c_weight", "Tensor", ("H",), True),
                                Arg("ln_c_bias", "Tensor", ("H",), True)), ("lstm",),
-           (Columns("c_hat", h=1), Columns("rstd_c", one=1))),
+           (Columns("c_hat", h=1), Columns("rstd_c", one=1)), specialised=True, whole_rows=True),
     Option("recurrent_mask", (Arg("recurrent_mask", "Tensor", ("B", "P")),), ("lstm", "gru")),
     Option("zoneout_h", (Arg("zoneout_h", "Tensor", ("N", "P")),), ("lstm", "gru")),
     Option("zoneout_c", (Arg("zoneout_c", "Tensor", ("N", "H")),), ("lstm",)),
@@ -96,7 +102,8 @@ OPTIONS = (
     Option("proj_clip", (Arg("proj_clip", "float"),), ("lstm",), (Columns("p", p=1),),
            needs_projection=True),
     Option("grad_clip", (Arg("grad_clip", "float"),), ("lstm", "gru")),
-    Option("peephole", (Arg("peephole", "Tensor", ("3*H",), True),), ("lstm",)),
+    Option("peephole", (Arg("peephole", "Tensor", ("3*H",), True),), ("lstm",),
+           specialised=True),
 )
 ARGS = tuple(arg for option in OPTIONS for arg in option.args)
 
@@ -154,6 +161,17 @@ def bind(names: Tuple[str, ...], args, kwargs, tail: Tuple[str, ...] = ()) -> di
 
 def option_names(options: Optional[StepOptions]) -> Tuple[str, ...]:
     return () if options is None else options.option_names()
+
+
+def flags(option_names: Tuple[str, ...]) -> Dict[str, bool]:
+    """The kernels' compile-time switches of the options: NAME -> whether it is on, for every
+    option (the Triton kernels' constexprs are the option names in capitals)."""
+    return {option.name.upper(): option.name in option_names for option in OPTIONS}
+
+
+def whole_rows(option_names: Tuple[str, ...]) -> bool:
+    """Whether an option that is on needs each step's rows whole (Option.whole_rows)."""
+    return any(option.whole_rows for option in OPTIONS if option.name in option_names)
 
 
 def workspace_layout(cell: str, hidden: int, proj: int,
@@ -256,25 +274,31 @@ _CHECKS = {
 class Param:
     """A parameter a module keyword adds when on, per layer and direction (after torch.nn's
     own, so a seed still gives torch.nn's weights): its name stem, size (a shape rule of
-    Arg), initial value (None: uniform(-1/sqrt(H), 1/sqrt(H)) as torch.nn's RNN weights) and
-    the cells that have it."""
+    Arg), initial value (None: uniform(-1/sqrt(H), 1/sqrt(H)) as torch.nn's RNN weights), the
+    cells that have it and the op argument it is passed as (None: the module uses it itself,
+    as the input projection's layer norm)."""
     stem: str
     size: str
     init: Optional[float]
     cells: Tuple[str, ...] = ("lstm", "gru")
+    arg: Optional[str] = None
 
 
 @dataclass(frozen=True)
 class Keyword:
     """A keyword argument of the modules: its "off" default, the cells that take it, its
-    value check (a key of _CHECKS), a module argument it needs when on (name, why) and the
-    parameters it adds when on."""
+    value check (a key of _CHECKS), a module argument it needs when on (name, why), the
+    parameters it adds when on, and the op arguments it turns into besides those parameters:
+    ``value_arg`` takes the keyword's value itself (a float), ``drawn`` are drawn by the
+    module per call (masks: fastrnn.nn.options)."""
     name: str
     default: object
     cells: Tuple[str, ...]
     check: str
     needs: Optional[Tuple[str, str]] = None
     parameters: Tuple[Param, ...] = ()
+    value_arg: Optional[str] = None
+    drawn: Tuple[str, ...] = ()
 
     def problem(self, value, mode: str) -> Optional[str]:
         """None when ``value`` is allowed for a module of ``mode``, else what is allowed."""
@@ -285,17 +309,21 @@ class Keyword:
 KEYWORDS = (
     Keyword("layer_norm", False, ("lstm", "gru"), "bool", parameters=(
         Param("ln_weight_ih", "G*H", 1.0), Param("ln_bias_ih", "G*H", 0.0),
-        Param("ln_weight_hh", "G*H", 1.0), Param("ln_bias_hh", "G*H", 0.0),
-        Param("ln_weight_c", "H", 1.0, ("lstm",)), Param("ln_bias_c", "H", 0.0, ("lstm",)))),
-    Keyword("recurrent_dropout", 0.0, ("lstm", "gru"), "probability"),
+        Param("ln_weight_hh", "G*H", 1.0, arg="ln_weight"),
+        Param("ln_bias_hh", "G*H", 0.0, arg="ln_bias"),
+        Param("ln_weight_c", "H", 1.0, ("lstm",), "ln_c_weight"),
+        Param("ln_bias_c", "H", 0.0, ("lstm",), "ln_c_bias"))),
+    Keyword("recurrent_dropout", 0.0, ("lstm", "gru"), "probability",
+            drawn=("recurrent_mask",)),
     Keyword("weight_drop", 0.0, ("lstm", "gru"), "probability"),
-    Keyword("zoneout", 0.0, ("lstm", "gru"), "zoneout"),
-    Keyword("cell_clip", None, ("lstm",), "positive"),
+    Keyword("zoneout", 0.0, ("lstm", "gru"), "zoneout", drawn=("zoneout_h", "zoneout_c")),
+    Keyword("cell_clip", None, ("lstm",), "positive", value_arg="cell_clip"),
     Keyword("proj_clip", None, ("lstm",), "positive",
-            ("proj_size", "proj_clip clips the projection, so it needs proj_size > 0")),
-    Keyword("recurrent_grad_clip", None, ("lstm", "gru"), "positive"),
+            ("proj_size", "proj_clip clips the projection, so it needs proj_size > 0"),
+            value_arg="proj_clip"),
+    Keyword("recurrent_grad_clip", None, ("lstm", "gru"), "positive", value_arg="grad_clip"),
     Keyword("forget_bias", None, ("lstm",), "finite",
             ("bias", "forget_bias initialises the forget gate's bias, so it needs bias=True")),
     Keyword("peephole", False, ("lstm",), "bool",
-            parameters=(Param("weight_peephole", "3*H", None, ("lstm",)),)),
+            parameters=(Param("weight_peephole", "3*H", None, ("lstm",), "peephole"),)),
 )

@@ -17,6 +17,13 @@ struct ColumnGroup { const char* name; int cell, option; int64_t h, gh, p, one; 
 constexpr int kNumColumnGroups = 9;
 constexpr ColumnGroup kColumnGroups[kNumColumnGroups] = {
   {"gates", 0, -1, 0, 1, 0, 0, false}, {"c", 0, -1, 1, 0, 0, 0, false}, {"h_pre", 0, -1, 1, 0, 0, 0, true}, {"gates", 1, -1, 4, 0, 0, 0, false}, {"a_hat", -1, 0, 0, 1, 0, 0, false}, {"rstd", -1, 0, 0, 0, 0, 1, false}, {"c_hat", -1, 1, 1, 0, 0, 0, false}, {"rstd_c", -1, 1, 0, 0, 0, 1, false}, {"p", -1, 6, 0, 0, 1, 0, false}};
+// bits (FASTRNN_SPECIALISED) of each cell's specialised options / of those that need
+// each step's rows whole (the layer norms)
+constexpr unsigned kSpecialisedOfCell[kNumCells] = {7, 1, 0, 0};
+constexpr unsigned kWholeRows = 3;
+// bit c: cell c takes option i (spec.OPTIONS order)
+constexpr unsigned kOptionCells[9] = {3, 1, 3, 3, 1, 1, 1, 3, 1};
+constexpr const char* kOptionsOfCells = "lstm options: ln_weight, ln_bias, ln_c_weight, ln_c_bias, recurrent_mask, zoneout_h, zoneout_c, cell_clip, proj_clip, grad_clip, peephole; gru options: ln_weight, ln_bias, recurrent_mask, zoneout_h, grad_clip";
 inline bool is_on(const Tensor& t) { return t.defined(); }
 inline bool is_on(const c10::optional<double>& v) { return v.has_value(); }
 }  // namespace spec
@@ -30,6 +37,30 @@ inline bool is_on(const c10::optional<double>& v) { return v.has_value(); }
 // whether option i of spec.OPTIONS / any option is on in Options o
 #define FASTRNN_OPTION_ON(o, i) ((i) == 0 ? ::fastrnn::spec::is_on((o).ln_weight) : (i) == 1 ? ::fastrnn::spec::is_on((o).ln_c_weight) : (i) == 2 ? ::fastrnn::spec::is_on((o).recurrent_mask) : (i) == 3 ? ::fastrnn::spec::is_on((o).zoneout_h) : (i) == 4 ? ::fastrnn::spec::is_on((o).zoneout_c) : (i) == 5 ? ::fastrnn::spec::is_on((o).cell_clip) : (i) == 6 ? ::fastrnn::spec::is_on((o).proj_clip) : (i) == 7 ? ::fastrnn::spec::is_on((o).grad_clip) : (i) == 8 ? ::fastrnn::spec::is_on((o).peephole) : false)
 #define FASTRNN_ANY_OPTION(o) (::fastrnn::spec::is_on((o).ln_weight) || ::fastrnn::spec::is_on((o).ln_c_weight) || ::fastrnn::spec::is_on((o).recurrent_mask) || ::fastrnn::spec::is_on((o).zoneout_h) || ::fastrnn::spec::is_on((o).zoneout_c) || ::fastrnn::spec::is_on((o).cell_clip) || ::fastrnn::spec::is_on((o).proj_clip) || ::fastrnn::spec::is_on((o).grad_clip) || ::fastrnn::spec::is_on((o).peephole))
+// X(argument, option, dims...) of every tensor option argument: its option's index in
+// spec.OPTIONS and its shape, in the sizes G, H, B, P, N
+#define FASTRNN_TENSOR_ARGS(X) X(ln_weight, 0, G * H) X(ln_bias, 0, G * H) X(ln_c_weight, 1, H) X(ln_c_bias, 1, H) X(recurrent_mask, 2, B, P) X(zoneout_h, 3, N, P) X(zoneout_c, 4, N, H) X(peephole, 8, 3 * H)
+// X(argument, row width) of the per-row ones ([N, width]): the kernels read a row of
+// zeros (row stride 0) where one is absent
+#define FASTRNN_ROW_ARGS(X) X(zoneout_h, P) X(zoneout_c, H)
+// X(argument, option) of every float option argument: a positive number, +inf in the
+// kernels where absent
+#define FASTRNN_FLOAT_ARGS(X) X(cell_clip, 5) X(proj_clip, 6) X(grad_clip, 7)
+// X(argument, k, dims...) of the learnable ones: backward's gradient k after the six,
+// the column sum of per-row gradients [N, dims...] that the kernels write
+#define FASTRNN_LEARNABLE_ARGS(X) X(ln_weight, 0, G * H) X(ln_bias, 1, G * H) X(ln_c_weight, 2, H) X(ln_c_bias, 3, H) X(peephole, 4, 3 * H)
+#define FASTRNN_NUM_LEARNABLE 5
+#define FASTRNN_LEARNED(g) g[0], g[1], g[2], g[3], g[4]
+// X(option, bit, first argument) of the options the kernels are compiled for on and off
+// (OptionsOn; spec::kSpecialisedOfCell, spec::kWholeRows)
+#define FASTRNN_SPECIALISED(X) X(layer_norm, 0, ln_weight) X(layer_norm_cell, 1, ln_c_weight) X(peephole, 2, peephole)
+#define FASTRNN_NUM_SPECIALISED 3
+// X(column group) of the options' workspace columns
+#define FASTRNN_OPTION_COLUMNS(X) X(a_hat) X(rstd) X(c_hat) X(rstd_c) X(p)
+// X("a and b", whether they are given together) of the options with several arguments
+#define FASTRNN_ARGS_TOGETHER(X, o) X("ln_weight and ln_bias", ::fastrnn::spec::is_on((o).ln_weight) == ::fastrnn::spec::is_on((o).ln_bias)) X("ln_c_weight and ln_c_bias", ::fastrnn::spec::is_on((o).ln_c_weight) == ::fastrnn::spec::is_on((o).ln_c_bias))
+// X(argument) of the options that need a projection (w_hr)
+#define FASTRNN_NEEDS_PROJECTION(X) X(proj_clip)
 // backward's results: six gradients, then one per learnable option argument
 #define FASTRNN_BACKWARD_RETURNS "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 #define FASTRNN_BACKWARD_TUPLE std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>

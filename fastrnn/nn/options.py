@@ -81,19 +81,35 @@ def describe(module) -> str:
     return ", ".join(f"{name}={getattr(module, name)!r}" for name in _on(module))
 
 
+# The op arguments a module draws per call, and whether a forward of the module draws them.
+_DRAWN = {"recurrent_mask": lambda module: bool(module.recurrent_dropout) and module.training,
+          "zoneout_h": lambda module: bool(zoneout_pair(module)[0]),
+          "zoneout_c": lambda module: bool(zoneout_pair(module)[1])}
+
+
+def _arguments(module, get) -> dict:
+    """The op arguments the module's keywords turn into (spec.KEYWORDS), but the drawn ones:
+    argument -> value, a parameter through ``get(stem)`` (None: True stands for it)."""
+    cell = spec.cell_of_mode(module.mode).name
+    values = {}
+    for keyword in spec.KEYWORDS:
+        value = getattr(module, keyword.name, keyword.default)
+        if keyword.value_arg is not None and value is not None:
+            values[keyword.value_arg] = float(value)
+        if value:
+            values.update((p.arg, True if get is None else get(p.stem))
+                          for p in keyword.parameters if p.arg and cell in p.cells)
+    return values
+
+
 def option_names(module) -> tuple:
     """The op options a forward of ``module`` turns on now (fastrnn.spec), for choosing a
     backend that runs them."""
-    lstm = module.mode == "LSTM"
-    on = [("layer_norm", module.layer_norm), ("layer_norm_cell", module.layer_norm and lstm),
-          ("recurrent_mask", bool(module.recurrent_dropout) and module.training),
-          ("zoneout_h", bool(zoneout_pair(module)[0])),
-          ("zoneout_c", bool(zoneout_pair(module)[1]) and lstm),
-          ("cell_clip", getattr(module, "cell_clip", None) is not None),
-          ("proj_clip", getattr(module, "proj_clip", None) is not None),
-          ("grad_clip", module.recurrent_grad_clip is not None),
-          ("peephole", getattr(module, "peephole", False))]
-    return tuple(name for name, is_on in on if is_on)
+    cell = spec.cell_of_mode(module.mode).name
+    on = _arguments(module, None)
+    on.update((arg, True) for arg, drawn in _DRAWN.items() if drawn(module))
+    return tuple(option.name for option in spec.OPTIONS
+                 if cell in option.cells and option.args[0].name in on)
 
 
 def runs_torch_path(module, input, cell: bool = False) -> bool:
@@ -297,19 +313,10 @@ def zoneout_weights(module, rows: int, width: int, hidden: int, like: Tensor):
 
 def step_options(module, get, mask: Optional[Tensor], zoneout_h, zoneout_c
                  ) -> Optional[StepOptions]:
-    """The op's option arguments, None when every option is off."""
-    ln = module.layer_norm
-    options = StepOptions(
-        ln_weight=get("ln_weight_hh") if ln else None, ln_bias=get("ln_bias_hh") if ln else None,
-        ln_c_weight=get("ln_weight_c") if ln and module.mode == "LSTM" else None,
-        ln_c_bias=get("ln_bias_c") if ln and module.mode == "LSTM" else None,
-        recurrent_mask=mask, zoneout_h=zoneout_h, zoneout_c=zoneout_c,
-        cell_clip=_float(getattr(module, "cell_clip", None)),
-        proj_clip=_float(getattr(module, "proj_clip", None)),
-        grad_clip=_float(module.recurrent_grad_clip),
-        peephole=get("weight_peephole") if getattr(module, "peephole", False) else None)
+    """The op's option arguments, None when every option is off; ``get(stem)`` finds a
+    parameter, the others are this call's draws."""
+    values = _arguments(module, get)
+    values.update(recurrent_mask=mask, zoneout_h=zoneout_h, zoneout_c=zoneout_c)
+    cell = spec.cell_of_mode(module.mode).name
+    options = StepOptions(**{name: values.get(name) for name in spec.OPTION_FIELDS[cell]})
     return options if any(v is not None for v in options) else None
-
-
-def _float(value):
-    return None if value is None else float(value)

@@ -153,7 +153,7 @@ class TritonBackend(Backend):
             h_prev_all = torch.cat([h0, output])[prev]
             c_prev_all = None if c0 is None else torch.cat(
                 [c0.to(workspace.dtype), workspace[:, layout["c"]]])[prev]
-            gx, gh0, gc0, d_hh, d_a, d_out_all, dy_all, d_peephole_all = step.backward(
+            gx, gh0, gc0, d_hh, d_a, d_out_all, rows = step.backward(
                 cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
                 sizes, offsets, reverse, output, workspace, options, layout)
             h_rec_all = h_prev_all.to(d_hh.dtype)  # what the forward GEMM saw
@@ -163,14 +163,7 @@ class TritonBackend(Backend):
             gw = d_a.t() @ h_rec_all  # one GEMM over all steps
             gb = d_hh.sum(0)
             gwr = None if w_hr is None else d_out_all.t() @ workspace[:, layout["h_pre"]]
-            if "layer_norm" in option_names:
-                a_hat = workspace[:, layout["a_hat"]]
-                learned.update(ln_weight=(d_hh * a_hat).sum(0), ln_bias=gb)
-            if "layer_norm_cell" in option_names:
-                c_hat = workspace[:, layout["c_hat"]]
-                learned.update(ln_c_weight=(dy_all * c_hat).sum(0), ln_c_bias=dy_all.sum(0))
-            if "peephole" in option_names:
-                learned["peephole"] = d_peephole_all.sum(0)
+            learned = {name: r.sum(0) for name, r in rows.items()}
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         grads = cast(gx), cast(gh0), cast(gc0), cast(gw), cast(gb), cast(gwr)
         return grads if given is None else grads + tuple(cast(learned.get(name))

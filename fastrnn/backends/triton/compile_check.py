@@ -30,11 +30,6 @@ _INT32_POINTERS = {"bs_ptr", "off_ptr"}
 _FLOAT32_POINTERS = {"hh_ptr", "h_ptr", "c_ptr", "ws_ptr", "dh_ptr", "cprev_ptr", "dc_ptr",
                      "dhh_ptr", "ddir_ptr", "dw_ptr", "db_ptr", "dwr_ptr", "hrec_ptr", "da_ptr",
                      "dy_ptr", "p_ptr", "dp_ptr", "dpp_ptr"}
-# the option constexprs of the step kernels, all off
-_NO_OPTIONS = dict(LN=False, LN_C=False, MASK=False, ZONEOUT_H=False, ZONEOUT_C=False,
-                   CELL_CLIP=False, PEEPHOLE=False)
-_NO_BACKWARD_OPTIONS = dict(LN=False, LN_C=False, ZONEOUT_H=False, ZONEOUT_C=False,
-                            CELL_CLIP=False, GRAD_CLIP=False, PEEPHOLE=False)
 
 
 def _signature(fn, dtype, constexprs):
@@ -86,10 +81,12 @@ def variants(everything):
                 yield (f"step forward {cell}{' proj' if proj else ''} {dtype}",
                        step._step_forward_kernel, dtype,
                        dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, BLOCK_B=block_b,
-                            BLOCK_H=block_h, **_NO_OPTIONS), step_warps)
+                            BLOCK_H=block_h, **step.flags(step._step_forward_kernel, ())),
+                       step_warps)
             yield (f"step backward {cell} {dtype}", step._step_backward_kernel, dtype,
                    dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, BLOCK_B=block_b,
-                        BLOCK_H=block_h, **_NO_BACKWARD_OPTIONS), step_warps)
+                        BLOCK_H=block_h, **step.flags(step._step_backward_kernel, ())),
+                   step_warps)
             if CELLS[cell].options:
                 yield from _option_variants(cell, cid, dtype, everything)
             # largest tiles that fit (everything), else small ones: compile time grows fast
@@ -116,31 +113,28 @@ def _option_variants(cell, cid, dtype, everything):
     """The step kernels with every option of the cell on (layer norm: whole rows per
     program), at H=512 and, with ``everything``, also H=2048; the projection
     epilogue / prologue kernels once per dtype (a cell that can project)."""
-    takes = {option.name for option in CELLS[cell].options}
-    ln_c, z_c, clip, peep = ("layer_norm_cell" in takes, "zoneout_c" in takes,
-                             "cell_clip" in takes, "peephole" in takes)
+    takes = tuple(option.name for option in CELLS[cell].options)
     for hidden in ([512, 2048] if everything else [512]):
         block_b, block_h, warps = step._blocks(64, hidden, whole_rows=True)
         tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
         for proj in ([False, True] if CELLS[cell].has_projection else [False]):
             yield (f"step forward {cell}{' proj' if proj else ''} all options H={hidden} "
                    f"{dtype}", step._step_forward_kernel, dtype,
-                   dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, LN=True, LN_C=ln_c,
-                        MASK=not proj, ZONEOUT_H=not proj, ZONEOUT_C=z_c, CELL_CLIP=clip,
-                        PEEPHOLE=peep, **tile), warps)
+                   dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, **tile,
+                        **step.flags(step._step_forward_kernel, takes,
+                                     RECURRENT_MASK=not proj, ZONEOUT_H=not proj)), warps)
         yield (f"step backward {cell} all options H={hidden} {dtype}",
                step._step_backward_kernel, dtype,
-               dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, LN=True, LN_C=ln_c,
-                    ZONEOUT_H=True, ZONEOUT_C=z_c, CELL_CLIP=clip, GRAD_CLIP=True,
-                    PEEPHOLE=peep, **tile),
+               dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, **tile,
+                    **step.flags(step._step_backward_kernel, takes)),
                warps)
     if CELLS[cell].has_projection:
         block_b, block_h, warps = step._blocks(64, 512)
         tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
         yield (f"step projection epilogue {dtype}", step._proj_epilogue_kernel, dtype,
-               dict(PROJ_CLIP=True, ZONEOUT_H=True, MASK=True, **tile), warps)
+               dict(**step.flags(step._proj_epilogue_kernel, takes), **tile), warps)
         yield (f"step projection prologue {dtype}", step._proj_prologue_kernel, dtype,
-               dict(PROJ_CLIP=True, ZONEOUT_H=True, **tile), warps)
+               dict(**step.flags(step._proj_prologue_kernel, takes), **tile), warps)
 
 
 def main(argv=None):

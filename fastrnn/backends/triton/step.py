@@ -38,6 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...spec import flags as spec_flags, option_names, whole_rows as spec_whole_rows
+
 from ._gates import (GRU, LSTM, RNN_RELU, clamp, gru_backward, gru_forward, layer_norm_rows,
                      layer_norm_rows_backward, lstm_backward_options, lstm_backward_output,
                      lstm_forward_options, num_gates, rnn_backward, rnn_forward, store_tiles,
@@ -72,19 +74,20 @@ def _step_forward_kernel(
     c_ptr,     # [n, H] float32 cell state: in c_prev, out c_t (lstm)
     ws_ptr,    # [n, WS_STRIDE] workspace rows of this step (float32 for half inputs)
     out_ptr,   # [n, H] output rows of this step (no projection)
-    lnw_ptr,   # [G*H] ln_weight (LN)
-    lnb_ptr,   # [G*H] ln_bias (LN)
-    lncw_ptr,  # [H] ln_c_weight (LN_C)
-    lncb_ptr,  # [H] ln_c_bias (LN_C)
-    rmask_ptr,  # [n, H] recurrent_mask rows (MASK, no projection)
-    hrec_ptr,  # [n, H] float32 out: h_t * recurrent_mask, the next GEMM's input (MASK)
+    lnw_ptr,   # [G*H] ln_weight (LAYER_NORM)
+    lnb_ptr,   # [G*H] ln_bias (LAYER_NORM)
+    lncw_ptr,  # [H] ln_c_weight (LAYER_NORM_CELL)
+    lncb_ptr,  # [H] ln_c_bias (LAYER_NORM_CELL)
+    rmask_ptr,  # [n, H] recurrent_mask rows (RECURRENT_MASK, no projection)
+    hrec_ptr,  # [n, H] float32 out: h_t * recurrent_mask, the next GEMM's input
+               # (RECURRENT_MASK)
     zh_ptr,    # [n, H] zoneout_h rows of this step (ZONEOUT_H, no projection)
     zc_ptr,    # [n, H] zoneout_c rows of this step (ZONEOUT_C)
     pp_ptr,    # [3H] peephole weights p_i | p_f | p_o (PEEPHOLE)
     n, H, WS_STRIDE, LN_OFF, LNC_OFF, cell_clip,
     CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr,
-    LN: tl.constexpr, LN_C: tl.constexpr, MASK: tl.constexpr, ZONEOUT_H: tl.constexpr,
-    ZONEOUT_C: tl.constexpr, CELL_CLIP: tl.constexpr, PEEPHOLE: tl.constexpr,
+    LAYER_NORM: tl.constexpr, LAYER_NORM_CELL: tl.constexpr, RECURRENT_MASK: tl.constexpr,
+    ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr, CELL_CLIP: tl.constexpr, PEEPHOLE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
@@ -108,7 +111,7 @@ def _step_forward_kernel(
     if G > 3:
         x3 = tl.load(xp + 3 * H, mask=mask, other=0.0).to(tl.float32)
         r3 = tl.load(hh + 3 * H, mask=mask, other=0.0).to(tl.float32)
-    if LN:  # the program holds whole rows: BLOCK_H >= H
+    if LAYER_NORM:  # the program holds whole rows: BLOCK_H >= H
         r0, r1, r2, r3, rstd = layer_norm_rows(r0, r1, r2, r3, mask, G * H, G)
         store_tiles(ws + LN_OFF, H, r0, r1, r2, r3, mask, G)
         tl.store(ws_ptr + rows * WS_STRIDE + LN_OFF + G * H, rstd, mask=rows < n)
@@ -127,7 +130,7 @@ def _step_forward_kernel(
         i, f, g, o, c = lstm_forward_options(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev, p_i,
                                              p_f, p_o, cell_clip, PEEPHOLE, CELL_CLIP)
         y = c
-        if LN_C:
+        if LAYER_NORM_CELL:
             c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
             tl.store(ws + LNC_OFF, c_hat, mask=mask)
             tl.store(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, rstd_c, mask=rows < n)
@@ -154,7 +157,7 @@ def _step_forward_kernel(
             h = zoneout(z_h, h, tl.load(h_ptr + state, mask=mask, other=0.0))
         tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(h_ptr + state, h.to(h_ptr.dtype.element_ty), mask=mask)
-        if MASK:
+        if RECURRENT_MASK:
             keep = tl.load(rmask_ptr + state, mask=mask, other=0.0).to(tl.float32)
             tl.store(hrec_ptr + state, h * keep, mask=mask)
 
@@ -171,19 +174,20 @@ def _step_backward_kernel(
     gx_ptr,     # [n, G*H] out: grad_xproj rows (input dtype)
     dhh_ptr,    # [n, G*H] out (if STORE_DHH): grad w.r.t. the recurrent pre-activation, f32
     ddir_ptr,   # [n, H] float32 out (gru, ZONEOUT_H): direct part of grad h_prev (may alias dh)
-    lnw_ptr,    # [G*H] ln_weight (LN)
-    lncw_ptr,   # [H] ln_c_weight (LN_C)
-    lncb_ptr,   # [H] ln_c_bias (LN_C)
+    lnw_ptr,    # [G*H] ln_weight (LAYER_NORM)
+    lncw_ptr,   # [H] ln_c_weight (LAYER_NORM_CELL)
+    lncb_ptr,   # [H] ln_c_bias (LAYER_NORM_CELL)
     zh_ptr,     # [n, H] zoneout_h rows (ZONEOUT_H: no projection)
     zc_ptr,     # [n, H] zoneout_c rows (ZONEOUT_C)
-    da_ptr,     # [n, G*H] float32 out (LN): LNback of d_hh, the operand of both GEMMs
-    dy_ptr,     # [n, H] float32 out (LN_C): grad w.r.t. y = LN(c), for ln_c's gradients
+    da_ptr,     # [n, G*H] float32 out (LAYER_NORM): LNback of d_hh, the operand of both GEMMs
+    dy_ptr,     # [n, H] float32 out (LAYER_NORM_CELL): grad w.r.t. y = LN(c), for ln_c's gradients
     pp_ptr,     # [3H] peephole weights p_i | p_f | p_o (PEEPHOLE)
     dpp_ptr,    # [n, 3H] float32 out (PEEPHOLE): d_i c_prev | d_f c_prev | d_o c, whose
                 # column sums are the peephole weights' gradient
     n, H, WS_STRIDE, LN_OFF, LNC_OFF, cell_clip, grad_clip,
     CELL: tl.constexpr, ADD_DOUT: tl.constexpr, STORE_DHH: tl.constexpr,
-    LN: tl.constexpr, LN_C: tl.constexpr, ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr,
+    LAYER_NORM: tl.constexpr, LAYER_NORM_CELL: tl.constexpr, ZONEOUT_H: tl.constexpr,
+    ZONEOUT_C: tl.constexpr,
     CELL_CLIP: tl.constexpr, GRAD_CLIP: tl.constexpr, PEEPHOLE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
@@ -216,7 +220,7 @@ def _step_backward_kernel(
             z_c = tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32)
             dc_direct = z_c * dc
             dc = (1.0 - z_c) * dc
-        if LN_C or CELL_CLIP or ZONEOUT_C:
+        if LAYER_NORM_CELL or CELL_CLIP or ZONEOUT_C:
             c_raw = f * c_prev + i * g  # the workspace holds c_t, after clip and zoneout
         else:
             c_raw = tl.load(ws + 4 * H, mask=mask, other=0.0)
@@ -224,13 +228,13 @@ def _step_backward_kernel(
         if CELL_CLIP:
             c = clamp(c_raw, cell_clip)
         y = c
-        if LN_C:
+        if LAYER_NORM_CELL:
             c_hat = tl.load(ws + LNC_OFF, mask=mask, other=0.0)
             rstd_c = tl.load(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, mask=rows < n, other=0.0)
             w_c = tl.load(lncw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
             y = c_hat * w_c + tl.load(lncb_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
         dao, dy = lstm_backward_output(o, y, dh, grad_clip, GRAD_CLIP)
-        if LN_C:
+        if LAYER_NORM_CELL:
             tl.store(dy_ptr + state, dy, mask=mask)
             dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat, c_hat,
                                                    c_hat, rstd_c, mask, H, 1)
@@ -252,7 +256,7 @@ def _step_backward_kernel(
             tl.store(ddir_ptr + state, direct, mask=mask)
         if STORE_DHH:
             store_tiles(dhh_ptr + rows * (G * H) + cols, H, dai, daf, dag, dao, mask, G)
-        if LN:
+        if LAYER_NORM:
             _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dai, daf, dag, dao,
                                  n, H, WS_STRIDE, LN_OFF, G)
     elif CELL == GRU:
@@ -270,7 +274,7 @@ def _step_backward_kernel(
         tl.store(gx + 2 * H, dan.to(ty), mask=mask)
         store_tiles(dhh_ptr + rows * (G * H) + cols, H, dar, daz, dhn, dhn, mask, G)
         tl.store(ddir_ptr + state, gru_direct, mask=mask)
-        if LN:
+        if LAYER_NORM:
             _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dar, daz, dhn, dhn,
                                  n, H, WS_STRIDE, LN_OFF, G)
     else:
@@ -288,10 +292,10 @@ def _proj_epilogue_kernel(
     out_ptr,    # [n, P] output rows of this step
     ws_ptr,     # [n, WS_STRIDE] workspace rows (PROJ_CLIP: p goes to column P_OFF)
     zh_ptr,     # [n, P] zoneout_h rows (ZONEOUT_H)
-    rmask_ptr,  # [n, P] recurrent_mask rows (MASK)
-    hrec_ptr,   # [n, P] float32 out: h_t * recurrent_mask (MASK)
+    rmask_ptr,  # [n, P] recurrent_mask rows (RECURRENT_MASK)
+    hrec_ptr,   # [n, P] float32 out: h_t * recurrent_mask (RECURRENT_MASK)
     n, H, WS_STRIDE, P_OFF, proj_clip,
-    PROJ_CLIP: tl.constexpr, ZONEOUT_H: tl.constexpr, MASK: tl.constexpr,
+    PROJ_CLIP: tl.constexpr, ZONEOUT_H: tl.constexpr, RECURRENT_MASK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Forward of a projected lstm step after the projection GEMM (H here is P)."""
@@ -308,7 +312,7 @@ def _proj_epilogue_kernel(
         h = zoneout(z_h, h, tl.load(h_ptr + state, mask=mask, other=0.0))
     tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(h_ptr + state, h, mask=mask)
-    if MASK:
+    if RECURRENT_MASK:
         keep = tl.load(rmask_ptr + state, mask=mask, other=0.0).to(tl.float32)
         tl.store(hrec_ptr + state, h * keep, mask=mask)
 
@@ -396,6 +400,12 @@ def _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, d0, d1, d2, 
 
 # ---------------------------------------------------------------- launchers
 
+def flags(kernel, option_names, **override):
+    """The option constexprs ``kernel`` takes (fastrnn.spec.flags), then ``override``."""
+    takes = kernel.arg_names
+    return {name: on for name, on in spec_flags(option_names).items() if name in takes} | override
+
+
 def _launch(kernel, n, hidden, *args, whole_rows=False, **meta):
     block_b, block_h, num_warps = _blocks(n, hidden, whole_rows)
     grid = (triton.cdiv(n, block_b), triton.cdiv(hidden, block_h))
@@ -430,11 +440,12 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
     cell_clip, proj_clip, peephole = opt("cell_clip"), opt("proj_clip"), opt("peephole")
     proj = w_hr is not None
     h_rec = None if keep is None else h * keep.to(f32)  # what the recurrent GEMM sees
-    meta = dict(CELL=cell_id, HAS_BIAS=b_hh is not None, HAS_PROJ=proj, LN=ln_w is not None,
-                LN_C=lnc_w is not None, MASK=keep is not None and not proj,
-                ZONEOUT_H=z_h is not None and not proj, ZONEOUT_C=z_c is not None,
-                CELL_CLIP=cell_clip is not None, PEEPHOLE=peephole is not None)
-    whole_rows = ln_w is not None or lnc_w is not None
+    names = option_names(options)
+    # with a projection, the epilogue kernel does the mask and zoneout of h
+    meta = dict(CELL=cell_id, HAS_BIAS=b_hh is not None, HAS_PROJ=proj,
+                **flags(_step_forward_kernel, names, RECURRENT_MASK=keep is not None and not proj,
+                        ZONEOUT_H=z_h is not None and not proj))
+    whole_rows = spec_whole_rows(names)
     epilogue = proj and (keep is not None or z_h is not None or proj_clip is not None)
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         n, rows = sizes[t], slice(offsets[t], offsets[t + 1])
@@ -455,8 +466,7 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
                     p, h[:n], output[rows], ws[rows], _rows(z_h, rows, dummy),
                     _rows(keep, slice(0, n), dummy), _rows(h_rec, slice(0, n), dummy),
                     n, p.shape[1], ws.shape[1], _offset(layout, "p"), float(proj_clip or 0.0),
-                    PROJ_CLIP=proj_clip is not None, ZONEOUT_H=z_h is not None,
-                    MASK=keep is not None)
+                    **flags(_proj_epilogue_kernel, names))
         elif proj:
             torch.mm(ws[rows, layout["h_pre"]].to(f32), wr_t, out=h[:n])
             output[rows] = h[:n]
@@ -466,13 +476,13 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
 def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w_hh, w_hr,
              sizes, offsets, reverse, output, ws, options=None, layout=None):
     """-> (grad_xproj, grad_h0 fp32, grad_c0 fp32 or None, d_hh_all, d_a_all,
-    d_out_all or None, dy_all or None, d_peephole_all or None).
+    d_out_all or None, rows).
 
     ``h_prev_all``/``c_prev_all`` [N, .]: every row's state before its step. The caller
     forms the weight gradients: d_a_all is the GEMM operand (LNback of d_hh_all with layer
-    norm, else d_hh_all itself), d_out_all the gradient of the projection's output, dy_all
-    that of the normalised cell state (layer_norm_cell), d_peephole_all [N, 3H] the rows
-    whose column sums are the peephole weights' gradient.
+    norm, else d_hh_all itself), d_out_all the gradient of the projection's output, ``rows``
+    maps each learnable option argument that is on (spec.LEARNABLE) to its per-row
+    gradients [N, size], whose column sums are its gradient.
     """
     G = num_gates(cell_id)
     H = w_hh.shape[0] // G
@@ -504,11 +514,11 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
     dpp_all = None if peephole is None else torch.empty(N, 3 * H, dtype=torch.float32,
                                                         device=output.device)
     keep32 = None if keep is None else keep.to(torch.float32)
-    meta = dict(CELL=cell_id, ADD_DOUT=not proj, STORE_DHH=store_dhh, LN=ln_w is not None,
-                LN_C=lnc_w is not None, ZONEOUT_H=z_h is not None and not proj,
-                ZONEOUT_C=z_c is not None, CELL_CLIP=cell_clip is not None,
-                GRAD_CLIP=grad_clip is not None, PEEPHOLE=peephole is not None)
-    whole_rows = ln_w is not None or lnc_w is not None
+    names = option_names(options)
+    # with a projection, the prologue kernel does the zoneout of h
+    meta = dict(CELL=cell_id, ADD_DOUT=not proj, STORE_DHH=store_dhh,
+                **flags(_step_backward_kernel, names, ZONEOUT_H=z_h is not None and not proj))
+    whole_rows = spec_whole_rows(names)
     prologue = proj and (z_h is not None or proj_clip is not None)
     # dh[:n] holds a direct part of grad h_prev after the kernels: gru's z * dh, zoneout's
     has_direct = cell_id == GRU or z_h is not None
@@ -519,7 +529,7 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
                     dh[:n], grad_output[rows], ws[rows], _rows(z_h, rows, dummy),
                     d_out_all[rows], n, w_hr.shape[0], ws.shape[1], _offset(layout, "p"),
                     float(proj_clip or 0.0),
-                    PROJ_CLIP=proj_clip is not None, ZONEOUT_H=z_h is not None)
+                    **flags(_proj_prologue_kernel, names))
             dh_cell, dout = torch.mm(d_out_all[rows], w_hr32), dummy
         elif proj:
             d_out = torch.add(dh[:n], grad_output[rows], out=d_out_all[rows])
@@ -550,4 +560,11 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
             dh[:n] += recurrent  # the kernels stored the direct part
         else:
             dh[:n] = recurrent
-    return grad_xproj, dh, dc, d_hh, d_a, d_out_all, dy_all, dpp_all
+    rows = {}
+    if ln_w is not None:
+        rows.update(ln_weight=d_hh * ws[:, layout["a_hat"]], ln_bias=d_hh)
+    if lnc_w is not None:
+        rows.update(ln_c_weight=dy_all * ws[:, layout["c_hat"]], ln_c_bias=dy_all)
+    if dpp_all is not None:
+        rows["peephole"] = dpp_all
+    return grad_xproj, dh, dc, d_hh, d_a, d_out_all, rows

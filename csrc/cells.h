@@ -119,7 +119,7 @@ FASTRNN_HD double rsqrt_(double x) { return 1.0 / sqrt(x); }
 // ------------------------------------------------------------------ LSTM
 // Gates (i, f, g, o); c = f * c_prev + i * g; h = o * tanh(y), y = c after the options
 // (cell clip, cell layer norm), which is why the step computes h. The o gate comes after c:
-// with peepholes its pre-activation sees the new cell state (peephole_ below).
+// with peepholes its pre-activation sees the new cell state (step.h's peephole).
 template <typename T>
 struct LSTMGates { T i, f, g, c; };
 
@@ -132,12 +132,6 @@ FASTRNN_HD LSTMGates<T> lstm_forward(T pre_i, T pre_f, T pre_g, T c_prev) {
   s.c = s.f * c_prev + s.i * s.g;
   return s;
 }
-
-// A peephole connection (Gers and Schmidhuber 2000): a gate's pre-activation plus p * c, p
-// its diagonal weight, c the cell state it sees (i, f: the previous one; o: the new one,
-// after the cell clip). Its backward has the same form: dL/dc gains p * d_pre.
-template <typename T>
-FASTRNN_HD T peephole_(T pre, T p, T c) { return pre + p * c; }
 
 // Backward of h = o * tanh(y) for dh = dL/dh (before projection): the o gate's
 // pre-activation gradient, clamped to +-clip (grad_clip), and dL/dy.

@@ -76,10 +76,13 @@ FASTRNN_HD T zoneout(T z, T x_new, T x_prev) {
   return V::any ? blend_(z, x_new, x_prev) : x_new;
 }
 
-// x + p[k] * c with the peephole weight p[k] (cells.h peephole_), x without peepholes.
+// A peephole connection (Gers and Schmidhuber 2000): a gate's pre-activation x plus p[k] * c,
+// p[k] its diagonal weight, c the cell state it sees (i, f: the previous one; o: the new one,
+// after the cell clip); x without peepholes. Its backward has the same form: dL/dc gains
+// p[k] * d_pre.
 template <class V, typename T, typename S>
 FASTRNN_HD T peephole(T x, const S* p, int64_t k, T c) {
-  return V::peephole ? peephole_(x, static_cast<T>(p[k]), c) : x;
+  return V::peephole ? x + static_cast<T>(p[k]) * c : x;
 }
 
 template <typename T>

@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "generated/fastrnn_spec.h"  // the Cell enum; generated from fastrnn/spec.py
+
 #if defined(__CUDACC__)
 #define FASTRNN_HD __host__ __device__ __forceinline__
 #else
@@ -17,8 +19,6 @@
 #endif
 
 namespace fastrnn {
-
-enum class Cell : int { LSTM = 0, GRU = 1, RNN_TANH = 2, RNN_RELU = 3 };
 
 // ------------------------------------------------------------------ activations
 // On the GPU: the CUDA math library. On the CPU, float: branch-free versions that the
@@ -112,9 +112,6 @@ FASTRNN_HD float rsqrt_(float x) {
 #endif
 }
 FASTRNN_HD double rsqrt_(double x) { return 1.0 / sqrt(x); }
-
-// The layer norms' epsilon (fastrnn.variants.LAYER_NORM_EPS).
-#define FASTRNN_LAYER_NORM_EPS 1e-5
 
 // ------------------------------------------------------------------ LSTM
 // Gates (i, f, g, o); c = f * c_prev + i * g; h = o * tanh(y), y = c after the options

@@ -48,29 +48,28 @@ namespace fastrnn {
 
 using at::Tensor;
 
-static_assert(static_cast<int>(Cell::LSTM) == spec::kLSTM &&
-                  static_cast<int>(Cell::GRU) == spec::kGRU &&
-                  static_cast<int>(Cell::RNN_TANH) == spec::kRNN_TANH &&
-                  static_cast<int>(Cell::RNN_RELU) == spec::kRNN_RELU && spec::kNumCells == 4 &&
-                  FASTRNN_LAYER_NORM_EPS == spec::kLayerNormEps,
-              "cells.h's Cell enum and layer-norm epsilon must be fastrnn/spec.py's");
+// The generated header's macros test whether an option argument is given with these.
+namespace spec {
+inline bool is_on(const Tensor& t) { return t.defined(); }
+inline bool is_on(const c10::optional<double>& v) { return v.has_value(); }
+}  // namespace spec
 
 inline Cell parse_cell(c10::string_view name) {
   for (int id = 0; id < spec::kNumCells; ++id) {
     if (name == spec::kCellNames[id]) return static_cast<Cell>(id);
   }
   TORCH_CHECK(false, "fastrnn native: unknown cell '", std::string(name),
-              "'; expected one of lstm, gru, rnn_tanh, rnn_relu");
+              "'; expected one of ", spec::kCellList);
 }
 
 // Calls body(std::integral_constant<Cell, c>) so the cell is a compile-time constant inside.
 template <class Body>
 void with_cell(Cell cell, Body&& body) {
   switch (cell) {
-    case Cell::LSTM: body(std::integral_constant<Cell, Cell::LSTM>()); break;
-    case Cell::GRU: body(std::integral_constant<Cell, Cell::GRU>()); break;
-    case Cell::RNN_TANH: body(std::integral_constant<Cell, Cell::RNN_TANH>()); break;
-    case Cell::RNN_RELU: body(std::integral_constant<Cell, Cell::RNN_RELU>()); break;
+#define FASTRNN_CELL_CASE(CELL) \
+    case Cell::CELL: body(std::integral_constant<Cell, Cell::CELL>()); break;
+    FASTRNN_CELLS(FASTRNN_CELL_CASE)
+#undef FASTRNN_CELL_CASE
   }
 }
 
@@ -127,23 +126,14 @@ inline Options make_options(FASTRNN_OPTION_PARAMS) {
   return o;
 }
 
-// Workspace columns (fastrnn/spec.py workspace_layout): the cell's own, then those of each
-// option that is on. Where the named groups start (an absent one: where it would start).
-struct Columns {
-  int64_t width, c, h_pre;
-#define FASTRNN_COLUMN_FIELD(group) int64_t group;
-  FASTRNN_OPTION_COLUMNS(FASTRNN_COLUMN_FIELD)
-#undef FASTRNN_COLUMN_FIELD
-};
-
+// The workspace layout of a call (step.h Columns).
 inline Columns workspace_columns(Cell cell, int64_t H, int64_t P, bool proj,
                                  const Options& o = Options()) {
   const int id = static_cast<int>(cell);
   const int64_t G = num_gates(cell);
-  Columns c{};
+  Columns c;
 #define FASTRNN_COLUMN_NAME(group) {#group, &c.group},
-  const std::pair<const char*, int64_t*> named[] = {
-      {"c", &c.c}, {"h_pre", &c.h_pre}, FASTRNN_OPTION_COLUMNS(FASTRNN_COLUMN_NAME)};
+  const std::pair<const char*, int64_t*> named[] = {FASTRNN_COLUMN_GROUPS(FASTRNN_COLUMN_NAME)};
 #undef FASTRNN_COLUMN_NAME
   for (const spec::ColumnGroup& g : spec::kColumnGroups) {
     if (g.cell != id && g.option < 0) continue;  // another cell's own columns
@@ -367,9 +357,6 @@ StepOptions<scalar_t, acc_t> step_options(const Shapes& s, const Options& o,
   so.arg = o.arg.has_value() ? static_cast<acc_t>(*o.arg) : inf;
   FASTRNN_FLOAT_ARGS(FASTRNN_FLOAT_VALUE)
 #undef FASTRNN_FLOAT_VALUE
-#define FASTRNN_COLUMN_START(group) so.group##_col = s.cols.group;
-  FASTRNN_OPTION_COLUMNS(FASTRNN_COLUMN_START)
-#undef FASTRNN_COLUMN_START
   return so;
 }
 
@@ -429,6 +416,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     a.output = output.data_ptr<scalar_t>();
     a.ws = workspace.data_ptr<acc_t>();
     a.hh = s.proj ? hh.data_ptr<scalar_t>() : nullptr;
+    a.cols = s.cols;
     a.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
     for (int64_t t : layout.order) {
       const int64_t rows = layout.sizes[t], row = layout.offsets[t];
@@ -549,6 +537,7 @@ BackwardResult recurrence_backward(
     a.c0 = c0.defined() ? c0.data_ptr<acc_t>() : nullptr;
     a.grad_xproj = grad_xproj.data_ptr<scalar_t>();
     a.grad_hgates = grad_hgates.data_ptr<scalar_t>();
+    a.cols = s.cols;
     a.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
     a.grad_a = grad_a.data_ptr<scalar_t>();
     a.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;

@@ -5,8 +5,7 @@
 //   row b of a step is sequence b, so the live rows of a step are the first `rows` states.
 #pragma once
 
-#include "cells.h"
-#include "generated/fastrnn_spec.h"  // generated from fastrnn/spec.py by fastrnn/build.py
+#include "cells.h"  // and generated/fastrnn_spec.h, generated from fastrnn/spec.py
 
 namespace fastrnn {
 
@@ -27,8 +26,15 @@ struct StepOptions {
 #define FASTRNN_FLOAT_FIELD(arg, option) acc_t arg = acc_t(0);
   FASTRNN_FLOAT_ARGS(FASTRNN_FLOAT_FIELD)
 #undef FASTRNN_FLOAT_FIELD
-#define FASTRNN_COLUMN_FIELD(group) int64_t group##_col = 0;  // where its workspace columns start
-  FASTRNN_OPTION_COLUMNS(FASTRNN_COLUMN_FIELD)
+};
+
+// Where each workspace column group starts in a row (fastrnn/spec.py workspace_layout: the
+// cell's own, then those of each option that is on; an absent group: where it would start)
+// and the row's width.
+struct Columns {
+  int64_t width = 0;
+#define FASTRNN_COLUMN_FIELD(group) int64_t group = 0;
+  FASTRNN_COLUMN_GROUPS(FASTRNN_COLUMN_FIELD)
 #undef FASTRNN_COLUMN_FIELD
 };
 
@@ -138,6 +144,7 @@ struct ForwardStep {
   scalar_t* output = nullptr;        // [N, P]
   acc_t* ws = nullptr;               // [N, W]
   scalar_t* hh = nullptr;            // [B, H] h before the projection (proj only)
+  Columns cols;                      // the workspace layout
   StepOptions<scalar_t, acc_t> opt;
 
   FASTRNN_HD acc_t* ws_row(int64_t b) const { return ws + (ws_first + b) * W; }
@@ -162,6 +169,7 @@ struct BackwardStep {
   scalar_t* grad_xproj = nullptr;    // [N, G*H]
   scalar_t* grad_hgates = nullptr;   // [N, G*H] gradient of h_prev @ w_hh.T + b_hh (gru;
                                      // for lstm/rnn it equals grad_xproj)
+  Columns cols;                      // the workspace layout
   StepOptions<scalar_t, acc_t> opt;
   scalar_t* grad_a = nullptr;        // [N, G*H] (layer norm) gradient of h_rec @ w_hh.T
   acc_t* grad_y = nullptr;           // [N, H] (cell layer norm) dL/dy, y = LN(c_new)
@@ -199,7 +207,7 @@ FASTRNN_HD RowStats<T> row_mean_rstd(const Row& row, int64_t n, F&& f) {
     const T d = f(k) - st.mean;
     return d * d;
   }) / T(n);
-  st.rstd = rsqrt_(var + T(FASTRNN_LAYER_NORM_EPS));
+  st.rstd = rsqrt_(var + T(spec::kLayerNormEps));
   return st;
 }
 
@@ -214,7 +222,7 @@ FASTRNN_HD RowStats<stat_t<acc_t>> recurrent_norm_stats(const ForwardStep<scalar
     st = row_mean_rstd<S>(row, GH, [&](int64_t k) {
       return static_cast<S>(hg[k]);
     });
-    if (row.leader()) a.ws_row(b)[a.opt.a_hat_col + GH] = static_cast<acc_t>(st.rstd);
+    if (row.leader()) a.ws_row(b)[a.cols.a_hat + GH] = static_cast<acc_t>(st.rstd);
   }
   return st;
 }
@@ -226,7 +234,7 @@ FASTRNN_HD acc_t recurrent_input(const ForwardStep<scalar_t, acc_t>& a, int64_t 
   acc_t hh = static_cast<acc_t>(a.hgates[b * GH + k]);
   if constexpr (V::layer_norm) {
     const acc_t hat = static_cast<acc_t>((hh - st.mean) * st.rstd);
-    a.ws_row(b)[a.opt.a_hat_col + k] = hat;
+    a.ws_row(b)[a.cols.a_hat + k] = hat;
     hh = hat * static_cast<acc_t>(a.opt.ln_weight[k]) + static_cast<acc_t>(a.opt.ln_bias[k]);
   }
   return hh + static_cast<acc_t>(a.bias[k]);
@@ -239,7 +247,7 @@ FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, i
   const int64_t H = a.H, r = a.row + b;
   const acc_t h = o * tanh_(y);
   if (a.proj) {
-    a.ws_row(b)[5 * H + j] = h;
+    a.ws_row(b)[a.cols.h_pre + j] = h;
     a.hh[b * H + j] = static_cast<scalar_t>(h);
   } else {
     scalar_t* h_state = a.h_state + b * H + j;
@@ -283,10 +291,10 @@ struct LSTMForwardElement {
     ws[H + j] = s.f;
     ws[2 * H + j] = s.g;
     ws[3 * H + j] = o_gate;
-    ws[4 * H + j] = c_t;
+    ws[a.cols.c + j] = c_t;
     *c = c_t;
     if constexpr (V::layer_norm_cell) {
-      ws[o.c_hat_col + j] = c_new;  // normalised in place by the next phase
+      ws[a.cols.c_hat + j] = c_new;  // normalised in place by the next phase
     } else {
       lstm_store_h<V>(a, b, j, c_new, o_gate);
     }
@@ -305,12 +313,12 @@ FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t 
     using S = stat_t<acc_t>;
     const RowStats<S> sc =
         row_mean_rstd<S>(row, H, [&](int64_t j) {
-          return static_cast<S>(ws[o.c_hat_col + j]);
+          return static_cast<S>(ws[a.cols.c_hat + j]);
         });
-    if (row.leader()) ws[o.c_hat_col + H] = static_cast<acc_t>(sc.rstd);
+    if (row.leader()) ws[a.cols.c_hat + H] = static_cast<acc_t>(sc.rstd);
     row.for_each(H, [&](int64_t j) {
-      const acc_t hat = static_cast<acc_t>((ws[o.c_hat_col + j] - sc.mean) * sc.rstd);
-      ws[o.c_hat_col + j] = hat;
+      const acc_t hat = static_cast<acc_t>((ws[a.cols.c_hat + j] - sc.mean) * sc.rstd);
+      ws[a.cols.c_hat + j] = hat;
       const acc_t y = hat * static_cast<acc_t>(o.ln_c_weight[j]) +
                       static_cast<acc_t>(o.ln_c_bias[j]);
       lstm_store_h<V>(a, b, j, y, ws[3 * H + j]);
@@ -387,7 +395,7 @@ FASTRNN_HD void projection_forward_element(const ForwardStep<scalar_t, acc_t>& a
   const int64_t P = a.P, r = a.row + b;
   const StepOptions<scalar_t, acc_t>& o = a.opt;
   const acc_t p = static_cast<acc_t>(a.output[r * P + j]);
-  if (o.proj_clip < acc_t(INFINITY)) a.ws_row(b)[o.p_col + j] = p;
+  if (o.proj_clip < acc_t(INFINITY)) a.ws_row(b)[a.cols.p + j] = p;
   scalar_t* h_state = a.h_state + b * P + j;
   const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zoneout_h_stride + j]);
   const scalar_t h_t =
@@ -408,7 +416,7 @@ FASTRNN_HD void projection_backward_element(const BackwardStep<scalar_t, acc_t>&
   const acc_t z = static_cast<acc_t>(o.zoneout_h[r * o.zoneout_h_stride + j]);
   acc_t dp = (acc_t(1) - z) * dh_t;
   if (o.proj_clip < acc_t(INFINITY)) {
-    dp = dp * inside_(a.ws[r * a.W + o.p_col + j], o.proj_clip);
+    dp = dp * inside_(a.ws[r * a.W + a.cols.p + j], o.proj_clip);
   }
   a.grad_p[r * P + j] = static_cast<scalar_t>(dp);
   *dh_state = static_cast<scalar_t>(z * dh_t);
@@ -438,7 +446,7 @@ template <class Row, typename scalar_t, typename acc_t>
 FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
                                         int64_t GH, const scalar_t* d_hh_row, const Row& row) {
   const int64_t r = a.row + b;
-  const acc_t* hat = a.ws + r * a.W + a.opt.a_hat_col;
+  const acc_t* hat = a.ws + r * a.W + a.cols.a_hat;
   const acc_t rstd = hat[GH];
   const scalar_t* w = a.opt.ln_weight;
   auto g = [&](int64_t k) {
@@ -483,7 +491,7 @@ struct LSTMBackwardElement {
     }
     acc_t y;
     if constexpr (V::layer_norm_cell) {
-      y = ws[o.c_hat_col + j] * static_cast<acc_t>(o.ln_c_weight[j]) +
+      y = ws[a.cols.c_hat + j] * static_cast<acc_t>(o.ln_c_weight[j]) +
           static_cast<acc_t>(o.ln_c_bias[j]);
     } else {
       y = clip<V>(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
@@ -533,13 +541,13 @@ template <class V, class Row, typename scalar_t, typename acc_t>
 FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
                                   const Row& row) {
   const int64_t H = a.H, GH = 4 * H, r = a.row + b;
-  const acc_t* c_prev_row = b < a.prev_rows ? a.ws + (a.prev_row + b) * a.W + 4 * H
+  const acc_t* c_prev_row = b < a.prev_rows ? a.ws + (a.prev_row + b) * a.W + a.cols.c
                                             : a.c0 + b * H;
   const LSTMBackwardElement<V, scalar_t, acc_t> element{a, b, c_prev_row};
   row.for_each(H, element);
   if constexpr (V::layer_norm_cell) {
     const StepOptions<scalar_t, acc_t>& o = a.opt;
-    const acc_t* hat = a.ws + r * a.W + o.c_hat_col;
+    const acc_t* hat = a.ws + r * a.W + a.cols.c_hat;
     const acc_t* dy = a.grad_y + r * H;
     auto g = [&](int64_t j) {
       return mul_rounded(dy[j], static_cast<acc_t>(o.ln_c_weight[j]));

@@ -426,7 +426,7 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
     """Fill ``output`` [N, P] and ``ws`` [N, W]; return the final float32 (h, c) states.
     ``options``: a StepOptions (fastrnn.spec) or None; ``layout``: its workspace columns
     (fastrnn.spec.workspace_layout)."""
-    H = w_hh.shape[0] // (4 if cell_id == LSTM else 3 if cell_id == GRU else 1)
+    H = w_hh.shape[0] // num_gates(cell_id)
     f32 = torch.float32
     h = h0.to(f32, copy=True)
     c = None if c0 is None else c0.to(f32, copy=True)

@@ -87,7 +87,8 @@ def _step_forward_kernel(
     n, H, WS_STRIDE, LN_OFF, LNC_OFF, cell_clip,
     CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr,
     LAYER_NORM: tl.constexpr, LAYER_NORM_CELL: tl.constexpr, RECURRENT_MASK: tl.constexpr,
-    ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr, CELL_CLIP: tl.constexpr, PEEPHOLE: tl.constexpr,
+    ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr, CELL_CLIP: tl.constexpr,
+    PEEPHOLE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]

@@ -20,16 +20,14 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import persistent, step
-from ...spec import CELLS
+from ...spec import ARGS, CELLS
 from ._gates import CELL_IDS
 
 _INTS = {"n", "H", "P", "T", "B", "WS_STRIDE", "LN_OFF", "LNC_OFF", "P_OFF"}
-_FLOATS = {"cell_clip", "proj_clip", "grad_clip"}
+_FLOATS = {arg.name for arg in ARGS if arg.type == "float"}   # the options' float arguments
 _INT32_POINTERS = {"bs_ptr", "off_ptr"}
 # arguments that are float32 whatever the input dtype (states, workspace, partial sums)
-_FLOAT32_POINTERS = {"hh_ptr", "h_ptr", "c_ptr", "ws_ptr", "dh_ptr", "cprev_ptr", "dc_ptr",
-                     "dhh_ptr", "ddir_ptr", "dw_ptr", "db_ptr", "dwr_ptr", "hrec_ptr", "da_ptr",
-                     "dy_ptr", "p_ptr", "dp_ptr", "dpp_ptr"}
+_FLOAT32_POINTERS = step.FLOAT32_POINTERS | {"ws_ptr", "dw_ptr", "db_ptr", "dwr_ptr"}
 
 
 def _signature(fn, dtype, constexprs):

@@ -65,6 +65,13 @@ def _blocks(rows: int, hidden: int, whole_rows: bool = False):
 
 # ---------------------------------------------------------------- kernels
 
+# The kernels' pointer arguments that are float32 whatever the input dtype (states,
+# workspace, gradients kept in float32), for compile_check's signatures.
+FLOAT32_POINTERS = {"hh_ptr", "h_ptr", "c_ptr", "ws_ptr", "dh_ptr", "cprev_ptr", "dc_ptr",
+                    "dhh_ptr", "ddir_ptr", "hrec_ptr", "da_ptr", "dy_ptr", "p_ptr", "dp_ptr",
+                    "dpp_ptr"}
+
+
 @triton.jit
 def _step_forward_kernel(
     xp_ptr,    # [n, G*H] input projection rows of this step (input dtype)

@@ -26,6 +26,11 @@ RNN_RELU = tl.constexpr(CELL_IDS["rnn_relu"])
 NUM_GATES = {name: cell.num_gates for name, cell in CELLS.items()}
 _GATES_OF_ID = tl.constexpr(tuple(NUM_GATES.values()))
 LAYER_NORM_EPS = tl.constexpr(spec.LAYER_NORM_EPS)
+# Where lstm's own workspace columns c and h_pre start, in units of H (spec.workspace_layout:
+# the cell's columns are whole multiples of H).
+_LSTM_COLUMNS = spec.workspace_layout("lstm", 1, 1)
+C_COL = tl.constexpr(_LSTM_COLUMNS["c"].start)
+H_PRE_COL = tl.constexpr(_LSTM_COLUMNS["h_pre"].start)
 
 
 @triton.constexpr_function

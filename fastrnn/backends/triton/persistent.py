@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gates import (GRU, LSTM, RNN_RELU, gru_backward, gru_forward, lstm_backward,
-                     lstm_backward_output, lstm_forward, matmul, num_gates, rnn_backward,
-                     rnn_forward, store_tiles, tanh)
+from ._gates import (C_COL, GRU, H_PRE_COL, LSTM, RNN_RELU, gru_backward, gru_forward,
+                     lstm_backward, lstm_backward_output, lstm_forward, matmul, num_gates,
+                     rnn_backward, rnn_forward, store_tiles, tanh)
 from .autotune import autotune
 
 
@@ -133,10 +133,10 @@ def _persistent_forward_kernel(
             i, f, g, o, c_new = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c)
             h_new = o * tanh(c_new)
             store_tiles(ws, H, i, f, g, o, m, 4)
-            tl.store(ws + 4 * H, c_new, mask=m)
+            tl.store(ws + C_COL * H, c_new, mask=m)
             c = tl.where(live, c_new, c)
             if HAS_PROJ:
-                tl.store(ws + 5 * H, h_new, mask=m)
+                tl.store(ws + H_PRE_COL * H, h_new, mask=m)
                 h_new = matmul(h_new, wrt)
         elif CELL == GRU:
             r, z, nn, h_new = gru_forward(x0, x1, x2, r0, r1, r2, h)
@@ -246,13 +246,13 @@ def _persistent_backward_kernel(
         gx = gx_ptr + row * (G * H) + ch
         if HAS_PROJ:
             d_cell = matmul(d_out, wr)
-            h_raw = tl.load(ws + 5 * H, mask=m, other=0.0)
+            h_raw = tl.load(ws + H_PRE_COL * H, mask=m, other=0.0)
             dwr += matmul(tl.trans(d_out), h_raw)
         else:
             d_cell = d_out
 
         if CELL == LSTM:
-            c_prev = (tl.load(ws_ptr + prev_row * WS_STRIDE + 4 * H + ch,
+            c_prev = (tl.load(ws_ptr + prev_row * WS_STRIDE + C_COL * H + ch,
                               mask=from_prev & (ch < H), other=0.0)
                       + tl.load(c0_ptr + rows * H + ch, mask=from_init & (ch < H), other=0.0)
                       .to(tl.float32))
@@ -260,7 +260,7 @@ def _persistent_backward_kernel(
             f = tl.load(ws + H, mask=m, other=0.0)
             g = tl.load(ws + 2 * H, mask=m, other=0.0)
             o = tl.load(ws + 3 * H, mask=m, other=0.0)
-            c = tl.load(ws + 4 * H, mask=m, other=0.0)
+            c = tl.load(ws + C_COL * H, mask=m, other=0.0)
             da3, dy = lstm_backward_output(o, c, d_cell, 0.0, False)
             da0, da1, da2, dc_prev = lstm_backward(i, f, g, c_prev, dc + dy, 0.0, False)
             dc = tl.where(live, dc_prev, dc)

@@ -40,10 +40,10 @@ import triton.language as tl
 
 from ...spec import flags as spec_flags, option_names, whole_rows as spec_whole_rows
 
-from ._gates import (GRU, LSTM, RNN_RELU, clamp, gru_backward, gru_forward, layer_norm_rows,
-                     layer_norm_rows_backward, lstm_backward_options, lstm_backward_output,
-                     lstm_forward_options, num_gates, rnn_backward, rnn_forward, store_tiles,
-                     tanh, zoneout)
+from ._gates import (C_COL, GRU, H_PRE_COL, LSTM, RNN_RELU, clamp, gru_backward, gru_forward,
+                     layer_norm_rows, layer_norm_rows_backward, lstm_backward_options,
+                     lstm_backward_output, lstm_forward_options, num_gates, rnn_backward,
+                     rnn_forward, store_tiles, tanh, zoneout)
 
 
 # ---------------------------------------------------------------- heuristics
@@ -148,10 +148,10 @@ def _step_forward_kernel(
         if ZONEOUT_C:
             c = zoneout(tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32), c, c_prev)
         store_tiles(ws, H, i, f, g, o, mask, 4)
-        tl.store(ws + 4 * H, c, mask=mask)
+        tl.store(ws + C_COL * H, c, mask=mask)
         tl.store(c_ptr + state, c, mask=mask)
         if HAS_PROJ:
-            tl.store(ws + 5 * H, h, mask=mask)  # h before projection; the host projects it
+            tl.store(ws + H_PRE_COL * H, h, mask=mask)  # h before projection; the host projects it
     elif CELL == GRU:
         h_prev = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
         r, z, nn, h = gru_forward(x0, x1, x2, r0, r1, r2, h_prev)
@@ -231,7 +231,7 @@ def _step_backward_kernel(
         if LAYER_NORM_CELL or CELL_CLIP or ZONEOUT_C:
             c_raw = f * c_prev + i * g  # the workspace holds c_t, after clip and zoneout
         else:
-            c_raw = tl.load(ws + 4 * H, mask=mask, other=0.0)
+            c_raw = tl.load(ws + C_COL * H, mask=mask, other=0.0)
         c = c_raw
         if CELL_CLIP:
             c = clamp(c_raw, cell_clip)

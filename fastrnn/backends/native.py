@@ -196,10 +196,16 @@ def fused_layer(backend: str, cell: str, rows, batch: int, h0, c0, w_ih, w_hh, b
     recurrence op. ``rows``: [steps * batch, input] time-major. Returns (output rows
     [steps * batch, hidden], h_n, c_n or None), or None where it does not apply: another
     backend or dtype, a gradient wanted, a batch or chunk above the limits, a tensor that is
-    not plain, a weight not contiguous, or a trace / compile / dispatch mode (the caller then runs the
-    input projection and the recurrence op)."""
-    if backend != "native" or rows.dtype != torch.float32 or rows.device.type != "cpu" or \
-            not 0 < batch <= FUSED_MAX_BATCH or rows.shape[0] > STREAM_STEPS * batch:
+    not plain, a weight not contiguous, or a trace / compile / dispatch mode (the caller then
+    runs the input projection and the recurrence op)."""
+    if backend != "native" or rows.dtype != torch.float32 or rows.device.type != "cpu":
+        return None
+    # Before any size is read: under torch.compile / export a size test would guard on it.
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
+            torch._C._is_torch_function_mode_enabled() or \
+            torch._C._len_torch_dispatch_stack() > 0:
+        return None
+    if not 0 < batch <= FUSED_MAX_BATCH or rows.shape[0] > STREAM_STEPS * batch:
         return None
     grad = torch.is_grad_enabled()
     for t in (rows, h0, c0, w_ih, w_hh, b_ih, b_hh):
@@ -209,10 +215,6 @@ def fused_layer(backend: str, cell: str, rows, batch: int, h0, c0, w_ih, w_hh, b
     for t in (w_ih, w_hh, b_ih, b_hh):   # the op makes the input and states contiguous
         if t is not None and not t.is_contiguous():
             return None
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
-            torch._C._is_torch_function_mode_enabled() or \
-            torch._C._len_torch_dispatch_stack() > 0:
-        return None
     output, h_n, c_n = torch.ops.fastrnn.quantized_layer(
         cell, rows.reshape(-1, batch, rows.shape[1]), h0, c0, w_ih, None, w_hh, None, b_ih, b_hh,
         reverse)

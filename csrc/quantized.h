@@ -1,9 +1,9 @@
 // Products with reduced-precision weights for CPU inference (fastrnn/quantized.py): the
 // weight is int8 with one float32 scale per row (symmetric, w ~= scale[n] * q[n, :]) or
 // bfloat16 (or float32 itself: the native backend's streaming layer op, the same kernel
-// without the widening); activations and sums stay float32, except for int8 weights on a CPU with
-// AVX-512 VNNI, where the activations are quantized too and the sums are integer (vnni,
-// below). A streaming step is bound by reading the weight, so a quarter (int8) or half
+// without the widening); activations and sums stay float32, except for int8 weights on a
+// CPU with AVX-512 VNNI, where the activations are quantized too and the sums are integer
+// (vnni, below). A streaming step is bound by reading the weight, so a quarter (int8) or half
 // (bfloat16) of the float32 bytes is that much less time.
 //
 // Each output element sums in an order fixed by K alone (16 lanes over k, the tail, then a

@@ -1,9 +1,12 @@
-// One layer and direction of an RNN with reduced-precision weights (quantized.h), for CPU
-// inference: fastrnn/quantized.py's modules call quantized_layer, whose input projection
-// (every frame of the chunk at once) and recurrent product of each step read int8 (with
-// per-row scales) or bfloat16 weights; the native backend's bfloat16 inference calls run
-// quantized_recurrence on their own input projection. The gate math is cells.h's, in
-// float32. No gradient: inference only.
+// One layer and direction of an RNN for CPU inference, weights int8 (with per-row scales),
+// bfloat16 or float32 (quantized.h: one kernel, the weight type's loads plugged in):
+// fastrnn/quantized.py's modules call quantized_layer with reduced-precision weights, the
+// native backend's float32 streaming calls (fastrnn/backends/native.py) with the module's
+// own float32 weights; in both the input projection (every frame of the chunk at once) and
+// the recurrent product of each step read the weights as stored, and a one-frame call is
+// one op call. The native backend's bfloat16 inference calls run quantized_recurrence on
+// their own input projection. The gate math is cells.h's, in float32. No gradient:
+// inference only.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -29,8 +32,8 @@ Cell cell_named(const std::string& name) {
               " (lstm, gru, rnn_tanh or rnn_relu)");
 }
 
-// A weight [N, K] (int8 with a float32 scale per row, or bfloat16 without scales) and an
-// optional float32 bias [N].
+// A weight [N, K] (int8 with a float32 scale per row, or bfloat16 or float32 without
+// scales) and an optional float32 bias [N].
 void check_weight(const char* name, const Tensor& w, const c10::optional<Tensor>& scale,
                   const c10::optional<Tensor>& bias, int64_t N, int64_t K) {
   TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.size(0) == N && w.size(1) == K &&
@@ -43,8 +46,9 @@ void check_weight(const char* name, const Tensor& w, const c10::optional<Tensor>
                     scale->is_contiguous(),
                 "fastrnn quantized: an int8 ", name, " needs float32 scales [", N, "]");
   } else {
-    TORCH_CHECK(w.scalar_type() == at::kBFloat16 && !scale.has_value(),
-                "fastrnn quantized: ", name, " must be int8 (with scales) or bfloat16 "
+    TORCH_CHECK((w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kFloat) &&
+                    !scale.has_value(),
+                "fastrnn quantized: ", name, " must be int8 (with scales), bfloat16 or float32 "
                 "(without), got ", w.scalar_type(), scale.has_value() ? " with scales" : "");
   }
   TORCH_CHECK(!bias.has_value() ||
@@ -70,9 +74,12 @@ void linear(Tensor& out, const Tensor& a, const Tensor& w, const c10::optional<T
     }
     quantized::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
                       w.data_ptr<int8_t>(), s, b, N, K);
-  } else {
+  } else if (w.scalar_type() == at::kBFloat16) {
     quantized::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
                       w.data_ptr<at::BFloat16>(), s, b, N, K);
+  } else {
+    quantized::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
+                      w.data_ptr<float>(), s, b, N, K);
   }
 }
 

@@ -1,8 +1,9 @@
 // Products with reduced-precision weights for CPU inference (fastrnn/quantized.py): the
 // weight is int8 with one float32 scale per row (symmetric, w ~= scale[n] * q[n, :]) or
-// bfloat16; activations and sums stay float32, except for int8 weights on a CPU with
-// AVX-512 VNNI, where the activations are quantized too and the sums are integer (vnni,
-// below). A streaming step is bound by reading the weight, so a quarter (int8) or half
+// bfloat16 (or float32 itself: the native backend's streaming layer op, the same kernel
+// without the widening); activations and sums stay float32, except for int8 weights on a
+// CPU with AVX-512 VNNI, where the activations are quantized too and the sums are integer
+// (vnni, below). A streaming step is bound by reading the weight, so a quarter (int8) or half
 // (bfloat16) of the float32 bytes is that much less time.
 //
 // Each output element sums in an order fixed by K alone (16 lanes over k, the tail, then a
@@ -19,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__)
@@ -78,8 +80,12 @@ inline Floats::type widen(const at::BFloat16* p) {
   return f;
 }
 
+// float32 weights (the streaming layer op at full precision) need no widening.
+inline Floats::type widen(const float* p) { return Floats::load(p); }
+
 inline float widen_one(int8_t w) { return static_cast<float>(w); }
 inline float widen_one(at::BFloat16 w) { return static_cast<float>(w); }
+inline float widen_one(float w) { return w; }
 
 // result[b * kRows + r] = sum_k a[b * lda + k] * w[r * ldw + k] for kBatch rows of a and
 // kRows weight rows: the weights are widened once and used by every row of a.
@@ -115,8 +121,11 @@ inline void dot_block(const float* a, int64_t lda, const W* w, int64_t ldw, int6
 }
 
 // Rows of a that share one pass over the weights: the rows of a stay in L1 while the
-// weights stream through once per block.
-constexpr int64_t kBlockRows = 8;
+// weights stream through once per block. float32 rows are read without widening, so more of
+// them share a pass (16 rows of 512 floats: 32 KB): a 16-frame chunk's input projection
+// reads w_ih once.
+template <typename W>
+constexpr int64_t kBlockRows = std::is_same_v<W, float> ? 16 : 8;
 
 // Rows of a sharing each widened weight vector: widening costs as much as the multiply, so a
 // longer chunk (the input projection) or a larger batch reuses it. With AVX-512 the 4 x 4
@@ -161,7 +170,7 @@ void for_each_tile(int64_t rows, int64_t N, int64_t K, int64_t block_rows, int64
 template <typename W>
 void linear(float* out, const float* a, int64_t rows, const W* w, const float* scale,
             const float* bias, int64_t N, int64_t K) {
-  for_each_tile(rows, N, K, kBlockRows, kGroup, [&](int64_t b, int64_t group, int64_t n,
+  for_each_tile(rows, N, K, kBlockRows<W>, kGroup, [&](int64_t b, int64_t group, int64_t n,
                                                     int64_t count) {
     float result[4 * kGroup];
     const float* ab = a + b * K;

@@ -22,7 +22,7 @@ import torch
 
 from .. import build
 from ..spec import CELLS, LEARNABLE, OPTION_FIELDS, OPTIONS, StepOptions, bind
-from .routing import GPU_VERIFIED
+from .routing import GPU_VERIFIED, STREAM_STEPS
 from .base import Backend, fake_backward, fake_forward, no_rows_backward, no_rows_forward
 
 # bfloat16 on CPU: the C++ recurrence (recurrence.h) runs float32 and float64. An inference
@@ -176,6 +176,49 @@ def _bfloat16_inference(cell, xproj, h0, c0, w_hh, b_hh, reverse):
     workspace = fake_forward(cell, xproj, h0, c0, w_hh, None, None, False)[3]   # [0, W]
     return (output.to(xproj.dtype), h_n.to(xproj.dtype),
             None if c0 is None else c_n.to(xproj.dtype), workspace)
+
+
+# A plain float32 CPU inference call of at most routing.STREAM_STEPS frames and
+# FUSED_MAX_BATCH streams (batch rows, those csrc/gemv.h serves as matrix-vector products)
+# runs each layer as one op call (fused_layer). Longer calls keep F.linear (MKL) for their
+# input projection, which reads w_ih once for all frames.
+FUSED_MAX_BATCH = 8
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def fused_layer(backend: str, cell: str, rows, batch: int, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                reverse: bool):
+    """One layer and direction of a short plain float32 CPU inference call on the native
+    backend as one op: csrc/quantized.cpp's quantized_layer on the module's own float32
+    weights (the input projection of the chunk's frames, then each step's recurrent product
+    and gate math), each product reading its weight as stored: nothing is prepared or cached,
+    so nothing can go stale. A one-frame call is one op call instead of F.linear plus the
+    recurrence op. ``rows``: [steps * batch, input] time-major. Returns (output rows
+    [steps * batch, hidden], h_n, c_n or None), or None where it does not apply: another
+    backend or dtype, a gradient wanted, a batch or chunk above the limits, a tensor that is
+    not plain, a weight not contiguous, or a trace / compile / dispatch mode (the caller then
+    runs the input projection and the recurrence op)."""
+    if backend != "native" or rows.dtype != torch.float32 or rows.device.type != "cpu":
+        return None
+    # Before any size is read: under torch.compile / export a size test would guard on it.
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
+            torch._C._is_torch_function_mode_enabled() or \
+            torch._C._len_torch_dispatch_stack() > 0:
+        return None
+    if not 0 < batch <= FUSED_MAX_BATCH or rows.shape[0] > STREAM_STEPS * batch:
+        return None
+    grad = torch.is_grad_enabled()
+    for t in (rows, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        if t is not None and (type(t) not in _PLAIN or t.dtype != torch.float32 or
+                              (grad and t.requires_grad)):
+            return None
+    for t in (w_ih, w_hh, b_ih, b_hh):   # the op makes the input and states contiguous
+        if t is not None and not t.is_contiguous():
+            return None
+    output, h_n, c_n = torch.ops.fastrnn.quantized_layer(
+        cell, rows.reshape(-1, batch, rows.shape[1]), h0, c0, w_ih, None, w_hh, None, b_ih, b_hh,
+        reverse)
+    return output.view(-1, output.shape[2]), h_n, (None if c0 is None else c_n)
 
 
 BACKEND = NativeBackend()

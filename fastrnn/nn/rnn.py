@@ -18,6 +18,7 @@ from torch.nn import init
 from torch.nn.utils.rnn import PackedSequence
 
 from .. import backends, ops, segments
+from ..backends import native
 from ..spec import CELL_OF_MODE
 from . import amp, options
 from .cell import dtype_mismatch
@@ -257,7 +258,12 @@ class RNNBase(nn.Module):
                 # the options' parameters (a plain call reads none)
                 get = self._layer_getter(layer, direction) if variant or segmented else None
                 index = layer * num_directions + direction
-                if not segmented:
+                h0, c0 = hx[0][index], hx[1][index] if has_cell_state else None
+                fused = None if variant or segmented or autocast is not None or w_hr is not \
+                    None or batch_sizes is not None else native.fused_layer(
+                        backend, kind.name, layer_input, batch, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                        direction == 1)
+                if fused is None and not segmented:
                     xproj = options.input_projection(self, layer_input, w_ih, b_ih, get)
                 step_options = None
                 if variant:   # draws in the documented order: weight, recurrent, zoneout
@@ -266,8 +272,9 @@ class RNNBase(nn.Module):
                     zoneout_h, zoneout_c = options.zoneout_weights(
                         self, layer_input.shape[0], width, self.hidden_size, draw_like)
                     step_options = options.step_options(self, get, mask, zoneout_h, zoneout_c)
-                h0, c0 = hx[0][index], hx[1][index] if has_cell_state else None
-                if segmented:   # the projection is made per segment, in there
+                if fused is not None:   # the whole layer ran as one op call
+                    output, h_n, c_n = fused
+                elif segmented:   # the projection is made per segment, in there
                     run = ops.recurrence
                     if autocast is not None:   # states cross segments in the compute dtype
                         run, h0, c0 = autocast.compute_recurrence, autocast.cast(h0), \

@@ -1,0 +1,227 @@
+"""The native backend's fused float32 layer op for short inference calls
+(fastrnn.backends.native.fused_layer: csrc/quantized.cpp's quantized_layer on the module's own
+float32 weights): which calls take it, that chunks of a stream give the bits of one call over
+the same frames, parity with torch.nn by the tolerance rule, and that a weight changed between
+calls is always read (the op reads the parameters as stored, nothing is cached).
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastrnn
+from fastrnn.backends import native
+from fastrnn.testing import assert_all_close, to_float64
+
+from backend_cases import native_available_mark
+
+pytestmark = native_available_mark()
+
+MODES = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {}),
+         "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The layers fused_layer ran (its calls that did not hand back None)."""
+    ran = []
+    real = native.fused_layer
+
+    def spy(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if result is not None:
+            ran.append(args[1])
+        return result
+    monkeypatch.setattr(native, "fused_layer", spy)
+    return ran
+
+
+def module_pair(cell, input_size=19, hidden=37, seed=0, **kwargs):
+    """A fastrnn module on the native backend and its torch.nn twin, the same weights.
+    Sizes off the 16-lane vectors exercise the products' tails."""
+    name, extra = MODES[cell]
+    torch.manual_seed(seed)
+    reference = getattr(nn, name)(input_size, hidden, **extra, **kwargs)
+    module = getattr(fastrnn, name)(input_size, hidden, **extra, **kwargs, backend="native")
+    module.load_state_dict(reference.state_dict())
+    return module, reference
+
+
+def flat(result):
+    output, state = result
+    return [output, *(state if isinstance(state, tuple) else (state,))]
+
+
+def stream(module, x, chunk, state=None):
+    """``module`` over x [T, B, I] in calls of ``chunk`` frames, the state carried."""
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, x.shape[0], chunk):
+            output, state = module(x[start:start + chunk], state)
+            outputs.append(output)
+    return torch.cat(outputs), state
+
+
+def truth(reference, *args):
+    """torch.nn in float64 on the same weights and inputs."""
+    with torch.no_grad():
+        return copy.deepcopy(reference).double()(*to_float64(args))
+
+
+def check_against_torch_nn(module, reference, x, chunk):
+    """``module`` streamed in chunks against torch.nn on the whole sequence, with torch.nn
+    in float64 as the truth."""
+    actual = stream(module, x, chunk)
+    with torch.no_grad():
+        baseline = reference(x)
+    assert_all_close(flat(actual), flat(baseline), flat(truth(reference, x)),
+                     f"{type(module).__name__} chunk {chunk}")
+
+
+@pytest.mark.parametrize("batch", [1, 4, 8])
+@pytest.mark.parametrize("cell", MODES)
+def test_chunks_give_the_bits_of_one_call(cell, batch, fused_calls):
+    """Every chunk of 1 to 16 frames runs the fused op, whose sums are ordered by the sizes
+    alone: the frames give the same bits however they are split into calls."""
+    module, _ = module_pair(cell, num_layers=2)
+    x = torch.randn(16, batch, 19)
+    whole = flat(stream(module, x, 16))
+    for chunk in (1, 4, 5):
+        streamed = flat(stream(module, x, chunk))
+        for a, b in zip(streamed, whole):
+            assert torch.equal(a, b), f"{cell} batch {batch} chunk {chunk}"
+    assert fused_calls and set(fused_calls) == {cell}
+
+
+@pytest.mark.parametrize("config", [dict(), dict(num_layers=2, bidirectional=True),
+                                    dict(bias=False), dict(batch_first=True)],
+                         ids=["plain", "2layers_bidirectional", "no_bias", "batch_first"])
+@pytest.mark.parametrize("chunk", [1, 4, 16])
+@pytest.mark.parametrize("cell", MODES)
+def test_matches_torch_nn(cell, chunk, config, fused_calls):
+    module, reference = module_pair(cell, **config)
+    x = torch.randn(16, 3, 19)
+    if config.get("batch_first"):
+        module.batch_first = reference.batch_first = True
+        x = x.transpose(0, 1).contiguous()
+        # chunks along the time dimension: time-major here, batch-first for the modules
+        actual = []
+        state = None
+        with torch.no_grad():
+            for start in range(0, 16, chunk):
+                output, state = module(x[:, start:start + chunk], state)
+                actual.append(output)
+            baseline = reference(x)
+        assert_all_close([torch.cat(actual, 1), *flat((None, state))[1:]], flat(baseline),
+                         flat(truth(reference, x)), f"{cell} batch_first chunk {chunk}")
+    elif config.get("bidirectional"):   # a reverse direction needs the whole sequence
+        with torch.no_grad():
+            actual = module(x[:chunk])
+            baseline = reference(x[:chunk])
+        assert_all_close(flat(actual), flat(baseline), flat(truth(reference, x[:chunk])),
+                         f"{cell} bidirectional")
+    else:
+        check_against_torch_nn(module, reference, x, chunk)
+    assert fused_calls
+
+
+def test_unbatched_input_and_given_state(fused_calls):
+    module, reference = module_pair("lstm")
+    x = torch.randn(3, 19)
+    state = (torch.randn(1, 37), torch.randn(1, 37))
+    with torch.no_grad():
+        assert_all_close(flat(module(x, state)), flat(reference(x, state)),
+                         flat(truth(reference, x, state)))
+    assert fused_calls == ["lstm"]
+
+
+@pytest.mark.parametrize("case", ["float64", "grad", "batch9", "steps17", "proj", "options",
+                                  "packed", "reference"])
+def test_other_calls_keep_the_recurrence_op(case, fused_calls):
+    """Only plain float32 CPU inference calls of at most 16 frames and 8 streams run the
+    fused op; the others run the input projection and the recurrence op, as before."""
+    kwargs = {"proj": dict(proj_size=5), "options": dict(layer_norm=True)}.get(case, {})
+    name = "LSTM" if case == "proj" else "GRU"
+    module = getattr(fastrnn, name)(19, 37, **kwargs,
+                                    backend="reference" if case == "reference" else "native")
+    x = torch.randn(17 if case == "steps17" else 4, 9 if case == "batch9" else 2, 19)
+    if case == "float64":
+        module, x = module.double(), x.double()
+    if case == "packed":
+        x = nn.utils.rnn.pack_padded_sequence(x, [4, 3])
+    with torch.set_grad_enabled(case == "grad"):
+        module(x)
+    assert fused_calls == []
+
+
+def test_gradients_still_flow(fused_calls):
+    """A call that wants gradients takes the differentiable path (fused_layer declines)."""
+    module, reference = module_pair("lstm")
+    double = copy.deepcopy(reference).double()
+    x = torch.randn(4, 2, 19)
+    for m, inp in ((module, x), (reference, x), (double, x.double())):
+        m(inp)[0].sum().backward()
+    for (name, p), q, t in zip(module.named_parameters(), reference.parameters(),
+                               double.parameters()):
+        assert_all_close([p.grad], [q.grad], [t.grad], what=name)
+    assert fused_calls == []
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_weights_changed_between_calls_are_read(cell, fused_calls):
+    """In-place updates (under no_grad, and an optimizer step in training), a new Parameter,
+    load_state_dict and training mode: the next streaming call computes with the weights
+    the module holds then, as torch.nn does with the same weights."""
+    module, reference = module_pair(cell)
+    x = torch.randn(4, 1, 19)
+
+    def same():
+        check_against_torch_nn(module, reference, x, 1)
+
+    same()
+    with torch.no_grad():   # in place, the same tensor (its _version moves)
+        module.weight_hh_l0.mul_(0.5)
+        reference.weight_hh_l0.mul_(0.5)
+    same()
+    for m in (module, reference):   # an optimizer step in training mode
+        m.train()
+        optimizer = torch.optim.SGD(m.parameters(), lr=0.5)
+        m(x)[0].square().sum().backward()
+        optimizer.step()
+    same()   # still training mode: a call without gradient runs the fused op
+    module.eval()
+    reference.eval()
+    new = torch.randn_like(reference.weight_ih_l0)
+    module.weight_ih_l0 = nn.Parameter(new.clone())
+    reference.weight_ih_l0 = nn.Parameter(new.clone())
+    same()
+    state = {k: torch.randn_like(v) for k, v in reference.state_dict().items()}
+    module.load_state_dict(state)
+    reference.load_state_dict(state)
+    same()
+    assert len(fused_calls) == 5 * 4
+
+
+def test_thread_count_does_not_change_bits():
+    module, _ = module_pair("lstm", input_size=64, hidden=256)
+    x = torch.randn(4, 2, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = flat(stream(module, x, 4))
+        torch.set_num_threads(2)
+        two = flat(stream(module, x, 4))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+
+
+def test_op_refuses_float32_weights_with_scales():
+    native.BACKEND._require()
+    w = torch.zeros(9, 3)
+    with pytest.raises(RuntimeError, match="must be int8 \\(with scales\\), bfloat16 or "
+                                           "float32 \\(without\\)"):
+        torch.ops.fastrnn.quantized_layer("gru", torch.zeros(1, 1, 3), torch.zeros(1, 3), None,
+                                          w, torch.ones(9), w.clone(), None, None,
+                                          None, False)

@@ -12,7 +12,13 @@
 // pass follows the w_hr GEMM when proj_clip / zoneout_h need it, and the layer-norm
 // parameter gradients are column sums at the end.
 //
+// Rows depend on no other row (the per-step GEMMs too), so the device may split the states
+// into blocks that each run through every step on their own (Dev::row_blocks: on the CPU one
+// per thread, with no synchronisation between steps).
+//
 // Dev provides:
+//   template <class F> static void row_blocks(int64_t rows, bool uniform, F f);  // f(b0, b1)
+//       per block of states covering [0, rows) (OneRowBlock below: one block)
 //   template <class scalar_t, class acc_t> static void forward_step(Cell, const ForwardStep&, int64_t rows);
 //   template <class scalar_t, class acc_t> static void backward_step(Cell, const BackwardStep&, int64_t rows);
 //       (both run step.h's forward_row / backward_row for every live row)
@@ -150,6 +156,7 @@ inline Columns workspace_columns(Cell cell, int64_t H, int64_t P, bool proj,
 // offsets[t]; `order` lists the steps in processing order (T-1 .. 0 when reverse).
 struct Layout {
   std::vector<int64_t> sizes, offsets, order;
+  bool uniform = true;  // every step has all the rows (not a packed batch of varying lengths)
 };
 
 inline Layout make_layout(int64_t N, int64_t B, const c10::optional<Tensor>& batch_sizes,
@@ -180,6 +187,7 @@ inline Layout make_layout(int64_t N, int64_t B, const c10::optional<Tensor>& bat
     l.sizes.assign(B > 0 ? N / B : 0, B);
   }
   const int64_t T = static_cast<int64_t>(l.sizes.size());
+  for (int64_t size : l.sizes) l.uniform = l.uniform && size == B;
   l.offsets.resize(T + 1, 0);
   for (int64_t t = 0; t < T; ++t) l.offsets[t + 1] = l.offsets[t] + l.sizes[t];
   for (int64_t k = 0; k < T; ++k) l.order.push_back(reverse ? T - 1 - k : k);
@@ -223,6 +231,16 @@ inline Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options
 inline Tensor defined_or_empty(const c10::optional<Tensor>& t) {
   return t.has_value() ? *t : Tensor();
 }
+
+// Dev::row_blocks(rows, uniform, f): calls f(b0, b1) for blocks of states that together cover
+// [0, rows), each running through every step (rows depend on no other row). This default runs
+// them as one block; `uniform`: every step has all the rows.
+struct OneRowBlock {
+  template <class F>
+  static void row_blocks(int64_t rows, bool /*uniform*/, F&& f) {
+    f(int64_t(0), rows);
+  }
+};
 
 // The per-step GEMM with a weight that stays the same for the whole call: a plain at::mm_out.
 // A device policy may substitute a Gemm that prepares `w` once per call instead.
@@ -399,48 +417,58 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   // The projected rows need a pass of their own only for proj_clip / zoneout_h.
   const bool projection_pass = s.proj && (opt.proj_clip.has_value() || opt.zoneout_h.defined());
 
-  const typename Dev::Gemm recurrent_gemm(w_hh_t, s.B);
   Dev::dispatch(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    ForwardStep<scalar_t, acc_t> a;
-    a.H = s.H;
-    a.P = s.P;
-    a.W = s.W;
-    a.proj = s.proj;
-    a.xproj = xproj.data_ptr<scalar_t>();
-    a.hgates = hgates.data_ptr<scalar_t>();
-    a.bias = bias.data_ptr<scalar_t>();
-    a.h_state = h_state.data_ptr<scalar_t>();
-    a.c_state = c_state.defined() ? c_state.data_ptr<acc_t>() : nullptr;
-    a.output = output.data_ptr<scalar_t>();
-    a.ws = workspace.data_ptr<acc_t>();
-    a.hh = s.proj ? hh.data_ptr<scalar_t>() : nullptr;
-    a.cols = s.cols;
-    a.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
-    for (int64_t t : layout.order) {
-      const int64_t rows = layout.sizes[t], row = layout.offsets[t];
-      Tensor hgates_live = hgates.narrow(0, 0, rows);
-      if (opt.mask()) {
-        Tensor h_rec_live = h_rec.narrow(0, 0, rows);
-        at::mul_out(h_rec_live, h_state.narrow(0, 0, rows), opt.recurrent_mask.narrow(0, 0, rows));
-        recurrent_gemm(hgates_live, h_rec_live);
-      } else {
-        recurrent_gemm(hgates_live, h_state.narrow(0, 0, rows));
-      }
-      a.row = row;
-      a.ws_first = need_workspace ? row : 0;
-      Dev::template forward_step<scalar_t, acc_t>(s.cell, a, rows);
-      if (s.proj) {
-        Tensor out_rows = output.narrow(0, row, rows);
-        at::mm_out(out_rows, hh.narrow(0, 0, rows), w_hr_t);
-        if (projection_pass) {
-          Dev::template projection_forward_step<scalar_t, acc_t>(a, rows);
+    ForwardStep<scalar_t, acc_t> all;
+    all.H = s.H;
+    all.P = s.P;
+    all.W = s.W;
+    all.proj = s.proj;
+    all.xproj = xproj.data_ptr<scalar_t>();
+    all.hgates = hgates.data_ptr<scalar_t>();
+    all.bias = bias.data_ptr<scalar_t>();
+    all.h_state = h_state.data_ptr<scalar_t>();
+    all.c_state = c_state.defined() ? c_state.data_ptr<acc_t>() : nullptr;
+    all.output = output.data_ptr<scalar_t>();
+    all.ws = workspace.data_ptr<acc_t>();
+    all.hh = s.proj ? hh.data_ptr<scalar_t>() : nullptr;
+    all.cols = s.cols;
+    all.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
+    // States b0 .. b1-1 through every step; their pointers start at row b0.
+    Dev::row_blocks(s.B, layout.uniform, [&](int64_t b0, int64_t b1) {
+      const typename Dev::Gemm recurrent_gemm(w_hh_t, b1 - b0);
+      ForwardStep<scalar_t, acc_t> a = all;
+      a.hgates += b0 * s.G * s.H;
+      a.h_state += b0 * s.P;
+      if (s.cell == Cell::LSTM) a.c_state += b0 * s.H;
+      if (s.proj) a.hh += b0 * s.H;
+      for (int64_t t : layout.order) {
+        const int64_t rows = std::min(layout.sizes[t], b1) - b0, row = layout.offsets[t] + b0;
+        if (rows <= 0) continue;
+        Tensor hgates_live = hgates.narrow(0, b0, rows);
+        Tensor h_live = h_state.narrow(0, b0, rows);
+        if (opt.mask()) {
+          Tensor h_rec_live = h_rec.narrow(0, b0, rows);
+          at::mul_out(h_rec_live, h_live, opt.recurrent_mask.narrow(0, b0, rows));
+          recurrent_gemm(hgates_live, h_rec_live);
         } else {
-          h_state.narrow(0, 0, rows).copy_(out_rows);
+          recurrent_gemm(hgates_live, h_live);
+        }
+        a.row = row;
+        a.ws_first = need_workspace ? row : b0;
+        Dev::template forward_step<scalar_t, acc_t>(s.cell, a, rows);
+        if (s.proj) {
+          Tensor out_rows = output.narrow(0, row, rows);
+          at::mm_out(out_rows, hh.narrow(0, b0, rows), w_hr_t);
+          if (projection_pass) {
+            Dev::template projection_forward_step<scalar_t, acc_t>(a, rows);
+          } else {
+            h_live.copy_(out_rows);
+          }
         }
       }
-    }
+    });
   });
   Tensor c_n = c_state.defined() ? c_state.to(dtype) : at::empty({0}, opts);
   if (!need_workspace) workspace = at::empty({0, s.W}, acc_opts);
@@ -519,62 +547,76 @@ BackwardResult recurrence_backward(
   // (gru's z * dh; zoneout's z_h * dh).
   const bool direct_part = s.cell == Cell::GRU || opt.any();
 
-  const typename Dev::Gemm recurrent_gemm(w_hh, s.B);  // dL/dh_prev = d(hgates) @ w_hh
   Dev::dispatch(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
     using acc_t = at::opmath_type<scalar_t>;
-    BackwardStep<scalar_t, acc_t> a;
-    a.H = s.H;
-    a.P = s.P;
-    a.W = s.W;
-    a.grad_output = grad_output.data_ptr<scalar_t>();
-    a.dh_state = dh_state.data_ptr<scalar_t>();
-    a.dhh = s.proj ? dhh.data_ptr<scalar_t>() : nullptr;
-    a.dc_state = dc_state.defined() ? dc_state.data_ptr<acc_t>() : nullptr;
-    a.ws = workspace.data_ptr<acc_t>();
-    a.output = output.data_ptr<scalar_t>();
-    a.h0 = h0.data_ptr<scalar_t>();
-    a.c0 = c0.defined() ? c0.data_ptr<acc_t>() : nullptr;
-    a.grad_xproj = grad_xproj.data_ptr<scalar_t>();
-    a.grad_hgates = grad_hgates.data_ptr<scalar_t>();
-    a.cols = s.cols;
-    a.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
-    a.grad_a = grad_a.data_ptr<scalar_t>();
-    a.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;
-    a.grad_p = s.proj ? grad_out_all.data_ptr<scalar_t>() : nullptr;
+    BackwardStep<scalar_t, acc_t> all;
+    all.H = s.H;
+    all.P = s.P;
+    all.W = s.W;
+    all.grad_output = grad_output.data_ptr<scalar_t>();
+    all.dh_state = dh_state.data_ptr<scalar_t>();
+    all.dhh = s.proj ? dhh.data_ptr<scalar_t>() : nullptr;
+    all.dc_state = dc_state.defined() ? dc_state.data_ptr<acc_t>() : nullptr;
+    all.ws = workspace.data_ptr<acc_t>();
+    all.output = output.data_ptr<scalar_t>();
+    all.h0 = h0.data_ptr<scalar_t>();
+    all.c0 = c0.defined() ? c0.data_ptr<acc_t>() : nullptr;
+    all.grad_xproj = grad_xproj.data_ptr<scalar_t>();
+    all.grad_hgates = grad_hgates.data_ptr<scalar_t>();
+    all.cols = s.cols;
+    all.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
+    all.grad_a = grad_a.data_ptr<scalar_t>();
+    all.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;
+    all.grad_p = s.proj ? grad_out_all.data_ptr<scalar_t>() : nullptr;
 #define FASTRNN_ROWS_POINTER(arg, k, ...) \
-    a.grad_##arg = grad_rows[k].defined() ? grad_rows[k].data_ptr<acc_t>() : nullptr;
+    all.grad_##arg = grad_rows[k].defined() ? grad_rows[k].data_ptr<acc_t>() : nullptr;
     FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_POINTER)
 #undef FASTRNN_ROWS_POINTER
-    const int64_t T = static_cast<int64_t>(layout.order.size());
-    for (int64_t k = T - 1; k >= 0; --k) {
-      const int64_t t = layout.order[k];
-      const int64_t rows = layout.sizes[t], row = layout.offsets[t];
-      a.row = row;
-      a.prev_row = k > 0 ? layout.offsets[layout.order[k - 1]] : 0;
-      a.prev_rows = k > 0 ? layout.sizes[layout.order[k - 1]] : 0;
-      Tensor dh_live = dh_state.narrow(0, 0, rows);
-      if (s.proj) {
-        Tensor d_out = grad_out_all.narrow(0, row, rows);
-        if (opt.any()) {
-          Dev::template projection_backward_step<scalar_t, acc_t>(a, rows);
-        } else {
-          at::add_out(d_out, grad_output.narrow(0, row, rows), dh_live);
+    // States b0 .. b1-1 through every step, as in forward.
+    Dev::row_blocks(s.B, layout.uniform, [&](int64_t b0, int64_t b1) {
+      const typename Dev::Gemm recurrent_gemm(w_hh, b1 - b0);  // dL/dh_prev = d(a) @ w_hh
+      BackwardStep<scalar_t, acc_t> a = all;
+      a.dh_state += b0 * s.P;
+      if (s.proj) a.dhh += b0 * s.H;
+      if (s.cell == Cell::LSTM) {
+        a.dc_state += b0 * s.H;
+        a.c0 += b0 * s.H;
+      }
+      a.h0 += b0 * s.P;
+      const int64_t T = static_cast<int64_t>(layout.order.size());
+      for (int64_t k = T - 1; k >= 0; --k) {
+        const int64_t t = layout.order[k];
+        const int64_t rows = std::min(layout.sizes[t], b1) - b0, row = layout.offsets[t] + b0;
+        if (rows <= 0) continue;
+        a.row = row;
+        a.prev_row = k > 0 ? layout.offsets[layout.order[k - 1]] + b0 : 0;
+        a.prev_rows = k > 0 ? std::max<int64_t>(
+                                  0, std::min(layout.sizes[layout.order[k - 1]], b1) - b0)
+                            : 0;
+        Tensor dh_live = dh_state.narrow(0, b0, rows);
+        if (s.proj) {
+          Tensor d_out = grad_out_all.narrow(0, row, rows);
+          if (opt.any()) {
+            Dev::template projection_backward_step<scalar_t, acc_t>(a, rows);
+          } else {
+            at::add_out(d_out, grad_output.narrow(0, row, rows), dh_live);
+          }
+          Tensor dhh_live = dhh.narrow(0, b0, rows);
+          at::mm_out(dhh_live, d_out, w_hr);
         }
-        Tensor dhh_live = dhh.narrow(0, 0, rows);
-        at::mm_out(dhh_live, d_out, w_hr);
+        Dev::template backward_step<scalar_t, acc_t>(s.cell, a, rows);
+        // dL/dh_prev = (d(a) @ w_hh) * recurrent_mask + the direct part left in dh_state.
+        Tensor grad_a_rows = grad_a.narrow(0, row, rows);
+        if (opt.mask()) {
+          Tensor dh_rec_live = dh_rec.narrow(0, b0, rows);
+          recurrent_gemm(dh_rec_live, grad_a_rows);
+          dh_live.addcmul_(dh_rec_live, opt.recurrent_mask.narrow(0, b0, rows));
+        } else {
+          recurrent_gemm(dh_live, grad_a_rows, direct_part);
+        }
       }
-      Dev::template backward_step<scalar_t, acc_t>(s.cell, a, rows);
-      // dL/dh_prev = (d(a) @ w_hh) * recurrent_mask + the direct part left in dh_state.
-      Tensor grad_a_rows = grad_a.narrow(0, row, rows);
-      if (opt.mask()) {
-        Tensor dh_rec_live = dh_rec.narrow(0, 0, rows);
-        recurrent_gemm(dh_rec_live, grad_a_rows);
-        dh_live.addcmul_(dh_rec_live, opt.recurrent_mask.narrow(0, 0, rows));
-      } else {
-        recurrent_gemm(dh_live, grad_a_rows, direct_part);
-      }
-    }
+    });
   });
 
   // h_rec (h_prev, masked) of every row, for the one weight-gradient GEMM over all steps.

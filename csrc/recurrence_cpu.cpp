@@ -189,6 +189,30 @@ struct CpuRow {
 struct CpuDevice {
   using Gemm = CpuGemm;
 
+  // States per block below which a batch stays one block (its steps then run their GEMM and
+  // rows in parallel instead).
+  static constexpr int64_t kMinBlockRows = 16;
+
+  // A block of states per thread, each through every step: a parallel region per step costs a
+  // fork/join twice a step, and on a shared core every one of them waits for a descheduled
+  // thread. A packed batch (steps of varying rows) stays one block: its blocks would get
+  // unequal work.
+  template <class F>
+  static void row_blocks(int64_t rows, bool uniform, F&& f) {
+    const int64_t blocks =
+        uniform && !at::in_parallel_region()
+            ? std::min<int64_t>(at::get_num_threads(), rows / kMinBlockRows)
+            : 1;
+    if (blocks <= 1) {
+      f(int64_t(0), rows);
+      return;
+    }
+    const int64_t size = (rows + blocks - 1) / blocks;
+    at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) f(k * size, std::min(rows, (k + 1) * size));
+    });
+  }
+
   static void check_dtype(at::ScalarType dtype) {
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
                 "fastrnn native CPU kernels support float32 and float64, got ", dtype);

@@ -152,7 +152,7 @@ inline unsigned int num_blocks(int64_t rows, int64_t H) {
   return static_cast<unsigned int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 1 << 20));
 }
 
-struct CudaDevice {
+struct CudaDevice : OneRowBlock {
   using Gemm = MmGemm;  // cuBLAS on the current stream
 
   static void check_dtype(at::ScalarType dtype) {

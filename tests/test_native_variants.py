@@ -140,6 +140,25 @@ def test_each_option_with_peephole(name, feature, layout, reverse, dtype):
                             make_options(cell, case, (feature, "peephole")), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_blocks_of_rows_on_threads(name, reverse, dtype):
+    """A batch of at least 16 states per thread runs as blocks of states, one per thread,
+    through every step (recurrence_cpu.cpp: row_blocks); 2 threads and 37 states make
+    blocks of 19 and 18."""
+    cell, proj = CASES[name]
+    case = make_case(cell, 3 if proj else 0, dtype=dtype, batch=37, steps=5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_against_reference(cell, case, reverse,
+                                make_options(cell, case, FEATURES[name]), dtype)
+        check_backend(native, cell, case, reverse)
+    finally:
+        torch.set_num_threads(threads)
+
+
 ODD = {"T1": dict(steps=1, batch=3, hidden=4), "H1": dict(steps=4, batch=3, hidden=1),
        "B1": dict(steps=5, batch=1, hidden=4), "H37": dict(steps=3, batch=2, hidden=37)}
 

@@ -117,7 +117,11 @@ def test_other_calls_run_torch_forward(cls, other, torch_path_on_cpu, monkeypatc
     assert forwards
 
 
-@pytest.mark.parametrize("config", [c for c in CONFIGS if c != "bidirectional"])
+PLAIN_CONFIGS = {**{c: v for c, v in CONFIGS.items() if c != "bidirectional"},
+                 "projection": (dict(proj_size=2, num_layers=2), (3, 2, 3), True)}
+
+
+@pytest.mark.parametrize("config", PLAIN_CONFIGS)
 @pytest.mark.parametrize("cls,backend", [("LSTM", "auto"), ("GRU", "reference"),
                                          ("LSTM", "native")])
 @pytest.mark.parametrize("grad", [False, True])
@@ -126,9 +130,11 @@ def test_plain_run_equals_the_general_path(cls, backend, config, grad, monkeypat
     call on, with the general path's bits (outputs, states, gradients)."""
     if backend == "native" and fastrnn.backends.unavailable_reason("native", "cpu"):
         pytest.skip("native backend unavailable")
+    if config == "projection" and cls != "LSTM":
+        pytest.skip("proj_size is an LSTM argument")
     if backend == "auto" and grad:
         backend = "reference"   # auto trains an LSTM on torch.nn's route
-    kwargs, shape, given = CONFIGS[config]
+    kwargs, shape, given = PLAIN_CONFIGS[config]
     results = []
     for short in (True, False):
         fast, reference = pair(cls, backend=backend, **kwargs)

@@ -108,8 +108,11 @@ class Stream:
 
     def cell_loop(self):
         cell = CELLS[self.cell][1](self.hidden, self.hidden).to(self.device)
+        # Copies, not the baseline's tensors: a provider reading the baseline's weights right
+        # after it in every round keeps them warmer in the cache than anyone else's, which
+        # made torch.nn ~6% faster than a second nn.GRU with the same weights at 16 frames.
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(cell, name).data = getattr(self.module, f"{name}_l0").data
+            getattr(cell, name).data = getattr(self.module, f"{name}_l0").detach().clone()
         carried = [None]
 
         def call():

@@ -121,34 +121,59 @@ def runs_torch_path(module, input, cell: bool = False) -> bool:
 
 
 class Call:
-    """What a module does for calls alike (call_key): ``torch_path`` (runs_torch_path), and
-    what the module's own forward fills in on its first such call (``plan``)."""
-    __slots__ = ("torch_path", "plan")
+    """What a module does for calls alike (the key in call()): ``torch_path``
+    (runs_torch_path); ``device_type``: the input's, for a remembered eager call (None while
+    recording), where the module may run the call by a shorter way of its own; and what the
+    module's own forward fills in on its first such call (``plan``)."""
+    __slots__ = ("torch_path", "device_type", "plan")
 
-    def __init__(self, torch_path: bool):
-        self.torch_path, self.plan = torch_path, None
+    def __init__(self, torch_path: bool, device_type=None):
+        self.torch_path, self.device_type, self.plan = torch_path, device_type, None
 
 
 # Distinct kinds of call (shapes, modes) a module remembers.
 _MAX_CALLS = 64
 
+# Read on every module call, bound once: each module attribute lookup is a cache miss when a
+# streaming call's weights have just flushed the caches. Dynamo knows is_compiling by identity.
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
+_grad_enabled = torch.is_grad_enabled
+
 
 def call(module, input, cell: bool = False) -> Call:
-    """The Call for ``input``: remembered by the module per call_key, so a call like an
-    earlier one decides its route by one dictionary lookup."""
-    # Both ONNX exporters record the call, by tracing (TorchScript) or compiling (dynamo);
-    # a recording is made once, so nothing is remembered there.
-    recording = torch.jit.is_tracing() or torch.compiler.is_compiling()
-    if recording and torch.onnx.is_in_onnx_export():
-        refuse_torch_path(module, "ONNX export")
-        return Call(True)
-    packed = isinstance(input, PackedSequence)
-    data = input.data if packed else input
-    if not isinstance(data, torch.Tensor):   # torch.nn's own checks will say what is wrong
+    """The Call for ``input``: remembered by the module per key, so a call like an earlier one
+    decides its route by one dictionary lookup.
+
+    The key is everything an eager call's route and plan depend on besides the module's
+    structure: grad mode and whether a parameter wants a gradient, the backend setting
+    (set_backend, FASTRNN_BACKEND), the device, dtype and shape of the input (a module's
+    calls, not a cell's or a packed batch's: their shape class does not read it), the routing
+    table, and the module's attributes that can change (training, backend, the options).
+    """
+    # Both ONNX exporters record the call, by tracing (TorchScript) or compiling (dynamo); a
+    # recording is made once, so nothing is remembered there. (Compiling, is_compiling() is a
+    # constant and the tracing check after it is not traced.)
+    if _is_compiling() or _is_tracing():
+        return _recorded_call(module, input, cell)
+    if isinstance(input, Tensor):
+        data, packed = input, False
+    elif isinstance(input, PackedSequence) and isinstance(input.data, Tensor):
+        data, packed = input.data, True
+    else:   # torch.nn's own checks will say what is wrong
         return Call(False)
-    if recording:
-        return Call(_decide_torch_path(module, data, packed, cell))
-    key = call_key(module, data, packed, cell)
+    grad = _grad_enabled()
+    names = _CELL_STATE if cell else _MODULE_STATE
+    try:
+        state = _GETTERS[names](module)   # one C call for the lot
+    except AttributeError:   # e.g. a module pickled before an option existed
+        state = tuple(getattr(module, name, None) for name in names)
+    # The backend setting as set (the decision validates it and raises on a bad one).
+    setting = backends._default
+    key = (grad, grad and _wants_grad(module),
+           backends._environment_backend() if setting is None else setting,
+           data.device, data.dtype, None if packed or cell else data.shape,
+           id(backends.routing.ROUTES), state)
     calls = module.__dict__.get("_fastrnn_calls")
     if calls is None:
         calls = module.__dict__["_fastrnn_calls"] = {}
@@ -157,11 +182,28 @@ def call(module, input, cell: bool = False) -> Call:
     except TypeError:   # an attribute that is not hashable (e.g. zoneout set to a list)
         return Call(_decide_torch_path(module, data, packed, cell))
     if known is None:
-        known = Call(_decide_torch_path(module, data, packed, cell))
+        known = Call(_decide_torch_path(module, data, packed, cell), data.device.type)
         if len(calls) >= _MAX_CALLS:   # a stream of shapes: start afresh
             calls.clear()
         calls[key] = known
     return known
+
+
+def _recorded_call(module, input, cell: bool) -> Call:
+    if torch.onnx.is_in_onnx_export():
+        refuse_torch_path(module, "ONNX export")
+        return Call(True)
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    if not isinstance(data, Tensor):
+        return Call(False)
+    return Call(_decide_torch_path(module, data, packed, cell))
+
+
+def _wants_grad(module) -> bool:
+    # A parameter held by a child (torch.nn.utils.parametrize) needs the full walk.
+    return any(p is not None and p.requires_grad for p in (
+        module.parameters() if module._modules else module._parameters.values()))
 
 
 def copied_state(module) -> dict:
@@ -170,24 +212,6 @@ def copied_state(module) -> dict:
     state = torch.nn.Module.__getstate__(module)
     state.pop("_fastrnn_calls", None)
     return state
-
-
-def call_key(module, data: Tensor, packed: bool, cell: bool) -> tuple:
-    """Everything an eager call's route and plan depend on besides the module's structure:
-    grad mode and whether a parameter wants a gradient, training, the backend setting, the
-    options' values, the routing table, the device, dtype and the geometry the shape class
-    reads."""
-    grad = torch.is_grad_enabled()
-    # A parameter held by a child (torch.nn.utils.parametrize) needs the full walk.
-    wants_grad = grad and any(p is not None and p.requires_grad for p in (
-        module.parameters() if module._modules else module._parameters.values()))
-    names = _CELL_STATE if cell else _MODULE_STATE
-    try:
-        state = _GETTERS[names](module)   # one C call for the lot
-    except AttributeError:   # e.g. a module pickled before an option existed
-        state = tuple(getattr(module, name, None) for name in names)
-    return (grad, wants_grad, backends.get_backend(), data.device, data.dtype,
-            None if packed or cell else data.shape[:-1], id(backends.routing.ROUTES), state)
 
 
 # The attributes a call's route and plan read: the options, then what else can change.

@@ -306,6 +306,85 @@ class RNNBase(nn.Module):
                 state += (torch.stack(final_c),)
         return layer_input, state
 
+    # torch.nn's kernel for a dense call (torch._VF.gru / lstm; None: torch.nn's forward runs).
+    _kernel = None
+
+    def _dense_state(self, input, hx, dtype):
+        """hx as torch.nn's kernel takes it (zeros where not given) for a batched dense call of
+        ``dtype`` (the weights') whose arguments torch.nn's checks pass; None for any other
+        call, which the full forward runs with torch.nn's checks and messages."""
+        if type(input) is not Tensor or input.dim() != 3 or input.dtype != dtype or \
+                input.shape[2] != self.input_size:
+            return None
+        batch = input.shape[0] if self.batch_first else input.shape[1]
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        h_shape = (layers, batch, self.proj_size or self.hidden_size)
+        if self.mode != "LSTM":
+            if hx is None:
+                return torch.zeros(h_shape, dtype=dtype, device=input.device)
+            return hx if type(hx) is Tensor and hx.shape == h_shape else None
+        c_shape = (layers, batch, self.hidden_size)
+        if hx is None:
+            return (torch.zeros(h_shape, dtype=dtype, device=input.device),
+                    torch.zeros(c_shape, dtype=dtype, device=input.device))
+        if type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor and \
+                type(hx[1]) is Tensor and hx[0].shape == h_shape and hx[1].shape == c_shape:
+            return hx
+        return None
+
+    def _torch_kernel(self, input, hx):
+        """torch.nn's forward of a call _dense_state takes: its kernel, called with the
+        arguments torch.nn's forward gives it, without that forward's Python (~25 us of a
+        one-frame call with cold caches: the weight list built three times, each check a
+        function). None for any other call."""
+        kernel = self._kernel
+        if kernel is None:
+            return None
+        weights = self._flat_weights
+        hx = self._dense_state(input, hx, weights[0].dtype)
+        if hx is None:
+            return None
+        result = kernel(input, hx, weights, self.bias, self.num_layers, self.dropout,
+                        self.training, self.bidirectional, self.batch_first)
+        return (result[0], result[1:]) if self.mode == "LSTM" else result
+
+    def _plain_run(self, input, hx, call):
+        """_forward of a call without options, segments, autocast, reversed direction or
+        dropout, that _dense_state takes, with states of the weights' dtype: each layer's
+        input projection and op, without the general path's Python (about a third of a
+        one-frame call's cost beyond its arithmetic, with cold caches). None for any other
+        call."""
+        variant, backend = call.plan
+        if variant or self.bidirectional or self.checkpoint_every is not None or \
+                (self.dropout and self.training) or \
+                torch.is_autocast_enabled(call.device_type):
+            return None
+        dtype = self._param("weight_ih_l0").dtype
+        state = self._dense_state(input, hx, dtype)
+        if state is None:
+            return None
+        lstm = self.mode == "LSTM"
+        h0, c0 = state if lstm else (state, None)
+        if h0.dtype != dtype or (lstm and c0.dtype != dtype) or not input.numel():
+            return None
+        time_major = input.transpose(0, 1) if self.batch_first else input
+        steps, batch = time_major.shape[0], time_major.shape[1]
+        rows = time_major.reshape(steps * batch, self.input_size)
+        kind = CELL_OF_MODE[self.mode].name
+        final_h, final_c = [], []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_params(layer, 0)
+            rows, h_n, c_n = ops.recurrence(kind, F.linear(rows, w_ih, b_ih), h0[layer],
+                                            c0[layer] if lstm else None, w_hh, b_hh, w_hr,
+                                            None, False, backend)
+            final_h.append(h_n)
+            final_c.append(c_n)
+        output = rows.view(steps, batch, rows.shape[1])
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        stack = (lambda states: states[0].unsqueeze(0)) if len(final_h) == 1 else torch.stack
+        return output, ((stack(final_h), stack(final_c)) if lstm else stack(final_h))
+
     def _projection_params(self, w_ih, b_ih, get) -> tuple:
         """The tensors the input projection reads (options.input_projection)."""
         if not self.layer_norm:
@@ -360,7 +439,16 @@ class RNNBase(nn.Module):
             return options.torch_forward(self, input, hx)
         call = options.call(self, input)
         if call.torch_path:
+            # (on CUDA torch_forward silences cuDNN's warning on weights not flattened)
+            if call.device_type is not None and call.device_type != "cuda":
+                result = self._torch_kernel(input, hx)
+                if result is not None:
+                    return result
             return options.torch_forward(self, input, hx)
+        if call.device_type is not None and call.plan is not None:
+            result = self._plain_run(input, hx, call)
+            if result is not None:
+                return result
         kind = CELL_OF_MODE[self.mode]
         real_hidden_size = self.proj_size if self.proj_size > 0 else self.hidden_size
         orig_input = input
@@ -466,6 +554,7 @@ class GRU(_SingleStateRNN):
 
     _input_dim_message = "GRU: Expected input to be 2D or 3D, got {}D instead"
     _torch_forward = nn.GRU.forward
+    _kernel = torch._C._VariableFunctions.gru
 
     def __init__(self, *args, **kwargs):
         if "proj_size" in kwargs:
@@ -478,6 +567,7 @@ class LSTM(RNNBase):
 
     _input_dim_message = "LSTM: Expected input to be 2D or 3D, got {}D instead"
     _torch_forward = nn.LSTM.forward
+    _kernel = torch._C._VariableFunctions.lstm
     get_expected_cell_size = nn.LSTM.get_expected_cell_size
     check_forward_args = nn.LSTM.check_forward_args
     permute_hidden = nn.LSTM.permute_hidden

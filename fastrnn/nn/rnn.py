@@ -374,9 +374,14 @@ class RNNBase(nn.Module):
         final_h, final_c = [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_params(layer, 0)
-            rows, h_n, c_n = ops.recurrence(kind, F.linear(rows, w_ih, b_ih), h0[layer],
-                                            c0[layer] if lstm else None, w_hh, b_hh, w_hr,
-                                            None, False, backend)
+            c0_layer = c0[layer] if lstm else None
+            fused = None if w_hr is not None else native.fused_layer(
+                backend, kind, rows, batch, h0[layer], c0_layer, w_ih, w_hh, b_ih, b_hh, False)
+            if fused is not None:   # the whole layer ran as one op call
+                rows, h_n, c_n = fused
+            else:
+                rows, h_n, c_n = ops.recurrence(kind, F.linear(rows, w_ih, b_ih), h0[layer],
+                                                c0_layer, w_hh, b_hh, w_hr, None, False, backend)
             final_h.append(h_n)
             final_c.append(c_n)
         output = rows.view(steps, batch, rows.shape[1])

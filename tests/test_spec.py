@@ -60,6 +60,12 @@ def test_keywords_name_op_arguments_of_their_cells():
     assert {o.args[0].name for o in spec.OPTIONS} <= fed   # every option can be turned on
 
 
+def test_module_draws_exactly_the_drawn_arguments():
+    """The module's draw rules (nn/options._DRAWN) and the spec's drawn arguments name the
+    same op arguments: a drawn argument the module did not draw would never be turned on."""
+    assert set(options._DRAWN) == {arg for k in spec.KEYWORDS for arg in k.drawn}
+
+
 def test_triton_kernels_take_every_option_flag():
     step = pytest.importorskip("fastrnn.backends.triton.step")
     kernels = (step._step_forward_kernel, step._step_backward_kernel,

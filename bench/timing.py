@@ -10,9 +10,9 @@ or more, which a user's process does not pay (glibc raises its thresholds as lar
 are freed), so peak memory is taken in a call of its own before the timed ones, and the
 timed calls run with glibc's thresholds at the values it settles on in a long-running
 process (mmap 32 MiB, trim 64 MiB: blocks above 32 MiB get fresh pages every call there
-too). Both devices: warm-up calls, the memory call, then repeats until both a minimum
-count and a time budget are met (or a maximum count); the median and the interquartile
-range are reported. The providers of one case are timed interleaved, round by round, and
+too). Both devices: warm-up calls, the memory call, untimed rounds that let every provider
+settle after it (Budget.settle), then repeats until both a minimum count and a time budget
+are met (or a maximum count); the median and the interquartile range are reported. The providers of one case are timed interleaved, round by round, and
 their ratio to the baseline is the median of the per-round ratios: on a shared machine a
 slow spell then slows both sides of a pair instead of one provider's whole sample.
 """
@@ -40,7 +40,12 @@ class Timing:
 
 @dataclasses.dataclass
 class Budget:
-    warmup: int = 1          # calls before timing (the correctness check already ran once)
+    warmup: int = 1          # calls before the memory call (the correctness check ran once)
+    # Untimed interleaved rounds after every provider's memory call, before the timed ones.
+    # The memory call trims glibc's heap (module doc), so each provider's next call faults its
+    # working memory in again (on CPU ~4800 page faults, a few percent of a 250 ms training
+    # call); a TorchScript loop optimises its graph on its first calls (1.5x slower there).
+    settle: int = 0
     min_repeats: int = 3
     max_repeats: int = 50
     seconds: float = 1.0     # keep repeating until this much time was spent (and min_repeats)
@@ -83,28 +88,27 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device,
                      budget: Budget) -> Tuple[List[List[float]], Dict[int, BaseException]]:
     """Time several workloads round by round: each round calls every workload once, starting
     one further along each time, so a spell of load on a shared machine falls on all of them
-    alike and each round gives a paired ratio (see ``paired_ratio``). The budget counts per
-    workload. Returns the times (ms) per workload and the exception of any that raised (it is
-    left out of later rounds)."""
+    alike and each round gives a paired ratio (see ``paired_ratio``). ``budget.settle`` rounds
+    run first, untimed. The budget counts per workload. Returns the times (ms) per workload
+    and the exception of any that raised (it is left out of later rounds)."""
     live = list(range(len(fns)))
     times: List[List[float]] = [[] for _ in fns]
     failed: Dict[int, BaseException] = {}
-    rounds, spent = 0, 0.0
-    while live and (rounds == 0 or (rounds < budget.max_repeats
+    rounds, spent = -budget.settle, 0.0
+    while live and (rounds <= 0 or (rounds < budget.max_repeats
                                     and spent < budget.cap_seconds * len(fns)
                                     and (rounds < budget.min_repeats
                                          or spent < budget.seconds * len(fns)))):
         for k in range(len(live)):
             i = live[(rounds + k) % len(live)]
-            if i in failed:
-                continue
             try:
                 ms = time_call(fns[i], device)
             except Exception as exc:  # noqa: BLE001 - reported by the caller
                 failed[i] = exc
                 continue
-            times[i].append(ms)
-            spent += ms / 1e3
+            if rounds >= 0:
+                times[i].append(ms)
+                spent += ms / 1e3
         live = [i for i in live if i not in failed]
         rounds += 1
     return times, failed

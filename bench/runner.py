@@ -18,9 +18,11 @@ from .timing import Budget, paired_ratio, peak_memory, summary, time_interleaved
 
 BUDGETS = {  # (device type, size) -> timing budget
     ("cpu", "tiny"): Budget(warmup=0, min_repeats=2, max_repeats=3, seconds=0.0),
-    # CPU: the ratio of a case is the median of its per-round ratios, so its rounds are what
-    # counts: at least 7 on a call up to ~0.8 s per provider (a noise band of a few percent
-    # per round on a shared machine: 3 rounds read 0.88-1.05 for two identical modules).
+    # CPU: a case's ratio is the median of its per-round ratios, so rounds are what counts: at
+    # least 7 for calls up to ~0.8 s per provider. With 3 (the first right after the memory
+    # calls) a module running torch.nn's very kernel read 0.88-1.08x torch.nn on a shared
+    # machine, a TorchScript loop 0.7x where it is level
+    # (bench/results/level-auto-cpu-2c-2026-12-02.md).
     ("cpu", "quick"): Budget(warmup=0, settle=2, min_repeats=7, max_repeats=30, seconds=0.5,
                              cap_seconds=6.0),
     ("cpu", "full"): Budget(warmup=2, settle=2, min_repeats=9, max_repeats=50, seconds=3.0),

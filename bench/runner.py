@@ -96,7 +96,8 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
         seconds = timing.median_ms / 1e3
         record.update(median_ms=timing.median_ms, q1_ms=timing.q1_ms, q3_ms=timing.q3_ms,
                       min_ms=timing.min_ms, max_ms=timing.max_ms, repeats=timing.repeats,
-                      times_ms=times[i], tokens=tokens, tokens_per_s=tokens / seconds if tokens else None)
+                      times_ms=times[i], tokens=tokens,
+                      tokens_per_s=tokens / seconds if tokens else None)
         if flops:
             gflops = flops / seconds / 1e9
             ceiling = ceilings.get(record.get("dtype", ""))

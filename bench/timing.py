@@ -12,9 +12,10 @@ timed calls run with glibc's thresholds at the values it settles on in a long-ru
 process (mmap 32 MiB, trim 64 MiB: blocks above 32 MiB get fresh pages every call there
 too). Both devices: warm-up calls, the memory call, untimed rounds that let every provider
 settle after it (Budget.settle), then repeats until both a minimum count and a time budget
-are met (or a maximum count); the median and the interquartile range are reported. The providers of one case are timed interleaved, round by round, and
-their ratio to the baseline is the median of the per-round ratios: on a shared machine a
-slow spell then slows both sides of a pair instead of one provider's whole sample.
+are met (or a maximum count); the median and the interquartile range are reported. The
+providers of one case are timed interleaved, round by round, and their ratio to the
+baseline is the median of the per-round ratios: on a shared machine a slow spell then
+slows both sides of a pair instead of one provider's whole sample.
 """
 from __future__ import annotations
 

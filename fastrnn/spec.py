@@ -39,6 +39,9 @@ class Cell:
     state: Tuple[str, ...]     # carried state tensors
     has_projection: bool       # h may be projected to proj_size by w_hr
     workspace: Tuple[Columns, ...]   # columns every forward writes for backward
+    recurrent_grad: bool = False     # the recurrent pre-activation's gradient is not the
+                                     # input projection's (gru: r scales W_hn h + b_hn)
+    direct_h: bool = False           # h_prev reaches h besides through w_hh (gru: z * h_prev)
 
     @property
     def num_gates(self) -> int:
@@ -86,6 +89,7 @@ class Option:
     needs_projection: bool = False
     specialised: bool = False
     whole_rows: bool = False
+    on_projection: bool = False  # with w_hr it acts on the projected h (a pass of its own)
 
 
 OPTIONS = (
@@ -96,11 +100,12 @@ OPTIONS = (
                                Arg("ln_c_bias", "Tensor", ("H",), True)), ("lstm",),
            (Columns("c_hat", h=1), Columns("rstd_c", one=1)), specialised=True, whole_rows=True),
     Option("recurrent_mask", (Arg("recurrent_mask", "Tensor", ("B", "P")),), ("lstm", "gru")),
-    Option("zoneout_h", (Arg("zoneout_h", "Tensor", ("N", "P")),), ("lstm", "gru")),
+    Option("zoneout_h", (Arg("zoneout_h", "Tensor", ("N", "P")),), ("lstm", "gru"),
+           on_projection=True),
     Option("zoneout_c", (Arg("zoneout_c", "Tensor", ("N", "H")),), ("lstm",)),
     Option("cell_clip", (Arg("cell_clip", "float"),), ("lstm",)),
     Option("proj_clip", (Arg("proj_clip", "float"),), ("lstm",), (Columns("p", p=1),),
-           needs_projection=True),
+           needs_projection=True, on_projection=True),
     Option("grad_clip", (Arg("grad_clip", "float"),), ("lstm", "gru")),
     Option("peephole", (Arg("peephole", "Tensor", ("3*H",), True),), ("lstm",),
            specialised=True),
@@ -110,7 +115,8 @@ ARGS = tuple(arg for option in OPTIONS for arg in option.args)
 CELLS: Dict[str, Cell] = {cell.name: cell for cell in (
     Cell("lstm", "LSTM", ("i", "f", "g", "o"), ("h", "c"), True,
          (Columns("gates", gh=1), Columns("c", h=1), Columns("h_pre", h=1, projected=True))),
-    Cell("gru", "GRU", ("r", "z", "n"), ("h",), False, (Columns("gates", h=4),)),  # [r|z|n|hn]
+    Cell("gru", "GRU", ("r", "z", "n"), ("h",), False, (Columns("gates", h=4),),  # [r|z|n|hn]
+         recurrent_grad=True, direct_h=True),
     Cell("rnn_tanh", "RNN_TANH", ("a",), ("h",), False, ()),
     Cell("rnn_relu", "RNN_RELU", ("a",), ("h",), False, ()),
 )}

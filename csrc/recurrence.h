@@ -267,6 +267,7 @@ struct Shapes {
   Cell cell;
   int64_t G, H, P, B, N, W;
   bool proj;
+  bool has_c;  // the cell carries a cell state c (c0, c_n)
   Columns cols;
 };
 
@@ -336,7 +337,8 @@ inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t col
   TORCH_CHECK(h0.dim() == 2 && h0.size(1) == s.P, "fastrnn native: h0 must be [batch, ", s.P,
               "], got ", h0.sizes());
   s.B = h0.size(0);
-  if (of_cell(spec::kHasCellState, s.cell)) {
+  s.has_c = of_cell(spec::kHasCellState, s.cell);
+  if (s.has_c) {
     TORCH_CHECK(c0.defined() && c0.dim() == 2 && c0.size(0) == s.B && c0.size(1) == s.H,
                 "fastrnn native: ", cell_name, " needs c0 [", s.B, ", ", s.H, "]");
   }
@@ -413,7 +415,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   // reused by every step, and an empty [0, W] is returned.
   Tensor workspace = new_buffer({need_workspace ? s.N : std::min(s.N, s.B), s.W}, acc_opts);
   Tensor h_state = h0_in.contiguous().clone();  // running h; ends as h_n
-  Tensor c_state = of_cell(spec::kHasCellState, s.cell) ? c0_in->to(acc_dtype).contiguous().clone() : Tensor();
+  Tensor c_state = s.has_c ? c0_in->to(acc_dtype).contiguous().clone() : Tensor();
   Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
   Tensor hh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor h_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // h * recurrent_mask
@@ -516,7 +518,7 @@ BackwardResult recurrence_backward(
   const Tensor output = output_in.contiguous();
   const Tensor workspace = workspace_in.contiguous();
   const Tensor h0 = h0_in.contiguous();
-  const Tensor c0 = of_cell(spec::kHasCellState, s.cell) ? c0_in->to(acc_dtype).contiguous() : Tensor();
+  const Tensor c0 = s.has_c ? c0_in->to(acc_dtype).contiguous() : Tensor();
   const Tensor w_hr = s.proj ? *w_hr_in : Tensor();
 
   // Carried gradients: dL/dh (after projection) and dL/dc of the state entering later steps.
@@ -532,7 +534,8 @@ BackwardResult recurrence_backward(
   Tensor grad_xproj = new_buffer({s.N, s.G * s.H}, opts);
   // Gradient of hh (= of xproj for lstm/rnn) and of the GEMM result a = h_rec @ w_hh.T
   // (differs from hh's only through the layer norm).
-  Tensor grad_hgates = of_cell(spec::kRecurrentGrad, s.cell) ? new_buffer({s.N, s.G * s.H}, opts) : grad_xproj;
+  Tensor grad_hgates =
+      of_cell(spec::kRecurrentGrad, s.cell) ? new_buffer({s.N, s.G * s.H}, opts) : grad_xproj;
   Tensor grad_a = opt.ln() ? new_buffer({s.N, s.G * s.H}, opts) : grad_hgates;
   Tensor grad_y = opt.ln_c() ? new_buffer({s.N, s.H}, acc_opts) : Tensor();
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row

@@ -80,7 +80,7 @@ class Arg:
 class Option:
     """An option of the ops. ``specialised``: the kernels are compiled once with it on and
     once off (it changes the step's code, not just its data: native's OptionsOn; every
-    option is a Triton constexpr, see ``flags``); ``whole_rows``: a step needs sums over each
+    option is a bit of the Triton kernels' OPTIONS constexpr); ``whole_rows``: a step needs sums over each
     row (the layer norms), so a kernel holds whole rows."""
     name: str                  # the name it goes by in backend support lists
     args: Tuple[Arg, ...]      # given all together or not at all; the first one switches it on
@@ -167,12 +167,6 @@ def bind(names: Tuple[str, ...], args, kwargs, tail: Tuple[str, ...] = ()) -> di
 
 def option_names(options: Optional[StepOptions]) -> Tuple[str, ...]:
     return () if options is None else options.option_names()
-
-
-def flags(option_names: Tuple[str, ...]) -> Dict[str, bool]:
-    """The kernels' compile-time switches of the options: NAME -> whether it is on, for every
-    option (the Triton kernels' constexprs are the option names in capitals)."""
-    return {option.name.upper(): option.name in option_names for option in OPTIONS}
 
 
 def whole_rows(option_names: Tuple[str, ...]) -> bool:

@@ -80,8 +80,8 @@ class Arg:
 class Option:
     """An option of the ops. ``specialised``: the kernels are compiled once with it on and
     once off (it changes the step's code, not just its data: native's OptionsOn; every
-    option is a bit of the Triton kernels' OPTIONS constexpr); ``whole_rows``: a step needs sums over each
-    row (the layer norms), so a kernel holds whole rows."""
+    option is a bit of the Triton kernels' OPTIONS constexpr); ``whole_rows``: a step needs
+    sums over each row (the layer norms), so a kernel holds whole rows."""
     name: str                  # the name it goes by in backend support lists
     args: Tuple[Arg, ...]      # given all together or not at all; the first one switches it on
     cells: Tuple[str, ...]

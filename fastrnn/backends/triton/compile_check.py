@@ -92,9 +92,9 @@ def variants(everything):
             if CELLS[cell].options:
                 yield from _option_variants(cell, cid, dtype, everything)
             # largest tiles that fit (everything), else small ones: compile time grows fast
-            hidden = (128 if cell.startswith("rnn") else 64) if everything else 32
+            hidden = (128 if CELLS[cell].num_gates == 1 else 64) if everything else 32
             shapes = [(hidden, hidden, False)]
-            if cell == "lstm":
+            if CELLS[cell].has_projection:
                 shapes = shapes + [(32, 16, True)] if everything else [(32, 16, True)]
             for h_tile, p_tile, proj in shapes:
                 shape = f"H={h_tile}{f' P={p_tile}' if proj else ''}"

@@ -290,7 +290,7 @@ def _proj_epilogue_kernel(
 
 @triton.jit
 def _proj_prologue_kernel(
-    dh_ptr,     # [n, P] float32 carried grad of h_t: in; out its direct part (ZONEOUT_H)
+    dh_ptr,     # [n, P] float32 carried grad of h_t: in; out its direct part (zoneout_h)
     dout_ptr,   # [n, P] grad_output rows
     ws_ptr,     # [n, WS_STRIDE] workspace rows (proj_clip: p at column P_OFF)
     dp_ptr,     # [n, P] float32 out: grad w.r.t. p = h_pre @ w_hr.T

@@ -116,7 +116,7 @@ FASTRNN_HD double rsqrt_(double x) { return 1.0 / sqrt(x); }
 // ------------------------------------------------------------------ LSTM
 // Gates (i, f, g, o); c = f * c_prev + i * g; h = o * tanh(y), y = c after the options
 // (cell clip, cell layer norm), which is why the step computes h. The o gate comes after c:
-// with peepholes its pre-activation sees the new cell state (step.h's peephole).
+// an option may make its pre-activation depend on the new cell state (step.h).
 template <typename T>
 struct LSTMGates { T i, f, g, c; };
 

@@ -113,6 +113,9 @@ void with_step(Cell cell, const StepOptions<scalar_t, acc_t>& o, Body&& body) {
 
 inline int64_t num_gates(Cell cell) { return spec::kNumGates[static_cast<int>(cell)]; }
 
+// A cell's entry of one of the spec's per-cell tables (spec::kHasCellState, ...).
+inline bool of_cell(const bool* table, Cell cell) { return table[static_cast<int>(cell)]; }
+
 // The options of a call (fastrnn/spec.py): the trailing arguments of the ops.
 struct Options {
   FASTRNN_OPTION_FIELDS
@@ -264,6 +267,7 @@ struct Shapes {
   Cell cell;
   int64_t G, H, P, B, N, W;
   bool proj;
+  bool has_c;  // the cell carries a cell state c (c0, c_n)
   Columns cols;
 };
 
@@ -321,7 +325,8 @@ inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t col
   s.H = w_hh.size(0) / s.G;
   s.P = w_hh.size(1);
   s.proj = w_hr.defined();
-  TORCH_CHECK(s.cell == Cell::LSTM || !s.proj, "fastrnn native: only lstm takes w_hr");
+  TORCH_CHECK(of_cell(spec::kHasProjection, s.cell) || !s.proj, "fastrnn native: only ",
+              spec::kProjectingCells, " takes w_hr");
   TORCH_CHECK(s.proj ? (w_hr.dim() == 2 && w_hr.size(0) == s.P && w_hr.size(1) == s.H)
                      : s.P == s.H,
               "fastrnn native: w_hh ", w_hh.sizes(), " and w_hr ",
@@ -332,9 +337,10 @@ inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t col
   TORCH_CHECK(h0.dim() == 2 && h0.size(1) == s.P, "fastrnn native: h0 must be [batch, ", s.P,
               "], got ", h0.sizes());
   s.B = h0.size(0);
-  if (s.cell == Cell::LSTM) {
+  s.has_c = of_cell(spec::kHasCellState, s.cell);
+  if (s.has_c) {
     TORCH_CHECK(c0.defined() && c0.dim() == 2 && c0.size(0) == s.B && c0.size(1) == s.H,
-                "fastrnn native: lstm needs c0 [", s.B, ", ", s.H, "]");
+                "fastrnn native: ", cell_name, " needs c0 [", s.B, ", ", s.H, "]");
   }
   TORCH_CHECK(!b_hh.defined() || (b_hh.dim() == 1 && b_hh.size(0) == s.G * s.H),
               "fastrnn native: b_hh must be [", s.G * s.H, "]");
@@ -409,13 +415,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   // reused by every step, and an empty [0, W] is returned.
   Tensor workspace = new_buffer({need_workspace ? s.N : std::min(s.N, s.B), s.W}, acc_opts);
   Tensor h_state = h0_in.contiguous().clone();  // running h; ends as h_n
-  Tensor c_state = s.cell == Cell::LSTM ? c0_in->to(acc_dtype).contiguous().clone() : Tensor();
+  Tensor c_state = s.has_c ? c0_in->to(acc_dtype).contiguous().clone() : Tensor();
   Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
   Tensor hh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor h_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // h * recurrent_mask
   const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
-  // The projected rows need a pass of their own only for proj_clip / zoneout_h.
-  const bool projection_pass = s.proj && (opt.proj_clip.has_value() || opt.zoneout_h.defined());
+  // The projected rows need a pass of their own only for the options that act on them
+  // (spec Option.on_projection: proj_clip, zoneout_h).
+  const bool projection_pass = s.proj && FASTRNN_ON_PROJECTION(opt);
 
   Dev::dispatch(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
@@ -441,7 +448,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
       ForwardStep<scalar_t, acc_t> a = all;
       a.hgates += b0 * s.G * s.H;
       a.h_state += b0 * s.P;
-      if (s.cell == Cell::LSTM) a.c_state += b0 * s.H;
+      if (c_state.defined()) a.c_state += b0 * s.H;
       if (s.proj) a.hh += b0 * s.H;
       for (int64_t t : layout.order) {
         const int64_t rows = std::min(layout.sizes[t], b1) - b0, row = layout.offsets[t] + b0;
@@ -511,7 +518,7 @@ BackwardResult recurrence_backward(
   const Tensor output = output_in.contiguous();
   const Tensor workspace = workspace_in.contiguous();
   const Tensor h0 = h0_in.contiguous();
-  const Tensor c0 = s.cell == Cell::LSTM ? c0_in->to(acc_dtype).contiguous() : Tensor();
+  const Tensor c0 = s.has_c ? c0_in->to(acc_dtype).contiguous() : Tensor();
   const Tensor w_hr = s.proj ? *w_hr_in : Tensor();
 
   // Carried gradients: dL/dh (after projection) and dL/dc of the state entering later steps.
@@ -519,7 +526,7 @@ BackwardResult recurrence_backward(
                         ? grad_h_n->to(dtype).contiguous().clone()
                         : at::zeros({s.B, s.P}, opts);
   Tensor dc_state;
-  if (s.cell == Cell::LSTM) {
+  if (c0.defined()) {
     dc_state = grad_c_n.has_value() && grad_c_n->defined()
                    ? grad_c_n->to(acc_dtype).contiguous().clone()
                    : at::zeros({s.B, s.H}, acc_opts);
@@ -527,7 +534,8 @@ BackwardResult recurrence_backward(
   Tensor grad_xproj = new_buffer({s.N, s.G * s.H}, opts);
   // Gradient of hh (= of xproj for lstm/rnn) and of the GEMM result a = h_rec @ w_hh.T
   // (differs from hh's only through the layer norm).
-  Tensor grad_hgates = s.cell == Cell::GRU ? new_buffer({s.N, s.G * s.H}, opts) : grad_xproj;
+  Tensor grad_hgates =
+      of_cell(spec::kRecurrentGrad, s.cell) ? new_buffer({s.N, s.G * s.H}, opts) : grad_xproj;
   Tensor grad_a = opt.ln() ? new_buffer({s.N, s.G * s.H}, opts) : grad_hgates;
   Tensor grad_y = opt.ln_c() ? new_buffer({s.N, s.H}, acc_opts) : Tensor();
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row
@@ -545,7 +553,7 @@ BackwardResult recurrence_backward(
   const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
   // The step kernels leave a direct part of dL/dh_prev in dh_state for the GEMM to add to
   // (gru's z * dh; zoneout's z_h * dh).
-  const bool direct_part = s.cell == Cell::GRU || opt.any();
+  const bool direct_part = of_cell(spec::kDirectH, s.cell) || opt.any();
 
   Dev::dispatch(dtype, [&](auto type_tag) {
     using scalar_t = decltype(type_tag);
@@ -579,7 +587,7 @@ BackwardResult recurrence_backward(
       BackwardStep<scalar_t, acc_t> a = all;
       a.dh_state += b0 * s.P;
       if (s.proj) a.dhh += b0 * s.H;
-      if (s.cell == Cell::LSTM) {
+      if (c0.defined()) {
         a.dc_state += b0 * s.H;
         a.c0 += b0 * s.H;
       }
@@ -635,7 +643,7 @@ BackwardResult recurrence_backward(
   Tensor grad_b_hh = grad_hgates.sum(0);
   const Tensor h_pre = s.proj ? workspace.narrow(1, s.cols.h_pre, s.H).to(dtype) : Tensor();
   Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), h_pre) : at::empty({0}, opts);
-  Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
+  Tensor grad_c0 = c0.defined() ? dc_state.to(dtype) : at::empty({0}, opts);
   // The learnable option arguments' gradients: column sums (over steps and batch), in acc_t,
   // of the per-row gradients; absent ones empty, and distinct tensors (outputs may not alias).
   Tensor learned[FASTRNN_NUM_LEARNABLE];

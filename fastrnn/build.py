@@ -295,8 +295,17 @@ def spec_header() -> str:
         'constexpr const char* kCellList = "' + ", ".join(c.name for c in cells) + '";',
         "constexpr int64_t kNumGates[kNumCells] = {"
         + ", ".join(str(c.num_gates) for c in cells) + "};",
-        "constexpr bool kCellTakesOptions[kNumCells] = {"
-        + ", ".join("true" if c.options else "false" for c in cells) + "};",
+        "// per cell: takes options, carries c, can project (w_hr), has a recurrent gradient of",
+        "// its own (not grad_xproj's), passes h_prev to h besides through w_hh",
+    ] + [f"constexpr bool k{name}[kNumCells] = {{"
+         + ", ".join("true" if test(c) else "false" for c in cells) + "};"
+         for name, test in (("CellTakesOptions", lambda c: c.options),
+                            ("HasCellState", lambda c: c.has_cell_state),
+                            ("HasProjection", lambda c: c.has_projection),
+                            ("RecurrentGrad", lambda c: c.recurrent_grad),
+                            ("DirectH", lambda c: c.direct_h))] + [
+        'constexpr const char* kProjectingCells = "'
+        + ", ".join(c.name for c in cells if c.has_projection) + '";',
         "// Workspace column groups, in order: a cell's own (cell >= 0), then each option's",
         "// (option >= 0) when on; h*H + gh*G*H + p*P + one wide; `projected`: with w_hr only.",
         "struct ColumnGroup { const char* name; int cell, option; int64_t h, gh, p, one; "
@@ -385,6 +394,10 @@ def _option_macros(spec) -> List[str]:
         "// X(argument) of the options that need a projection (w_hr)",
         "#define FASTRNN_NEEDS_PROJECTION(X) "
         + " ".join(f"X({o.args[0].name})" for o in options if o.needs_projection),
+        "// whether an option that acts on the projected h is on in Options o",
+        "#define FASTRNN_ON_PROJECTION(o) (" + " || ".join(
+            f"::fastrnn::spec::is_on((o).{o.args[0].name})" for o in options
+            if o.on_projection) + ")",
     ]
 
 

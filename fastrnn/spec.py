@@ -39,6 +39,9 @@ class Cell:
     state: Tuple[str, ...]     # carried state tensors
     has_projection: bool       # h may be projected to proj_size by w_hr
     workspace: Tuple[Columns, ...]   # columns every forward writes for backward
+    recurrent_grad: bool = False     # the recurrent pre-activation's gradient is not the
+                                     # input projection's (gru: r scales W_hn h + b_hn)
+    direct_h: bool = False           # h_prev reaches h besides through w_hh (gru: z * h_prev)
 
     @property
     def num_gates(self) -> int:
@@ -77,8 +80,8 @@ class Arg:
 class Option:
     """An option of the ops. ``specialised``: the kernels are compiled once with it on and
     once off (it changes the step's code, not just its data: native's OptionsOn; every
-    option is a Triton constexpr, see ``flags``); ``whole_rows``: a step needs sums over each
-    row (the layer norms), so a kernel holds whole rows."""
+    option is a bit of the Triton kernels' OPTIONS constexpr); ``whole_rows``: a step needs
+    sums over each row (the layer norms), so a kernel holds whole rows."""
     name: str                  # the name it goes by in backend support lists
     args: Tuple[Arg, ...]      # given all together or not at all; the first one switches it on
     cells: Tuple[str, ...]
@@ -86,6 +89,7 @@ class Option:
     needs_projection: bool = False
     specialised: bool = False
     whole_rows: bool = False
+    on_projection: bool = False  # with w_hr it acts on the projected h (a pass of its own)
 
 
 OPTIONS = (
@@ -96,11 +100,12 @@ OPTIONS = (
                                Arg("ln_c_bias", "Tensor", ("H",), True)), ("lstm",),
            (Columns("c_hat", h=1), Columns("rstd_c", one=1)), specialised=True, whole_rows=True),
     Option("recurrent_mask", (Arg("recurrent_mask", "Tensor", ("B", "P")),), ("lstm", "gru")),
-    Option("zoneout_h", (Arg("zoneout_h", "Tensor", ("N", "P")),), ("lstm", "gru")),
+    Option("zoneout_h", (Arg("zoneout_h", "Tensor", ("N", "P")),), ("lstm", "gru"),
+           on_projection=True),
     Option("zoneout_c", (Arg("zoneout_c", "Tensor", ("N", "H")),), ("lstm",)),
     Option("cell_clip", (Arg("cell_clip", "float"),), ("lstm",)),
     Option("proj_clip", (Arg("proj_clip", "float"),), ("lstm",), (Columns("p", p=1),),
-           needs_projection=True),
+           needs_projection=True, on_projection=True),
     Option("grad_clip", (Arg("grad_clip", "float"),), ("lstm", "gru")),
     Option("peephole", (Arg("peephole", "Tensor", ("3*H",), True),), ("lstm",),
            specialised=True),
@@ -110,7 +115,8 @@ ARGS = tuple(arg for option in OPTIONS for arg in option.args)
 CELLS: Dict[str, Cell] = {cell.name: cell for cell in (
     Cell("lstm", "LSTM", ("i", "f", "g", "o"), ("h", "c"), True,
          (Columns("gates", gh=1), Columns("c", h=1), Columns("h_pre", h=1, projected=True))),
-    Cell("gru", "GRU", ("r", "z", "n"), ("h",), False, (Columns("gates", h=4),)),  # [r|z|n|hn]
+    Cell("gru", "GRU", ("r", "z", "n"), ("h",), False, (Columns("gates", h=4),),  # [r|z|n|hn]
+         recurrent_grad=True, direct_h=True),
     Cell("rnn_tanh", "RNN_TANH", ("a",), ("h",), False, ()),
     Cell("rnn_relu", "RNN_RELU", ("a",), ("h",), False, ()),
 )}
@@ -161,12 +167,6 @@ def bind(names: Tuple[str, ...], args, kwargs, tail: Tuple[str, ...] = ()) -> di
 
 def option_names(options: Optional[StepOptions]) -> Tuple[str, ...]:
     return () if options is None else options.option_names()
-
-
-def flags(option_names: Tuple[str, ...]) -> Dict[str, bool]:
-    """The kernels' compile-time switches of the options: NAME -> whether it is on, for every
-    option (the Triton kernels' constexprs are the option names in capitals)."""
-    return {option.name.upper(): option.name in option_names for option in OPTIONS}
 
 
 def whole_rows(option_names: Tuple[str, ...]) -> bool:

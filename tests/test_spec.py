@@ -66,14 +66,55 @@ def test_module_draws_exactly_the_drawn_arguments():
     assert set(options._DRAWN) == {arg for k in spec.KEYWORDS for arg in k.drawn}
 
 
-def test_triton_kernels_take_every_option_flag():
+def test_triton_kernels_read_the_options_from_the_spec():
+    """The Triton kernels name no option in their signatures: they take the OPTIONS bit mask,
+    the ``opt`` tuple of every tensor option argument and (backward) the ``grads`` tuple of
+    the learnable ones' per-row gradients, in spec order."""
     step = pytest.importorskip("fastrnn.backends.triton.step")
+    from fastrnn.backends.triton import _gates
     kernels = (step._step_forward_kernel, step._step_backward_kernel,
                step._proj_epilogue_kernel, step._proj_prologue_kernel)
-    taken = {name for kernel in kernels for name in step.flags(kernel, ())}
-    assert taken == set(spec.flags(()))
-    on = step.flags(step._step_forward_kernel, ("peephole",), ZONEOUT_H=True)
-    assert on["PEEPHOLE"] and on["ZONEOUT_H"] and not on["LAYER_NORM"]
+    flags = {option.name.upper() for option in spec.OPTIONS}
+    for kernel in kernels:
+        assert {"OPTIONS", "opt"} <= set(kernel.arg_names)
+        assert not flags & set(kernel.arg_names), kernel
+        assert not [name for name in kernel.arg_names if name.endswith("_ptr")
+                    and any(arg.name in name for arg in spec.ARGS)], kernel
+    assert "grads" in step._step_backward_kernel.arg_names
+    names = [option.name for option in spec.OPTIONS]
+    assert _gates.option_bits(("peephole", "zoneout_h")) == \
+        (1 << names.index("peephole")) | (1 << names.index("zoneout_h"))
+    # with a projection, the options on the projected h leave the step kernels
+    assert step.step_bits(("peephole", "zoneout_h", "proj_clip"), proj=True) == \
+        _gates.option_bits(("peephole",))
+    # one step's ``opt``: per-row arguments sliced to its rows, per-state ones to its live
+    # states, the others whole, a dummy where absent
+    dummy = torch.empty(0)
+    options = spec.StepOptions(zoneout_h=torch.ones(6, 5), recurrent_mask=torch.ones(3, 5),
+                               peephole=torch.ones(15))
+    opt = step._option_tensors(options, slice(2, 4), 2, dummy)
+    assert len(opt) == len(spec.TENSOR_FIELDS)
+    place = spec.TENSOR_FIELDS.index
+    assert opt[place("zoneout_h")].shape == (2, 5)
+    assert opt[place("recurrent_mask")].shape == (2, 5)
+    assert opt[place("peephole")] is options.peephole
+    assert all(opt[place(name)] is dummy for name in spec.TENSOR_FIELDS
+               if getattr(options, name) is None)
+
+
+def test_generated_header_has_the_cell_tables():
+    """The native loop reads what a cell carries and does from the spec's cell table."""
+    from fastrnn import build
+    header = build.spec_header()
+    for table, has in (("HasCellState", lambda c: c.has_cell_state),
+                       ("HasProjection", lambda c: c.has_projection),
+                       ("RecurrentGrad", lambda c: c.recurrent_grad),
+                       ("DirectH", lambda c: c.direct_h)):
+        values = ", ".join("true" if has(c) else "false" for c in spec.CELLS.values())
+        assert f"constexpr bool k{table}[kNumCells] = {{{values}}};" in header
+    projected = " || ".join(f"::fastrnn::spec::is_on((o).{o.args[0].name})"
+                            for o in spec.OPTIONS if o.on_projection)
+    assert f"#define FASTRNN_ON_PROJECTION(o) ({projected})" in header
 
 
 def test_generated_header_lists_every_option_argument():

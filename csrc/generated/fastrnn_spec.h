@@ -10,7 +10,14 @@ constexpr int kNumCells = 4;
 constexpr const char* kCellNames[kNumCells] = {"lstm", "gru", "rnn_tanh", "rnn_relu"};
 constexpr const char* kCellList = "lstm, gru, rnn_tanh, rnn_relu";
 constexpr int64_t kNumGates[kNumCells] = {4, 3, 1, 1};
+// per cell: takes options, carries c, can project (w_hr), has a recurrent gradient of
+// its own (not grad_xproj's), passes h_prev to h besides through w_hh
 constexpr bool kCellTakesOptions[kNumCells] = {true, true, false, false};
+constexpr bool kHasCellState[kNumCells] = {true, false, false, false};
+constexpr bool kHasProjection[kNumCells] = {true, false, false, false};
+constexpr bool kRecurrentGrad[kNumCells] = {false, true, false, false};
+constexpr bool kDirectH[kNumCells] = {false, true, false, false};
+constexpr const char* kProjectingCells = "lstm";
 // Workspace column groups, in order: a cell's own (cell >= 0), then each option's
 // (option >= 0) when on; h*H + gh*G*H + p*P + one wide; `projected`: with w_hr only.
 struct ColumnGroup { const char* name; int cell, option; int64_t h, gh, p, one; bool projected; };
@@ -61,6 +68,8 @@ constexpr const char* kOptionsOfCells = "lstm options: ln_weight, ln_bias, ln_c_
 #define FASTRNN_ARGS_TOGETHER(X, o) X("ln_weight and ln_bias", ::fastrnn::spec::is_on((o).ln_weight) == ::fastrnn::spec::is_on((o).ln_bias)) X("ln_c_weight and ln_c_bias", ::fastrnn::spec::is_on((o).ln_c_weight) == ::fastrnn::spec::is_on((o).ln_c_bias))
 // X(argument) of the options that need a projection (w_hr)
 #define FASTRNN_NEEDS_PROJECTION(X) X(proj_clip)
+// whether an option that acts on the projected h is on in Options o
+#define FASTRNN_ON_PROJECTION(o) (::fastrnn::spec::is_on((o).zoneout_h) || ::fastrnn::spec::is_on((o).proj_clip))
 // backward's results: six gradients, then one per learnable option argument
 #define FASTRNN_BACKWARD_RETURNS "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 #define FASTRNN_BACKWARD_TUPLE std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>

@@ -39,6 +39,39 @@ def num_gates(cell_id):
     return _GATES_OF_ID.value[cell_id]
 
 
+# The options as the step kernels see them, all from the spec: OPTIONS, a constexpr bit mask
+# of the options that are on (``option_bits``; ``on`` tests one); ``opt``, a tuple of every
+# tensor option argument (``arg`` names its place; a dummy where absent); ``grads``, a tuple of
+# the per-row gradients [rows, size] of the learnable ones (``learned``), whose column sums
+# are their gradients. An option's kernel code is then its gate math here, nothing else.
+_OPTION_BIT = tl.constexpr({option.name: k for k, option in enumerate(spec.OPTIONS)})
+_ARG_INDEX = tl.constexpr({name: k for k, name in enumerate(spec.TENSOR_FIELDS)})
+_LEARNED_INDEX = tl.constexpr({name: k for k, name in enumerate(spec.LEARNABLE)})
+
+
+def option_bits(option_names) -> int:
+    """The OPTIONS constexpr of the options named."""
+    return sum(1 << k for name, k in _OPTION_BIT.value.items() if name in option_names)
+
+
+@triton.constexpr_function
+def on(OPTIONS, name):
+    """Whether option ``name`` is on in the OPTIONS bit mask, a compile-time constant."""
+    return (OPTIONS >> _OPTION_BIT.value[name]) & 1 == 1
+
+
+@triton.constexpr_function
+def arg(name):
+    """The place of tensor option argument ``name`` in a kernel's ``opt`` tuple."""
+    return _ARG_INDEX.value[name]
+
+
+@triton.constexpr_function
+def learned(name):
+    """The place of learnable option argument ``name``'s per-row gradients in ``grads``."""
+    return _LEARNED_INDEX.value[name]
+
+
 @triton.jit
 def sigmoid(x):
     # exp(-|x|) <= 1: no overflow; both branches are accurate in relative terms.
@@ -112,34 +145,52 @@ def lstm_backward(i, f, g, c_prev, dc, clip, CLIP: tl.constexpr):
 
 
 @triton.jit
-def lstm_forward_options(ai, af, ag, ao, c_prev, p_i, p_f, p_o, cell_clip,
-                         PEEPHOLE: tl.constexpr, CELL_CLIP: tl.constexpr):
-    """lstm_forward with the options inside the cell -> i, f, g, o, c. PEEPHOLE: i and f also
-    see c_prev (weights p_i, p_f), o sees the new c (p_o) after CELL_CLIP clamps it."""
-    if PEEPHOLE:
+def _peephole_tiles(opt, cols, H, like, OPTIONS: tl.constexpr):
+    """The peephole weight tiles p_i, p_f, p_o; without peepholes, ``like`` stands for them."""
+    p_i, p_f, p_o = like, like, like
+    if on(OPTIONS, "peephole"):
+        p = opt[arg("peephole")]
+        p_i = load_tile(p, cols, H)
+        p_f = load_tile(p + H, cols, H)
+        p_o = load_tile(p + 2 * H, cols, H)
+    return p_i, p_f, p_o
+
+
+@triton.jit
+def lstm_forward_options(ai, af, ag, ao, c_prev, opt, cols, H, cell_clip,
+                         OPTIONS: tl.constexpr):
+    """lstm_forward with the options inside the cell -> i, f, g, o, c. Peepholes (Gers and
+    Schmidhuber 2000): i and f also see c_prev (weights p_i, p_f), o sees the new c (p_o)
+    after the cell clip clamps it."""
+    p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
+    if on(OPTIONS, "peephole"):
         ai += p_i * c_prev
         af += p_f * c_prev
     i, f, g, o, c = lstm_forward(ai, af, ag, ao, c_prev)
-    if CELL_CLIP:
+    if on(OPTIONS, "cell_clip"):
         c = clamp(c, cell_clip)
-    if PEEPHOLE:
+    if on(OPTIONS, "peephole"):
         o = sigmoid(ao + p_o * c)
     return i, f, g, o, c
 
 
 @triton.jit
-def lstm_backward_options(i, f, g, c_prev, c_raw, dc, dao, p_i, p_f, p_o, cell_clip, clip,
-                          PEEPHOLE: tl.constexpr, CELL_CLIP: tl.constexpr, CLIP: tl.constexpr):
+def lstm_backward_options(i, f, g, c_prev, c_raw, c, dc, dao, opt, grads, rows, cols, mask, H,
+                          cell_clip, clip, OPTIONS: tl.constexpr):
     """lstm_backward through lstm_forward_options: ``dc`` is dL/dc of the new c from every
-    path but o's peephole, ``dao`` o's pre-activation gradient, ``c_raw`` c before the clip.
-    -> as lstm_backward, dL/dc_prev with the peephole paths of i and f."""
-    if PEEPHOLE:
+    path but o's peephole, ``dao`` o's pre-activation gradient, ``c_raw`` / ``c`` the new c
+    before / after the clip. -> as lstm_backward, dL/dc_prev with the peephole paths of i and
+    f; the peepholes' per-row gradients d_i c_prev | d_f c_prev | d_o c go to ``grads``."""
+    p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
+    if on(OPTIONS, "peephole"):
         dc += dao * p_o
-    if CELL_CLIP:
+    if on(OPTIONS, "cell_clip"):
         dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
-    dai, daf, dag, dc_prev = lstm_backward(i, f, g, c_prev, dc, clip, CLIP)
-    if PEEPHOLE:
+    dai, daf, dag, dc_prev = lstm_backward(i, f, g, c_prev, dc, clip, on(OPTIONS, "grad_clip"))
+    if on(OPTIONS, "peephole"):
         dc_prev += dai * p_i + daf * p_f
+        store_tiles(grads[learned("peephole")] + rows * (3 * H) + cols, H, dai * c_prev,
+                    daf * c_prev, dao * c, dao, mask, 3)
     return dai, daf, dag, dc_prev
 
 
@@ -191,6 +242,26 @@ def rnn_backward(h, dh, RELU: tl.constexpr):
 
 
 # ---------------------------------------------------------------- workspace (op contract)
+
+@triton.jit
+def load_tile(ptr, cols, H):
+    """A [1, BLOCK_H] tile of a per-unit vector (a gate's columns of a [G*H] one), float32."""
+    return tl.load(ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def load_tiles(ptr, H, mask, TILES: tl.constexpr):
+    """The first TILES per-gate tiles at ptr + 0, H, 2H, 3H in float32 (the first stands in
+    for the others)."""
+    t0 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    t1, t2, t3 = t0, t0, t0
+    if TILES > 1:
+        t1 = tl.load(ptr + H, mask=mask, other=0.0).to(tl.float32)
+        t2 = tl.load(ptr + 2 * H, mask=mask, other=0.0).to(tl.float32)
+    if TILES > 3:
+        t3 = tl.load(ptr + 3 * H, mask=mask, other=0.0).to(tl.float32)
+    return t0, t1, t2, t3
+
 
 @triton.jit
 def store_tiles(ptr, H, t0, t1, t2, t3, mask, TILES: tl.constexpr):

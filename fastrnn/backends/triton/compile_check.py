@@ -20,8 +20,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import persistent, step
-from ...spec import ARGS, CELLS
-from ._gates import CELL_IDS
+from ...spec import ARGS, CELLS, LEARNABLE, TENSOR_FIELDS
+from ._gates import CELL_IDS, option_bits
 
 _INTS = {"n", "H", "P", "T", "B", "WS_STRIDE", "LN_OFF", "LNC_OFF", "P_OFF"}
 _FLOATS = {arg.name for arg in ARGS if arg.type == "float"}   # the options' float arguments
@@ -34,6 +34,10 @@ def _signature(fn, dtype, constexprs):
     def kind(name):
         if name in constexprs:
             return "constexpr"
+        if name == "opt":   # the option tensors, input dtype; their per-row gradients float32
+            return tuple("*" + dtype for _ in TENSOR_FIELDS)
+        if name == "grads":
+            return tuple("*fp32" for _ in LEARNABLE)
         if name in _INTS:
             return "i32"
         if name in _FLOATS:
@@ -79,18 +83,18 @@ def variants(everything):
                 yield (f"step forward {cell}{' proj' if proj else ''} {dtype}",
                        step._step_forward_kernel, dtype,
                        dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, BLOCK_B=block_b,
-                            BLOCK_H=block_h, **step.flags(step._step_forward_kernel, ())),
+                            BLOCK_H=block_h, OPTIONS=0),
                        step_warps)
             yield (f"step backward {cell} {dtype}", step._step_backward_kernel, dtype,
                    dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, BLOCK_B=block_b,
-                        BLOCK_H=block_h, **step.flags(step._step_backward_kernel, ())),
+                        BLOCK_H=block_h, OPTIONS=0),
                    step_warps)
             if CELLS[cell].options:
                 yield from _option_variants(cell, cid, dtype, everything)
             # largest tiles that fit (everything), else small ones: compile time grows fast
-            hidden = (128 if cell.startswith("rnn") else 64) if everything else 32
+            hidden = (128 if CELLS[cell].num_gates == 1 else 64) if everything else 32
             shapes = [(hidden, hidden, False)]
-            if cell == "lstm":
+            if CELLS[cell].has_projection:
                 shapes = shapes + [(32, 16, True)] if everything else [(32, 16, True)]
             for h_tile, p_tile, proj in shapes:
                 shape = f"H={h_tile}{f' P={p_tile}' if proj else ''}"
@@ -119,20 +123,19 @@ def _option_variants(cell, cid, dtype, everything):
             yield (f"step forward {cell}{' proj' if proj else ''} all options H={hidden} "
                    f"{dtype}", step._step_forward_kernel, dtype,
                    dict(CELL=cid, HAS_BIAS=True, HAS_PROJ=proj, **tile,
-                        **step.flags(step._step_forward_kernel, takes,
-                                     RECURRENT_MASK=not proj, ZONEOUT_H=not proj)), warps)
+                        OPTIONS=step.step_bits(takes, proj)), warps)
         yield (f"step backward {cell} all options H={hidden} {dtype}",
                step._step_backward_kernel, dtype,
                dict(CELL=cid, ADD_DOUT=True, STORE_DHH=True, **tile,
-                    **step.flags(step._step_backward_kernel, takes)),
+                    OPTIONS=step.step_bits(takes, False)),
                warps)
     if CELLS[cell].has_projection:
         block_b, block_h, warps = step._blocks(64, 512)
         tile = dict(BLOCK_B=block_b, BLOCK_H=block_h)
         yield (f"step projection epilogue {dtype}", step._proj_epilogue_kernel, dtype,
-               dict(**step.flags(step._proj_epilogue_kernel, takes), **tile), warps)
+               dict(OPTIONS=option_bits(takes), **tile), warps)
         yield (f"step projection prologue {dtype}", step._proj_prologue_kernel, dtype,
-               dict(**step.flags(step._proj_prologue_kernel, takes), **tile), warps)
+               dict(OPTIONS=option_bits(takes), **tile), warps)
 
 
 def main(argv=None):

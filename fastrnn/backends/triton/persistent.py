@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ._gates import (C_COL, GRU, H_PRE_COL, LSTM, RNN_RELU, gru_backward, gru_forward,
-                     lstm_backward, lstm_backward_output, lstm_forward, matmul, num_gates,
-                     rnn_backward, rnn_forward, store_tiles, tanh)
+                     load_tiles, lstm_backward, lstm_backward_output, lstm_forward, matmul,
+                     num_gates, rnn_backward, rnn_forward, store_tiles, tanh)
 from .autotune import autotune
 
 
@@ -86,26 +86,13 @@ def _persistent_forward_kernel(
     # w_hh gate blocks in float32, transposed to [P, H] so that gate_g = h @ wt_g; zero padded.
     k = tl.arange(0, BLOCK_P)[:, None]
     wmask = (k < P) & (ch < H)
-    wt0 = tl.load(w_ptr + ch * P + k, mask=wmask, other=0.0).to(tl.float32)
-    wt1 = wt0
-    wt2 = wt0
-    wt3 = wt0
-    if G > 1:
-        wt1 = tl.load(w_ptr + (H + ch) * P + k, mask=wmask, other=0.0).to(tl.float32)
-        wt2 = tl.load(w_ptr + (2 * H + ch) * P + k, mask=wmask, other=0.0).to(tl.float32)
-    if G > 3:
-        wt3 = tl.load(w_ptr + (3 * H + ch) * P + k, mask=wmask, other=0.0).to(tl.float32)
+    wt0, wt1, wt2, wt3 = load_tiles(w_ptr + ch * P + k, H * P, wmask, G)
     b0 = tl.zeros([1, BLOCK_H], dtype=tl.float32)
     b1 = b0
     b2 = b0
     b3 = b0
     if HAS_BIAS:
-        b0 = tl.load(b_ptr + ch, mask=ch < H, other=0.0).to(tl.float32)
-        if G > 1:
-            b1 = tl.load(b_ptr + H + ch, mask=ch < H, other=0.0).to(tl.float32)
-            b2 = tl.load(b_ptr + 2 * H + ch, mask=ch < H, other=0.0).to(tl.float32)
-        if G > 3:
-            b3 = tl.load(b_ptr + 3 * H + ch, mask=ch < H, other=0.0).to(tl.float32)
+        b0, b1, b2, b3 = load_tiles(b_ptr + ch, H, ch < H, G)
     # w_hr transposed to [H, P]: projected h = h_raw @ wrt
     wrt = wt0
     if HAS_PROJ:
@@ -195,15 +182,7 @@ def _persistent_backward_kernel(
     # w_hh gate blocks as [H, P] (d h_prev = d_hh_g @ w_g), zero padded
     j = tl.arange(0, BLOCK_H)[:, None]
     wmask = (j < H) & (cp < P)
-    w0 = tl.load(w_ptr + j * P + cp, mask=wmask, other=0.0).to(tl.float32)
-    w1 = w0
-    w2 = w0
-    w3 = w0
-    if G > 1:
-        w1 = tl.load(w_ptr + (H + j) * P + cp, mask=wmask, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + (2 * H + j) * P + cp, mask=wmask, other=0.0).to(tl.float32)
-    if G > 3:
-        w3 = tl.load(w_ptr + (3 * H + j) * P + cp, mask=wmask, other=0.0).to(tl.float32)
+    w0, w1, w2, w3 = load_tiles(w_ptr + j * P + cp, H * P, wmask, G)
     # w_hr as [P, H] (d h_raw = d_out @ w_hr)
     kp = tl.arange(0, BLOCK_P)[:, None]
     wrmask = (kp < P) & (ch < H)
@@ -256,10 +235,7 @@ def _persistent_backward_kernel(
                               mask=from_prev & (ch < H), other=0.0)
                       + tl.load(c0_ptr + rows * H + ch, mask=from_init & (ch < H), other=0.0)
                       .to(tl.float32))
-            i = tl.load(ws, mask=m, other=0.0)
-            f = tl.load(ws + H, mask=m, other=0.0)
-            g = tl.load(ws + 2 * H, mask=m, other=0.0)
-            o = tl.load(ws + 3 * H, mask=m, other=0.0)
+            i, f, g, o = load_tiles(ws, H, m, 4)
             c = tl.load(ws + C_COL * H, mask=m, other=0.0)
             da3, dy = lstm_backward_output(o, c, d_cell, 0.0, False)
             da0, da1, da2, dc_prev = lstm_backward(i, f, g, c_prev, dc + dy, 0.0, False)
@@ -271,10 +247,7 @@ def _persistent_backward_kernel(
             tl.store(gx + 3 * H, da3.to(gty), mask=m)
             direct = tl.zeros([BLOCK_B, BLOCK_P], dtype=tl.float32)
         elif CELL == GRU:
-            r = tl.load(ws, mask=m, other=0.0)
-            z = tl.load(ws + H, mask=m, other=0.0)
-            nn = tl.load(ws + 2 * H, mask=m, other=0.0)
-            hn = tl.load(ws + 3 * H, mask=m, other=0.0)
+            r, z, nn, hn = load_tiles(ws, H, m, 4)
             da0, da1, da2, dr2, direct = gru_backward(r, z, nn, hn, h_prev, d_cell, 0.0, False)
             dr0 = da0
             dr1 = da1
@@ -333,7 +306,7 @@ def _persistent_backward_kernel(
 def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, bs, offs, reverse, output, ws, h_n, c_n):
     """Fill output, ws, h_n, c_n. ``bs``/``offs``: int32 [T] live rows and first row per step."""
     B, P = h0.shape
-    H = w_hh.shape[0] // (4 if cell_id == LSTM else 3 if cell_id == GRU else 1)
+    H = w_hh.shape[0] // num_gates(cell_id)
     grid = (triton.cdiv(B, BLOCK_B),)
     _persistent_forward_kernel[grid](
         xproj, h0, c0 if c0 is not None else h0, w_hh, b_hh if b_hh is not None else w_hh,

@@ -15,8 +15,9 @@ contract for both directions (docs/op-contract.md). States, GEMMs and gate gradi
 for every input dtype (half weights are upcast once per call): rounding happens only where
 tensors enter and leave, as in the reference and in oneDNN's half RNNs.
 
-The options (docs/op-contract.md, fastrnn.spec) switch on constexpr branches of the same kernels, so a call
-without options compiles none of their code:
+The options (docs/op-contract.md, fastrnn.spec) switch on constexpr branches of the same
+kernels (the OPTIONS bit mask, _gates.on), so a call without options compiles none of their
+code:
 
 - layer norm of the recurrent pre-activation (over G*H columns) and of the cell state (over
   H): each program then holds whole rows (BLOCK_H >= H, one tile per gate), computes the row
@@ -25,9 +26,9 @@ without options compiles none of their code:
 - recurrent_mask: the kernel that finishes a step also writes h_t * mask, the next GEMM's
   input (``hrec``); backward multiplies the recurrent GEMM's result by the mask;
 - zoneout, cell_clip, grad_clip: blends and clamps inside the pointwise kernels;
-- peephole: its weights enter the lstm gate math (i, f see c_prev, o the new c); backward
-  writes per-row products whose column sums, after the loop, are the weights' gradient (as
-  for the layer-norm parameters);
+- options inside a cell's gate math: _gates.py's gate functions read their tensors from the
+  kernels' ``opt`` tuple and write the per-row gradients of learnable ones to ``grads``,
+  whose column sums after the loop are their gradients (the layer norms' too);
 - with a projection, proj_clip and zoneout_h act on the projected h: a small epilogue kernel
   after the projection GEMM (forward) and prologue kernel before it (backward) do them.
 
@@ -38,12 +39,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ...spec import flags as spec_flags, option_names, whole_rows as spec_whole_rows
+from ...spec import ARGS, CELLS, LEARNABLE, OPTIONS, dimension, option_names, whole_rows
 
-from ._gates import (C_COL, GRU, H_PRE_COL, LSTM, RNN_RELU, clamp, gru_backward, gru_forward,
-                     layer_norm_rows, layer_norm_rows_backward, lstm_backward_options,
-                     lstm_backward_output, lstm_forward_options, num_gates, rnn_backward,
-                     rnn_forward, store_tiles, tanh, zoneout)
+from ._gates import (C_COL, GRU, H_PRE_COL, LSTM, RNN_RELU, arg, clamp, gru_backward,
+                     gru_forward, layer_norm_rows, layer_norm_rows_backward, learned, load_tile,
+                     load_tiles, lstm_backward_options, lstm_backward_output,
+                     lstm_forward_options, num_gates, on, option_bits, rnn_backward, rnn_forward,
+                     store_tiles, tanh, zoneout)
 
 
 # ---------------------------------------------------------------- heuristics
@@ -68,8 +70,7 @@ def _blocks(rows: int, hidden: int, whole_rows: bool = False):
 # The kernels' pointer arguments that are float32 whatever the input dtype (states,
 # workspace, gradients kept in float32), for compile_check's signatures.
 FLOAT32_POINTERS = {"hh_ptr", "h_ptr", "c_ptr", "ws_ptr", "dh_ptr", "cprev_ptr", "dc_ptr",
-                    "dhh_ptr", "ddir_ptr", "hrec_ptr", "da_ptr", "dy_ptr", "p_ptr", "dp_ptr",
-                    "dpp_ptr"}
+                    "dhh_ptr", "ddir_ptr", "hrec_ptr", "da_ptr", "p_ptr", "dp_ptr"}
 
 
 @triton.jit
@@ -81,21 +82,11 @@ def _step_forward_kernel(
     c_ptr,     # [n, H] float32 cell state: in c_prev, out c_t (lstm)
     ws_ptr,    # [n, WS_STRIDE] workspace rows of this step (float32 for half inputs)
     out_ptr,   # [n, H] output rows of this step (no projection)
-    lnw_ptr,   # [G*H] ln_weight (LAYER_NORM)
-    lnb_ptr,   # [G*H] ln_bias (LAYER_NORM)
-    lncw_ptr,  # [H] ln_c_weight (LAYER_NORM_CELL)
-    lncb_ptr,  # [H] ln_c_bias (LAYER_NORM_CELL)
-    rmask_ptr,  # [n, H] recurrent_mask rows (RECURRENT_MASK, no projection)
     hrec_ptr,  # [n, H] float32 out: h_t * recurrent_mask, the next GEMM's input
-               # (RECURRENT_MASK)
-    zh_ptr,    # [n, H] zoneout_h rows of this step (ZONEOUT_H, no projection)
-    zc_ptr,    # [n, H] zoneout_c rows of this step (ZONEOUT_C)
-    pp_ptr,    # [3H] peephole weights p_i | p_f | p_o (PEEPHOLE)
+    opt,       # the tensor option arguments (_gates.arg), this step's rows of per-row ones
     n, H, WS_STRIDE, LN_OFF, LNC_OFF, cell_clip,
     CELL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PROJ: tl.constexpr,
-    LAYER_NORM: tl.constexpr, LAYER_NORM_CELL: tl.constexpr, RECURRENT_MASK: tl.constexpr,
-    ZONEOUT_H: tl.constexpr, ZONEOUT_C: tl.constexpr, CELL_CLIP: tl.constexpr,
-    PEEPHOLE: tl.constexpr,
+    OPTIONS: tl.constexpr,  # the options that are on (_gates.on)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
@@ -108,45 +99,36 @@ def _step_forward_kernel(
     state = rows * H + cols
 
     # gate g: input part x_g and recurrent part r_g (layer norm and bias included), float32
-    x0 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
-    r0 = tl.load(hh, mask=mask, other=0.0).to(tl.float32)
-    x1, x2, x3, r1, r2, r3 = x0, x0, x0, r0, r0, r0  # placeholders for gates a cell lacks
-    if G > 1:
-        x1 = tl.load(xp + H, mask=mask, other=0.0).to(tl.float32)
-        x2 = tl.load(xp + 2 * H, mask=mask, other=0.0).to(tl.float32)
-        r1 = tl.load(hh + H, mask=mask, other=0.0).to(tl.float32)
-        r2 = tl.load(hh + 2 * H, mask=mask, other=0.0).to(tl.float32)
-    if G > 3:
-        x3 = tl.load(xp + 3 * H, mask=mask, other=0.0).to(tl.float32)
-        r3 = tl.load(hh + 3 * H, mask=mask, other=0.0).to(tl.float32)
-    if LAYER_NORM:  # the program holds whole rows: BLOCK_H >= H
+    x0, x1, x2, x3 = load_tiles(xp, H, mask, G)
+    r0, r1, r2, r3 = load_tiles(hh, H, mask, G)
+    if on(OPTIONS, "layer_norm"):  # the program holds whole rows: BLOCK_H >= H
         r0, r1, r2, r3, rstd = layer_norm_rows(r0, r1, r2, r3, mask, G * H, G)
         store_tiles(ws + LN_OFF, H, r0, r1, r2, r3, mask, G)
         tl.store(ws_ptr + rows * WS_STRIDE + LN_OFF + G * H, rstd, mask=rows < n)
-        r0, r1, r2, r3 = _affine_tiles(r0, r1, r2, r3, lnw_ptr, lnb_ptr, cols, H, G)
+        r0, r1, r2, r3 = _affine_tiles(r0, r1, r2, r3, opt[arg("ln_weight")],
+                                       opt[arg("ln_bias")], cols, H, G)
     if HAS_BIAS:
-        r0 += tl.load(b_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-        if G > 1:
-            r1 += tl.load(b_ptr + H + cols, mask=cols < H, other=0.0).to(tl.float32)
-            r2 += tl.load(b_ptr + 2 * H + cols, mask=cols < H, other=0.0).to(tl.float32)
-        if G > 3:
-            r3 += tl.load(b_ptr + 3 * H + cols, mask=cols < H, other=0.0).to(tl.float32)
+        b0, b1, b2, b3 = load_tiles(b_ptr + cols, H, cols < H, G)
+        r0 += b0
+        r1 += b1
+        r2 += b2
+        r3 += b3
 
     if CELL == LSTM:
         c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
-        p_i, p_f, p_o = _peephole_tiles(pp_ptr, cols, H, c_prev, PEEPHOLE)
-        i, f, g, o, c = lstm_forward_options(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev, p_i,
-                                             p_f, p_o, cell_clip, PEEPHOLE, CELL_CLIP)
+        i, f, g, o, c = lstm_forward_options(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev, opt,
+                                             cols, H, cell_clip, OPTIONS)
         y = c
-        if LAYER_NORM_CELL:
+        if on(OPTIONS, "layer_norm_cell"):
             c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
             tl.store(ws + LNC_OFF, c_hat, mask=mask)
             tl.store(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, rstd_c, mask=rows < n)
-            y = (c_hat * tl.load(lncw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-                 + tl.load(lncb_ptr + cols, mask=cols < H, other=0.0).to(tl.float32))
+            y = (c_hat * load_tile(opt[arg("ln_c_weight")], cols, H)
+                 + load_tile(opt[arg("ln_c_bias")], cols, H))
         h = o * tanh(y)
-        if ZONEOUT_C:
-            c = zoneout(tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32), c, c_prev)
+        if on(OPTIONS, "zoneout_c"):
+            z_c = tl.load(opt[arg("zoneout_c")] + state, mask=mask, other=0.0).to(tl.float32)
+            c = zoneout(z_c, c, c_prev)
         store_tiles(ws, H, i, f, g, o, mask, 4)
         tl.store(ws + C_COL * H, c, mask=mask)
         tl.store(c_ptr + state, c, mask=mask)
@@ -160,14 +142,14 @@ def _step_forward_kernel(
         h = rnn_forward(x0 + r0, CELL == RNN_RELU)
 
     if not HAS_PROJ:
-        if ZONEOUT_H:
-            z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
+        if on(OPTIONS, "zoneout_h"):
+            z_h = tl.load(opt[arg("zoneout_h")] + state, mask=mask, other=0.0).to(tl.float32)
             h = zoneout(z_h, h, tl.load(h_ptr + state, mask=mask, other=0.0))
         tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(h_ptr + state, h.to(h_ptr.dtype.element_ty), mask=mask)
-        if RECURRENT_MASK:
-            keep = tl.load(rmask_ptr + state, mask=mask, other=0.0).to(tl.float32)
-            tl.store(hrec_ptr + state, h * keep, mask=mask)
+        if on(OPTIONS, "recurrent_mask"):
+            keep = tl.load(opt[arg("recurrent_mask")] + state, mask=mask, other=0.0)
+            tl.store(hrec_ptr + state, h * keep.to(tl.float32), mask=mask)
 
 
 @triton.jit
@@ -181,22 +163,13 @@ def _step_backward_kernel(
     dc_ptr,     # [n, H] float32 cell grad: in from later steps, out w.r.t. c_prev (lstm)
     gx_ptr,     # [n, G*H] out: grad_xproj rows (input dtype)
     dhh_ptr,    # [n, G*H] out (if STORE_DHH): grad w.r.t. the recurrent pre-activation, f32
-    ddir_ptr,   # [n, H] float32 out (gru, ZONEOUT_H): direct part of grad h_prev (may alias dh)
-    lnw_ptr,    # [G*H] ln_weight (LAYER_NORM)
-    lncw_ptr,   # [H] ln_c_weight (LAYER_NORM_CELL)
-    lncb_ptr,   # [H] ln_c_bias (LAYER_NORM_CELL)
-    zh_ptr,     # [n, H] zoneout_h rows (ZONEOUT_H: no projection)
-    zc_ptr,     # [n, H] zoneout_c rows (ZONEOUT_C)
-    da_ptr,     # [n, G*H] float32 out (LAYER_NORM): LNback of d_hh, the operand of both GEMMs
-    dy_ptr,     # [n, H] float32 out (LAYER_NORM_CELL): grad w.r.t. y = LN(c), for ln_c's gradients
-    pp_ptr,     # [3H] peephole weights p_i | p_f | p_o (PEEPHOLE)
-    dpp_ptr,    # [n, 3H] float32 out (PEEPHOLE): d_i c_prev | d_f c_prev | d_o c, whose
-                # column sums are the peephole weights' gradient
+    ddir_ptr,   # [n, H] float32 out (gru, zoneout_h): direct part of grad h_prev (may alias dh)
+    da_ptr,     # [n, G*H] float32 out (layer_norm): LNback of d_hh, the operand of both GEMMs
+    opt,        # the tensor option arguments, as in forward (zoneout_h: no projection)
+    grads,      # float32 out: the learnable option arguments' per-row gradients (_gates.learned)
     n, H, WS_STRIDE, LN_OFF, LNC_OFF, cell_clip, grad_clip,
     CELL: tl.constexpr, ADD_DOUT: tl.constexpr, STORE_DHH: tl.constexpr,
-    LAYER_NORM: tl.constexpr, LAYER_NORM_CELL: tl.constexpr, ZONEOUT_H: tl.constexpr,
-    ZONEOUT_C: tl.constexpr,
-    CELL_CLIP: tl.constexpr, GRAD_CLIP: tl.constexpr, PEEPHOLE: tl.constexpr,
+    OPTIONS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
@@ -212,79 +185,70 @@ def _step_backward_kernel(
     if ADD_DOUT:
         dh += tl.load(dout_ptr + state, mask=mask, other=0.0).to(tl.float32)
     direct = dh  # zoneout: the part of dh that goes straight to h_prev
-    if ZONEOUT_H:
-        z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    if on(OPTIONS, "zoneout_h"):
+        z_h = tl.load(opt[arg("zoneout_h")] + state, mask=mask, other=0.0).to(tl.float32)
         direct = z_h * dh
         dh = (1.0 - z_h) * dh
 
     if CELL == LSTM:
-        i = tl.load(ws, mask=mask, other=0.0)
-        f = tl.load(ws + H, mask=mask, other=0.0)
-        g = tl.load(ws + 2 * H, mask=mask, other=0.0)
-        o = tl.load(ws + 3 * H, mask=mask, other=0.0)
+        i, f, g, o = load_tiles(ws, H, mask, 4)
         c_prev = tl.load(cprev_ptr + state, mask=mask, other=0.0)
         dc = tl.load(dc_ptr + state, mask=mask, other=0.0)
-        if ZONEOUT_C:
-            z_c = tl.load(zc_ptr + state, mask=mask, other=0.0).to(tl.float32)
+        if on(OPTIONS, "zoneout_c"):
+            z_c = tl.load(opt[arg("zoneout_c")] + state, mask=mask, other=0.0).to(tl.float32)
             dc_direct = z_c * dc
             dc = (1.0 - z_c) * dc
-        if LAYER_NORM_CELL or CELL_CLIP or ZONEOUT_C:
+        if on(OPTIONS, "layer_norm_cell") or on(OPTIONS, "cell_clip") or on(OPTIONS, "zoneout_c"):
             c_raw = f * c_prev + i * g  # the workspace holds c_t, after clip and zoneout
         else:
             c_raw = tl.load(ws + C_COL * H, mask=mask, other=0.0)
         c = c_raw
-        if CELL_CLIP:
+        if on(OPTIONS, "cell_clip"):
             c = clamp(c_raw, cell_clip)
         y = c
-        if LAYER_NORM_CELL:
+        if on(OPTIONS, "layer_norm_cell"):
             c_hat = tl.load(ws + LNC_OFF, mask=mask, other=0.0)
             rstd_c = tl.load(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, mask=rows < n, other=0.0)
-            w_c = tl.load(lncw_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-            y = c_hat * w_c + tl.load(lncb_ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-        dao, dy = lstm_backward_output(o, y, dh, grad_clip, GRAD_CLIP)
-        if LAYER_NORM_CELL:
-            tl.store(dy_ptr + state, dy, mask=mask)
+            w_c = load_tile(opt[arg("ln_c_weight")], cols, H)
+            y = c_hat * w_c + load_tile(opt[arg("ln_c_bias")], cols, H)
+        dao, dy = lstm_backward_output(o, y, dh, grad_clip, on(OPTIONS, "grad_clip"))
+        if on(OPTIONS, "layer_norm_cell"):
+            tl.store(grads[learned("ln_c_weight")] + state, dy * c_hat, mask=mask)
+            tl.store(grads[learned("ln_c_bias")] + state, dy, mask=mask)
             dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat, c_hat,
                                                    c_hat, rstd_c, mask, H, 1)
-        p_i, p_f, p_o = _peephole_tiles(pp_ptr, cols, H, c_prev, PEEPHOLE)
         dai, daf, dag, dc_prev = lstm_backward_options(
-            i, f, g, c_prev, c_raw, dc + dy, dao, p_i, p_f, p_o, cell_clip, grad_clip,
-            PEEPHOLE, CELL_CLIP, GRAD_CLIP)
-        if ZONEOUT_C:
+            i, f, g, c_prev, c_raw, c, dc + dy, dao, opt, grads, rows, cols, mask, H, cell_clip,
+            grad_clip, OPTIONS)
+        if on(OPTIONS, "zoneout_c"):
             dc_prev += dc_direct
-        if PEEPHOLE:
-            store_tiles(dpp_ptr + rows * (3 * H) + cols, H, dai * c_prev, daf * c_prev, dao * c,
-                        dao, mask, 3)
         tl.store(gx, dai.to(ty), mask=mask)
         tl.store(gx + H, daf.to(ty), mask=mask)
         tl.store(gx + 2 * H, dag.to(ty), mask=mask)
         tl.store(gx + 3 * H, dao.to(ty), mask=mask)
         tl.store(dc_ptr + state, dc_prev, mask=mask)
-        if ZONEOUT_H:
+        if on(OPTIONS, "zoneout_h"):
             tl.store(ddir_ptr + state, direct, mask=mask)
         if STORE_DHH:
             store_tiles(dhh_ptr + rows * (G * H) + cols, H, dai, daf, dag, dao, mask, G)
-        if LAYER_NORM:
-            _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dai, daf, dag, dao,
-                                 n, H, WS_STRIDE, LN_OFF, G)
+        if on(OPTIONS, "layer_norm"):
+            _layer_norm_backward(da_ptr, ws_ptr, opt, grads, rows, cols, mask, dai, daf, dag,
+                                 dao, n, H, WS_STRIDE, LN_OFF, G)
     elif CELL == GRU:
-        r = tl.load(ws, mask=mask, other=0.0)
-        z = tl.load(ws + H, mask=mask, other=0.0)
-        nn = tl.load(ws + 2 * H, mask=mask, other=0.0)
-        hn = tl.load(ws + 3 * H, mask=mask, other=0.0)
+        r, z, nn, hn = load_tiles(ws, H, mask, 4)
         h_prev = tl.load(hprev_ptr + state, mask=mask, other=0.0).to(tl.float32)
         dar, daz, dan, dhn, gru_direct = gru_backward(r, z, nn, hn, h_prev, dh, grad_clip,
-                                                      GRAD_CLIP)
-        if ZONEOUT_H:
+                                                      on(OPTIONS, "grad_clip"))
+        if on(OPTIONS, "zoneout_h"):
             gru_direct += direct
         tl.store(gx, dar.to(ty), mask=mask)
         tl.store(gx + H, daz.to(ty), mask=mask)
         tl.store(gx + 2 * H, dan.to(ty), mask=mask)
         store_tiles(dhh_ptr + rows * (G * H) + cols, H, dar, daz, dhn, dhn, mask, G)
         tl.store(ddir_ptr + state, gru_direct, mask=mask)
-        if LAYER_NORM:
-            _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, dar, daz, dhn, dhn,
-                                 n, H, WS_STRIDE, LN_OFF, G)
+        if on(OPTIONS, "layer_norm"):
+            _layer_norm_backward(da_ptr, ws_ptr, opt, grads, rows, cols, mask, dar, daz, dhn,
+                                 dhn, n, H, WS_STRIDE, LN_OFF, G)
     else:
         h = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
         da = rnn_backward(h, dh, CELL == RNN_RELU)
@@ -298,12 +262,11 @@ def _proj_epilogue_kernel(
     p_ptr,      # [n, P] float32 h_pre @ w_hr.T
     h_ptr,      # [n, P] float32 hidden state: in h_prev, out h_t
     out_ptr,    # [n, P] output rows of this step
-    ws_ptr,     # [n, WS_STRIDE] workspace rows (PROJ_CLIP: p goes to column P_OFF)
-    zh_ptr,     # [n, P] zoneout_h rows (ZONEOUT_H)
-    rmask_ptr,  # [n, P] recurrent_mask rows (RECURRENT_MASK)
-    hrec_ptr,   # [n, P] float32 out: h_t * recurrent_mask (RECURRENT_MASK)
+    ws_ptr,     # [n, WS_STRIDE] workspace rows (proj_clip: p goes to column P_OFF)
+    hrec_ptr,   # [n, P] float32 out: h_t * recurrent_mask
+    opt,        # the tensor option arguments, as in the step kernels
     n, H, WS_STRIDE, P_OFF, proj_clip,
-    PROJ_CLIP: tl.constexpr, ZONEOUT_H: tl.constexpr, RECURRENT_MASK: tl.constexpr,
+    OPTIONS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Forward of a projected lstm step after the projection GEMM (H here is P)."""
@@ -312,28 +275,28 @@ def _proj_epilogue_kernel(
     mask = (rows < n) & (cols < H)
     state = rows * H + cols
     h = tl.load(p_ptr + state, mask=mask, other=0.0)
-    if PROJ_CLIP:
+    if on(OPTIONS, "proj_clip"):
         tl.store(ws_ptr + rows * WS_STRIDE + P_OFF + cols, h, mask=mask)
         h = clamp(h, proj_clip)
-    if ZONEOUT_H:
-        z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    if on(OPTIONS, "zoneout_h"):
+        z_h = tl.load(opt[arg("zoneout_h")] + state, mask=mask, other=0.0).to(tl.float32)
         h = zoneout(z_h, h, tl.load(h_ptr + state, mask=mask, other=0.0))
     tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(h_ptr + state, h, mask=mask)
-    if RECURRENT_MASK:
-        keep = tl.load(rmask_ptr + state, mask=mask, other=0.0).to(tl.float32)
-        tl.store(hrec_ptr + state, h * keep, mask=mask)
+    if on(OPTIONS, "recurrent_mask"):
+        keep = tl.load(opt[arg("recurrent_mask")] + state, mask=mask, other=0.0)
+        tl.store(hrec_ptr + state, h * keep.to(tl.float32), mask=mask)
 
 
 @triton.jit
 def _proj_prologue_kernel(
-    dh_ptr,     # [n, P] float32 carried grad of h_t: in; out its direct part (ZONEOUT_H)
+    dh_ptr,     # [n, P] float32 carried grad of h_t: in; out its direct part (zoneout_h)
     dout_ptr,   # [n, P] grad_output rows
-    ws_ptr,     # [n, WS_STRIDE] workspace rows (PROJ_CLIP: p at column P_OFF)
-    zh_ptr,     # [n, P] zoneout_h rows (ZONEOUT_H)
+    ws_ptr,     # [n, WS_STRIDE] workspace rows (proj_clip: p at column P_OFF)
     dp_ptr,     # [n, P] float32 out: grad w.r.t. p = h_pre @ w_hr.T
+    opt,        # the tensor option arguments, as in the step kernels
     n, H, WS_STRIDE, P_OFF, proj_clip,
-    PROJ_CLIP: tl.constexpr, ZONEOUT_H: tl.constexpr,
+    OPTIONS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Backward of a projected lstm step before the projection GEMM (H here is P)."""
@@ -343,11 +306,11 @@ def _proj_prologue_kernel(
     state = rows * H + cols
     d = tl.load(dh_ptr + state, mask=mask, other=0.0)
     d += tl.load(dout_ptr + state, mask=mask, other=0.0).to(tl.float32)
-    if ZONEOUT_H:
-        z_h = tl.load(zh_ptr + state, mask=mask, other=0.0).to(tl.float32)
+    if on(OPTIONS, "zoneout_h"):
+        z_h = tl.load(opt[arg("zoneout_h")] + state, mask=mask, other=0.0).to(tl.float32)
         tl.store(dh_ptr + state, z_h * d, mask=mask)
         d = (1.0 - z_h) * d
-    if PROJ_CLIP:
+    if on(OPTIONS, "proj_clip"):
         p = tl.load(ws_ptr + rows * WS_STRIDE + P_OFF + cols, mask=mask, other=0.0)
         d = tl.where(tl.abs(p) <= proj_clip, d, 0.0)
     tl.store(dp_ptr + state, d, mask=mask)
@@ -356,62 +319,51 @@ def _proj_prologue_kernel(
 # ---------------------------------------------------------------- helpers of the kernels
 
 @triton.jit
-def _load_tile(ptr, cols, H):
-    return tl.load(ptr + cols, mask=cols < H, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _peephole_tiles(p_ptr, cols, H, like, PEEPHOLE: tl.constexpr):
-    """The peephole weight tiles p_i, p_f, p_o; without PEEPHOLE, ``like`` stands for them."""
-    p_i, p_f, p_o = like, like, like
-    if PEEPHOLE:
-        p_i = _load_tile(p_ptr, cols, H)
-        p_f = _load_tile(p_ptr + H, cols, H)
-        p_o = _load_tile(p_ptr + 2 * H, cols, H)
-    return p_i, p_f, p_o
-
-
-@triton.jit
 def _affine_tiles(t0, t1, t2, t3, w_ptr, b_ptr, cols, H, TILES: tl.constexpr):
     """t_g * w[gH + cols] + b[gH + cols] for the first TILES gates."""
-    t0 = t0 * _load_tile(w_ptr, cols, H) + _load_tile(b_ptr, cols, H)
-    if TILES > 1:
-        t1 = t1 * _load_tile(w_ptr + H, cols, H) + _load_tile(b_ptr + H, cols, H)
-        t2 = t2 * _load_tile(w_ptr + 2 * H, cols, H) + _load_tile(b_ptr + 2 * H, cols, H)
-    if TILES > 3:
-        t3 = t3 * _load_tile(w_ptr + 3 * H, cols, H) + _load_tile(b_ptr + 3 * H, cols, H)
-    return t0, t1, t2, t3
+    w0, w1, w2, w3 = load_tiles(w_ptr + cols, H, cols < H, TILES)
+    b0, b1, b2, b3 = load_tiles(b_ptr + cols, H, cols < H, TILES)
+    return t0 * w0 + b0, t1 * w1 + b1, t2 * w2 + b2, t3 * w3 + b3
 
 
 @triton.jit
-def _layer_norm_backward(da_ptr, ws_ptr, lnw_ptr, rows, cols, mask, d0, d1, d2, d3,
+def _layer_norm_backward(da_ptr, ws_ptr, opt, grads, rows, cols, mask, d0, d1, d2, d3,
                          n, H, WS_STRIDE, LN_OFF, G: tl.constexpr):
-    """da = LNback(d_hh * ln_weight, a_hat, rstd) over the G*H columns of whole rows."""
-    ws = ws_ptr + rows * WS_STRIDE + LN_OFF + cols
-    a0 = tl.load(ws, mask=mask, other=0.0)
-    a1 = tl.load(ws + H, mask=mask, other=0.0)
-    a2 = tl.load(ws + 2 * H, mask=mask, other=0.0)
-    a3 = a0
-    if G > 3:
-        a3 = tl.load(ws + 3 * H, mask=mask, other=0.0)
+    """da = LNback(d_hh * ln_weight, a_hat, rstd) over the G*H columns of whole rows; the
+    per-row gradients of ln_weight (d_hh * a_hat) and ln_bias (d_hh) to ``grads``."""
+    a0, a1, a2, a3 = load_tiles(ws_ptr + rows * WS_STRIDE + LN_OFF + cols, H, mask, G)
     rstd = tl.load(ws_ptr + rows * WS_STRIDE + LN_OFF + G * H, mask=rows < n, other=0.0)
-    g0 = d0 * _load_tile(lnw_ptr, cols, H)
-    g1 = d1 * _load_tile(lnw_ptr + H, cols, H)
-    g2 = d2 * _load_tile(lnw_ptr + 2 * H, cols, H)
-    g3 = g0
-    if G > 3:
-        g3 = d3 * _load_tile(lnw_ptr + 3 * H, cols, H)
-    t0, t1, t2, t3 = layer_norm_rows_backward(g0, g1, g2, g3, a0, a1, a2, a3, rstd, mask,
-                                              G * H, G)
-    store_tiles(da_ptr + rows * (G * H) + cols, H, t0, t1, t2, t3, mask, G)
+    row = rows * (G * H) + cols
+    store_tiles(grads[learned("ln_weight")] + row, H, d0 * a0, d1 * a1, d2 * a2, d3 * a3, mask, G)
+    store_tiles(grads[learned("ln_bias")] + row, H, d0, d1, d2, d3, mask, G)
+    w0, w1, w2, w3 = load_tiles(opt[arg("ln_weight")] + cols, H, cols < H, G)
+    t0, t1, t2, t3 = layer_norm_rows_backward(d0 * w0, d1 * w1, d2 * w2, d3 * w3, a0, a1, a2,
+                                              a3, rstd, mask, G * H, G)
+    store_tiles(da_ptr + row, H, t0, t1, t2, t3, mask, G)
 
 
 # ---------------------------------------------------------------- launchers
 
-def flags(kernel, option_names, **override):
-    """The option constexprs ``kernel`` takes (fastrnn.spec.flags), then ``override``."""
-    takes = kernel.arg_names
-    return {name: on for name, on in spec_flags(option_names).items() if name in takes} | override
+_TENSOR_ARGS = tuple(a for a in ARGS if a.type == "Tensor")
+_PROJECTED = tuple(o.name for o in OPTIONS if o.on_projection)
+
+
+def step_bits(names, proj):
+    """The step kernels' OPTIONS: with a projection, the options on the projected h are the
+    epilogue's / prologue's (spec Option.on_projection)."""
+    return option_bits(tuple(name for name in names if not (proj and name in _PROJECTED)))
+
+
+def _option_tensors(options, rows, n, dummy):
+    """The kernels' ``opt`` tuple for one step: every tensor option argument in spec order,
+    this step's rows of a per-row one ([N, ...]), the live rows of a per-state one ([B, ...]),
+    ``dummy`` where absent."""
+    values = []
+    for a in _TENSOR_ARGS:
+        value = getattr(options, a.name, None)
+        values.append(dummy if value is None else value[rows] if a.shape[0] == "N"
+                      else value[:n] if a.shape[0] == "B" else value)
+    return tuple(values)
 
 
 def _launch(kernel, n, hidden, *args, whole_rows=False, **meta):
@@ -441,40 +393,31 @@ def forward(cell_id, xproj, h0, c0, w_hh, b_hh, w_hr, sizes, offsets, reverse, o
     w_t = w_hh.to(f32).t()
     wr_t = None if w_hr is None else w_hr.to(f32).t()
     dummy = ws
-    opt = lambda name: getattr(options, name, None)  # noqa: E731
-    ln_w, ln_b, lnc_w, lnc_b = (opt(k) for k in ("ln_weight", "ln_bias", "ln_c_weight",
-                                                  "ln_c_bias"))
-    keep, z_h, z_c = opt("recurrent_mask"), opt("zoneout_h"), opt("zoneout_c")
-    cell_clip, proj_clip, peephole = opt("cell_clip"), opt("proj_clip"), opt("peephole")
+    keep = getattr(options, "recurrent_mask", None)
+    cell_clip, proj_clip = getattr(options, "cell_clip", None), getattr(options, "proj_clip", None)
     proj = w_hr is not None
     h_rec = None if keep is None else h * keep.to(f32)  # what the recurrent GEMM sees
     names = option_names(options)
-    # with a projection, the epilogue kernel does the mask and zoneout of h
     meta = dict(CELL=cell_id, HAS_BIAS=b_hh is not None, HAS_PROJ=proj,
-                **flags(_step_forward_kernel, names, RECURRENT_MASK=keep is not None and not proj,
-                        ZONEOUT_H=z_h is not None and not proj))
-    whole_rows = spec_whole_rows(names)
-    epilogue = proj and (keep is not None or z_h is not None or proj_clip is not None)
+                OPTIONS=step_bits(names, proj))
+    # with a projection, the epilogue kernel does the mask and the options on the projected h
+    epilogue = proj and (keep is not None or any(name in _PROJECTED for name in names))
     for t in (reversed(range(len(sizes))) if reverse else range(len(sizes))):
         n, rows = sizes[t], slice(offsets[t], offsets[t + 1])
+        opt = _option_tensors(options, rows, n, dummy)
         hh = torch.mm((h if h_rec is None else h_rec)[:n], w_t)
         _launch(_step_forward_kernel, n, H,
                 xproj[rows], hh, dummy if b_hh is None else b_hh, h[:n],
                 dummy if c is None else c[:n], ws[rows], output[rows],
-                ln_w if ln_w is not None else dummy, ln_b if ln_b is not None else dummy,
-                lnc_w if lnc_w is not None else dummy, lnc_b if lnc_b is not None else dummy,
-                _rows(keep, slice(0, n), dummy), _rows(h_rec, slice(0, n), dummy),
-                _rows(z_h, rows, dummy), _rows(z_c, rows, dummy),
-                dummy if peephole is None else peephole,
+                _rows(h_rec, slice(0, n), dummy), opt,
                 n, H, ws.shape[1], _offset(layout, "a_hat"), _offset(layout, "c_hat"),
-                float(cell_clip or 0.0), whole_rows=whole_rows, **meta)
+                float(cell_clip or 0.0), whole_rows=whole_rows(names), **meta)
         if epilogue:
             p = torch.mm(ws[rows, layout["h_pre"]].to(f32), wr_t)
             _launch(_proj_epilogue_kernel, n, p.shape[1],
-                    p, h[:n], output[rows], ws[rows], _rows(z_h, rows, dummy),
-                    _rows(keep, slice(0, n), dummy), _rows(h_rec, slice(0, n), dummy),
+                    p, h[:n], output[rows], ws[rows], _rows(h_rec, slice(0, n), dummy), opt,
                     n, p.shape[1], ws.shape[1], _offset(layout, "p"), float(proj_clip or 0.0),
-                    **flags(_proj_epilogue_kernel, names))
+                    OPTIONS=option_bits(names))
         elif proj:
             torch.mm(ws[rows, layout["h_pre"]].to(f32), wr_t, out=h[:n])
             output[rows] = h[:n]
@@ -495,49 +438,43 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
     G = num_gates(cell_id)
     H = w_hh.shape[0] // G
     N = output.shape[0]
-    dtype = output.dtype
-    grad_xproj = torch.empty(N, G * H, dtype=dtype, device=output.device)
+    dtype, dev, f32 = output.dtype, output.device, torch.float32
+    kind = list(CELLS.values())[cell_id]
+    grad_xproj = torch.empty(N, G * H, dtype=dtype, device=dev)
     # gradients of the recurrent pre-activations stay float32 (half inputs lose too much
     # in the weight gradient otherwise); for float32 lstm/rnn they equal grad_xproj.
-    store_dhh = cell_id == GRU or dtype != ws.dtype
-    d_hh = torch.empty(N, G * H, dtype=ws.dtype, device=output.device) if store_dhh \
-        else grad_xproj
-    d_out_all = None if w_hr is None else torch.empty(N, w_hr.shape[0], dtype=torch.float32,
-                                                      device=output.device)
-    dh = grad_h_n.to(torch.float32, copy=True)
-    dc = None if grad_c_n is None else grad_c_n.to(torch.float32, copy=True)
-    w_hr32 = None if w_hr is None else w_hr.to(torch.float32)
-    w32 = w_hh.to(torch.float32)
+    store_dhh = kind.recurrent_grad or dtype != ws.dtype
+    d_hh = torch.empty(N, G * H, dtype=ws.dtype, device=dev) if store_dhh else grad_xproj
+    d_out_all = None if w_hr is None else torch.empty(N, w_hr.shape[0], dtype=f32, device=dev)
+    dh = grad_h_n.to(f32, copy=True)
+    dc = None if grad_c_n is None else grad_c_n.to(f32, copy=True)
+    w_hr32 = None if w_hr is None else w_hr.to(f32)
+    w32 = w_hh.to(f32)
     dummy = ws
-    opt = lambda name: getattr(options, name, None)  # noqa: E731
-    ln_w, lnc_w, lnc_b = opt("ln_weight"), opt("ln_c_weight"), opt("ln_c_bias")
-    keep, z_h, z_c = opt("recurrent_mask"), opt("zoneout_h"), opt("zoneout_c")
-    cell_clip, proj_clip, grad_clip = opt("cell_clip"), opt("proj_clip"), opt("grad_clip")
-    peephole = opt("peephole")
+    get = lambda name: getattr(options, name, None)  # noqa: E731
+    keep, z_h = get("recurrent_mask"), get("zoneout_h")
+    proj_clip = get("proj_clip")
     proj = w_hr is not None
-    d_a = d_hh if ln_w is None else torch.empty(N, G * H, dtype=torch.float32,
-                                                device=output.device)
-    dy_all = None if lnc_w is None else torch.empty(N, H, dtype=torch.float32,
-                                                    device=output.device)
-    dpp_all = None if peephole is None else torch.empty(N, 3 * H, dtype=torch.float32,
-                                                        device=output.device)
-    keep32 = None if keep is None else keep.to(torch.float32)
+    d_a = d_hh if get("ln_weight") is None else torch.empty(N, G * H, dtype=f32, device=dev)
+    rows_all = {a.name: torch.empty(N, dimension(a.shape[0], {"G": G, "H": H}), dtype=f32,
+                                    device=dev)
+                for a in ARGS if a.learnable and get(a.name) is not None}
+    keep32 = None if keep is None else keep.to(f32)
     names = option_names(options)
-    # with a projection, the prologue kernel does the zoneout of h
     meta = dict(CELL=cell_id, ADD_DOUT=not proj, STORE_DHH=store_dhh,
-                **flags(_step_backward_kernel, names, ZONEOUT_H=z_h is not None and not proj))
-    whole_rows = spec_whole_rows(names)
-    prologue = proj and (z_h is not None or proj_clip is not None)
+                OPTIONS=step_bits(names, proj))
+    # with a projection, the prologue kernel does the options on the projected h
+    prologue = proj and any(name in _PROJECTED for name in names)
     # dh[:n] holds a direct part of grad h_prev after the kernels: gru's z * dh, zoneout's
-    has_direct = cell_id == GRU or z_h is not None
+    has_direct = kind.direct_h or z_h is not None
     for t in (range(len(sizes)) if reverse else reversed(range(len(sizes)))):
         n, rows = sizes[t], slice(offsets[t], offsets[t + 1])
+        opt = _option_tensors(options, rows, n, dummy)
         if prologue:
             _launch(_proj_prologue_kernel, n, w_hr.shape[0],
-                    dh[:n], grad_output[rows], ws[rows], _rows(z_h, rows, dummy),
-                    d_out_all[rows], n, w_hr.shape[0], ws.shape[1], _offset(layout, "p"),
-                    float(proj_clip or 0.0),
-                    **flags(_proj_prologue_kernel, names))
+                    dh[:n], grad_output[rows], ws[rows], d_out_all[rows], opt,
+                    n, w_hr.shape[0], ws.shape[1], _offset(layout, "p"),
+                    float(proj_clip or 0.0), OPTIONS=option_bits(names))
             dh_cell, dout = torch.mm(d_out_all[rows], w_hr32), dummy
         elif proj:
             d_out = torch.add(dh[:n], grad_output[rows], out=d_out_all[rows])
@@ -546,18 +483,14 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
             dh_cell, dout = dh[:n], grad_output[rows]
         _launch(_step_backward_kernel, n, H,
                 dh_cell, dout, ws[rows],
-                dummy if cell_id != GRU else h_prev_all[rows],
+                h_prev_all[rows],
                 dummy if c_prev_all is None else c_prev_all[rows],
                 output[rows], dummy if dc is None else dc[:n],
-                grad_xproj[rows], d_hh[rows], dh[:n],
-                ln_w if ln_w is not None else dummy,
-                lnc_w if lnc_w is not None else dummy, lnc_b if lnc_b is not None else dummy,
-                _rows(z_h, rows, dummy), _rows(z_c, rows, dummy),
-                d_a[rows], _rows(dy_all, rows, dummy),
-                dummy if peephole is None else peephole, _rows(dpp_all, rows, dummy),
+                grad_xproj[rows], d_hh[rows], dh[:n], d_a[rows], opt,
+                tuple(rows_all[name][rows] if name in rows_all else dummy for name in LEARNABLE),
                 n, H, ws.shape[1], _offset(layout, "a_hat"), _offset(layout, "c_hat"),
-                float(cell_clip or 0.0), float(grad_clip or 0.0),
-                whole_rows=whole_rows, **meta)
+                float(get("cell_clip") or 0.0), float(get("grad_clip") or 0.0),
+                whole_rows=whole_rows(names), **meta)
         recurrent = torch.mm(d_a[rows], w32)
         if keep32 is not None:  # the mask scales the GEMM's part only, not the direct one
             if has_direct:
@@ -568,11 +501,4 @@ def backward(cell_id, grad_output, grad_h_n, grad_c_n, h_prev_all, c_prev_all, w
             dh[:n] += recurrent  # the kernels stored the direct part
         else:
             dh[:n] = recurrent
-    rows = {}
-    if ln_w is not None:
-        rows.update(ln_weight=d_hh * ws[:, layout["a_hat"]], ln_bias=d_hh)
-    if lnc_w is not None:
-        rows.update(ln_c_weight=dy_all * ws[:, layout["c_hat"]], ln_c_bias=dy_all)
-    if dpp_all is not None:
-        rows["peephole"] = dpp_all
-    return grad_xproj, dh, dc, d_hh, d_a, d_out_all, rows
+    return grad_xproj, dh, dc, d_hh, d_a, d_out_all, rows_all

@@ -272,3 +272,30 @@ def test_op_refuses_float32_weights_with_scales():
         torch.ops.fastrnn.quantized_layer("gru", torch.zeros(1, 1, 3), torch.zeros(1, 3), None,
                                           w, torch.ones(9), w.clone(), None, None,
                                           None, False)
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_op_takes_a_one_layer_state_as_given(cell, steps):
+    """The layer ops take the state as [batch, hidden] or [1, batch, hidden] (a one-layer
+    module's, passed without a select) and give h_n, c_n back in that shape, the same bits."""
+    native.BACKEND._require()
+    module, _ = module_pair(cell)
+    w = (module.weight_ih_l0.detach(), module.weight_hh_l0.detach(),
+         module.bias_ih_l0.detach(), module.bias_hh_l0.detach())
+    x = torch.randn(steps, 3, 19)
+    h0, c0 = torch.randn(3, 37), torch.randn(3, 37)
+    lstm = cell == "lstm"
+    results = []
+    for shape in ((3, 37), (1, 3, 37)):
+        h, c = h0.view(shape), (c0.view(shape) if lstm else None)
+        results.append(torch.ops.fastrnn.quantized_layer(cell, x, h, c, w[0], None, w[1], None,
+                                                         w[2], w[3], False))
+        xproj = torch.nn.functional.linear(x.view(-1, 19), w[0], w[2])
+        results.append(torch.ops.fastrnn.quantized_recurrence(cell, xproj, h, c, w[1], None,
+                                                              w[3], False))
+    for flat2, flat3 in zip(results[:2], results[2:]):
+        assert torch.equal(flat2[0].view(-1), flat3[0].view(-1))
+        assert flat3[1].shape == (1, 3, 37) and torch.equal(flat2[1], flat3[1][0])
+        if lstm:
+            assert flat3[2].shape == (1, 3, 37) and torch.equal(flat2[2], flat3[2][0])

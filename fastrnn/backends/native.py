@@ -187,8 +187,7 @@ FUSED_MAX_BATCH = 8
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def fused_layer(backend: str, cell: str, rows, batch: int, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                reverse: bool):
+def fused_layer(backend: str, cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse: bool):
     """One layer and direction of a plain float32 CPU inference call on the native backend at
     a small batch: csrc/quantized.cpp's loop on the module's own float32 weights, each
     product reading its weight as stored: nothing is prepared or cached, so nothing can go
@@ -196,22 +195,24 @@ def fused_layer(backend: str, cell: str, rows, batch: int, h0, c0, w_ih, w_hh, b
     input projection of the chunk's frames, then each step's recurrent product and gate
     math), so a one-frame call is one op call instead of F.linear plus the recurrence op; a
     longer call projects its input with F.linear, then runs quantized_recurrence.
-    ``rows``: [steps * batch, input] time-major. Returns (output rows [steps * batch,
-    hidden], h_n, c_n or None), or None where it does not apply: another backend or dtype, a
-    gradient wanted, a batch above FUSED_MAX_BATCH, a tensor that is not plain, a weight not
-    contiguous, or a trace / compile / dispatch mode (the caller then runs the input
-    projection and the recurrence op)."""
-    if backend != "native" or rows.dtype != torch.float32 or rows.device.type != "cpu":
+    ``x``: [steps, batch, input]; h0 and c0 [batch, hidden] or [1, batch, hidden]. Returns
+    (output [steps, batch, hidden], h_n, c_n or None; the states shaped like h0), or None
+    where it does not apply: another backend or dtype, a gradient wanted, a batch above
+    FUSED_MAX_BATCH, a tensor that is not plain, a weight not contiguous, or a trace /
+    compile / dispatch mode (the caller then runs the input projection and the recurrence
+    op)."""
+    if backend != "native" or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     # Before any size is read: under torch.compile / export a size test would guard on it.
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
             torch._C._is_torch_function_mode_enabled() or \
             torch._C._len_torch_dispatch_stack() > 0:
         return None
+    steps, batch = x.shape[0], x.shape[1]
     if not 0 < batch <= FUSED_MAX_BATCH:
         return None
     grad = torch.is_grad_enabled()
-    for t in (rows, h0, c0):   # the op makes the input and states contiguous
+    for t in (x, h0, c0):   # the op makes the input and states contiguous
         if t is not None and (type(t) not in _PLAIN or t.dtype != torch.float32 or
                               (grad and t.requires_grad)):
             return None
@@ -219,15 +220,14 @@ def fused_layer(backend: str, cell: str, rows, batch: int, h0, c0, w_ih, w_hh, b
         if t is not None and (type(t) not in _PLAIN or t.dtype != torch.float32 or
                               (grad and t.requires_grad) or not t.is_contiguous()):
             return None
-    if rows.shape[0] > STREAM_STEPS * batch:
+    if steps > STREAM_STEPS:
+        xproj = torch.nn.functional.linear(x.reshape(steps * batch, x.shape[2]), w_ih, b_ih)
         recurrence = _OPS[1] if _OPS else _layer_ops()[1]
-        output, h_n, c_n = recurrence(cell, torch.nn.functional.linear(rows, w_ih, b_ih), h0,
-                                      c0, w_hh, None, b_hh, reverse)
+        output, h_n, c_n = recurrence(cell, xproj, h0, c0, w_hh, None, b_hh, reverse)
+        output = output.view(steps, batch, output.shape[1])
     else:
         layer = _OPS[0] if _OPS else _layer_ops()[0]
-        output, h_n, c_n = layer(cell, rows.reshape(-1, batch, rows.shape[1]), h0, c0, w_ih,
-                                 None, w_hh, None, b_ih, b_hh, reverse)
-        output = output.view(-1, output.shape[2])
+        output, h_n, c_n = layer(cell, x, h0, c0, w_ih, None, w_hh, None, b_ih, b_hh, reverse)
     return output, h_n, (None if c0 is None else c_n)
 
 

@@ -187,7 +187,8 @@ FUSED_MAX_BATCH = 8
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def fused_layer(backend: str, cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse: bool):
+def fused_layer(backend: str, cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse: bool,
+                batch=None):
     """One layer and direction of a plain float32 CPU inference call on the native backend at
     a small batch: csrc/quantized.cpp's loop on the module's own float32 weights, each
     product reading its weight as stored: nothing is prepared or cached, so nothing can go
@@ -195,7 +196,8 @@ def fused_layer(backend: str, cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
     input projection of the chunk's frames, then each step's recurrent product and gate
     math), so a one-frame call is one op call instead of F.linear plus the recurrence op; a
     longer call projects its input with F.linear, then runs quantized_recurrence.
-    ``x``: [steps, batch, input]; h0 and c0 [batch, hidden] or [1, batch, hidden]. Returns
+    ``x``: [steps, batch, input], or time-major rows [steps * batch, input] with ``batch``
+    given; h0 and c0 [batch, hidden] or [1, batch, hidden]. Returns
     (output [steps, batch, hidden], h_n, c_n or None; the states shaped like h0), or None
     where it does not apply: another backend or dtype, a gradient wanted, a batch above
     FUSED_MAX_BATCH, a tensor that is not plain, a weight not contiguous, or a trace /
@@ -208,7 +210,8 @@ def fused_layer(backend: str, cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
             torch._C._is_torch_function_mode_enabled() or \
             torch._C._len_torch_dispatch_stack() > 0:
         return None
-    steps, batch = x.shape[0], x.shape[1]
+    if batch is None:
+        batch = x.shape[1]
     if not 0 < batch <= FUSED_MAX_BATCH:
         return None
     grad = torch.is_grad_enabled()
@@ -220,6 +223,9 @@ def fused_layer(backend: str, cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
         if t is not None and (type(t) not in _PLAIN or t.dtype != torch.float32 or
                               (grad and t.requires_grad) or not t.is_contiguous()):
             return None
+    if x.dim() == 2:
+        x = x.view(-1, batch, x.shape[1])
+    steps = x.shape[0]
     if steps > STREAM_STEPS:
         xproj = torch.nn.functional.linear(x.reshape(steps * batch, x.shape[2]), w_ih, b_ih)
         recurrence = _OPS[1] if _OPS else _layer_ops()[1]

@@ -104,8 +104,8 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
     # With the fused layer op (same files): 1 thread batch 1 0.97, 1.06, 1.07, batch 4 1.05,
     # 1.15, 1.25; 2 threads batch 1 0.84, 1.00, 1.21, batch 4 0.85, 1.12, 1.01: no clear win
     # at 1 and 4 frames, so still torch.nn's path. Again with the state passed as given
-    # (streaming-f32-cpu-2c-2026-12-02-t1.md, Intel, 1 thread, batch 1): 0.98, 1.11, 1.41;
-    # 1.57 at 100 frames; one frame still level.
+    # (bench/results/streaming-f32-cpu-2c-2026-12-02-t1.md, Intel, 1 thread, batch 1): 0.98,
+    # 1.11, 1.41; 1.57 at 100 frames; one frame still level.
     routes["cpu", "GRU", True, "stream_small"] = TORCH
     # GRU training on short chunks (Intel, 1 thread, per call, 1 / 4 / 16 frames): hidden 512
     # batch 1: 0.63, 0.91, 1.11; batch 4: 0.76, 1.03, 1.22; hidden 256 batch 1: 0.45, 0.76,

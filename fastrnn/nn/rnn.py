@@ -260,9 +260,9 @@ class RNNBase(nn.Module):
                 index = layer * num_directions + direction
                 h0, c0 = hx[0][index], hx[1][index] if has_cell_state else None
                 fused = None if variant or segmented or autocast is not None or w_hr is not \
-                    None or batch_sizes is not None or not batch else native.fused_layer(
-                        backend, kind.name, layer_input.view(-1, batch, layer_input.shape[1]),
-                        h0, c0, w_ih, w_hh, b_ih, b_hh, direction == 1)
+                    None or batch_sizes is not None else native.fused_layer(
+                        backend, kind.name, layer_input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                        direction == 1, batch)
                 if fused is None and not segmented:
                     xproj = options.input_projection(self, layer_input, w_ih, b_ih, get)
                 step_options = None

@@ -108,9 +108,14 @@ void check_activation_bits(int64_t bits) {
               "got ", bits);
 }
 
+// h0 (and c0) [batch, hidden], or [1, batch, hidden]: a one-layer module's state as given,
+// which spares its call a select before and an unsqueeze after (each a tensor op costing
+// microseconds with cold caches); h_n and c_n come back in the same shape.
 void check_state(const Tensor& h0, const c10::optional<Tensor>& c0, Cell cell) {
-  TORCH_CHECK(h0.device().is_cpu() && h0.scalar_type() == at::kFloat && h0.dim() == 2,
-              "fastrnn quantized: h0 must be a float32 CPU tensor [batch, hidden], got ",
+  TORCH_CHECK(h0.device().is_cpu() && h0.scalar_type() == at::kFloat &&
+                  (h0.dim() == 2 || (h0.dim() == 3 && h0.size(0) == 1)),
+              "fastrnn quantized: h0 must be a float32 CPU tensor [batch, hidden] (or [1, "
+              "batch, hidden]), got ",
               h0.scalar_type(), " ", h0.sizes());
   TORCH_CHECK(c0.has_value() == (cell == Cell::LSTM),
               "fastrnn quantized: c0 must be given for lstm and only for lstm");
@@ -124,20 +129,21 @@ void check_state(const Tensor& h0, const c10::optional<Tensor>& c0, Cell cell) {
 
 // The time loop on the input projection xproj [T * B, G] (time-major rows, float32): per
 // step the recurrent product of the state with w_hh, then the gate math per row. Returns
-// (output [T * B, H], h_n [B, H], c_n [B, H] or [0]).
+// (output [T * B, H], h_n and c_n shaped like h0 (c_n [0] without c0)).
 std::tuple<Tensor, Tensor, Tensor> recurrence(Cell cell, const Tensor& xproj, const Tensor& h0,
                                               const c10::optional<Tensor>& c0,
                                               const Tensor& w_hh,
                                               const c10::optional<Tensor>& s_hh,
                                               const c10::optional<Tensor>& b_hh, bool reverse,
                                               int64_t activation_bits) {
-  const int64_t B = h0.size(0), H = h0.size(1), G = num_gates(cell) * H;
+  const int64_t B = h0.size(-2), H = h0.size(-1), G = num_gates(cell) * H;
   const int64_t T = B > 0 ? xproj.size(0) / B : 0;
   Tensor output = at::empty({xproj.size(0), H}, h0.options());
   Tensor h = h0.contiguous().clone();
   Tensor c = c0.has_value() ? c0->contiguous().clone() : at::empty({0}, h0.options());
   if (T == 0) return {output, h, c};
   Tensor hproj = at::empty({B, G}, h0.options());
+  const Tensor rows = h.view({B, H});   // the state as the product's [B, H] rows
   const float* xp = xproj.data_ptr<float>();
   const float* hp = hproj.data_ptr<float>();
   float* hs = h.data_ptr<float>();
@@ -145,7 +151,7 @@ std::tuple<Tensor, Tensor, Tensor> recurrence(Cell cell, const Tensor& xproj, co
   float* out = output.data_ptr<float>();
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
-    if (G > 0) linear(hproj, h, w_hh, s_hh, b_hh, activation_bits);
+    if (G > 0) linear(hproj, rows, w_hh, s_hh, b_hh, activation_bits);
     for (int64_t b = 0; b < B; ++b) {
       const float* xr = xp + (t * B + b) * G;
       const float* hr = hp + b * G;
@@ -161,8 +167,9 @@ std::tuple<Tensor, Tensor, Tensor> recurrence(Cell cell, const Tensor& xproj, co
   return {output, h, c};
 }
 
-// x [T, B, I] float32 -> (output [T, B, H], h_n [B, H], c_n [B, H] or [0]). reverse runs the
-// frames last to first (the backward direction of a bidirectional layer).
+// x [T, B, I] float32 -> (output [T, B, H], h_n and c_n shaped like h0 (c_n [0] without
+// c0)). reverse runs the frames last to first (the backward direction of a bidirectional
+// layer).
 std::tuple<Tensor, Tensor, Tensor> quantized_layer(
     const std::string& cell_name, const Tensor& x, const Tensor& h0,
     const c10::optional<Tensor>& c0, const Tensor& w_ih, const c10::optional<Tensor>& s_ih,
@@ -174,9 +181,9 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer(
               "fastrnn quantized: the input must be a float32 CPU tensor [T, batch, input], "
               "got ", x.scalar_type(), " ", x.sizes(), " on ", x.device());
   check_state(h0, c0, cell);
-  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(1);
+  const int64_t T = x.size(0), B = x.size(1), I = x.size(2), H = h0.size(-1);
   const int64_t G = num_gates(cell) * H;
-  TORCH_CHECK(h0.size(0) == B, "fastrnn quantized: h0 must have ", B, " rows, got ",
+  TORCH_CHECK(h0.size(-2) == B, "fastrnn quantized: h0 must have ", B, " rows, got ",
               h0.sizes());
   check_weight("w_ih", w_ih, s_ih, b_ih, G, I);
   check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
@@ -198,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor> quantized_recurrence(
   const Cell cell = cell_named(cell_name);
   check_activation_bits(activation_bits);
   check_state(h0, c0, cell);
-  const int64_t B = h0.size(0), H = h0.size(1), G = num_gates(cell) * H;
+  const int64_t B = h0.size(-2), H = h0.size(-1), G = num_gates(cell) * H;
   TORCH_CHECK(xproj.device().is_cpu() && xproj.scalar_type() == at::kFloat &&
                   xproj.dim() == 2 && xproj.size(1) == G && xproj.is_contiguous() &&
                   (B > 0 ? xproj.size(0) % B == 0 : xproj.size(0) == 0),

@@ -1,8 +1,9 @@
-"""The native backend's fused float32 layer op for short inference calls
-(fastrnn.backends.native.fused_layer: csrc/quantized.cpp's quantized_layer on the module's own
-float32 weights): which calls take it, that chunks of a stream give the bits of one call over
-the same frames, parity with torch.nn by the tolerance rule, and that a weight changed between
-calls is always read (the op reads the parameters as stored, nothing is cached).
+"""The native backend's float32 inference layer loop at a small batch
+(fastrnn.backends.native.fused_layer: csrc/quantized.cpp's loop on the module's own float32
+weights; a call of up to 16 frames is one op, a longer one projects its input with F.linear
+first): which calls take it, that chunks of a stream give the bits of one call over the same
+frames, parity with torch.nn by the tolerance rule, and that a weight changed between calls
+is always read (the ops read the parameters as stored, nothing is cached).
 """
 import copy
 
@@ -136,16 +137,52 @@ def test_unbatched_input_and_given_state(fused_calls):
     assert fused_calls == ["lstm"]
 
 
-@pytest.mark.parametrize("case", ["float64", "grad", "batch9", "steps17", "proj", "options",
-                                  "packed", "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("chunk", [1, 4, 16, 100])
+@pytest.mark.parametrize("cell", MODES)
+def test_streams_match_torch_nn_at_every_chunk(cell, chunk, batch, dtype, fused_calls):
+    """200 frames in calls of 1 to 100 frames, float32 (the layer loop; calls above 16
+    frames take F.linear's projection) and float64 (the recurrence op), against torch.nn
+    on the whole sequence."""
+    module, reference = module_pair(cell)
+    module, reference = module.to(dtype), reference.to(dtype)
+    x = torch.randn(200, batch, 19, dtype=dtype)
+    check_against_torch_nn(module, reference, x, chunk)
+    assert (set(fused_calls) == {cell}) == (dtype == torch.float32)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_long_calls_give_the_bits_of_their_recurrence(cell, batch, fused_calls):
+    """A call above 16 frames is F.linear's projection then quantized_recurrence (the
+    loop the one-op calls run): the module's results are that op's bits, and calls of 17 and
+    100 frames over the same stream give the same bits as one call."""
+    module, _ = module_pair(cell, num_layers=1)
+    x = torch.randn(100, batch, 19)
+    with torch.no_grad():
+        output, state = module(x)
+        xproj = torch.nn.functional.linear(x.view(-1, 19), module.weight_ih_l0,
+                                           module.bias_ih_l0)
+        zeros = torch.zeros(batch, 37)
+        expected = torch.ops.fastrnn.quantized_recurrence(
+            cell, xproj, zeros, zeros if cell == "lstm" else None, module.weight_hh_l0, None,
+            module.bias_hh_l0, False)
+    assert torch.equal(output.view(-1, 37), expected[0])
+    assert torch.equal((state[0] if cell == "lstm" else state)[0], expected[1])
+    assert set(fused_calls) == {cell}
+
+
+@pytest.mark.parametrize("case", ["float64", "grad", "batch9", "proj", "options", "packed",
+                                  "reference"])
 def test_other_calls_keep_the_recurrence_op(case, fused_calls):
-    """Only plain float32 CPU inference calls of at most 16 frames and 8 streams run the
-    fused op; the others run the input projection and the recurrence op, as before."""
+    """Only plain float32 CPU inference calls at up to 8 streams run the layer loop; the
+    others run the input projection and the recurrence op, as before."""
     kwargs = {"proj": dict(proj_size=5), "options": dict(layer_norm=True)}.get(case, {})
     name = "LSTM" if case == "proj" else "GRU"
     module = getattr(fastrnn, name)(19, 37, **kwargs,
                                     backend="reference" if case == "reference" else "native")
-    x = torch.randn(17 if case == "steps17" else 4, 9 if case == "batch9" else 2, 19)
+    x = torch.randn(4, 9 if case == "batch9" else 2, 19)
     if case == "float64":
         module, x = module.double(), x.double()
     if case == "packed":
@@ -168,16 +205,18 @@ def test_gradients_still_flow(fused_calls):
     assert fused_calls == []
 
 
+@pytest.mark.parametrize("chunk", [1, 20])
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_weights_changed_between_calls_are_read(cell, fused_calls):
+def test_weights_changed_between_calls_are_read(cell, chunk, fused_calls):
     """In-place updates (under no_grad, and an optimizer step in training), a new Parameter,
-    load_state_dict and training mode: the next streaming call computes with the weights
-    the module holds then, as torch.nn does with the same weights."""
+    load_state_dict, training mode and a round trip through float64: the next streaming call
+    (one-op calls of one frame, and 20-frame calls) computes with the weights the module
+    holds then, as torch.nn does with the same weights."""
     module, reference = module_pair(cell)
-    x = torch.randn(4, 1, 19)
+    x = torch.randn(20, 1, 19)
 
     def same():
-        check_against_torch_nn(module, reference, x, 1)
+        check_against_torch_nn(module, reference, x, chunk)
 
     same()
     with torch.no_grad():   # in place, the same tensor (its _version moves)
@@ -187,7 +226,7 @@ def test_weights_changed_between_calls_are_read(cell, fused_calls):
     for m in (module, reference):   # an optimizer step in training mode
         m.train()
         optimizer = torch.optim.SGD(m.parameters(), lr=0.5)
-        m(x)[0].square().sum().backward()
+        m(x[:4])[0].square().sum().backward()
         optimizer.step()
     same()   # still training mode: a call without gradient runs the fused op
     module.eval()
@@ -196,11 +235,19 @@ def test_weights_changed_between_calls_are_read(cell, fused_calls):
     module.weight_ih_l0 = nn.Parameter(new.clone())
     reference.weight_ih_l0 = nn.Parameter(new.clone())
     same()
-    state = {k: torch.randn_like(v) for k, v in reference.state_dict().items()}
+    # new values of the initial scale: N(0, 1) weights make the 20-frame recurrence chaotic,
+    # where float32 rounding differences grow from frame to frame
+    state = {k: torch.randn_like(v) / 37 ** 0.5 for k, v in reference.state_dict().items()}
     module.load_state_dict(state)
     reference.load_state_dict(state)
     same()
-    assert len(fused_calls) == 5 * 4
+    for m in (module, reference):   # .data replaced twice, new values in between
+        m.double()
+        with torch.no_grad():
+            m.weight_hh_l0.copy_(state["weight_hh_l0"].double().flip(0))
+        m.float()
+    same()
+    assert len(fused_calls) == 6 * 20 // chunk
 
 
 def test_thread_count_does_not_change_bits():
@@ -225,3 +272,30 @@ def test_op_refuses_float32_weights_with_scales():
         torch.ops.fastrnn.quantized_layer("gru", torch.zeros(1, 1, 3), torch.zeros(1, 3), None,
                                           w, torch.ones(9), w.clone(), None, None,
                                           None, False)
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_op_takes_a_one_layer_state_as_given(cell, steps):
+    """The layer ops take the state as [batch, hidden] or [1, batch, hidden] (a one-layer
+    module's, passed without a select) and give h_n, c_n back in that shape, the same bits."""
+    native.BACKEND._require()
+    module, _ = module_pair(cell)
+    w = (module.weight_ih_l0.detach(), module.weight_hh_l0.detach(),
+         module.bias_ih_l0.detach(), module.bias_hh_l0.detach())
+    x = torch.randn(steps, 3, 19)
+    h0, c0 = torch.randn(3, 37), torch.randn(3, 37)
+    lstm = cell == "lstm"
+    results = []
+    for shape in ((3, 37), (1, 3, 37)):
+        h, c = h0.view(shape), (c0.view(shape) if lstm else None)
+        results.append(torch.ops.fastrnn.quantized_layer(cell, x, h, c, w[0], None, w[1], None,
+                                                         w[2], w[3], False))
+        xproj = torch.nn.functional.linear(x.view(-1, 19), w[0], w[2])
+        results.append(torch.ops.fastrnn.quantized_recurrence(cell, xproj, h, c, w[1], None,
+                                                              w[3], False))
+    for flat2, flat3 in zip(results[:2], results[2:]):
+        assert torch.equal(flat2[0].view(-1), flat3[0].view(-1))
+        assert flat3[1].shape == (1, 3, 37) and torch.equal(flat2[1], flat3[1][0])
+        if lstm:
+            assert flat3[2].shape == (1, 3, 37) and torch.equal(flat2[2], flat3[2][0])

@@ -178,47 +178,75 @@ def _bfloat16_inference(cell, xproj, h0, c0, w_hh, b_hh, reverse):
             None if c0 is None else c_n.to(xproj.dtype), workspace)
 
 
-# A plain float32 CPU inference call of at most routing.STREAM_STEPS frames and
-# FUSED_MAX_BATCH streams (batch rows, those csrc/gemv.h serves as matrix-vector products)
-# runs each layer as one op call (fused_layer). Longer calls keep F.linear (MKL) for their
-# input projection, which reads w_ih once for all frames.
+# A plain float32 CPU inference call at up to FUSED_MAX_BATCH streams (batch rows, those
+# csrc/quantized.h serves as matrix-vector products) runs each layer on csrc/quantized.cpp's
+# loop (fused_layer): a call of at most routing.STREAM_STEPS frames as one op (the chunk's
+# input projection too), a longer one with F.linear (MKL) for its input projection, which
+# reads w_ih once for all frames, then the same recurrence.
 FUSED_MAX_BATCH = 8
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def fused_layer(backend: str, cell: str, rows, batch: int, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                reverse: bool):
-    """One layer and direction of a short plain float32 CPU inference call on the native
-    backend as one op: csrc/quantized.cpp's quantized_layer on the module's own float32
-    weights (the input projection of the chunk's frames, then each step's recurrent product
-    and gate math), each product reading its weight as stored: nothing is prepared or cached,
-    so nothing can go stale. A one-frame call is one op call instead of F.linear plus the
-    recurrence op. ``rows``: [steps * batch, input] time-major. Returns (output rows
-    [steps * batch, hidden], h_n, c_n or None), or None where it does not apply: another
-    backend or dtype, a gradient wanted, a batch or chunk above the limits, a tensor that is
-    not plain, a weight not contiguous, or a trace / compile / dispatch mode (the caller then
-    runs the input projection and the recurrence op)."""
-    if backend != "native" or rows.dtype != torch.float32 or rows.device.type != "cpu":
+def fused_layer(backend: str, cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse: bool,
+                batch=None):
+    """One layer and direction of a plain float32 CPU inference call on the native backend at
+    a small batch: csrc/quantized.cpp's loop on the module's own float32 weights, each
+    product reading its weight as stored: nothing is prepared or cached, so nothing can go
+    stale. A call of at most routing.STREAM_STEPS frames is one op call (quantized_layer: the
+    input projection of the chunk's frames, then each step's recurrent product and gate
+    math), so a one-frame call is one op call instead of F.linear plus the recurrence op; a
+    longer call projects its input with F.linear, then runs quantized_recurrence.
+    ``x``: [steps, batch, input], or time-major rows [steps * batch, input] with ``batch``
+    given; h0 and c0 [batch, hidden] or [1, batch, hidden]. Returns
+    (output [steps, batch, hidden], h_n, c_n or None; the states shaped like h0), or None
+    where it does not apply: another backend or dtype, a gradient wanted, a batch above
+    FUSED_MAX_BATCH, a tensor that is not plain, a weight not contiguous, or a trace /
+    compile / dispatch mode (the caller then runs the input projection and the recurrence
+    op)."""
+    if backend != "native" or x.dtype != torch.float32 or x.device.type != "cpu":
         return None
     # Before any size is read: under torch.compile / export a size test would guard on it.
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or \
             torch._C._is_torch_function_mode_enabled() or \
             torch._C._len_torch_dispatch_stack() > 0:
         return None
-    if not 0 < batch <= FUSED_MAX_BATCH or rows.shape[0] > STREAM_STEPS * batch:
+    if batch is None:
+        batch = x.shape[1]
+    if not 0 < batch <= FUSED_MAX_BATCH:
         return None
     grad = torch.is_grad_enabled()
-    for t in (rows, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    for t in (x, h0, c0):   # the op makes the input and states contiguous
         if t is not None and (type(t) not in _PLAIN or t.dtype != torch.float32 or
                               (grad and t.requires_grad)):
             return None
-    for t in (w_ih, w_hh, b_ih, b_hh):   # the op makes the input and states contiguous
-        if t is not None and not t.is_contiguous():
+    for t in (w_ih, w_hh, b_ih, b_hh):
+        if t is not None and (type(t) not in _PLAIN or t.dtype != torch.float32 or
+                              (grad and t.requires_grad) or not t.is_contiguous()):
             return None
-    output, h_n, c_n = torch.ops.fastrnn.quantized_layer(
-        cell, rows.reshape(-1, batch, rows.shape[1]), h0, c0, w_ih, None, w_hh, None, b_ih, b_hh,
-        reverse)
-    return output.view(-1, output.shape[2]), h_n, (None if c0 is None else c_n)
+    if x.dim() == 2:
+        x = x.view(-1, batch, x.shape[1])
+    steps = x.shape[0]
+    if steps > STREAM_STEPS:
+        xproj = torch.nn.functional.linear(x.reshape(steps * batch, x.shape[2]), w_ih, b_ih)
+        recurrence = _OPS[1] if _OPS else _layer_ops()[1]
+        output, h_n, c_n = recurrence(cell, xproj, h0, c0, w_hh, None, b_hh, reverse)
+        output = output.view(steps, batch, output.shape[1])
+    else:
+        layer = _OPS[0] if _OPS else _layer_ops()[0]
+        output, h_n, c_n = layer(cell, x, h0, c0, w_ih, None, w_hh, None, b_ih, b_hh, reverse)
+    return output, h_n, (None if c0 is None else c_n)
+
+
+# The two ops' overloads, looked up once (the extension loads on first use): the lookup
+# through torch.ops costs a one-frame call microseconds, more with cold caches.
+_OPS = ()
+
+
+def _layer_ops():
+    global _OPS
+    _OPS = (torch.ops.fastrnn.quantized_layer.default,
+            torch.ops.fastrnn.quantized_recurrence.default)
+    return _OPS
 
 
 BACKEND = NativeBackend()

@@ -94,14 +94,18 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
     # layer one op (native.fused_layer; medians of 21 interleaved rounds, Intel only,
     # bench/results/streaming-gemv32-cpu-2c-2026-12-01-t1.md and t2): 1 thread batch 1
     # 2.32, 1.74, 1.35, batch 4 1.74, 1.46, 1.17; 2 threads (a noisy run) batch 1 -, 1.73,
-    # 1.42, batch 4 1.80, 1.48, 1.35.
+    # 1.42, batch 4 1.80, 1.48, 1.35. With the one-layer call's state passed as given (Intel
+    # only, bench/results/streaming-f32-cpu-2c-2026-12-02-t1.md, load average 7-10): 1 thread
+    # batch 1 2.71, 2.02, 1.39 (and 1.08 at 100 frames, the batch1 class: AMD not measured).
     routes["cpu", "LSTM", True, "stream1"] = KERNELS
     routes["cpu", "LSTM", True, "stream_small"] = KERNELS
     # GRU, batch 1: 0.76, 0.91, 1.01; batch 4: 0.85, 0.95, 1.13: torch.nn's GRU has no
     # per-call set-up, and fastrnn's Python per call (tens of microseconds) is what it loses.
     # With the fused layer op (same files): 1 thread batch 1 0.97, 1.06, 1.07, batch 4 1.05,
     # 1.15, 1.25; 2 threads batch 1 0.84, 1.00, 1.21, batch 4 0.85, 1.12, 1.01: no clear win
-    # at 1 and 4 frames, so still torch.nn's path.
+    # at 1 and 4 frames, so still torch.nn's path. Again with the state passed as given
+    # (bench/results/streaming-f32-cpu-2c-2026-12-02-t1.md, Intel, 1 thread, batch 1): 0.98,
+    # 1.11, 1.41; 1.57 at 100 frames; one frame still level.
     routes["cpu", "GRU", True, "stream_small"] = TORCH
     # GRU training on short chunks (Intel, 1 thread, per call, 1 / 4 / 16 frames): hidden 512
     # batch 1: 0.63, 0.91, 1.11; batch 4: 0.76, 1.03, 1.22; hidden 256 batch 1: 0.45, 0.76,

@@ -261,8 +261,8 @@ class RNNBase(nn.Module):
                 h0, c0 = hx[0][index], hx[1][index] if has_cell_state else None
                 fused = None if variant or segmented or autocast is not None or w_hr is not \
                     None or batch_sizes is not None else native.fused_layer(
-                        backend, kind.name, layer_input, batch, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                        direction == 1)
+                        backend, kind.name, layer_input, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                        direction == 1, batch)
                 if fused is None and not segmented:
                     xproj = options.input_projection(self, layer_input, w_ih, b_ih, get)
                 step_options = None
@@ -274,6 +274,7 @@ class RNNBase(nn.Module):
                     step_options = options.step_options(self, get, mask, zoneout_h, zoneout_c)
                 if fused is not None:   # the whole layer ran as one op call
                     output, h_n, c_n = fused
+                    output = output.view(-1, output.shape[2])
                 elif segmented:   # the projection is made per segment, in there
                     run = ops.recurrence
                     if autocast is not None:   # states cross segments in the compute dtype
@@ -369,26 +370,34 @@ class RNNBase(nn.Module):
             return None
         time_major = input.transpose(0, 1) if self.batch_first else input
         steps, batch = time_major.shape[0], time_major.shape[1]
-        rows = time_major.reshape(steps * batch, self.input_size)
         kind = CELL_OF_MODE[self.mode].name
-        final_h, final_c = [], []
+        # One layer takes its states as given ([1, batch, hidden]) and the fused op gives them
+        # back so: no select before nor stack after (tensor ops, each microseconds of a
+        # one-frame call with cold caches).
+        single = self.num_layers == 1
+        x, final_h, final_c = time_major, [], []
         for layer in range(self.num_layers):
             w_ih, w_hh, b_ih, b_hh, w_hr = self._layer_params(layer, 0)
-            c0_layer = c0[layer] if lstm else None
+            h_layer = h0 if single else h0[layer]
+            c_layer = None if not lstm else c0 if single else c0[layer]
             fused = None if w_hr is not None else native.fused_layer(
-                backend, kind, rows, batch, h0[layer], c0_layer, w_ih, w_hh, b_ih, b_hh, False)
+                backend, kind, x, h_layer, c_layer, w_ih, w_hh, b_ih, b_hh, False)
             if fused is not None:   # the whole layer ran as one op call
-                rows, h_n, c_n = fused
+                x, h_n, c_n = fused
             else:
-                rows, h_n, c_n = ops.recurrence(kind, F.linear(rows, w_ih, b_ih), h0[layer],
-                                                c0_layer, w_hh, b_hh, w_hr, None, False, backend)
+                rows, h_n, c_n = ops.recurrence(
+                    kind, F.linear(x.reshape(steps * batch, x.shape[2]), w_ih, b_ih), h0[layer],
+                    c0[layer] if lstm else None, w_hh, b_hh, w_hr, None, False, backend)
+                x = rows.view(steps, batch, rows.shape[1])
+                if single:
+                    h_n, c_n = h_n.unsqueeze(0), (c_n.unsqueeze(0) if lstm else None)
             final_h.append(h_n)
             final_c.append(c_n)
-        output = rows.view(steps, batch, rows.shape[1])
-        if self.batch_first:
-            output = output.transpose(0, 1)
-        stack = (lambda states: states[0].unsqueeze(0)) if len(final_h) == 1 else torch.stack
-        return output, ((stack(final_h), stack(final_c)) if lstm else stack(final_h))
+        output = x.transpose(0, 1) if self.batch_first else x
+        if single:
+            return output, ((final_h[0], final_c[0]) if lstm else final_h[0])
+        return output, ((torch.stack(final_h), torch.stack(final_c)) if lstm else
+                        torch.stack(final_h))
 
     def _projection_params(self, w_ih, b_ih, get) -> tuple:
         """The tensors the input projection reads (options.input_projection)."""

@@ -43,11 +43,8 @@
 #include <utility>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "generated/fastrnn_spec.h"  // generated from fastrnn/spec.py by fastrnn/build.py
+#include "scratch.h"
 #include "step.h"
 
 namespace fastrnn {
@@ -194,38 +191,22 @@ inline Layout make_layout(int64_t N, int64_t B, const c10::optional<Tensor>& bat
   return l;
 }
 
-// Outputs and scratch buffers. FASTRNN_NATIVE_POISON=1 fills them with NaN first, so a test
+// Outputs and scratch buffers, from the pool of scratch.h on the CPU (their memory stays
+// faulted in between calls). FASTRNN_NATIVE_POISON=1 fills them with NaN first, so a test
 // catches every element a kernel forgets to write (or reads before writing).
-//
-// Large CPU buffers (output, workspace, gradients: tens of MB) come fresh from mmap on every
-// call; faulting them in 4 KiB pages costs ~5% of the forward. Asking for transparent huge
-// pages (where the kernel allows them on request) makes that 512x fewer faults.
-inline void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (!t.device().is_cpu() || t.nbytes() < 2 * kHuge) return;
-  static const bool enabled = [] {  // FASTRNN_NATIVE_HUGE_PAGES=0 turns it off (comparisons)
-    const char* env = std::getenv("FASTRNN_NATIVE_HUGE_PAGES");
-    return env == nullptr || env[0] != '0';
-  }();
-  if (!enabled) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 inline Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor t = at::empty(sizes, options);
-  advise_huge_pages(t);  // a hint: failure (e.g. THP disabled) changes nothing
+  Tensor t = BufferPool::get().empty(sizes, options);
   const char* poison = std::getenv("FASTRNN_NATIVE_POISON");
   if (poison != nullptr && poison[0] != '\0' && poison[0] != '0') {
     t.fill_(std::numeric_limits<double>::quiet_NaN());
   }
   return t;
+}
+
+// A new buffer holding a copy of `t` (converted to the buffer's dtype), or zeros without it.
+inline Tensor new_copy(at::IntArrayRef sizes, const at::TensorOptions& options, const Tensor& t) {
+  Tensor out = new_buffer(sizes, options);
+  return t.defined() ? out.copy_(t) : out.zero_();
 }
 
 inline Tensor defined_or_empty(const c10::optional<Tensor>& t) {
@@ -408,8 +389,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   // Without backward to feed (need_workspace false) the workspace is one step of scratch,
   // reused by every step, and an empty [0, W] is returned.
   Tensor workspace = new_buffer({need_workspace ? s.N : std::min(s.N, s.B), s.W}, acc_opts);
-  Tensor h_state = h0_in.contiguous().clone();  // running h; ends as h_n
-  Tensor c_state = s.cell == Cell::LSTM ? c0_in->to(acc_dtype).contiguous().clone() : Tensor();
+  Tensor h_state = new_copy({s.B, s.P}, opts, h0_in);  // running h; ends as h_n
+  Tensor c_state = s.cell == Cell::LSTM ? new_copy({s.B, s.H}, acc_opts, *c0_in) : Tensor();
   Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
   Tensor hh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor h_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // h * recurrent_mask
@@ -515,15 +496,10 @@ BackwardResult recurrence_backward(
   const Tensor w_hr = s.proj ? *w_hr_in : Tensor();
 
   // Carried gradients: dL/dh (after projection) and dL/dc of the state entering later steps.
-  Tensor dh_state = grad_h_n.has_value() && grad_h_n->defined()
-                        ? grad_h_n->to(dtype).contiguous().clone()
-                        : at::zeros({s.B, s.P}, opts);
-  Tensor dc_state;
-  if (s.cell == Cell::LSTM) {
-    dc_state = grad_c_n.has_value() && grad_c_n->defined()
-                   ? grad_c_n->to(acc_dtype).contiguous().clone()
-                   : at::zeros({s.B, s.H}, acc_opts);
-  }
+  Tensor dh_state = new_copy({s.B, s.P}, opts, defined_or_empty(grad_h_n));
+  Tensor dc_state = s.cell == Cell::LSTM
+                        ? new_copy({s.B, s.H}, acc_opts, defined_or_empty(grad_c_n))
+                        : Tensor();
   Tensor grad_xproj = new_buffer({s.N, s.G * s.H}, opts);
   // Gradient of hh (= of xproj for lstm/rnn) and of the GEMM result a = h_rec @ w_hh.T
   // (differs from hh's only through the layer norm).
@@ -631,10 +607,12 @@ BackwardResult recurrence_backward(
     if (kept < rows) h_prev_all.narrow(0, row + kept, rows - kept).copy_(h0.narrow(0, kept, rows - kept));
     if (opt.mask()) h_prev_all.narrow(0, row, rows).mul_(opt.recurrent_mask.narrow(0, 0, rows));
   }
-  Tensor grad_w_hh = at::mm(grad_a.t(), h_prev_all);
+  Tensor grad_w_hh = new_buffer({s.G * s.H, s.P}, opts);
+  at::mm_out(grad_w_hh, grad_a.t(), h_prev_all);
   Tensor grad_b_hh = grad_hgates.sum(0);
   const Tensor h_pre = s.proj ? workspace.narrow(1, s.cols.h_pre, s.H).to(dtype) : Tensor();
-  Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), h_pre) : at::empty({0}, opts);
+  Tensor grad_w_hr = s.proj ? new_buffer({s.P, s.H}, opts) : at::empty({0}, opts);
+  if (s.proj) at::mm_out(grad_w_hr, grad_out_all.t(), h_pre);
   Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
   // The learnable option arguments' gradients: column sums (over steps and batch), in acc_t,
   // of the per-row gradients; absent ones empty, and distinct tensors (outputs may not alias).

@@ -509,14 +509,15 @@ BackwardResult recurrence_backward(
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row
   Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor dh_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // dL/dh_rec
-  // Per-row gradients of the learnable option arguments that are on (the kernels write them).
-  Tensor grad_rows[FASTRNN_NUM_LEARNABLE];
+  // Per-state sums over the steps of the learnable option arguments' gradients (the kernels
+  // add to them), for those that are on.
+  Tensor grad_sums[FASTRNN_NUM_LEARNABLE];
   {
     const int64_t G = s.G, H = s.H;
-#define FASTRNN_ROWS_BUFFER(arg, k, ...) \
-    if (opt.arg.defined()) grad_rows[k] = new_buffer({s.N, __VA_ARGS__}, acc_opts);
-    FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_BUFFER)
-#undef FASTRNN_ROWS_BUFFER
+#define FASTRNN_SUMS_BUFFER(arg, k, ...) \
+    if (opt.arg.defined()) grad_sums[k] = new_copy({s.B, __VA_ARGS__}, acc_opts, Tensor());
+    FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_BUFFER)
+#undef FASTRNN_SUMS_BUFFER
   }
   const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
   // The step kernels leave a direct part of dL/dh_prev in dh_state for the GEMM to add to
@@ -546,7 +547,7 @@ BackwardResult recurrence_backward(
     all.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;
     all.grad_p = s.proj ? grad_out_all.data_ptr<scalar_t>() : nullptr;
 #define FASTRNN_ROWS_POINTER(arg, k, ...) \
-    all.grad_##arg = grad_rows[k].defined() ? grad_rows[k].data_ptr<acc_t>() : nullptr;
+    all.grad_##arg = grad_sums[k].defined() ? grad_sums[k].data_ptr<acc_t>() : nullptr;
     FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_POINTER)
 #undef FASTRNN_ROWS_POINTER
     // States b0 .. b1-1 through every step, as in forward.
@@ -560,6 +561,13 @@ BackwardResult recurrence_backward(
         a.c0 += b0 * s.H;
       }
       a.h0 += b0 * s.P;
+      {
+        const int64_t G = s.G, H = s.H;
+#define FASTRNN_SUMS_OFFSET(arg, k, ...) \
+        if (a.grad_##arg != nullptr) a.grad_##arg += b0 * (__VA_ARGS__);
+        FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_OFFSET)
+#undef FASTRNN_SUMS_OFFSET
+      }
       const int64_t T = static_cast<int64_t>(layout.order.size());
       for (int64_t k = T - 1; k >= 0; --k) {
         const int64_t t = layout.order[k];
@@ -614,11 +622,11 @@ BackwardResult recurrence_backward(
   Tensor grad_w_hr = s.proj ? new_buffer({s.P, s.H}, opts) : at::empty({0}, opts);
   if (s.proj) at::mm_out(grad_w_hr, grad_out_all.t(), h_pre);
   Tensor grad_c0 = s.cell == Cell::LSTM ? dc_state.to(dtype) : at::empty({0}, opts);
-  // The learnable option arguments' gradients: column sums (over steps and batch), in acc_t,
-  // of the per-row gradients; absent ones empty, and distinct tensors (outputs may not alias).
+  // The learnable option arguments' gradients: column sums (over the batch), in acc_t, of the
+  // per-state sums; absent ones empty, and distinct tensors (outputs may not alias).
   Tensor learned[FASTRNN_NUM_LEARNABLE];
   for (int k = 0; k < FASTRNN_NUM_LEARNABLE; ++k) {
-    learned[k] = grad_rows[k].defined() ? grad_rows[k].sum(0).to(dtype) : at::empty({0}, opts);
+    learned[k] = grad_sums[k].defined() ? grad_sums[k].sum(0).to(dtype) : at::empty({0}, opts);
   }
   return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, FASTRNN_LEARNED(learned)};
 }

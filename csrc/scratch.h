@@ -2,7 +2,7 @@
 //
 // A training call of the fastrnns shape (T100 B64 H512) allocates ~150 MB of buffers
 // (output, workspace, gradients). Fresh from the C allocator, every page of them is faulted
-// in and zeroed by the kernel again on every call: 10-20% of the call, and more or less
+// in and zeroed by the kernel again on every call: 5-30% of the call, more or less
 // depending on what else the process allocated before (glibc moves its mmap threshold and
 // trims its heap as large blocks come and go). The pool below keeps blocks once faulted in:
 // a buffer takes a free block of about its size, and the block comes back to the pool when

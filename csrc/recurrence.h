@@ -43,11 +43,8 @@
 #include <utility>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "generated/fastrnn_spec.h"  // generated from fastrnn/spec.py by fastrnn/build.py
+#include "scratch.h"
 #include "step.h"
 
 namespace fastrnn {
@@ -197,38 +194,22 @@ inline Layout make_layout(int64_t N, int64_t B, const c10::optional<Tensor>& bat
   return l;
 }
 
-// Outputs and scratch buffers. FASTRNN_NATIVE_POISON=1 fills them with NaN first, so a test
+// Outputs and scratch buffers, from the pool of scratch.h on the CPU (their memory stays
+// faulted in between calls). FASTRNN_NATIVE_POISON=1 fills them with NaN first, so a test
 // catches every element a kernel forgets to write (or reads before writing).
-//
-// Large CPU buffers (output, workspace, gradients: tens of MB) come fresh from mmap on every
-// call; faulting them in 4 KiB pages costs ~5% of the forward. Asking for transparent huge
-// pages (where the kernel allows them on request) makes that 512x fewer faults.
-inline void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (!t.device().is_cpu() || t.nbytes() < 2 * kHuge) return;
-  static const bool enabled = [] {  // FASTRNN_NATIVE_HUGE_PAGES=0 turns it off (comparisons)
-    const char* env = std::getenv("FASTRNN_NATIVE_HUGE_PAGES");
-    return env == nullptr || env[0] != '0';
-  }();
-  if (!enabled) return;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#else
-  (void)t;
-#endif
-}
-
 inline Tensor new_buffer(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  Tensor t = at::empty(sizes, options);
-  advise_huge_pages(t);  // a hint: failure (e.g. THP disabled) changes nothing
+  Tensor t = BufferPool::get().empty(sizes, options);
   const char* poison = std::getenv("FASTRNN_NATIVE_POISON");
   if (poison != nullptr && poison[0] != '\0' && poison[0] != '0') {
     t.fill_(std::numeric_limits<double>::quiet_NaN());
   }
   return t;
+}
+
+// A new buffer holding a copy of `t` (converted to the buffer's dtype), or zeros without it.
+inline Tensor new_copy(at::IntArrayRef sizes, const at::TensorOptions& options, const Tensor& t) {
+  Tensor out = new_buffer(sizes, options);
+  return t.defined() ? out.copy_(t) : out.zero_();
 }
 
 inline Tensor defined_or_empty(const c10::optional<Tensor>& t) {
@@ -414,8 +395,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   // Without backward to feed (need_workspace false) the workspace is one step of scratch,
   // reused by every step, and an empty [0, W] is returned.
   Tensor workspace = new_buffer({need_workspace ? s.N : std::min(s.N, s.B), s.W}, acc_opts);
-  Tensor h_state = h0_in.contiguous().clone();  // running h; ends as h_n
-  Tensor c_state = s.has_c ? c0_in->to(acc_dtype).contiguous().clone() : Tensor();
+  Tensor h_state = new_copy({s.B, s.P}, opts, h0_in);  // running h; ends as h_n
+  Tensor c_state = s.has_c ? new_copy({s.B, s.H}, acc_opts, *c0_in) : Tensor();
   Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
   Tensor hh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor h_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // h * recurrent_mask
@@ -522,15 +503,10 @@ BackwardResult recurrence_backward(
   const Tensor w_hr = s.proj ? *w_hr_in : Tensor();
 
   // Carried gradients: dL/dh (after projection) and dL/dc of the state entering later steps.
-  Tensor dh_state = grad_h_n.has_value() && grad_h_n->defined()
-                        ? grad_h_n->to(dtype).contiguous().clone()
-                        : at::zeros({s.B, s.P}, opts);
-  Tensor dc_state;
-  if (c0.defined()) {
-    dc_state = grad_c_n.has_value() && grad_c_n->defined()
-                   ? grad_c_n->to(acc_dtype).contiguous().clone()
-                   : at::zeros({s.B, s.H}, acc_opts);
-  }
+  Tensor dh_state = new_copy({s.B, s.P}, opts, defined_or_empty(grad_h_n));
+  Tensor dc_state = c0.defined()
+                        ? new_copy({s.B, s.H}, acc_opts, defined_or_empty(grad_c_n))
+                        : Tensor();
   Tensor grad_xproj = new_buffer({s.N, s.G * s.H}, opts);
   // Gradient of hh (= of xproj for lstm/rnn) and of the GEMM result a = h_rec @ w_hh.T
   // (differs from hh's only through the layer norm).
@@ -541,14 +517,15 @@ BackwardResult recurrence_backward(
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row
   Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
   Tensor dh_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // dL/dh_rec
-  // Per-row gradients of the learnable option arguments that are on (the kernels write them).
-  Tensor grad_rows[FASTRNN_NUM_LEARNABLE];
+  // Per-state sums over the steps of the learnable option arguments' gradients (the kernels
+  // add to them), for those that are on.
+  Tensor grad_sums[FASTRNN_NUM_LEARNABLE];
   {
     const int64_t G = s.G, H = s.H;
-#define FASTRNN_ROWS_BUFFER(arg, k, ...) \
-    if (opt.arg.defined()) grad_rows[k] = new_buffer({s.N, __VA_ARGS__}, acc_opts);
-    FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_BUFFER)
-#undef FASTRNN_ROWS_BUFFER
+#define FASTRNN_SUMS_BUFFER(arg, k, ...) \
+    if (opt.arg.defined()) grad_sums[k] = new_copy({s.B, __VA_ARGS__}, acc_opts, Tensor());
+    FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_BUFFER)
+#undef FASTRNN_SUMS_BUFFER
   }
   const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
   // The step kernels leave a direct part of dL/dh_prev in dh_state for the GEMM to add to
@@ -578,7 +555,7 @@ BackwardResult recurrence_backward(
     all.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;
     all.grad_p = s.proj ? grad_out_all.data_ptr<scalar_t>() : nullptr;
 #define FASTRNN_ROWS_POINTER(arg, k, ...) \
-    all.grad_##arg = grad_rows[k].defined() ? grad_rows[k].data_ptr<acc_t>() : nullptr;
+    all.grad_##arg = grad_sums[k].defined() ? grad_sums[k].data_ptr<acc_t>() : nullptr;
     FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_POINTER)
 #undef FASTRNN_ROWS_POINTER
     // States b0 .. b1-1 through every step, as in forward.
@@ -592,6 +569,13 @@ BackwardResult recurrence_backward(
         a.c0 += b0 * s.H;
       }
       a.h0 += b0 * s.P;
+      {
+        const int64_t G = s.G, H = s.H;
+#define FASTRNN_SUMS_OFFSET(arg, k, ...) \
+        if (a.grad_##arg != nullptr) a.grad_##arg += b0 * (__VA_ARGS__);
+        FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_OFFSET)
+#undef FASTRNN_SUMS_OFFSET
+      }
       const int64_t T = static_cast<int64_t>(layout.order.size());
       for (int64_t k = T - 1; k >= 0; --k) {
         const int64_t t = layout.order[k];
@@ -639,16 +623,18 @@ BackwardResult recurrence_backward(
     if (kept < rows) h_prev_all.narrow(0, row + kept, rows - kept).copy_(h0.narrow(0, kept, rows - kept));
     if (opt.mask()) h_prev_all.narrow(0, row, rows).mul_(opt.recurrent_mask.narrow(0, 0, rows));
   }
-  Tensor grad_w_hh = at::mm(grad_a.t(), h_prev_all);
+  Tensor grad_w_hh = new_buffer({s.G * s.H, s.P}, opts);
+  at::mm_out(grad_w_hh, grad_a.t(), h_prev_all);
   Tensor grad_b_hh = grad_hgates.sum(0);
   const Tensor h_pre = s.proj ? workspace.narrow(1, s.cols.h_pre, s.H).to(dtype) : Tensor();
-  Tensor grad_w_hr = s.proj ? at::mm(grad_out_all.t(), h_pre) : at::empty({0}, opts);
+  Tensor grad_w_hr = s.proj ? new_buffer({s.P, s.H}, opts) : at::empty({0}, opts);
+  if (s.proj) at::mm_out(grad_w_hr, grad_out_all.t(), h_pre);
   Tensor grad_c0 = c0.defined() ? dc_state.to(dtype) : at::empty({0}, opts);
-  // The learnable option arguments' gradients: column sums (over steps and batch), in acc_t,
-  // of the per-row gradients; absent ones empty, and distinct tensors (outputs may not alias).
+  // The learnable option arguments' gradients: column sums (over the batch), in acc_t, of the
+  // per-state sums; absent ones empty, and distinct tensors (outputs may not alias).
   Tensor learned[FASTRNN_NUM_LEARNABLE];
   for (int k = 0; k < FASTRNN_NUM_LEARNABLE; ++k) {
-    learned[k] = grad_rows[k].defined() ? grad_rows[k].sum(0).to(dtype) : at::empty({0}, opts);
+    learned[k] = grad_sums[k].defined() ? grad_sums[k].sum(0).to(dtype) : at::empty({0}, opts);
   }
   return {grad_xproj, dh_state, grad_c0, grad_w_hh, grad_b_hh, grad_w_hr, FASTRNN_LEARNED(learned)};
 }

@@ -88,8 +88,9 @@ class CpuGemm {
     n_ = static_cast<int>(N);
     k_ = static_cast<int>(K);
     const size_t bytes = api_->get_size(MklPackedApi::kBMatrix, static_cast<int>(m_), n_, k_);
-    packed_ = at::empty({static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
-                        w.options().dtype(at::kFloat));
+    packed_ = BufferPool::get().empty(
+        {static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float))},
+        w.options().dtype(at::kFloat));
     api_->pack(MklPackedApi::kRowMajor, MklPackedApi::kBMatrix,
                trans ? MklPackedApi::kTrans : MklPackedApi::kNoTrans, static_cast<int>(m_), n_,
                k_, 1.f, src.data_ptr<float>(), ld, packed_.data_ptr<float>());
@@ -298,6 +299,19 @@ struct CpuDevice {
 };
 
 }  // namespace
+
+// The buffer pool (scratch.h); no tensor arguments: catch-all kernels.
+void release_scratch() { BufferPool::get().release(); }
+
+std::vector<int64_t> scratch_stats() {
+  const BufferPool::Stats s = BufferPool::get().stats();
+  return {s.cached, s.in_use, s.peak};
+}
+
+TORCH_LIBRARY_FRAGMENT(fastrnn, m) {
+  m.def("native_release_scratch() -> ()", &release_scratch);
+  m.def("native_scratch_stats() -> int[]", &scratch_stats);  // cached, in use, peak (bytes)
+}
 
 TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
   m.impl("native_forward", &recurrence_forward<CpuDevice>);

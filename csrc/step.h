@@ -174,8 +174,9 @@ struct BackwardStep {
   scalar_t* grad_a = nullptr;        // [N, G*H] (layer norm) gradient of h_rec @ w_hh.T
   acc_t* grad_y = nullptr;           // [N, H] (cell layer norm) dL/dy, y = LN(c_new)
   scalar_t* grad_p = nullptr;        // [N, P] (proj) dL/dp, p = h_pre @ w_hr.T
-  // grad_<argument> [N, size] of each learnable option argument that is on: per-row
-  // gradients, whose column sums are its gradient
+  // grad_<argument> [B, size] of each learnable option argument that is on: per-state sums
+  // over the steps (each state's row is only ever updated by the one worker running it),
+  // whose column sums are its gradient
 #define FASTRNN_ROWS_FIELD(arg, k, ...) acc_t* grad_##arg = nullptr;
   FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_FIELD)
 #undef FASTRNN_ROWS_FIELD
@@ -453,13 +454,13 @@ FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, 
     return mul_rounded(static_cast<acc_t>(d_hh_row[k]), static_cast<acc_t>(w[k]));
   };
   scalar_t* out = a.grad_a + r * GH;
-  acc_t* d_weight = a.grad_ln_weight + r * GH;  // the per-row gradients of ln_weight, ln_bias
-  acc_t* d_bias = a.grad_ln_bias + r * GH;
+  acc_t* d_weight = a.grad_ln_weight + b * GH;  // the state's sums for ln_weight, ln_bias
+  acc_t* d_bias = a.grad_ln_bias + b * GH;
   layer_norm_backward_row(row, GH, hat, rstd, g, [&](int64_t k, acc_t d) {
     out[k] = static_cast<scalar_t>(d);
     const acc_t d_hh = static_cast<acc_t>(d_hh_row[k]);
-    d_weight[k] = d_hh * hat[k];
-    d_bias[k] = d_hh;
+    d_weight[k] += d_hh * hat[k];
+    d_bias[k] += d_hh;
   });
 }
 
@@ -467,7 +468,8 @@ FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, 
 // h = o * tanh(y) (and zoneout of h), `finish` takes dL/dc_new through the cell clip to the
 // gates i, f, g and dL/dc_prev (and zoneout of c). With the cell layer norm, dL/dy goes to
 // grad_y and the row's layer-norm backward calls `finish` once it has the row's sums. With
-// peepholes, d_o waits for `finish` (which adds its path to c) in grad_peephole's o column.
+// peepholes, `finish` adds d_o's path to c: there it reads d_o back from grad_xproj's o
+// column (exact where scalar_t is acc_t: every CPU dtype).
 template <class V, typename scalar_t, typename acc_t>
 struct LSTMBackwardElement {
   BackwardStep<scalar_t, acc_t> a;  // a copy, as in LSTMForwardElement
@@ -499,16 +501,16 @@ struct LSTMBackwardElement {
     const LSTMOutputGrads<acc_t> d =
         lstm_backward_output(dh, ws[3 * H + j], y, clip_limit<V>(o.grad_clip));
     a.grad_xproj[r * 4 * H + 3 * H + j] = static_cast<scalar_t>(d.do_);
-    if constexpr (V::peephole) a.grad_peephole[r * 3 * H + 2 * H + j] = d.do_;
     if constexpr (V::layer_norm_cell) {
       a.grad_y[r * H + j] = d.dy;
     } else {
-      finish(j, d.dy);
+      finish(j, d.dy, d.do_);
     }
   }
 
-  // dc_y: dL/dc_new through y (and h); adds the carried part and masks by the clip.
-  FASTRNN_HD void finish(int64_t j, acc_t dc_y) const {
+  // dc_y: dL/dc_new through y (and h); adds the carried part and masks by the clip. d_o:
+  // the o gate's gradient (read with peepholes only).
+  FASTRNN_HD void finish(int64_t j, acc_t dc_y, acc_t d_o) const {
     const int64_t H = a.H, r = a.row + b;
     const StepOptions<scalar_t, acc_t>& o = a.opt;
     const acc_t* ws = a.ws + r * a.W;
@@ -517,7 +519,6 @@ struct LSTMBackwardElement {
     const acc_t dc_t = *dc_state;
     const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zoneout_c_stride, r, j);
     const acc_t c_raw = f * c_prev + i * g;
-    const acc_t d_o = V::peephole ? a.grad_peephole[r * 3 * H + 2 * H + j] : acc_t(0);
     const acc_t dc = peephole<V>((acc_t(1) - zc) * dc_t + dc_y, o.peephole, 2 * H + j, d_o) *
                      clip_mask<V>(c_raw, o.cell_clip);
     const LSTMGrads<acc_t> d = lstm_backward(dc, i, f, g, c_prev, clip_limit<V>(o.grad_clip));
@@ -529,10 +530,10 @@ struct LSTMBackwardElement {
         peephole<V>(peephole<V>(d.dc_prev, o.peephole, j, d.di), o.peephole, H + j, d.df);
     *dc_state = V::any ? dc_prev + zc * dc_t : dc_prev;
     if constexpr (V::peephole) {
-      acc_t* gp = a.grad_peephole + r * 3 * H;
-      gp[j] = d.di * c_prev;
-      gp[H + j] = d.df * c_prev;
-      gp[2 * H + j] = d_o * clip<V>(c_raw, o.cell_clip);
+      acc_t* gp = a.grad_peephole + b * 3 * H;
+      gp[j] += d.di * c_prev;
+      gp[H + j] += d.df * c_prev;
+      gp[2 * H + j] += d_o * clip<V>(c_raw, o.cell_clip);
     }
   }
 };
@@ -552,12 +553,13 @@ FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_
     auto g = [&](int64_t j) {
       return mul_rounded(dy[j], static_cast<acc_t>(o.ln_c_weight[j]));
     };
-    acc_t* d_weight = a.grad_ln_c_weight + r * H;  // per-row gradients of ln_c_weight, ln_c_bias
-    acc_t* d_bias = a.grad_ln_c_bias + r * H;
+    acc_t* d_weight = a.grad_ln_c_weight + b * H;  // the state's sums of ln_c_weight, ln_c_bias
+    acc_t* d_bias = a.grad_ln_c_bias + b * H;
+    const scalar_t* d_o = a.grad_xproj + r * GH + 3 * H;
     layer_norm_backward_row(row, H, hat, hat[H], g, [&](int64_t j, acc_t dc_y) {
-      element.finish(j, dc_y);
-      d_weight[j] = dy[j] * hat[j];
-      d_bias[j] = dy[j];
+      element.finish(j, dc_y, V::peephole ? static_cast<acc_t>(d_o[j]) : acc_t(0));
+      d_weight[j] += dy[j] * hat[j];
+      d_bias[j] += dy[j];
     });
   }
   if constexpr (V::layer_norm) recurrent_norm_backward(a, b, GH, a.grad_xproj + r * GH, row);

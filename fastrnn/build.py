@@ -55,7 +55,8 @@ CSRC_CANDIDATES = (Path(__file__).resolve().parent / "csrc",          # installe
                    Path(__file__).resolve().parent.parent / "csrc")   # source checkout
 CPU_SOURCES = ("registration.cpp", "recurrence_cpu.cpp", "quantized.cpp")
 CUDA_SOURCES = ("recurrence_cuda.cu",)
-HEADERS = ("cells.h", "step.h", "recurrence.h", "gemv.h", "generated/fastrnn_spec.h")
+HEADERS = ("cells.h", "step.h", "recurrence.h", "scratch.h", "gemv.h",
+           "generated/fastrnn_spec.h")
 DEFAULT_CUDA_ARCH = "9.0"  # used only when no GPU is visible to detect the arch from
 
 _loaded: Optional[str] = None  # "cpu" or "cuda": the variant loaded into this process

@@ -158,6 +158,28 @@ class NativeBackend(Backend):
             raise RuntimeError(f"fastrnn native backend unavailable: {reason}")
 
 
+def release_scratch() -> None:
+    """Free the memory the native CPU ops keep between calls.
+
+    The ops' large CPU buffers (outputs, the workspace kept for backward, gradients, per-step
+    scratch) come from a pool: a buffer freed by its last user goes back to the pool, already
+    faulted in, and the next call takes it instead of new memory from the C allocator (whose
+    fresh pages the kernel faults in and zeroes on every call). The pool caches at most as many
+    bytes as were ever in use at once; this frees what it caches now. Buffers still in live
+    tensors are kept and come back to the pool when freed. ``FASTRNN_NATIVE_POOL=0`` (set
+    before the first native call) turns the pool off."""
+    BACKEND._require()
+    torch.ops.fastrnn.native_release_scratch()
+
+
+def scratch_stats() -> dict:
+    """The native CPU buffer pool's bytes: ``cached`` (free, kept for later calls),
+    ``in_use`` (in live tensors) and ``peak`` (the most ever in use at once)."""
+    BACKEND._require()
+    cached, in_use, peak = torch.ops.fastrnn.native_scratch_stats()
+    return {"cached": cached, "in_use": in_use, "peak": peak}
+
+
 def _cpu_bfloat16(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and t.device.type == "cpu"
 

@@ -13,14 +13,15 @@ process (mmap 32 MiB, trim 64 MiB: blocks above 32 MiB get fresh pages every cal
 too). Both devices: warm-up calls, the memory call, untimed rounds that let every provider
 settle after it (Budget.settle), then repeats until both a minimum count and a time budget
 are met (or a maximum count); the median and the interquartile range are reported. The
-providers of one case are timed interleaved, round by round, and their ratio to the
-baseline is the median of the per-round ratios: on a shared machine a slow spell then
+providers of one case are timed interleaved, round by round in a shuffled order, and their
+ratio to the baseline is the median of the per-round ratios: on a shared machine a slow spell then
 slows both sides of a pair instead of one provider's whole sample.
 """
 from __future__ import annotations
 
 import ctypes
 import dataclasses
+import random
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -87,21 +88,23 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
 
 def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device,
                      budget: Budget) -> Tuple[List[List[float]], Dict[int, BaseException]]:
-    """Time several workloads round by round: each round calls every workload once, starting
-    one further along each time, so a spell of load on a shared machine falls on all of them
-    alike and each round gives a paired ratio (see ``paired_ratio``). ``budget.settle`` rounds
-    run first, untimed. The budget counts per workload. Returns the times (ms) per workload
-    and the exception of any that raised (it is left out of later rounds)."""
+    """Time several workloads round by round: each round calls every workload once, so a
+    spell of load on a shared machine falls on all of them alike and each round gives a
+    paired ratio (see ``paired_ratio``). The order is shuffled every round (seeded): what a
+    call finds in the caches and the allocator depends on the call before it, and in a fixed
+    rotation every workload would always follow the same one. ``budget.settle`` rounds run
+    first, untimed. The budget counts per workload. Returns the times (ms) per workload and
+    the exception of any that raised (it is left out of later rounds)."""
     live = list(range(len(fns)))
     times: List[List[float]] = [[] for _ in fns]
     failed: Dict[int, BaseException] = {}
+    order = random.Random(0)
     rounds, spent = -budget.settle, 0.0
     while live and (rounds <= 0 or (rounds < budget.max_repeats
                                     and spent < budget.cap_seconds * len(fns)
                                     and (rounds < budget.min_repeats
                                          or spent < budget.seconds * len(fns)))):
-        for k in range(len(live)):
-            i = live[(rounds + k) % len(live)]
+        for i in order.sample(live, len(live)):
             try:
                 ms = time_call(fns[i], device)
             except Exception as exc:  # noqa: BLE001 - reported by the caller

@@ -122,8 +122,9 @@ def test_tiny_run_writes_everything_and_flags_wrong_provider(tmp_path, capsys, i
 
 
 def test_interleaved_timing_settles_before_its_timed_rounds():
-    """The settle rounds run every workload in the same rotation, untimed: a workload slow on
-    its first calls (memory faulted in again, a graph optimised) is timed only after them."""
+    """The settle rounds run every workload as the timed rounds do, untimed: a workload slow
+    on its first calls (memory faulted in again, a graph optimised) is timed only after them.
+    Every round calls each live workload once, in an order that changes between rounds."""
     import time
     from bench.timing import Budget, time_interleaved
     calls = []
@@ -141,9 +142,19 @@ def test_interleaved_timing_settles_before_its_timed_rounds():
     times, failed = time_interleaved([workload(i) for i in range(3)], torch.device("cpu"),
                                      budget)
     assert list(failed) == [2] and "second settle round" in str(failed[2])
-    assert calls == [1, 2, 0, 2, 0, 1] + [0, 1] + [1, 0] + [0, 1]   # rotating, as timed
+    rounds = [calls[0:3], calls[3:6], calls[6:8], calls[8:10], calls[10:12]]
+    assert len(calls) == 12
+    assert [sorted(r) for r in rounds] == [[0, 1, 2]] * 2 + [[0, 1]] * 3
     assert [len(t) for t in times] == [3, 3, 0]
     assert max(times[0] + times[1]) < 25   # the slow first calls were the untimed ones
+
+    calls.clear()   # over many rounds each workload follows every other one
+    budget = Budget(warmup=0, min_repeats=30, max_repeats=30, seconds=0.0)
+    time_interleaved([lambda i=i: calls.append(i) for i in range(3)], torch.device("cpu"),
+                     budget)
+    follows = {(a, b) for r in range(30) for a, b in zip(calls[3 * r:3 * r + 2],
+                                                          calls[3 * r + 1:3 * r + 3])}
+    assert follows == {(a, b) for a in range(3) for b in range(3) if a != b}
 
 
 def test_check_rules():

@@ -112,6 +112,13 @@ def torch_nn_module(spec: Spec, dtype: Optional[torch.dtype] = None) -> nn.Modul
                device=spec.device, dtype=dtype or spec.dtype)
 
 
+def skip_slow_reference(spec: Spec, backend: str) -> None:
+    """Skip the reference backend on the costly configs of --quick on CPU."""
+    if (backend == "reference" and spec.size == "quick" and spec.device.type == "cpu"
+            and spec.config.seq * spec.config.batch * spec.config.hidden > QUICK_REFERENCE_WORK):
+        raise Skip("reference backend runs only small configs in --quick on CPU; use --full")
+
+
 def fastrnn_module(spec: Spec, backend: str) -> nn.Module:
     """The one place fastrnn modules are made: ``fastrnn.LSTM/GRU(..., backend=backend)``."""
     import fastrnn
@@ -121,9 +128,7 @@ def fastrnn_module(spec: Spec, backend: str) -> nn.Module:
             spec.cell, spec.dtype, spec.device, spec.config.hidden, 0)
         if reason:
             raise Skip(reason)
-    if (backend == "reference" and spec.size == "quick" and spec.device.type == "cpu"
-            and spec.config.seq * spec.config.batch * spec.config.hidden > QUICK_REFERENCE_WORK):
-        raise Skip("reference backend runs only small configs in --quick on CPU; use --full")
+    skip_slow_reference(spec, backend)
     cls = {"lstm": fastrnn.LSTM, "gru": fastrnn.GRU}[spec.cell]
     c = spec.config
     return cls(c.input, c.hidden, num_layers=c.layers, bidirectional=c.bidirectional,

@@ -110,6 +110,7 @@ def fastrnn_variant_module(spec: rnn.Spec, backend: str, variant: str):
     """``fastrnn.LSTM(layer_norm=True, backend=backend)`` (and the regularisers for
     ln-lstm-reg), or Skip naming why the backend cannot."""
     import fastrnn
+    rnn.skip_slow_reference(spec, backend)
     reason = _options_reason(backend, spec, VARIANTS[variant])
     if reason:
         raise Skip(reason)

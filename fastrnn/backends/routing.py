@@ -12,7 +12,9 @@ answers by (device type, mode, inference or training, shape class) with either
 CPU policy: torch.nn's path except where the native kernels won on every CPU measured. The
 winner differs between CPUs (oneDNN's LSTM is 0.7x native's time on AMD Zen 4, level on the
 Intel Xeon), so a kernel is routed only where it won on both; no per-machine timing, so the
-choice is the same on every run and machine (docs/auto.md). The ratios below are torch.nn
+choice is the same on every run and machine (docs/auto.md). The exception: GRU inference at
+batch 1 and on streams, measured on the Intel Xeon only (AMD's GRU batch 1 inference won
+before the matrix-vector loop; its streams were not measured). The ratios below are torch.nn
 time / native time (above 1: native faster), from ``python -m bench`` on an Intel Xeon
 (bench/results/cpu-2c-2026-11-29-*.md; 1 thread / 2 threads) and an AMD EPYC Zen 4 (2 threads).
 """

@@ -7,9 +7,11 @@
 // one op call. The native backend's bfloat16 inference calls run quantized_recurrence on
 // their own input projection. The gate math is cells.h's, in float32. No gradient:
 // inference only.
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <string>
 #include <tuple>
 
@@ -58,29 +60,47 @@ void check_weight(const char* name, const Tensor& w, const c10::optional<Tensor>
               "]");
 }
 
-// out [rows, N] = a [rows, K] @ w.T (scaled) + bias. With int8 weights on a CPU with VNNI
-// the rows of a are quantized to activation_bits (8 or 16) first (quantized.h's vnni).
-void linear(Tensor& out, const Tensor& a, const Tensor& w, const c10::optional<Tensor>& scale,
-            const c10::optional<Tensor>& bias, int64_t activation_bits) {
+// out [rows, N] = a [rows, K] @ w.T (scaled) + bias, on raw rows (no view made: each
+// tensor op costs a one-frame call microseconds with cold caches). With int8 weights on a
+// CPU with VNNI the rows of a are quantized to activation_bits (8 or 16) first (quantized.h's
+// vnni).
+void linear(float* out, const float* a, int64_t rows, const Tensor& w,
+            const c10::optional<Tensor>& scale, const c10::optional<Tensor>& bias,
+            int64_t activation_bits) {
   const float* s = scale.has_value() ? scale->data_ptr<float>() : nullptr;
   const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const int64_t N = w.size(0), K = w.size(1);
   if (w.scalar_type() == at::kChar) {
     if (quantized::vnni::enabled() &&
-        quantized::vnni::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
-                                w.data_ptr<int8_t>(), s, b, N, K,
+        quantized::vnni::linear(out, a, rows, w.data_ptr<int8_t>(), s, b, N, K,
                                 activation_bits == 16 ? 2 : 1)) {
       return;
     }
-    quantized::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
-                      w.data_ptr<int8_t>(), s, b, N, K);
+    quantized::linear(out, a, rows, w.data_ptr<int8_t>(), s, b, N, K);
   } else if (w.scalar_type() == at::kBFloat16) {
-    quantized::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
-                      w.data_ptr<at::BFloat16>(), s, b, N, K);
+    quantized::linear(out, a, rows, w.data_ptr<at::BFloat16>(), s, b, N, K);
   } else {
-    quantized::linear(out.data_ptr<float>(), a.data_ptr<float>(), a.size(0),
-                      w.data_ptr<float>(), s, b, N, K);
+    quantized::linear(out, a, rows, w.data_ptr<float>(), s, b, N, K);
   }
+}
+
+// A float32 CPU tensor, made without the dispatcher's round trip (at::empty's: microseconds of
+// a one-frame call with cold caches, four times a call).
+Tensor empty_float(c10::IntArrayRef sizes) {
+  return Tensor(at::detail::empty_cpu(sizes, at::kFloat, /*pin_memory=*/false, c10::nullopt));
+}
+
+// A new tensor of ``sizes`` holding t's values (t contiguous or not): the state the loop
+// updates in place. A copy by memcpy where t is contiguous (clone() would set up a
+// TensorIterator: microseconds of a one-frame call).
+Tensor fresh_copy(const Tensor& t) {
+  Tensor copy = empty_float(t.sizes());
+  if (t.is_contiguous()) {
+    if (t.numel() > 0) std::memcpy(copy.data_ptr<float>(), t.data_ptr<float>(), t.nbytes());
+  } else {
+    copy.copy_(t);
+  }
+  return copy;
 }
 
 // The pointwise pass of one step for row b: gates from the two projections, the new state.
@@ -130,28 +150,27 @@ void check_state(const Tensor& h0, const c10::optional<Tensor>& c0, Cell cell) {
 // The time loop on the input projection xproj [T * B, G] (time-major rows, float32): per
 // step the recurrent product of the state with w_hh, then the gate math per row. Returns
 // (output [T * B, H], h_n and c_n shaped like h0 (c_n [0] without c0)).
-std::tuple<Tensor, Tensor, Tensor> recurrence(Cell cell, const Tensor& xproj, const Tensor& h0,
+// ``output``: [T * B, H] (or any shape of as many values), filled here; ``scratch``: at
+// least B * G floats for each step's recurrent product.
+std::tuple<Tensor, Tensor, Tensor> recurrence(Cell cell, const float* xp, Tensor output,
+                                              float* scratch, const Tensor& h0,
                                               const c10::optional<Tensor>& c0,
                                               const Tensor& w_hh,
                                               const c10::optional<Tensor>& s_hh,
                                               const c10::optional<Tensor>& b_hh, bool reverse,
                                               int64_t activation_bits) {
   const int64_t B = h0.size(-2), H = h0.size(-1), G = num_gates(cell) * H;
-  const int64_t T = B > 0 ? xproj.size(0) / B : 0;
-  Tensor output = at::empty({xproj.size(0), H}, h0.options());
-  Tensor h = h0.contiguous().clone();
-  Tensor c = c0.has_value() ? c0->contiguous().clone() : at::empty({0}, h0.options());
+  const int64_t T = B > 0 && H > 0 ? output.numel() / (B * H) : 0;
+  Tensor h = fresh_copy(h0);
+  Tensor c = c0.has_value() ? fresh_copy(*c0) : empty_float({0});
   if (T == 0) return {output, h, c};
-  Tensor hproj = at::empty({B, G}, h0.options());
-  const Tensor rows = h.view({B, H});   // the state as the product's [B, H] rows
-  const float* xp = xproj.data_ptr<float>();
-  const float* hp = hproj.data_ptr<float>();
-  float* hs = h.data_ptr<float>();
+  float* hp = scratch;
+  float* hs = h.data_ptr<float>();   // the state as the product's [B, H] rows
   float* cs = c0.has_value() ? c.data_ptr<float>() : nullptr;
   float* out = output.data_ptr<float>();
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
-    if (G > 0) linear(hproj, rows, w_hh, s_hh, b_hh, activation_bits);
+    if (G > 0) linear(hp, hs, B, w_hh, s_hh, b_hh, activation_bits);
     for (int64_t b = 0; b < B; ++b) {
       const float* xr = xp + (t * B + b) * G;
       const float* hr = hp + b * G;
@@ -187,13 +206,16 @@ std::tuple<Tensor, Tensor, Tensor> quantized_layer(
               h0.sizes());
   check_weight("w_ih", w_ih, s_ih, b_ih, G, I);
   check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
-  Tensor xproj = at::empty({T * B, G}, x.options());
+  // One scratch buffer: the chunk's input projection [T * B, G], then a step's recurrent
+  // product [B, G].
+  Tensor scratch = empty_float({(T + 1) * B * G});
+  float* xproj = scratch.data_ptr<float>();
   if (T * B > 0 && G > 0) {
-    linear(xproj, x.contiguous().view({T * B, I}), w_ih, s_ih, b_ih, activation_bits);
+    const Tensor rows = x.contiguous();
+    linear(xproj, rows.data_ptr<float>(), T * B, w_ih, s_ih, b_ih, activation_bits);
   }
-  auto [output, h_n, c_n] = recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse,
-                                       activation_bits);
-  return {output.view({T, B, H}), h_n, c_n};
+  return recurrence(cell, xproj, empty_float({T, B, H}), xproj + T * B * G, h0, c0,
+                    w_hh, s_hh, b_hh, reverse, activation_bits);
 }
 
 // The recurrence alone, on a given input projection xproj [T * batch, gates] (float32):
@@ -212,7 +234,10 @@ std::tuple<Tensor, Tensor, Tensor> quantized_recurrence(
               "fastrnn quantized: xproj must be a contiguous float32 CPU tensor [steps * ", B,
               ", ", G, "], got ", xproj.scalar_type(), " ", xproj.sizes());
   check_weight("w_hh", w_hh, s_hh, b_hh, G, H);
-  return recurrence(cell, xproj, h0, c0, w_hh, s_hh, b_hh, reverse, activation_bits);
+  Tensor scratch = empty_float({B * G});
+  return recurrence(cell, xproj.data_ptr<float>(), empty_float({xproj.size(0), H}),
+                    scratch.data_ptr<float>(), h0, c0, w_hh, s_hh, b_hh, reverse,
+                    activation_bits);
 }
 
 // Whether int8 products run on integer dot products (quantized.h's vnni), with the

@@ -281,17 +281,19 @@ def test_every_cpu_route_is_taken(mode, inference, shape, op_calls):
 
 def test_cpu_routes_follow_the_measurements():
     """The CPU policy (docs/auto.md): torch.nn's path except where the native kernels won on
-    every CPU measured: packed training, GRU training at batch <= 16 and inference at 2-16
-    (longer than a streaming chunk), and LSTM streaming inference. GRU training on a
-    streaming chunk is torch.nn's (the op's per-call autograd cost decides there)."""
+    every CPU measured: packed training, GRU training at batch <= 16 and inference at batch
+    <= 16, and LSTM streaming inference (GRU inference at batch 1 and GRU streams: Intel only,
+    at 1 and 2 threads). GRU training on a streaming chunk is torch.nn's (the op's per-call
+    autograd cost decides there)."""
     from fastrnn.backends import routing
     kernels = {key for key, route in routing.ROUTES.items()
                if key[0] == "cpu" and route == routing.KERNELS}
     assert kernels == {("cpu", "LSTM", False, "packed"), ("cpu", "GRU", False, "packed"),
                        ("cpu", "GRU", False, "batch1"), ("cpu", "GRU", False, "small"),
-                       ("cpu", "GRU", True, "small"),
-                       # streaming: LSTM inference
-                       ("cpu", "LSTM", True, "stream1"), ("cpu", "LSTM", True, "stream_small")}
+                       ("cpu", "GRU", True, "small"), ("cpu", "GRU", True, "batch1"),
+                       # streaming: inference
+                       ("cpu", "LSTM", True, "stream1"), ("cpu", "LSTM", True, "stream_small"),
+                       ("cpu", "GRU", True, "stream1"), ("cpu", "GRU", True, "stream_small")}
     assert all(route == routing.TORCH for key, route in routing.ROUTES.items()
                if key[0] == "cuda")
 

@@ -25,16 +25,15 @@ MODES = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {}),
 
 @pytest.fixture
 def fused_calls(monkeypatch):
-    """The layers fused_layer ran (its calls that did not hand back None)."""
+    """The cells of the layers the fused loop ran (native.run_layer: from fused_layer, or at
+    once from a module's repeated stream call)."""
     ran = []
-    real = native.fused_layer
+    real = native.run_layer
 
     def spy(*args, **kwargs):
-        result = real(*args, **kwargs)
-        if result is not None:
-            ran.append(args[1])
-        return result
-    monkeypatch.setattr(native, "fused_layer", spy)
+        ran.append(args[0])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(native, "run_layer", spy)
     return ran
 
 
@@ -299,3 +298,171 @@ def test_op_takes_a_one_layer_state_as_given(cell, steps):
         assert flat3[1].shape == (1, 3, 37) and torch.equal(flat2[1], flat3[1][0])
         if lstm:
             assert flat3[2].shape == (1, 3, 37) and torch.equal(flat2[2], flat3[2][0])
+
+
+# -- a module's repeated stream calls (RNNBase._stream_run) ---------------------------------
+
+@pytest.fixture
+def decided(monkeypatch):
+    """The module calls that went the full way (options.call: route and plan decided)."""
+    from fastrnn.nn import options
+    seen = []
+    real = options.call
+    monkeypatch.setattr(options, "call", lambda *a, **k: seen.append(1) or real(*a, **k))
+    return seen
+
+
+def equal_calls(module, reference, x, state=None, calls=3):
+    """``calls`` stream calls of both modules from ``state``: the same bits every call (the
+    module's calls after its first are the recorded path's, the first the full path's)."""
+    first = None
+    with torch.no_grad():
+        for _ in range(calls):
+            got = flat(module(x, state))
+            if first is None:
+                first = got
+            assert all(torch.equal(a, b) for a, b in zip(got, first))
+        expected = flat(reference(x, state))
+    assert_all_close(first, expected, flat(truth(reference, x, state)))
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_repeated_stream_calls_decide_once(cell, batch_first, decided, fused_calls):
+    """The first calls decide (the first of a kind of call makes its plan on the general
+    path, the second runs _plain_run and records); the next ones, alike, run the layer op at
+    once (with the given state, or zeros) and give the same bits as the full path."""
+    module, reference = module_pair(cell, batch_first=batch_first)
+    x = torch.randn(2, 1, 19) if batch_first else torch.randn(1, 2, 19)   # one frame, 2 streams
+    lstm = cell == "lstm"
+    state = (torch.randn(1, 2, 37), torch.randn(1, 2, 37)) if lstm else torch.randn(1, 2, 37)
+    equal_calls(module, reference, x, calls=3)
+    equal_calls(module, reference, x, state, calls=3)
+    assert len(decided) == 2 and fused_calls == [cell] * 6
+    carried, outputs, time = state, [], 1 if batch_first else 0
+    frames = torch.randn(6, *x.shape)
+    with torch.no_grad():   # the state carried from call to call: one call's bits
+        for frame in frames:
+            output, carried = module(frame, carried)
+            outputs.append(output)
+        assert len(decided) == 2 and len(fused_calls) == 12
+        whole = flat(module(torch.cat(list(frames), time), state))
+    assert all(torch.equal(a, b) for a, b in zip(flat((torch.cat(outputs, time), carried)),
+                                                 whole))
+
+
+def test_what_the_record_covers_is_rechecked(decided, fused_calls, monkeypatch):
+    """Each change of what the first call checked sends the next call the full way (which
+    records afresh where it runs the op again), with torch.nn's numbers."""
+    from fastrnn import backends
+    from fastrnn.backends import routing
+    module, reference = module_pair("lstm")
+    x = torch.randn(1, 1, 19)
+    state = (torch.randn(1, 1, 37), torch.randn(1, 1, 37))
+    equal_calls(module, reference, x, state)
+    full = len(decided)
+
+    def full_way(change=None, *args, want_op=True):
+        """After ``change``, the next call goes the full way; once recorded again (the
+        second call at most), the calls after it do not."""
+        nonlocal full
+        if change is not None:
+            change()
+        before = len(fused_calls)
+        equal_calls(module, reference, *(args or (x, state)), calls=3)
+        assert len(decided) > full, change
+        assert (len(fused_calls) - before == 3) == want_op
+        full = len(decided)
+        equal_calls(module, reference, *(args or (x, state)), calls=1)
+        assert len(decided) == full + (not want_op)
+        full = len(decided)
+
+    full_way(lambda: module.train())   # an attribute set (training mode)
+    full_way(lambda: module.eval())
+    full_way(lambda: setattr(module, "backend", "native"))
+    full_way(None, torch.randn(2, 1, 19), state)                        # another shape
+    full_way(None, x, (state[0][:, :, :1].expand(1, 1, 37), state[1]))   # a state's stride
+    with torch.no_grad():   # in place: nothing to recheck, the op reads the weights
+        module.weight_hh_l0.mul_(0.5)
+        reference.weight_hh_l0.mul_(0.5)
+    equal_calls(module, reference, x, state)
+    assert len(decided) == full
+    new = nn.Parameter(torch.randn(4 * 37, 37) / 37 ** 0.5)
+    module._parameters["weight_hh_l0"] = new   # replaced behind the module's back
+    reference.weight_hh_l0 = nn.Parameter(new.detach().clone())
+    full_way()
+    module.register_parameter("bias_hh_l0", nn.Parameter(reference.bias_hh_l0.detach() * 2))
+    with torch.no_grad():
+        reference.bias_hh_l0.mul_(2)
+    full_way()
+    for m in (module, reference):   # .to() keeps the Parameter objects, changes their data
+        m.double()
+    full_way(None, x.double(), tuple(s.double() for s in state), want_op=False)
+    for m in (module, reference):
+        m.float()
+    full_way()
+    monkeypatch.setattr(routing, "ROUTES", dict(routing.ROUTES))   # another routing table
+    full_way()
+    monkeypatch.setenv("FASTRNN_BACKEND", "native")
+    full_way()
+    backends.set_backend("reference")
+    try:   # the module names native itself: the setting does not move it
+        full_way()
+    finally:
+        backends.set_backend(None)
+    full_way()
+    with torch.enable_grad():   # a gradient wanted: the differentiable path, every call
+        for _ in range(2):
+            output = module(x, state)[0]
+            assert output.requires_grad and len(decided) == full + 1
+            full = len(decided)
+    equal_calls(module, reference, x, state)
+    assert len(decided) == full
+
+
+def test_record_follows_dtype_data_and_bad_states(decided, fused_calls):
+    """A weight's .data replaced (the same Parameter) is read or refused as by the full
+    path; a state torch.nn refuses gets torch.nn's error."""
+    module, reference = module_pair("gru")
+    x = torch.randn(1, 1, 19)
+    equal_calls(module, reference, x)
+    with torch.no_grad():
+        for m in (module, reference):
+            m.weight_ih_l0.data = m.weight_ih_l0.data.flip(0).clone()
+    equal_calls(module, reference, x)   # new data, same Parameter: read
+    strided = torch.randn(37, 3 * 37).t() / 37 ** 0.5   # not contiguous: the op refuses it
+    module.weight_hh_l0.data = strided
+    reference.weight_hh_l0.data = strided.clone()
+    before = len(decided)
+    equal_calls(module, reference, x, calls=2)   # the full path, each call
+    assert len(decided) == before + 2
+    module, reference = module_pair("gru")
+    equal_calls(module, reference, x)
+    for bad in (torch.zeros(1, 37), torch.zeros(2, 1, 37), torch.zeros(1, 1, 36),
+                torch.zeros(1, 1, 37, dtype=torch.float64)):
+        with torch.no_grad(), pytest.raises(RuntimeError) as got:
+            module(x, bad)
+        with torch.no_grad(), pytest.raises(RuntimeError) as expected:
+            reference(x, bad)
+        assert str(got.value) == str(expected.value)
+
+
+def test_record_not_kept_by_copies_nor_under_compile_or_trace(decided, fused_calls):
+    module, reference = module_pair("lstm")
+    x = torch.randn(1, 1, 19)
+    equal_calls(module, reference, x)
+    assert module.__dict__.get("_fastrnn_stream") is not None
+    for copied in (copy.deepcopy(module), __import__("pickle").loads(
+            __import__("pickle").dumps(module))):
+        assert "_fastrnn_stream" not in copied.__dict__
+        equal_calls(copied, reference, x)
+    with torch.no_grad():   # the trace records the input's flow, not the record's op
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+        other = torch.randn(1, 1, 19)
+        assert_all_close(flat(traced(other)), flat(reference(other)),
+                         flat(truth(reference, other)))
+        compiled = torch.compile(module, backend="eager", fullgraph=True)
+        for _ in range(2):
+            other = torch.randn(1, 1, 19)
+            assert_all_close(flat(compiled(other)), flat(reference(other)),
+                             flat(truth(reference, other)))

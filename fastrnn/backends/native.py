@@ -247,8 +247,16 @@ def fused_layer(backend: str, cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
             return None
     if x.dim() == 2:
         x = x.view(-1, batch, x.shape[1])
+    return run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse)
+
+
+def run_layer(cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse: bool):
+    """fused_layer's computation without its checks, on x [steps, batch, input]: for a caller
+    that has made them (the module's repeated stream calls, nn/rnn.py). The ops check the
+    tensors' dtype, device and shapes and raise a RuntimeError on any other."""
     steps = x.shape[0]
     if steps > STREAM_STEPS:
+        batch = x.shape[1]
         xproj = torch.nn.functional.linear(x.reshape(steps * batch, x.shape[2]), w_ih, b_ih)
         recurrence = _OPS[1] if _OPS else _layer_ops()[1]
         output, h_n, c_n = recurrence(cell, xproj, h0, c0, w_hh, None, b_hh, reverse)
@@ -260,14 +268,16 @@ def fused_layer(backend: str, cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reve
 
 
 # The two ops' overloads, looked up once (the extension loads on first use): the lookup
-# through torch.ops costs a one-frame call microseconds, more with cold caches.
+# through torch.ops costs a one-frame call microseconds, more with cold caches. Their C++
+# entry (``_op``) is what the overload's __call__ forwards to; called directly it spares a
+# Python frame (about 8 us of a one-frame call with cold caches).
 _OPS = ()
 
 
 def _layer_ops():
     global _OPS
-    _OPS = (torch.ops.fastrnn.quantized_layer.default,
-            torch.ops.fastrnn.quantized_recurrence.default)
+    _OPS = tuple(getattr(op, "_op", op) for op in (torch.ops.fastrnn.quantized_layer.default,
+                                                   torch.ops.fastrnn.quantized_recurrence.default))
     return _OPS
 
 

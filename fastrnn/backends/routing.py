@@ -12,7 +12,9 @@ answers by (device type, mode, inference or training, shape class) with either
 CPU policy: torch.nn's path except where the native kernels won on every CPU measured. The
 winner differs between CPUs (oneDNN's LSTM is 0.7x native's time on AMD Zen 4, level on the
 Intel Xeon), so a kernel is routed only where it won on both; no per-machine timing, so the
-choice is the same on every run and machine (docs/auto.md). The ratios below are torch.nn
+choice is the same on every run and machine (docs/auto.md). The exception: GRU inference at
+batch 1 and on streams, measured on the Intel Xeon only (AMD's GRU batch 1 inference won
+before the matrix-vector loop; its streams were not measured). The ratios below are torch.nn
 time / native time (above 1: native faster), from ``python -m bench`` on an Intel Xeon
 (bench/results/cpu-2c-2026-11-29-*.md; 1 thread / 2 threads) and an AMD EPYC Zen 4 (2 threads).
 """
@@ -79,6 +81,12 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
     routes["cpu", "GRU", False, "small"] = KERNELS
     # GRU inference at batch 16: 1.36 / 1.99 / 1.14 (batch 1: 0.91 on Intel, so torch).
     routes["cpu", "GRU", True, "small"] = KERNELS
+    # GRU inference at batch 1: AMD 1.38 before the matrix-vector loop; with it (a call
+    # above 16 frames: F.linear's projection, then quantized_recurrence) at 100 frames,
+    # Intel 1 thread / 2 threads, medians of 21-31 interleaved rounds in separate processes,
+    # `python -m bench.suites.streaming --full --cell gru`: hidden 256 1.82 / 2.19, 512
+    # 1.62-1.58 / 1.79-2.02, 1024 1.16-1.18 / 1.25-1.28.
+    routes["cpu", "GRU", True, "batch1"] = KERNELS
     # Streaming classes take the route of their batch's class (measured at 100 steps), except
     # in inference, measured per frame on chunks of 1, 4 and 16 steps (Intel, 1 thread, hidden
     # 512, a shared machine: torch.nn / native of the fastest of 31 interleaved calls,
@@ -99,14 +107,19 @@ def _table() -> Dict[Tuple[str, str, bool, str], str]:
     # batch 1 2.71, 2.02, 1.39 (and 1.08 at 100 frames, the batch1 class: AMD not measured).
     routes["cpu", "LSTM", True, "stream1"] = KERNELS
     routes["cpu", "LSTM", True, "stream_small"] = KERNELS
-    # GRU, batch 1: 0.76, 0.91, 1.01; batch 4: 0.85, 0.95, 1.13: torch.nn's GRU has no
-    # per-call set-up, and fastrnn's Python per call (tens of microseconds) is what it loses.
-    # With the fused layer op (same files): 1 thread batch 1 0.97, 1.06, 1.07, batch 4 1.05,
-    # 1.15, 1.25; 2 threads batch 1 0.84, 1.00, 1.21, batch 4 0.85, 1.12, 1.01: no clear win
-    # at 1 and 4 frames, so still torch.nn's path. Again with the state passed as given
-    # (bench/results/streaming-f32-cpu-2c-2026-12-02-t1.md, Intel, 1 thread, batch 1): 0.98,
-    # 1.11, 1.41; 1.57 at 100 frames; one frame still level.
-    routes["cpu", "GRU", True, "stream_small"] = TORCH
+    # GRU: torch.nn's GRU has no per-call set-up, so fastrnn's Python per call (tens of
+    # microseconds) decided, and it lost at one frame until a module's repeated stream call
+    # ran the layer op at once (nn/rnn.py's _stream_run) and the op's own tensor ops went.
+    # Since then (Intel only, AMD not measured; 1 thread / 2 threads, 1, 4 and 16 frames,
+    # medians of 21-31 interleaved rounds, `python -m bench.suites.streaming --full --cell gru`
+    # and `python -m bench --suite streaming`, two runs each): batch 1 hidden 256 1.32, 1.38,
+    # 1.61 / 1.35, 1.46, 1.81; 512 1.16-1.18, 1.28-1.30, 1.46-1.48 / 1.09-1.18, 1.37-1.39,
+    # 1.82-1.85; 1024 0.84-0.98, 1.10-1.21, 1.16-1.18 / 0.99-1.08, 1.22, 1.30-1.32 (one frame
+    # level: 24 MB of weights read either way); batch 4 hidden 256 1.01-1.24, 1.06-1.24,
+    # 0.95-0.97 / 1.20-1.22, 0.94-1.35, 1.20-1.23; 512 0.94-1.05, 1.42-1.44, 1.33-1.35 /
+    # 1.05-1.06, 1.28-1.38, 1.26-1.49; 1024 1.64, 1.54, 1.34 / 1.45, 1.50, 1.40.
+    routes["cpu", "GRU", True, "stream1"] = KERNELS
+    routes["cpu", "GRU", True, "stream_small"] = KERNELS
     # GRU training on short chunks (Intel, 1 thread, per call, 1 / 4 / 16 frames): hidden 512
     # batch 1: 0.63, 0.91, 1.11; batch 4: 0.76, 1.03, 1.22; hidden 256 batch 1: 0.45, 0.76,
     # 1.16; batch 4: 0.39, 0.62, 0.87. The op's autograd set-up per call outweighs the

@@ -211,6 +211,7 @@ def copied_state(module) -> dict:
     copy decides afresh)."""
     state = torch.nn.Module.__getstate__(module)
     state.pop("_fastrnn_calls", None)
+    state.pop("_fastrnn_stream", None)
     return state
 
 

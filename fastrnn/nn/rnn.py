@@ -32,6 +32,15 @@ def _layer_names(layer: int, direction: int) -> tuple:
 
 _LAYER_NAMES = {}   # (layer, direction) -> _layer_names(layer, direction)
 
+# Read on every stream call (RNNBase._stream_run), bound once.
+_FLOAT32 = torch.float32
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
+_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_autocast = torch.is_autocast_enabled
+
 
 class RNNBase(nn.Module):
     """Shared machinery of LSTM, GRU and RNN (the twin of ``torch.nn.RNNBase``).
@@ -349,6 +358,85 @@ class RNNBase(nn.Module):
                         self.training, self.bidirectional, self.batch_first)
         return (result[0], result[1:]) if self.mode == "LSTM" else result
 
+    # -- repeated stream calls ----------------------------------------------------------
+    # A one-frame call's arithmetic is one read of the weights; what a module call adds on
+    # top is Python (the route's key, the plan, the checks of each layer: about 75 us with
+    # cold caches, as after a frame's 8 MB of weights). A stream calls the module again and
+    # again alike, so a call that _plain_run ran on the native layer op without gradient
+    # leaves a record (_stream_record) of what it checked; a later call equal in what the
+    # record does not cover runs the op at once (_stream_run). What can change the checks'
+    # answers drops the record: any attribute set or deleted on the module (training,
+    # backend, options, parameters), _apply (to, float, cuda, share_memory...), or a
+    # parameter no longer the one recorded; what is outside the module (the backend setting,
+    # FASTRNN_BACKEND, the routing table) is compared on every call.
+    _fastrnn_stream = None
+
+    def __setattr__(self, name, value):
+        self.__dict__.pop("_fastrnn_stream", None)
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        self.__dict__.pop("_fastrnn_stream", None)
+        super().__delattr__(name)
+
+    def _apply(self, *args, **kwargs):
+        self.__dict__.pop("_fastrnn_stream", None)
+        return super()._apply(*args, **kwargs)
+
+    def _stream_record(self, input, h0, c0, weights) -> None:
+        """Remember a one-layer call that _plain_run has just run on native.run_layer's ops
+        without gradient, for _stream_run."""
+        names = _layer_names(0, 0)[:4]
+        params = self._parameters
+        if torch.is_grad_enabled() or any(params.get(name) is not w for name, w in
+                                           zip(names, weights)):
+            return   # a weight held elsewhere (e.g. parametrized) is computed per call
+        self.__dict__["_fastrnn_stream"] = (
+            input.shape, h0.shape, None if c0 is None else c0.shape, backends._default,
+            backends._environment_backend(), backends.routing.ROUTES, names, weights,
+            CELL_OF_MODE[self.mode].name)
+
+    def _stream_run(self, record, input, hx):
+        """A call like the recorded one, run at once; None where it is not alike (the full
+        path then decides afresh)."""
+        (shape, h_shape, c_shape, setting, environment, routes, names, weights,
+         cell) = record
+        if _grad_enabled() or _is_tracing() or _function_mode() or _dispatch_modes() or \
+                type(input) is not Tensor or input.shape != shape or \
+                input.dtype is not _FLOAT32 or not input.is_cpu or \
+                _autocast("cpu") or backends._default is not setting or \
+                backends.routing.ROUTES is not routes or \
+                backends._environment_backend() != environment:
+            return None
+        params = self._parameters
+        w_ih, w_hh, b_ih, b_hh = weights
+        if params.get(names[0]) is not w_ih or params.get(names[1]) is not w_hh or \
+                params.get(names[2]) is not b_ih or params.get(names[3]) is not b_hh:
+            return None
+        if c_shape is None:   # GRU, RNN
+            if hx is None:
+                h0, c0 = torch.zeros(h_shape, dtype=_FLOAT32), None
+            elif type(hx) is Tensor and hx.shape == h_shape:
+                h0, c0 = hx, None
+            else:
+                return None
+        elif hx is None:
+            h0, c0 = torch.zeros(h_shape, dtype=_FLOAT32), torch.zeros(c_shape, dtype=_FLOAT32)
+        elif type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor and \
+                type(hx[1]) is Tensor and hx[0].shape == h_shape and hx[1].shape == c_shape:
+            h0, c0 = hx
+        else:
+            return None
+        x = input.transpose(0, 1) if self.batch_first else input
+        try:   # the ops check the states' and weights' dtype, device and sizes
+            output, h_n, c_n = native.run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                False)
+        except RuntimeError:   # e.g. a weight's .data replaced: the full path says what
+            return None
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        return output, (h_n if c0 is None else (h_n, c_n))
+
     def _plain_run(self, input, hx, call):
         """_forward of a call without options, segments, autocast, reversed direction or
         dropout, that _dense_state takes, with states of the weights' dtype: each layer's
@@ -384,6 +472,8 @@ class RNNBase(nn.Module):
                 backend, kind, x, h_layer, c_layer, w_ih, w_hh, b_ih, b_hh, False)
             if fused is not None:   # the whole layer ran as one op call
                 x, h_n, c_n = fused
+                if single:
+                    self._stream_record(input, h_layer, c_layer, (w_ih, w_hh, b_ih, b_hh))
             else:
                 rows, h_n, c_n = ops.recurrence(
                     kind, F.linear(x.reshape(steps * batch, x.shape[2]), w_ih, b_ih), h0[layer],
@@ -447,6 +537,12 @@ class RNNBase(nn.Module):
 
     def _forward(self, input, hx, state_checks):
         """Common forward: unpack/batch the input, run, and repack like torch.nn."""
+        # (compiling, the record is not read: no guard on what it holds)
+        record = None if _is_compiling() else self._fastrnn_stream
+        if record is not None:
+            result = self._stream_run(record, input, hx)
+            if result is not None:
+                return result
         if type(self.num_layers) is not int or type(self.bidirectional) is not bool:
             # torch.nn's kernels take exactly an int and a bool: its forward raises their
             # TypeError (the constructor accepts e.g. bidirectional=1, as torch.nn's does).

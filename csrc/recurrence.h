@@ -45,7 +45,7 @@
 
 #include "generated/fastrnn_spec.h"  // generated from fastrnn/spec.py by fastrnn/build.py
 #include "scratch.h"
-#include "step.h"
+#include "cells.h"  // and step.h, generated/fastrnn_spec.h
 
 namespace fastrnn {
 

@@ -81,7 +81,7 @@ def sigmoid(x):
 
 @triton.jit
 def tanh(x):
-    # The policy of the C++ kernels (csrc/cells.h): tanh(|x|) = (1 - e) / (1 + e) with
+    # The policy of the C++ kernels (csrc/activations.h): tanh(|x|) = (1 - e) / (1 + e) with
     # e = exp(-2|x|) <= 1 (no overflow), and the odd Taylor series below |x| = 0.3, where
     # 1 - e cancels. Every float32 is then within 2.1 ulp of float64 tanh (3.4 without
     # FMAs, as in the interpreter); a switch at 0.05 costs 5.5 ulp (17).

@@ -39,6 +39,24 @@ def num_gates(cell_id):
     return _GATES_OF_ID.value[cell_id]
 
 
+# What a kernel does around a cell's math (spec.Cell), per cell id.
+_HAS_CELL_STATE = tl.constexpr(tuple(cell.has_cell_state for cell in CELLS.values()))
+_DIRECT_H = tl.constexpr(tuple(cell.direct_h for cell in CELLS.values()))
+
+
+@triton.constexpr_function
+def has_cell_state(cell_id):
+    """Whether cell CELL carries a cell state c (c0, c_n), a compile-time constant."""
+    return _HAS_CELL_STATE.value[cell_id]
+
+
+@triton.constexpr_function
+def direct_h(cell_id):
+    """Whether h_prev reaches h besides through w_hh (gru: z * h_prev), a compile-time
+    constant: its forward reads h_prev, its backward has a direct part of dL/dh_prev."""
+    return _DIRECT_H.value[cell_id]
+
+
 # The options as the step kernels see them, all from the spec: OPTIONS, a constexpr bit mask
 # of the options that are on (``option_bits``; ``on`` tests one); ``opt``, a tuple of every
 # tensor option argument (``arg`` names its place; a dummy where absent); ``grads``, a tuple of
@@ -154,44 +172,6 @@ def _peephole_tiles(opt, cols, H, like, OPTIONS: tl.constexpr):
         p_f = load_tile(p + H, cols, H)
         p_o = load_tile(p + 2 * H, cols, H)
     return p_i, p_f, p_o
-
-
-@triton.jit
-def lstm_forward_options(ai, af, ag, ao, c_prev, opt, cols, H, cell_clip,
-                         OPTIONS: tl.constexpr):
-    """lstm_forward with the options inside the cell -> i, f, g, o, c. Peepholes (Gers and
-    Schmidhuber 2000): i and f also see c_prev (weights p_i, p_f), o sees the new c (p_o)
-    after the cell clip clamps it."""
-    p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
-    if on(OPTIONS, "peephole"):
-        ai += p_i * c_prev
-        af += p_f * c_prev
-    i, f, g, o, c = lstm_forward(ai, af, ag, ao, c_prev)
-    if on(OPTIONS, "cell_clip"):
-        c = clamp(c, cell_clip)
-    if on(OPTIONS, "peephole"):
-        o = sigmoid(ao + p_o * c)
-    return i, f, g, o, c
-
-
-@triton.jit
-def lstm_backward_options(i, f, g, c_prev, c_raw, c, dc, dao, opt, grads, rows, cols, mask, H,
-                          cell_clip, clip, OPTIONS: tl.constexpr):
-    """lstm_backward through lstm_forward_options: ``dc`` is dL/dc of the new c from every
-    path but o's peephole, ``dao`` o's pre-activation gradient, ``c_raw`` / ``c`` the new c
-    before / after the clip. -> as lstm_backward, dL/dc_prev with the peephole paths of i and
-    f; the peepholes' per-row gradients d_i c_prev | d_f c_prev | d_o c go to ``grads``."""
-    p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
-    if on(OPTIONS, "peephole"):
-        dc += dao * p_o
-    if on(OPTIONS, "cell_clip"):
-        dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
-    dai, daf, dag, dc_prev = lstm_backward(i, f, g, c_prev, dc, clip, on(OPTIONS, "grad_clip"))
-    if on(OPTIONS, "peephole"):
-        dc_prev += dai * p_i + daf * p_f
-        store_tiles(grads[learned("peephole")] + rows * (3 * H) + cols, H, dai * c_prev,
-                    daf * c_prev, dao * c, dao, mask, 3)
-    return dai, daf, dag, dc_prev
 
 
 # ---------------------------------------------------------------- GRU (gates r, z, n)
@@ -321,3 +301,130 @@ def layer_norm_rows_backward(g0, g1, g2, g3, x0, x1, x2, x3, rstd, mask, count,
     mean_gx = _row_sum(g0 * x0, g1 * x1, g2 * x2, g3 * x3, mask, TILES) / count
     return (rstd * (g0 - mean_g - x0 * mean_gx), rstd * (g1 - mean_g - x1 * mean_gx),
             rstd * (g2 - mean_g - x2 * mean_gx), rstd * (g3 - mean_g - x3 * mean_gx))
+
+
+# ---------------------------------------------------------------- one step of a cell
+# Every kernel runs a cell through these two functions: the cell kinds' branches are here
+# and nowhere else. A tile is [BLOCK_B, BLOCK_H]: rows ``live`` (a [BLOCK_B, 1] mask), hidden
+# units ``cols``; ``ws_row`` points at each row's workspace. The kernels without options
+# (persistent.py) pass OPTIONS = 0 and None for what only options read (opt, grads, state).
+
+@triton.jit
+def forward_cell(CELL: tl.constexpr, x0, x1, x2, x3, r0, r1, r2, r3, c_prev, h_prev, ws_row,
+                 cols, live, H, opt, state, LNC_OFF, cell_clip, HAS_PROJ: tl.constexpr,
+                 OPTIONS: tl.constexpr):
+    """One step of cell CELL: x_k / r_k the input / recurrent (layer norm and bias included)
+    pre-activation parts of gate k, c_prev the cell state (where the cell has one), h_prev
+    the h before the step (where direct_h). Stores the cell's workspace columns -> (c, h):
+    the new cell state (c_prev without one), h before the projection and zoneout_h.
+    lstm's options: peepholes (Gers and Schmidhuber 2000; i and f also see c_prev, o the new
+    c after the cell clip), cell_clip, layer_norm_cell (y = LN(c) in h = o * tanh(y); ``state``
+    indexes the per-row ones), zoneout_c."""
+    mask = live & (cols < H)
+    ws = ws_row + cols
+    c = c_prev
+    if CELL == LSTM:
+        p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
+        ai = x0 + r0
+        af = x1 + r1
+        if on(OPTIONS, "peephole"):
+            ai += p_i * c_prev
+            af += p_f * c_prev
+        i, f, g, o, c = lstm_forward(ai, af, x2 + r2, x3 + r3, c_prev)
+        if on(OPTIONS, "cell_clip"):
+            c = clamp(c, cell_clip)
+        if on(OPTIONS, "peephole"):
+            o = sigmoid(x3 + r3 + p_o * c)
+        y = c
+        if on(OPTIONS, "layer_norm_cell"):
+            c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
+            tl.store(ws + LNC_OFF, c_hat, mask=mask)
+            tl.store(ws_row + LNC_OFF + H, rstd_c, mask=live)
+            y = (c_hat * load_tile(opt[arg("ln_c_weight")], cols, H)
+                 + load_tile(opt[arg("ln_c_bias")], cols, H))
+        h = o * tanh(y)
+        if on(OPTIONS, "zoneout_c"):
+            z_c = tl.load(opt[arg("zoneout_c")] + state, mask=mask, other=0.0).to(tl.float32)
+            c = zoneout(z_c, c, c_prev)
+        store_tiles(ws, H, i, f, g, o, mask, 4)
+        tl.store(ws + C_COL * H, c, mask=mask)
+        if HAS_PROJ:
+            tl.store(ws + H_PRE_COL * H, h, mask=mask)  # h before projection
+    elif CELL == GRU:
+        r, z, n, h = gru_forward(x0, x1, x2, r0, r1, r2, h_prev)
+        store_tiles(ws, H, r, z, n, r2, mask, 4)
+    else:
+        h = rnn_forward(x0 + r0, CELL == RNN_RELU)
+    return c, h
+
+
+@triton.jit
+def backward_cell(CELL: tl.constexpr, dh, direct, dc, c_prev, h_prev, h_ptrs, ws_row, cols,
+                  live, H, opt, grads, rows, state, LNC_OFF, cell_clip, grad_clip,
+                  OPTIONS: tl.constexpr):
+    """Backward of forward_cell for dh = dL/dh before the projection (zoneout_h's part split
+    off into ``direct``) and dc = dL/dc from later steps; h_ptrs: the step's output h (the
+    Elman cells read their derivative off it). -> (dx_0..3: the gates' input pre-activation
+    gradients; dr_0..3: the recurrent pre-activation's (gru's hn differs); dc_prev; direct:
+    the part of dL/dh_prev not through w_hh). The learnable options' per-row gradients go to
+    ``grads`` (the peepholes', the cell layer norm's)."""
+    mask = live & (cols < H)
+    ws = ws_row + cols
+    dc_prev = dc
+    if CELL == LSTM:
+        i, f, g, o = load_tiles(ws, H, mask, 4)
+        if on(OPTIONS, "zoneout_c"):
+            z_c = tl.load(opt[arg("zoneout_c")] + state, mask=mask, other=0.0).to(tl.float32)
+            dc_direct = z_c * dc
+            dc = (1.0 - z_c) * dc
+        if on(OPTIONS, "layer_norm_cell") or on(OPTIONS, "cell_clip") or on(OPTIONS, "zoneout_c"):
+            c_raw = f * c_prev + i * g  # the workspace holds c_t, after clip and zoneout
+        else:
+            c_raw = tl.load(ws + C_COL * H, mask=mask, other=0.0)
+        c = c_raw
+        if on(OPTIONS, "cell_clip"):
+            c = clamp(c_raw, cell_clip)
+        y = c
+        if on(OPTIONS, "layer_norm_cell"):
+            c_hat = tl.load(ws + LNC_OFF, mask=mask, other=0.0)
+            rstd_c = tl.load(ws_row + LNC_OFF + H, mask=live, other=0.0)
+            w_c = load_tile(opt[arg("ln_c_weight")], cols, H)
+            y = c_hat * w_c + load_tile(opt[arg("ln_c_bias")], cols, H)
+        dao, dy = lstm_backward_output(o, y, dh, grad_clip, on(OPTIONS, "grad_clip"))
+        if on(OPTIONS, "layer_norm_cell"):
+            tl.store(grads[learned("ln_c_weight")] + state, dy * c_hat, mask=mask)
+            tl.store(grads[learned("ln_c_bias")] + state, dy, mask=mask)
+            dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat, c_hat,
+                                                   c_hat, rstd_c, mask, H, 1)
+        # dL/dc of the new c from every path (o's peephole too), masked by the cell clip
+        dc += dy
+        p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
+        if on(OPTIONS, "peephole"):
+            dc += dao * p_o
+        if on(OPTIONS, "cell_clip"):
+            dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
+        dai, daf, dag, dc_prev = lstm_backward(i, f, g, c_prev, dc, grad_clip,
+                                               on(OPTIONS, "grad_clip"))
+        if on(OPTIONS, "peephole"):
+            dc_prev += dai * p_i + daf * p_f
+            store_tiles(grads[learned("peephole")] + rows * (3 * H) + cols, H, dai * c_prev,
+                        daf * c_prev, dao * c, dao, mask, 3)
+        if on(OPTIONS, "zoneout_c"):
+            dc_prev += dc_direct
+        dx0, dx1, dx2, dx3 = dai, daf, dag, dao
+        dr0, dr1, dr2, dr3 = dai, daf, dag, dao
+    elif CELL == GRU:
+        r, z, n, hn = load_tiles(ws, H, mask, 4)
+        dx0, dx1, dx2, dhn, gru_direct = gru_backward(r, z, n, hn, h_prev, dh, grad_clip,
+                                                      on(OPTIONS, "grad_clip"))
+        if on(OPTIONS, "zoneout_h"):
+            gru_direct += direct
+        direct = gru_direct
+        dx3 = dx2
+        dr0, dr1, dr2, dr3 = dx0, dx1, dhn, dhn
+    else:
+        h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        dx0 = rnn_backward(h, dh, CELL == RNN_RELU)
+        dx1, dx2, dx3 = dx0, dx0, dx0
+        dr0, dr1, dr2, dr3 = dx0, dx0, dx0, dx0
+    return dx0, dx1, dx2, dx3, dr0, dr1, dr2, dr3, dc_prev, direct

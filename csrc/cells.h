@@ -1,13 +1,9 @@
 // Each cell kind's math: the gate functions of ONE element (row b, unit j), forward and
-// backward, and the cell's row math, CellMath<Cell::...> (forward_row / backward_row), that
-// step.h's generic row calls through the compile-time Cell. A new cell kind is a new
-// CellMath specialisation here; the generic parts it calls (step.h: recurrent_input, store_h,
-// h_grad, the clips and zoneout) carry the options every cell shares.
-//
-// Shared verbatim by the CPU loop (recurrence_cpu.cpp) and the CUDA kernels
-// (recurrence_cuda.cu), so the CPU tests exercise the math the GPU runs. Everything here is
-// written for the accumulation type T (float for float/half/bfloat16, double for double).
-// The formulas match fastrnn/backends/reference.py (the spec) line by line.
+// backward, and its row math, CellMath<Cell::...>, which step.h's generic row calls through
+// the compile-time Cell; the options every cell shares are step.h's (recurrent_input,
+// store_h, h_grad, clips, zoneout). Shared verbatim by the CPU loop (recurrence_cpu.cpp) and
+// the CUDA kernels (recurrence_cuda.cu), written for the accumulation type T (float for
+// float/half/bfloat16, double for double). The formulas match fastrnn/backends/reference.py.
 #pragma once
 
 #include "step.h"  // the generic step; activations.h, generated/fastrnn_spec.h (the Cell enum)
@@ -17,7 +13,7 @@ namespace fastrnn {
 // ------------------------------------------------------------------ LSTM
 // Gates (i, f, g, o); c = f * c_prev + i * g; h = o * tanh(y), y = c after the options
 // (cell clip, cell layer norm), which is why the step computes h. The o gate comes after c:
-// an option may make its pre-activation depend on the new cell state (step.h).
+// the peephole makes its pre-activation depend on the new cell state (below).
 template <typename T>
 struct LSTMGates { T i, f, g, c; };
 
@@ -377,9 +373,7 @@ struct ElmanMath {
   }
 };
 
-template <>
-struct CellMath<Cell::RNN_TANH> : ElmanMath<Cell::RNN_TANH> {};
-template <>
-struct CellMath<Cell::RNN_RELU> : ElmanMath<Cell::RNN_RELU> {};
+template <> struct CellMath<Cell::RNN_TANH> : ElmanMath<Cell::RNN_TANH> {};
+template <> struct CellMath<Cell::RNN_RELU> : ElmanMath<Cell::RNN_RELU> {};
 
 }  // namespace fastrnn

@@ -1,6 +1,7 @@
-// One time step of the recurrence for ONE live row b: loads, the gate math of cells.h,
-// stores, for every hidden unit j of the row (forward_row, backward_row). Layouts are those
-// of docs/op-contract.md:
+// One time step of the recurrence for ONE live row b, every cell kind: forward_row and
+// backward_row run the cell's row math (cells.h, CellMath) with the parts all cells share
+// here (the recurrent input and its layer norm, the h store, dL/dh, clips, zoneout, the
+// projection's pass). Layouts are those of docs/op-contract.md:
 //   packed rows: step t owns rows [row, row + rows) of xproj/output/workspace/grad_xproj;
 //   row b of a step is sequence b, so the live rows of a step are the first `rows` states.
 #pragma once

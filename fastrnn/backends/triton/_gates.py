@@ -21,7 +21,6 @@ from ...spec import CELLS
 CELL_IDS = {name: index for index, name in enumerate(CELLS)}
 LSTM = tl.constexpr(CELL_IDS["lstm"])
 GRU = tl.constexpr(CELL_IDS["gru"])
-RNN_TANH = tl.constexpr(CELL_IDS["rnn_tanh"])
 RNN_RELU = tl.constexpr(CELL_IDS["rnn_relu"])
 NUM_GATES = {name: cell.num_gates for name, cell in CELLS.items()}
 _GATES_OF_ID = tl.constexpr(tuple(NUM_GATES.values()))
@@ -125,102 +124,6 @@ def matmul(a, b):
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
-# ---------------------------------------------------------------- LSTM (gates i, f, g, o)
-
-@triton.jit
-def lstm_forward(ai, af, ag, ao, c_prev):
-    """-> gates i, f, g, o and c = f * c_prev + i * g. The caller forms h = o * tanh(y), y being
-    c after the options (cell clip, cell layer norm)."""
-    i = sigmoid(ai)
-    f = sigmoid(af)
-    g = tanh(ag)
-    o = sigmoid(ao)
-    return i, f, g, o, f * c_prev + i * g
-
-
-@triton.jit
-def lstm_backward_output(o, y, dh, clip, CLIP: tl.constexpr):
-    """Backward of h = o * tanh(y) -> (pre-activation gradient of o, dL/dy)."""
-    ty = tanh(y)
-    dao = dh * ty * o * (1.0 - o)
-    if CLIP:
-        dao = clamp(dao, clip)
-    return dao, dh * o * (1.0 - ty * ty)
-
-
-@triton.jit
-def lstm_backward(i, f, g, c_prev, dc, clip, CLIP: tl.constexpr):
-    """Backward of c = f * c_prev + i * g for dc = dL/dc -> pre-activation gradients of
-    i, f, g and dc * f (dL/dc_prev, less zoneout's direct part)."""
-    dai = dc * g * i * (1.0 - i)
-    daf = dc * c_prev * f * (1.0 - f)
-    dag = dc * i * (1.0 - g * g)
-    if CLIP:
-        dai = clamp(dai, clip)
-        daf = clamp(daf, clip)
-        dag = clamp(dag, clip)
-    return dai, daf, dag, dc * f
-
-
-@triton.jit
-def _peephole_tiles(opt, cols, H, like, OPTIONS: tl.constexpr):
-    """The peephole weight tiles p_i, p_f, p_o; without peepholes, ``like`` stands for them."""
-    p_i, p_f, p_o = like, like, like
-    if on(OPTIONS, "peephole"):
-        p = opt[arg("peephole")]
-        p_i = load_tile(p, cols, H)
-        p_f = load_tile(p + H, cols, H)
-        p_o = load_tile(p + 2 * H, cols, H)
-    return p_i, p_f, p_o
-
-
-# ---------------------------------------------------------------- GRU (gates r, z, n)
-
-@triton.jit
-def gru_forward(xr, xz, xn, hr, hz, hn, h_prev):
-    """x* from the input projection, h* = h_prev @ W_h*.T + b_h* (hn is kept for backward)."""
-    r = sigmoid(xr + hr)
-    z = sigmoid(xz + hz)
-    n = tanh(xn + r * hn)
-    h = (1.0 - z) * n + z * h_prev
-    return r, z, n, h
-
-
-@triton.jit
-def gru_backward(r, z, n, hn, h_prev, dh, clip, CLIP: tl.constexpr):
-    """-> (d xr, d xz, d xn, d hn, direct part of d h_prev); d hr = d xr, d hz = d xz."""
-    dan = dh * (1.0 - z) * (1.0 - n * n)
-    if CLIP:
-        dan = clamp(dan, clip)
-    dar = dan * hn * r * (1.0 - r)
-    daz = dh * (h_prev - n) * z * (1.0 - z)
-    if CLIP:
-        dar = clamp(dar, clip)
-        daz = clamp(daz, clip)
-    return dar, daz, dan, dan * r, dh * z
-
-
-# ---------------------------------------------------------------- Elman RNN
-
-@triton.jit
-def rnn_forward(a, RELU: tl.constexpr):
-    if RELU:
-        h = tl.maximum(a, 0.0)
-    else:
-        h = tanh(a)
-    return h
-
-
-@triton.jit
-def rnn_backward(h, dh, RELU: tl.constexpr):
-    """The derivative is read off the output h itself (the workspace is empty)."""
-    if RELU:
-        da = tl.where(h > 0, dh, 0.0)
-    else:
-        da = dh * (1.0 - h * h)
-    return da
-
-
 # ---------------------------------------------------------------- workspace (op contract)
 
 @triton.jit
@@ -304,37 +207,38 @@ def layer_norm_rows_backward(g0, g1, g2, g3, x0, x1, x2, x3, rstd, mask, count,
 
 
 # ---------------------------------------------------------------- one step of a cell
-# Every kernel runs a cell through these two functions: the cell kinds' branches are here
-# and nowhere else. A tile is [BLOCK_B, BLOCK_H]: rows ``live`` (a [BLOCK_B, 1] mask), hidden
-# units ``cols``; ``ws_row`` points at each row's workspace. The kernels without options
-# (persistent.py) pass OPTIONS = 0 and None for what only options read (opt, grads, state).
+# Each cell kind's math, forward and backward, is a branch of these two functions, which
+# every kernel calls (the persistent ones with OPTIONS = 0 and None for opt, grads, state).
+# A tile is [BLOCK_B, BLOCK_H]: rows ``live`` ([BLOCK_B, 1]), units ``cols``; ``ws_row``
+# points at each row's workspace; a* are pre-activations, d* gradients.
 
 @triton.jit
 def forward_cell(CELL: tl.constexpr, x0, x1, x2, x3, r0, r1, r2, r3, c_prev, h_prev, ws_row,
                  cols, live, H, opt, state, LNC_OFF, cell_clip, HAS_PROJ: tl.constexpr,
                  OPTIONS: tl.constexpr):
-    """One step of cell CELL: x_k / r_k the input / recurrent (layer norm and bias included)
-    pre-activation parts of gate k, c_prev the cell state (where the cell has one), h_prev
-    the h before the step (where direct_h). Stores the cell's workspace columns -> (c, h):
-    the new cell state (c_prev without one), h before the projection and zoneout_h.
-    lstm's options: peepholes (Gers and Schmidhuber 2000; i and f also see c_prev, o the new
-    c after the cell clip), cell_clip, layer_norm_cell (y = LN(c) in h = o * tanh(y); ``state``
-    indexes the per-row ones), zoneout_c."""
+    """x_k / r_k: gate k's input / recurrent (layer norm and bias included) pre-activation,
+    c_prev: the cell state (has_cell_state), h_prev: h before the step (direct_h). Stores the
+    cell's workspace columns -> (c: the new cell state, h: before projection and zoneout_h)."""
     mask = live & (cols < H)
     ws = ws_row + cols
     c = c_prev
-    if CELL == LSTM:
+    if CELL == LSTM:  # gates i, f, g, o; c = f c_prev + i g, h = o tanh(y), y = c after options
         p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
         ai = x0 + r0
         af = x1 + r1
-        if on(OPTIONS, "peephole"):
+        if on(OPTIONS, "peephole"):  # Gers and Schmidhuber 2000: i, f see c_prev; o the new c
             ai += p_i * c_prev
             af += p_f * c_prev
-        i, f, g, o, c = lstm_forward(ai, af, x2 + r2, x3 + r3, c_prev)
+        i = sigmoid(ai)
+        f = sigmoid(af)
+        g = tanh(x2 + r2)
+        c = f * c_prev + i * g
         if on(OPTIONS, "cell_clip"):
             c = clamp(c, cell_clip)
         if on(OPTIONS, "peephole"):
             o = sigmoid(x3 + r3 + p_o * c)
+        else:
+            o = sigmoid(x3 + r3)
         y = c
         if on(OPTIONS, "layer_norm_cell"):
             c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
@@ -350,24 +254,36 @@ def forward_cell(CELL: tl.constexpr, x0, x1, x2, x3, r0, r1, r2, r3, c_prev, h_p
         tl.store(ws + C_COL * H, c, mask=mask)
         if HAS_PROJ:
             tl.store(ws + H_PRE_COL * H, h, mask=mask)  # h before projection
-    elif CELL == GRU:
-        r, z, n, h = gru_forward(x0, x1, x2, r0, r1, r2, h_prev)
+    elif CELL == GRU:  # gates r, z, n; hn = r2 (h_prev @ w_hn.T + b_hn) is kept for backward
+        r = sigmoid(x0 + r0)
+        z = sigmoid(x1 + r1)
+        n = tanh(x2 + r * r2)
+        h = (1.0 - z) * n + z * h_prev
         store_tiles(ws, H, r, z, n, r2, mask, 4)
+    elif CELL == RNN_RELU:
+        h = tl.maximum(x0 + r0, 0.0)
     else:
-        h = rnn_forward(x0 + r0, CELL == RNN_RELU)
+        h = tanh(x0 + r0)
     return c, h
+
+
+@triton.jit
+def _clip(x, limit, OPTIONS: tl.constexpr):
+    """grad_clip of a pre-activation gradient."""
+    if on(OPTIONS, "grad_clip"):
+        x = clamp(x, limit)
+    return x
 
 
 @triton.jit
 def backward_cell(CELL: tl.constexpr, dh, direct, dc, c_prev, h_prev, h_ptrs, ws_row, cols,
                   live, H, opt, grads, rows, state, LNC_OFF, cell_clip, grad_clip,
                   OPTIONS: tl.constexpr):
-    """Backward of forward_cell for dh = dL/dh before the projection (zoneout_h's part split
-    off into ``direct``) and dc = dL/dc from later steps; h_ptrs: the step's output h (the
-    Elman cells read their derivative off it). -> (dx_0..3: the gates' input pre-activation
-    gradients; dr_0..3: the recurrent pre-activation's (gru's hn differs); dc_prev; direct:
-    the part of dL/dh_prev not through w_hh). The learnable options' per-row gradients go to
-    ``grads`` (the peepholes', the cell layer norm's)."""
+    """Backward of forward_cell: dh = dL/dh before the projection (zoneout_h's part split off
+    into ``direct``), dc = dL/dc from later steps, h_ptrs: the step's output (the Elman cells'
+    derivative is read off it) -> (dx_k: gate k's input pre-activation gradient, dr_k: its
+    recurrent one (gru's n differs), dc_prev, direct: dL/dh_prev not through w_hh). The
+    learnable options' per-row gradients go to ``grads``."""
     mask = live & (cols < H)
     ws = ws_row + cols
     dc_prev = dc
@@ -390,41 +306,61 @@ def backward_cell(CELL: tl.constexpr, dh, direct, dc, c_prev, h_prev, h_ptrs, ws
             rstd_c = tl.load(ws_row + LNC_OFF + H, mask=live, other=0.0)
             w_c = load_tile(opt[arg("ln_c_weight")], cols, H)
             y = c_hat * w_c + load_tile(opt[arg("ln_c_bias")], cols, H)
-        dao, dy = lstm_backward_output(o, y, dh, grad_clip, on(OPTIONS, "grad_clip"))
+        ty = tanh(y)
+        dao = _clip(dh * ty * o * (1.0 - o), grad_clip, OPTIONS)
+        dy = dh * o * (1.0 - ty * ty)
         if on(OPTIONS, "layer_norm_cell"):
             tl.store(grads[learned("ln_c_weight")] + state, dy * c_hat, mask=mask)
             tl.store(grads[learned("ln_c_bias")] + state, dy, mask=mask)
             dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat, c_hat,
                                                    c_hat, rstd_c, mask, H, 1)
-        # dL/dc of the new c from every path (o's peephole too), masked by the cell clip
-        dc += dy
+        dc += dy  # dL/dc of the new c from every path, o's peephole too, masked by the clip
         p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
         if on(OPTIONS, "peephole"):
             dc += dao * p_o
         if on(OPTIONS, "cell_clip"):
             dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
-        dai, daf, dag, dc_prev = lstm_backward(i, f, g, c_prev, dc, grad_clip,
-                                               on(OPTIONS, "grad_clip"))
+        dx0 = _clip(dc * g * i * (1.0 - i), grad_clip, OPTIONS)
+        dx1 = _clip(dc * c_prev * f * (1.0 - f), grad_clip, OPTIONS)
+        dx2 = _clip(dc * i * (1.0 - g * g), grad_clip, OPTIONS)
+        dc_prev = dc * f
         if on(OPTIONS, "peephole"):
-            dc_prev += dai * p_i + daf * p_f
-            store_tiles(grads[learned("peephole")] + rows * (3 * H) + cols, H, dai * c_prev,
-                        daf * c_prev, dao * c, dao, mask, 3)
+            dc_prev += dx0 * p_i + dx1 * p_f
+            store_tiles(grads[learned("peephole")] + rows * (3 * H) + cols, H, dx0 * c_prev,
+                        dx1 * c_prev, dao * c, dao, mask, 3)
         if on(OPTIONS, "zoneout_c"):
             dc_prev += dc_direct
-        dx0, dx1, dx2, dx3 = dai, daf, dag, dao
-        dr0, dr1, dr2, dr3 = dai, daf, dag, dao
+        dx3 = dao
+        dr0, dr1, dr2, dr3 = dx0, dx1, dx2, dx3
     elif CELL == GRU:
         r, z, n, hn = load_tiles(ws, H, mask, 4)
-        dx0, dx1, dx2, dhn, gru_direct = gru_backward(r, z, n, hn, h_prev, dh, grad_clip,
-                                                      on(OPTIONS, "grad_clip"))
-        if on(OPTIONS, "zoneout_h"):
-            gru_direct += direct
-        direct = gru_direct
+        dx2 = _clip(dh * (1.0 - z) * (1.0 - n * n), grad_clip, OPTIONS)
+        dx0 = _clip(dx2 * hn * r * (1.0 - r), grad_clip, OPTIONS)
+        dx1 = _clip(dh * (h_prev - n) * z * (1.0 - z), grad_clip, OPTIONS)
         dx3 = dx2
-        dr0, dr1, dr2, dr3 = dx0, dx1, dhn, dhn
+        dr0, dr1, dr2, dr3 = dx0, dx1, dx2 * r, dx2 * r
+        if on(OPTIONS, "zoneout_h"):
+            direct += dh * z
+        else:
+            direct = dh * z
     else:
         h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-        dx0 = rnn_backward(h, dh, CELL == RNN_RELU)
+        if CELL == RNN_RELU:
+            dx0 = tl.where(h > 0, dh, 0.0)
+        else:
+            dx0 = dh * (1.0 - h * h)
         dx1, dx2, dx3 = dx0, dx0, dx0
         dr0, dr1, dr2, dr3 = dx0, dx0, dx0, dx0
     return dx0, dx1, dx2, dx3, dr0, dr1, dr2, dr3, dc_prev, direct
+
+
+@triton.jit
+def _peephole_tiles(opt, cols, H, like, OPTIONS: tl.constexpr):
+    """The peephole weight tiles p_i, p_f, p_o; without peepholes, ``like`` stands for them."""
+    p_i, p_f, p_o = like, like, like
+    if on(OPTIONS, "peephole"):
+        p = opt[arg("peephole")]
+        p_i = load_tile(p, cols, H)
+        p_f = load_tile(p + H, cols, H)
+        p_o = load_tile(p + 2 * H, cols, H)
+    return p_i, p_f, p_o

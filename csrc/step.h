@@ -13,8 +13,8 @@ namespace fastrnn {
 
 // The options of a call as the kernels see them (fields from fastrnn/spec.py). An absent
 // per-row option (zoneout) reads a row of zeros (row stride 0) and an absent clip is +inf,
-// so every combination runs the same branch-free code; only the specialised options (the
-// layer norms, the peepholes) change its shape, and a call without options skips the rest
+// so every combination runs the same branch-free code; only the specialised options
+// (spec.Option.specialised) change its shape, and a call without options skips the rest
 // (OptionsOn).
 template <typename scalar_t, typename acc_t>
 struct StepOptions {

@@ -239,7 +239,9 @@ FASTRNN_HD acc_t recurrent_input(const ForwardStep<scalar_t, acc_t>& a, int64_t 
 template <Cell C, class V, typename scalar_t, typename acc_t>
 FASTRNN_HD void store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j, acc_t h) {
   const int64_t H = a.H, r = a.row + b;
-  if (spec::kHasProjection[static_cast<int>(C)] && a.proj) {
+  // constexpr: CUDA device code may read the spec's tables only as constants
+  constexpr bool can_project = spec::kHasProjection[static_cast<int>(C)];
+  if (can_project && a.proj) {
     a.ws_row(b)[a.cols.h_pre + j] = h;
     a.hh[b * H + j] = static_cast<scalar_t>(h);
   } else {
@@ -260,8 +262,8 @@ struct CellMath;
 // then the cell's row math.
 template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
 FASTRNN_HD void forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
-  const int64_t GH = spec::kNumGates[static_cast<int>(C)] * a.H;
-  CellMath<C>::template forward_row<V>(a, b, row, recurrent_norm_stats<V>(a, b, GH, row));
+  constexpr int64_t G = spec::kNumGates[static_cast<int>(C)];
+  CellMath<C>::template forward_row<V>(a, b, row, recurrent_norm_stats<V>(a, b, G * a.H, row));
 }
 
 
@@ -349,7 +351,8 @@ struct HGrad { T dh, direct; };
 template <Cell C, class V, typename scalar_t, typename acc_t>
 FASTRNN_HD HGrad<acc_t> h_grad(const BackwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j) {
   const int64_t H = a.H, r = a.row + b;
-  if (spec::kHasProjection[static_cast<int>(C)] && a.dhh != nullptr) {
+  constexpr bool can_project = spec::kHasProjection[static_cast<int>(C)];
+  if (can_project && a.dhh != nullptr) {
     return {static_cast<acc_t>(a.dhh[b * H + j]), acc_t(0)};
   }
   const acc_t dh_t =
@@ -364,9 +367,10 @@ template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
 FASTRNN_HD void backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
   CellMath<C>::template backward_row<V>(a, b, row);
   if constexpr (V::layer_norm) {
-    const int64_t GH = spec::kNumGates[static_cast<int>(C)] * a.H;
-    scalar_t* d_hh = spec::kRecurrentGrad[static_cast<int>(C)] ? a.grad_hgates : a.grad_xproj;
-    recurrent_norm_backward(a, b, GH, d_hh + (a.row + b) * GH, row);
+    constexpr int64_t G = spec::kNumGates[static_cast<int>(C)];
+    constexpr bool own_grad = spec::kRecurrentGrad[static_cast<int>(C)];
+    scalar_t* d_hh = own_grad ? a.grad_hgates : a.grad_xproj;
+    recurrent_norm_backward(a, b, G * a.H, d_hh + (a.row + b) * G * a.H, row);
   }
 }
 

@@ -125,8 +125,8 @@ struct LSTMBackwardElement {
     const int64_t H = a.H, r = a.row + b;
     const StepOptions<scalar_t, acc_t>& o = a.opt;
     const acc_t* ws = a.ws + r * a.W;
-    const HGrad<acc_t> dh = h_grad<Cell::LSTM, V>(a, b, j);
-    if (V::any && a.dhh == nullptr) a.dh_state[b * H + j] = static_cast<scalar_t>(dh.direct);
+    const HGrad<acc_t> hg = h_grad<Cell::LSTM, V>(a, b, j);
+    if (V::any && a.dhh == nullptr) a.dh_state[b * H + j] = static_cast<scalar_t>(hg.direct);
     acc_t y;
     if constexpr (V::layer_norm_cell) {
       y = ws[a.cols.c_hat + j] * static_cast<acc_t>(o.ln_c_weight[j]) +
@@ -135,7 +135,7 @@ struct LSTMBackwardElement {
       y = clip<V>(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
     }
     const LSTMOutputGrads<acc_t> d =
-        lstm_backward_output(dh.dh, ws[3 * H + j], y, clip_limit<V>(o.grad_clip));
+        lstm_backward_output(hg.dh, ws[3 * H + j], y, clip_limit<V>(o.grad_clip));
     a.grad_xproj[r * 4 * H + 3 * H + j] = static_cast<scalar_t>(d.do_);
     if constexpr (V::layer_norm_cell) {
       a.grad_y[r * H + j] = d.dy;
@@ -292,16 +292,16 @@ struct GRUBackwardElement {
     const acc_t* ws = a.ws + r * a.W;
     scalar_t* gx = a.grad_xproj + r * GH;
     scalar_t* gh = a.grad_hgates + r * GH;
-    const HGrad<acc_t> dh = h_grad<Cell::GRU, V>(a, b, j);
+    const HGrad<acc_t> hg = h_grad<Cell::GRU, V>(a, b, j);
     const GRUGrads<acc_t> d = gru_backward<acc_t>(
-        dh.dh, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
+        hg.dh, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
         static_cast<acc_t>(h_prev_row[j]), clip_limit<V>(a.opt.grad_clip));
     gx[j] = gh[j] = static_cast<scalar_t>(d.dx_r);
     gx[H + j] = gh[H + j] = static_cast<scalar_t>(d.dx_z);
     gx[2 * H + j] = static_cast<scalar_t>(d.dx_n);
     gh[2 * H + j] = static_cast<scalar_t>(d.dhh_n);
     a.dh_state[b * H + j] =
-        static_cast<scalar_t>(V::any ? d.dh_prev_direct + dh.direct : d.dh_prev_direct);
+        static_cast<scalar_t>(V::any ? d.dh_prev_direct + hg.direct : d.dh_prev_direct);
   }
 };
 

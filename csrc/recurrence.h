@@ -45,7 +45,7 @@
 
 #include "generated/fastrnn_spec.h"  // generated from fastrnn/spec.py by fastrnn/build.py
 #include "scratch.h"
-#include "step.h"
+#include "cells.h"  // and step.h, generated/fastrnn_spec.h
 
 namespace fastrnn {
 
@@ -117,9 +117,6 @@ inline bool of_cell(const bool* table, Cell cell) { return table[static_cast<int
 struct Options {
   FASTRNN_OPTION_FIELDS
 
-  bool ln() const { return ln_weight.defined(); }
-  bool ln_c() const { return ln_c_weight.defined(); }
-  bool mask() const { return recurrent_mask.defined(); }
   bool any() const { return FASTRNN_ANY_OPTION(*this); }
 };
 
@@ -399,7 +396,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
   Tensor c_state = s.has_c ? new_copy({s.B, s.H}, acc_opts, *c0_in) : Tensor();
   Tensor hgates = new_buffer({s.B, s.G * s.H}, opts);
   Tensor hh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
-  Tensor h_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // h * recurrent_mask
+  const bool mask = opt.recurrent_mask.defined();
+  Tensor h_rec = mask ? new_buffer({s.B, s.P}, opts) : Tensor();  // h * recurrent_mask
   const Tensor zeros = at::zeros({std::max(s.H, s.P)}, opts);
   // The projected rows need a pass of their own only for the options that act on them
   // (spec Option.on_projection: proj_clip, zoneout_h).
@@ -436,7 +434,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
         if (rows <= 0) continue;
         Tensor hgates_live = hgates.narrow(0, b0, rows);
         Tensor h_live = h_state.narrow(0, b0, rows);
-        if (opt.mask()) {
+        if (mask) {
           Tensor h_rec_live = h_rec.narrow(0, b0, rows);
           at::mul_out(h_rec_live, h_live, opt.recurrent_mask.narrow(0, b0, rows));
           recurrent_gemm(hgates_live, h_rec_live);
@@ -512,11 +510,12 @@ BackwardResult recurrence_backward(
   // (differs from hh's only through the layer norm).
   Tensor grad_hgates =
       of_cell(spec::kRecurrentGrad, s.cell) ? new_buffer({s.N, s.G * s.H}, opts) : grad_xproj;
-  Tensor grad_a = opt.ln() ? new_buffer({s.N, s.G * s.H}, opts) : grad_hgates;
-  Tensor grad_y = opt.ln_c() ? new_buffer({s.N, s.H}, acc_opts) : Tensor();
+  Tensor grad_a = opt.ln_weight.defined() ? new_buffer({s.N, s.G * s.H}, opts) : grad_hgates;
+  Tensor grad_y = opt.ln_c_weight.defined() ? new_buffer({s.N, s.H}, acc_opts) : Tensor();
   Tensor grad_out_all = s.proj ? new_buffer({s.N, s.P}, opts) : Tensor();  // dL/dp per row
   Tensor dhh = s.proj ? new_buffer({s.B, s.H}, opts) : Tensor();
-  Tensor dh_rec = opt.mask() ? new_buffer({s.B, s.P}, opts) : Tensor();  // dL/dh_rec
+  const bool mask = opt.recurrent_mask.defined();
+  Tensor dh_rec = mask ? new_buffer({s.B, s.P}, opts) : Tensor();  // dL/dh_rec
   // Per-state sums over the steps of the learnable option arguments' gradients (the kernels
   // add to them), for those that are on.
   Tensor grad_sums[FASTRNN_NUM_LEARNABLE];
@@ -600,7 +599,7 @@ BackwardResult recurrence_backward(
         Dev::template backward_step<scalar_t, acc_t>(s.cell, a, rows);
         // dL/dh_prev = (d(a) @ w_hh) * recurrent_mask + the direct part left in dh_state.
         Tensor grad_a_rows = grad_a.narrow(0, row, rows);
-        if (opt.mask()) {
+        if (mask) {
           Tensor dh_rec_live = dh_rec.narrow(0, b0, rows);
           recurrent_gemm(dh_rec_live, grad_a_rows);
           dh_live.addcmul_(dh_rec_live, opt.recurrent_mask.narrow(0, b0, rows));
@@ -621,7 +620,7 @@ BackwardResult recurrence_backward(
       h_prev_all.narrow(0, row, kept).copy_(output.narrow(0, layout.offsets[layout.order[k - 1]], kept));
     }
     if (kept < rows) h_prev_all.narrow(0, row + kept, rows - kept).copy_(h0.narrow(0, kept, rows - kept));
-    if (opt.mask()) h_prev_all.narrow(0, row, rows).mul_(opt.recurrent_mask.narrow(0, 0, rows));
+    if (mask) h_prev_all.narrow(0, row, rows).mul_(opt.recurrent_mask.narrow(0, 0, rows));
   }
   Tensor grad_w_hh = new_buffer({s.G * s.H, s.P}, opts);
   at::mm_out(grad_w_hh, grad_a.t(), h_prev_all);

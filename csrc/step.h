@@ -1,18 +1,20 @@
-// One time step of the recurrence for ONE live row b: loads, the gate math of cells.h,
-// stores, for every hidden unit j of the row (forward_row, backward_row). Layouts are those
-// of docs/op-contract.md:
+// One time step of the recurrence for ONE live row b, every cell kind: forward_row and
+// backward_row run the cell's row math (cells.h, CellMath) with the parts all cells share
+// here (the recurrent input and its layer norm, the h store, dL/dh, clips, zoneout, the
+// projection's pass). Layouts are those of docs/op-contract.md:
 //   packed rows: step t owns rows [row, row + rows) of xproj/output/workspace/grad_xproj;
 //   row b of a step is sequence b, so the live rows of a step are the first `rows` states.
 #pragma once
 
-#include "cells.h"  // and generated/fastrnn_spec.h, generated from fastrnn/spec.py
+#include "activations.h"
+#include "generated/fastrnn_spec.h"  // generated from fastrnn/spec.py
 
 namespace fastrnn {
 
 // The options of a call as the kernels see them (fields from fastrnn/spec.py). An absent
 // per-row option (zoneout) reads a row of zeros (row stride 0) and an absent clip is +inf,
-// so every combination runs the same branch-free code; only the specialised options (the
-// layer norms, the peepholes) change its shape, and a call without options skips the rest
+// so every combination runs the same branch-free code; only the specialised options
+// (spec.Option.specialised) change its shape, and a call without options skips the rest
 // (OptionsOn).
 template <typename scalar_t, typename acc_t>
 struct StepOptions {
@@ -80,15 +82,6 @@ FASTRNN_HD T zoneout_z(const S* z, int64_t stride, int64_t r, int64_t j) {
 template <class V, typename T>
 FASTRNN_HD T zoneout(T z, T x_new, T x_prev) {
   return V::any ? blend_(z, x_new, x_prev) : x_new;
-}
-
-// A peephole connection (Gers and Schmidhuber 2000): a gate's pre-activation x plus p[k] * c,
-// p[k] its diagonal weight, c the cell state it sees (i, f: the previous one; o: the new one,
-// after the cell clip); x without peepholes. Its backward has the same form: dL/dc gains
-// p[k] * d_pre.
-template <class V, typename T, typename S>
-FASTRNN_HD T peephole(T x, const S* p, int64_t k, T c) {
-  return V::peephole ? x + static_cast<T>(p[k]) * c : x;
 }
 
 template <typename T>
@@ -241,13 +234,14 @@ FASTRNN_HD acc_t recurrent_input(const ForwardStep<scalar_t, acc_t>& a, int64_t 
   return hh + static_cast<acc_t>(a.bias[k]);
 }
 
-// h = o * tanh(y), then either kept for the projection GEMM or zoned out and stored.
-template <class V, typename scalar_t, typename acc_t>
-FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j,
-                             acc_t y, acc_t o) {
+// h of row b, unit j, before any projection: kept for the projection GEMM, or zoned out
+// (zoneout_h) and stored as the output and the running h.
+template <Cell C, class V, typename scalar_t, typename acc_t>
+FASTRNN_HD void store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j, acc_t h) {
   const int64_t H = a.H, r = a.row + b;
-  const acc_t h = o * tanh_(y);
-  if (a.proj) {
+  // constexpr: CUDA device code may read the spec's tables only as constants
+  constexpr bool can_project = spec::kHasProjection[static_cast<int>(C)];
+  if (can_project && a.proj) {
     a.ws_row(b)[a.cols.h_pre + j] = h;
     a.hh[b * H + j] = static_cast<scalar_t>(h);
   } else {
@@ -259,134 +253,19 @@ FASTRNN_HD void lstm_store_h(const ForwardStep<scalar_t, acc_t>& a, int64_t b, i
   }
 }
 
-// Phase 1 of an lstm row, element j: gates, cell clip, zoneout of c, and h unless the cell
-// layer norm must see the whole row first. (The element bodies are function objects, not
-// lambdas: GCC always inlines these into the CPU row loop, which must happen for the loop to
-// be vectorised; it declined to inline the equivalent lambdas.)
-template <class V, typename scalar_t, typename acc_t>
-struct LSTMForwardElement {
-  ForwardStep<scalar_t, acc_t> a;  // a copy: nothing the loop stores can alias its fields
-  int64_t b;
-  RowStats<stat_t<acc_t>> st;
+// Each cell kind's row math (cells.h): CellMath<C>::forward_row<V>(a, b, row, st) and
+// backward_row<V>(a, b, row), st the statistics of the recurrent layer norm.
+template <Cell C>
+struct CellMath;
 
-  FASTRNN_HD void operator()(int64_t j) const {
-    const int64_t H = a.H, GH = 4 * H, r = a.row + b;
-    const StepOptions<scalar_t, acc_t>& o = a.opt;
-    acc_t* ws = a.ws_row(b);
-    const scalar_t* x = a.xproj + r * GH + j;
-    acc_t* c = a.c_state + b * H + j;
-    const acc_t c_prev = *c;
-    const LSTMGates<acc_t> s = lstm_forward<acc_t>(
-        peephole<V>(static_cast<acc_t>(x[0]) + recurrent_input<V>(a, b, GH, j, st),
-                    o.peephole, j, c_prev),
-        peephole<V>(static_cast<acc_t>(x[H]) + recurrent_input<V>(a, b, GH, H + j, st),
-                    o.peephole, H + j, c_prev),
-        static_cast<acc_t>(x[2 * H]) + recurrent_input<V>(a, b, GH, 2 * H + j, st), c_prev);
-    const acc_t c_new = clip<V>(s.c, o.cell_clip);
-    const acc_t o_gate = sigmoid_(
-        peephole<V>(static_cast<acc_t>(x[3 * H]) + recurrent_input<V>(a, b, GH, 3 * H + j, st),
-                    o.peephole, 2 * H + j, c_new));
-    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zoneout_c_stride, r, j);
-    const acc_t c_t = zoneout<V>(zc, c_new, c_prev);
-    ws[j] = s.i;
-    ws[H + j] = s.f;
-    ws[2 * H + j] = s.g;
-    ws[3 * H + j] = o_gate;
-    ws[a.cols.c + j] = c_t;
-    *c = c_t;
-    if constexpr (V::layer_norm_cell) {
-      ws[a.cols.c_hat + j] = c_new;  // normalised in place by the next phase
-    } else {
-      lstm_store_h<V>(a, b, j, c_new, o_gate);
-    }
-  }
-};
-
-template <class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD void lstm_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
-                                 const Row& row) {
-  const int64_t H = a.H, GH = 4 * H;
-  const StepOptions<scalar_t, acc_t>& o = a.opt;
-  acc_t* ws = a.ws_row(b);
-  const RowStats<stat_t<acc_t>> st = recurrent_norm_stats<V>(a, b, GH, row);
-  row.for_each(H, LSTMForwardElement<V, scalar_t, acc_t>{a, b, st});
-  if constexpr (V::layer_norm_cell) {
-    using S = stat_t<acc_t>;
-    const RowStats<S> sc =
-        row_mean_rstd<S>(row, H, [&](int64_t j) {
-          return static_cast<S>(ws[a.cols.c_hat + j]);
-        });
-    if (row.leader()) ws[a.cols.c_hat + H] = static_cast<acc_t>(sc.rstd);
-    row.for_each(H, [&](int64_t j) {
-      const acc_t hat = static_cast<acc_t>((ws[a.cols.c_hat + j] - sc.mean) * sc.rstd);
-      ws[a.cols.c_hat + j] = hat;
-      const acc_t y = hat * static_cast<acc_t>(o.ln_c_weight[j]) +
-                      static_cast<acc_t>(o.ln_c_bias[j]);
-      lstm_store_h<V>(a, b, j, y, ws[3 * H + j]);
-    });
-  }
-}
-
-template <class V, typename scalar_t, typename acc_t>
-struct GRUForwardElement {
-  ForwardStep<scalar_t, acc_t> a;
-  int64_t b;
-  RowStats<stat_t<acc_t>> st;
-
-  FASTRNN_HD void operator()(int64_t j) const {
-    const int64_t H = a.H, GH = 3 * H, r = a.row + b;
-    acc_t* ws = a.ws_row(b);
-    const scalar_t* x = a.xproj + r * GH + j;
-    scalar_t* h_state = a.h_state + b * H + j;
-    const acc_t h_prev = static_cast<acc_t>(*h_state);
-    const GRUGates<acc_t> s = gru_forward<acc_t>(
-        static_cast<acc_t>(x[0]), static_cast<acc_t>(x[H]), static_cast<acc_t>(x[2 * H]),
-        recurrent_input<V>(a, b, GH, j, st), recurrent_input<V>(a, b, GH, H + j, st),
-        recurrent_input<V>(a, b, GH, 2 * H + j, st), h_prev);
-    ws[j] = s.r;
-    ws[H + j] = s.z;
-    ws[2 * H + j] = s.n;
-    ws[3 * H + j] = s.hn;
-    const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zoneout_h_stride, r, j);
-    const scalar_t h_t = static_cast<scalar_t>(zoneout<V>(z, s.h, h_prev));
-    a.output[r * H + j] = h_t;
-    *h_state = h_t;
-  }
-};
-
-template <class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD void gru_forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
-                                const Row& row) {
-  const RowStats<stat_t<acc_t>> st = recurrent_norm_stats<V>(a, b, 3 * a.H, row);
-  row.for_each(a.H, GRUForwardElement<V, scalar_t, acc_t>{a, b, st});
-}
-
-template <Cell C, typename scalar_t, typename acc_t>
-struct RNNForwardElement {
-  ForwardStep<scalar_t, acc_t> a;
-  int64_t b;
-
-  FASTRNN_HD void operator()(int64_t j) const {
-    const int64_t H = a.H, r = a.row + b;
-    const acc_t pre = static_cast<acc_t>(a.xproj[r * H + j]) +
-                      (static_cast<acc_t>(a.hgates[b * H + j]) + static_cast<acc_t>(a.bias[j]));
-    const scalar_t h = static_cast<scalar_t>(rnn_forward<acc_t>(C, pre));
-    a.output[r * H + j] = h;
-    a.h_state[b * H + j] = h;
-  }
-};
-
-// The forward of row b of a step, every cell kind (the Elman cells take no options).
+// The forward of row b of a step, every cell kind: the recurrent layer norm's statistics,
+// then the cell's row math.
 template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
 FASTRNN_HD void forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
-  if constexpr (C == Cell::LSTM) {
-    lstm_forward_row<V>(a, b, row);
-  } else if constexpr (C == Cell::GRU) {
-    gru_forward_row<V>(a, b, row);
-  } else {
-    row.for_each(a.H, RNNForwardElement<C, scalar_t, acc_t>{a, b});
-  }
+  constexpr int64_t G = spec::kNumGates[static_cast<int>(C)];
+  CellMath<C>::template forward_row<V>(a, b, row, recurrent_norm_stats<V>(a, b, G * a.H, row));
 }
+
 
 // After the projection GEMM wrote p = h_pre @ w_hr.T into the output rows: keep p (for
 // proj_clip's backward), clip, zone out, store output and state. One element (b, j < P).
@@ -464,161 +343,34 @@ FASTRNN_HD void recurrent_norm_backward(const BackwardStep<scalar_t, acc_t>& a, 
   });
 }
 
-// An lstm row's backward, element j, in two parts: `operator()` takes dL/dh back through
-// h = o * tanh(y) (and zoneout of h), `finish` takes dL/dc_new through the cell clip to the
-// gates i, f, g and dL/dc_prev (and zoneout of c). With the cell layer norm, dL/dy goes to
-// grad_y and the row's layer-norm backward calls `finish` once it has the row's sums. With
-// peepholes, `finish` adds d_o's path to c: there it reads d_o back from grad_xproj's o
-// column (exact where scalar_t is acc_t: every CPU dtype).
-template <class V, typename scalar_t, typename acc_t>
-struct LSTMBackwardElement {
-  BackwardStep<scalar_t, acc_t> a;  // a copy, as in LSTMForwardElement
-  int64_t b;
-  const acc_t* c_prev_row;  // [H] c before this step
+// dL/dh of row b, unit j, before the projection (the cell's `dh`), and the part that
+// zoneout_h sends straight to h_prev (`direct`, the cell adds its own and stores it).
+template <typename T>
+struct HGrad { T dh, direct; };
 
-  FASTRNN_HD void operator()(int64_t j) const {
-    const int64_t H = a.H, r = a.row + b;
-    const StepOptions<scalar_t, acc_t>& o = a.opt;
-    const acc_t* ws = a.ws + r * a.W;
-    acc_t dh;  // dL/dh before the projection, zoneout's direct part split off
-    if (a.dhh != nullptr) {
-      dh = static_cast<acc_t>(a.dhh[b * H + j]);
-    } else {
-      scalar_t* dh_state = a.dh_state + b * H + j;
-      const acc_t dh_t =
-          static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
-      const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zoneout_h_stride, r, j);
-      if (V::any) *dh_state = static_cast<scalar_t>(z * dh_t);  // else unread
-      dh = (acc_t(1) - z) * dh_t;
-    }
-    acc_t y;
-    if constexpr (V::layer_norm_cell) {
-      y = ws[a.cols.c_hat + j] * static_cast<acc_t>(o.ln_c_weight[j]) +
-          static_cast<acc_t>(o.ln_c_bias[j]);
-    } else {
-      y = clip<V>(ws[H + j] * c_prev_row[j] + ws[j] * ws[2 * H + j], o.cell_clip);
-    }
-    const LSTMOutputGrads<acc_t> d =
-        lstm_backward_output(dh, ws[3 * H + j], y, clip_limit<V>(o.grad_clip));
-    a.grad_xproj[r * 4 * H + 3 * H + j] = static_cast<scalar_t>(d.do_);
-    if constexpr (V::layer_norm_cell) {
-      a.grad_y[r * H + j] = d.dy;
-    } else {
-      finish(j, d.dy, d.do_);
-    }
+template <Cell C, class V, typename scalar_t, typename acc_t>
+FASTRNN_HD HGrad<acc_t> h_grad(const BackwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j) {
+  const int64_t H = a.H, r = a.row + b;
+  constexpr bool can_project = spec::kHasProjection[static_cast<int>(C)];
+  if (can_project && a.dhh != nullptr) {
+    return {static_cast<acc_t>(a.dhh[b * H + j]), acc_t(0)};
   }
-
-  // dc_y: dL/dc_new through y (and h); adds the carried part and masks by the clip. d_o:
-  // the o gate's gradient (read with peepholes only).
-  FASTRNN_HD void finish(int64_t j, acc_t dc_y, acc_t d_o) const {
-    const int64_t H = a.H, r = a.row + b;
-    const StepOptions<scalar_t, acc_t>& o = a.opt;
-    const acc_t* ws = a.ws + r * a.W;
-    const acc_t i = ws[j], f = ws[H + j], g = ws[2 * H + j], c_prev = c_prev_row[j];
-    acc_t* dc_state = a.dc_state + b * H + j;
-    const acc_t dc_t = *dc_state;
-    const acc_t zc = zoneout_z<V, acc_t>(o.zoneout_c, o.zoneout_c_stride, r, j);
-    const acc_t c_raw = f * c_prev + i * g;
-    const acc_t dc = peephole<V>((acc_t(1) - zc) * dc_t + dc_y, o.peephole, 2 * H + j, d_o) *
-                     clip_mask<V>(c_raw, o.cell_clip);
-    const LSTMGrads<acc_t> d = lstm_backward(dc, i, f, g, c_prev, clip_limit<V>(o.grad_clip));
-    scalar_t* gx = a.grad_xproj + r * 4 * H;
-    gx[j] = static_cast<scalar_t>(d.di);
-    gx[H + j] = static_cast<scalar_t>(d.df);
-    gx[2 * H + j] = static_cast<scalar_t>(d.dg);
-    const acc_t dc_prev =
-        peephole<V>(peephole<V>(d.dc_prev, o.peephole, j, d.di), o.peephole, H + j, d.df);
-    *dc_state = V::any ? dc_prev + zc * dc_t : dc_prev;
-    if constexpr (V::peephole) {
-      acc_t* gp = a.grad_peephole + b * 3 * H;
-      gp[j] += d.di * c_prev;
-      gp[H + j] += d.df * c_prev;
-      gp[2 * H + j] += d_o * clip<V>(c_raw, o.cell_clip);
-    }
-  }
-};
-
-template <class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD void lstm_backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
-                                  const Row& row) {
-  const int64_t H = a.H, GH = 4 * H, r = a.row + b;
-  const acc_t* c_prev_row = b < a.prev_rows ? a.ws + (a.prev_row + b) * a.W + a.cols.c
-                                            : a.c0 + b * H;
-  const LSTMBackwardElement<V, scalar_t, acc_t> element{a, b, c_prev_row};
-  row.for_each(H, element);
-  if constexpr (V::layer_norm_cell) {
-    const StepOptions<scalar_t, acc_t>& o = a.opt;
-    const acc_t* hat = a.ws + r * a.W + a.cols.c_hat;
-    const acc_t* dy = a.grad_y + r * H;
-    auto g = [&](int64_t j) {
-      return mul_rounded(dy[j], static_cast<acc_t>(o.ln_c_weight[j]));
-    };
-    acc_t* d_weight = a.grad_ln_c_weight + b * H;  // the state's sums of ln_c_weight, ln_c_bias
-    acc_t* d_bias = a.grad_ln_c_bias + b * H;
-    const scalar_t* d_o = a.grad_xproj + r * GH + 3 * H;
-    layer_norm_backward_row(row, H, hat, hat[H], g, [&](int64_t j, acc_t dc_y) {
-      element.finish(j, dc_y, V::peephole ? static_cast<acc_t>(d_o[j]) : acc_t(0));
-      d_weight[j] += dy[j] * hat[j];
-      d_bias[j] += dy[j];
-    });
-  }
-  if constexpr (V::layer_norm) recurrent_norm_backward(a, b, GH, a.grad_xproj + r * GH, row);
+  const acc_t dh_t =
+      static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(a.dh_state[b * H + j]);
+  const acc_t z = zoneout_z<V, acc_t>(a.opt.zoneout_h, a.opt.zoneout_h_stride, r, j);
+  return {(acc_t(1) - z) * dh_t, z * dh_t};
 }
 
-template <class V, typename scalar_t, typename acc_t>
-struct GRUBackwardElement {
-  BackwardStep<scalar_t, acc_t> a;
-  int64_t b;
-  const scalar_t* h_prev_row;  // [H] h before this step
-
-  FASTRNN_HD void operator()(int64_t j) const {
-    const int64_t H = a.H, GH = 3 * H, r = a.row + b;
-    const StepOptions<scalar_t, acc_t>& o = a.opt;
-    const acc_t* ws = a.ws + r * a.W;
-    scalar_t* gx = a.grad_xproj + r * GH;
-    scalar_t* gh = a.grad_hgates + r * GH;
-    scalar_t* dh_state = a.dh_state + b * H + j;
-    const acc_t dh_t = static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(*dh_state);
-    const acc_t z = zoneout_z<V, acc_t>(o.zoneout_h, o.zoneout_h_stride, r, j);
-    const GRUGrads<acc_t> d = gru_backward<acc_t>(
-        (acc_t(1) - z) * dh_t, ws[j], ws[H + j], ws[2 * H + j], ws[3 * H + j],
-        static_cast<acc_t>(h_prev_row[j]), clip_limit<V>(o.grad_clip));
-    gx[j] = gh[j] = static_cast<scalar_t>(d.dx_r);
-    gx[H + j] = gh[H + j] = static_cast<scalar_t>(d.dx_z);
-    gx[2 * H + j] = static_cast<scalar_t>(d.dx_n);
-    gh[2 * H + j] = static_cast<scalar_t>(d.dhh_n);
-    *dh_state = static_cast<scalar_t>(V::any ? d.dh_prev_direct + z * dh_t : d.dh_prev_direct);
-  }
-};
-
-template <Cell C, typename scalar_t, typename acc_t>
-struct RNNBackwardElement {
-  BackwardStep<scalar_t, acc_t> a;
-  int64_t b;
-
-  FASTRNN_HD void operator()(int64_t j) const {
-    const int64_t H = a.H, r = a.row + b;
-    const acc_t dh =
-        static_cast<acc_t>(a.grad_output[r * H + j]) + static_cast<acc_t>(a.dh_state[b * H + j]);
-    const acc_t h = static_cast<acc_t>(a.output[r * H + j]);
-    a.grad_xproj[r * H + j] = static_cast<scalar_t>(rnn_backward<acc_t>(C, dh, h));
-  }
-};
-
-// The backward of row b of a step, every cell kind.
+// The backward of row b of a step, every cell kind: the cell's row math, then the recurrent
+// layer norm's backward of its recurrent pre-activation gradient.
 template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
 FASTRNN_HD void backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
-  if constexpr (C == Cell::LSTM) {
-    lstm_backward_row<V>(a, b, row);
-  } else if constexpr (C == Cell::GRU) {
-    const scalar_t* h_prev_row =
-        b < a.prev_rows ? a.output + (a.prev_row + b) * a.H : a.h0 + b * a.H;
-    row.for_each(a.H, GRUBackwardElement<V, scalar_t, acc_t>{a, b, h_prev_row});
-    if constexpr (V::layer_norm) {
-      recurrent_norm_backward(a, b, 3 * a.H, a.grad_hgates + (a.row + b) * 3 * a.H, row);
-    }
-  } else {
-    row.for_each(a.H, RNNBackwardElement<C, scalar_t, acc_t>{a, b});
+  CellMath<C>::template backward_row<V>(a, b, row);
+  if constexpr (V::layer_norm) {
+    constexpr int64_t G = spec::kNumGates[static_cast<int>(C)];
+    constexpr bool own_grad = spec::kRecurrentGrad[static_cast<int>(C)];
+    scalar_t* d_hh = own_grad ? a.grad_hgates : a.grad_xproj;
+    recurrent_norm_backward(a, b, G * a.H, d_hh + (a.row + b) * G * a.H, row);
   }
 }
 

@@ -55,7 +55,7 @@ CSRC_CANDIDATES = (Path(__file__).resolve().parent / "csrc",          # installe
                    Path(__file__).resolve().parent.parent / "csrc")   # source checkout
 CPU_SOURCES = ("registration.cpp", "recurrence_cpu.cpp", "quantized.cpp")
 CUDA_SOURCES = ("recurrence_cuda.cu",)
-HEADERS = ("cells.h", "step.h", "recurrence.h", "scratch.h", "gemv.h",
+HEADERS = ("activations.h", "cells.h", "step.h", "recurrence.h", "scratch.h", "gemv.h",
            "generated/fastrnn_spec.h")
 DEFAULT_CUDA_ARCH = "9.0"  # used only when no GPU is visible to detect the arch from
 
@@ -80,7 +80,7 @@ def cpu_isa() -> Tuple[str, List[str]]:
     """The vector ISA the CPU pointwise loops are compiled for, and its compiler flags.
 
     The JIT build runs on the machine that uses it, so it targets that machine's vector units
-    (the activations in cells.h are vectorised by the compiler: AVX-512 is ~10x faster than
+    (the activations in activations.h are vectorised by the compiler: AVX-512 is ~10x faster than
     the SSE2 baseline there). The ISA is part of the extension name, so a cache shared by
     different machines never hands one a library it cannot run. FASTRNN_NATIVE_ISA=default
     forces the portable baseline.
@@ -272,7 +272,7 @@ def spec_header() -> str:
     """The C++ tables of fastrnn/spec.py, csrc/generated/fastrnn_spec.h: the Cell enum, cell
     names and gate counts, the workspace column groups, and the option arguments (the op
     schema, parameter / argument lists, Options fields, and whether an option is on; the
-    X-macros of _option_macros). Constants and macros only: the gate math (cells.h) includes
+    X-macros of _option_macros). Constants and macros only: the step (step.h) includes
     it, and the `::fastrnn::spec::is_on` that its macros call is recurrence.h's."""
     from . import spec
     cells, options = list(spec.CELLS.values()), spec.OPTIONS
@@ -517,7 +517,7 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
             name=name,
             sources=sources,
             # -fno-trapping-math/-fno-math-errno (as torch itself is built) let the compiler
-            # vectorise the branch-free float activations of cells.h.
+            # vectorise the branch-free float activations of activations.h.
             extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math", "-fno-math-errno",
                           f"-DFASTRNN_HEADERS={digest}"] + cpu_isa()[1],
             extra_cuda_cflags=["-O3", f"-DFASTRNN_HEADERS={digest}"],

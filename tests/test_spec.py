@@ -142,3 +142,24 @@ def test_native_refuses_an_option_of_another_cell(cell, arg):
         torch.ops.fastrnn.native_forward(
             cell, case["xproj"], case["h0"], None, case["w_hh"], None, None,
             case["batch_sizes"], False, *spec.StepOptions(**{arg: value}))
+
+
+def test_only_the_cell_math_names_a_cell_kind():
+    """A cell kind's math is one file per language (csrc/cells.h, triton/_gates.py): the
+    generic step and loop in C++ and the Triton kernels name no cell kind, only the spec's
+    per-cell fields, so adding one does not touch them (docs/extending.md)."""
+    import ast
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    cells = "|".join(name.upper() for name in spec.CELLS)
+    for name in ("step.h", "recurrence.h", "recurrence_cpu.cpp", "recurrence_cuda.cu"):
+        text = (root / "csrc" / name).read_text()
+        assert not re.search(rf"Cell::({cells})\b", text), name
+    for name in ("step.py", "persistent.py"):
+        tree = ast.parse((root / "fastrnn" / "backends" / "triton" / name).read_text())
+        used = {node.id for node in ast.walk(tree) if isinstance(node, ast.Name)}
+        used |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                 for alias in node.names}
+        assert not used & {name.upper() for name in spec.CELLS}, name

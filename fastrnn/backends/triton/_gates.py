@@ -21,7 +21,6 @@ from ...spec import CELLS
 CELL_IDS = {name: index for index, name in enumerate(CELLS)}
 LSTM = tl.constexpr(CELL_IDS["lstm"])
 GRU = tl.constexpr(CELL_IDS["gru"])
-RNN_TANH = tl.constexpr(CELL_IDS["rnn_tanh"])
 RNN_RELU = tl.constexpr(CELL_IDS["rnn_relu"])
 NUM_GATES = {name: cell.num_gates for name, cell in CELLS.items()}
 _GATES_OF_ID = tl.constexpr(tuple(NUM_GATES.values()))
@@ -37,6 +36,24 @@ H_PRE_COL = tl.constexpr(_LSTM_COLUMNS["h_pre"].start)
 def num_gates(cell_id):
     """G of a CELL id, a compile-time constant in a kernel."""
     return _GATES_OF_ID.value[cell_id]
+
+
+# What a kernel does around a cell's math (spec.Cell), per cell id.
+_HAS_CELL_STATE = tl.constexpr(tuple(cell.has_cell_state for cell in CELLS.values()))
+_DIRECT_H = tl.constexpr(tuple(cell.direct_h for cell in CELLS.values()))
+
+
+@triton.constexpr_function
+def has_cell_state(cell_id):
+    """Whether cell CELL carries a cell state c (c0, c_n), a compile-time constant."""
+    return _HAS_CELL_STATE.value[cell_id]
+
+
+@triton.constexpr_function
+def direct_h(cell_id):
+    """Whether h_prev reaches h besides through w_hh (gru: z * h_prev), a compile-time
+    constant: its forward reads h_prev, its backward has a direct part of dL/dh_prev."""
+    return _DIRECT_H.value[cell_id]
 
 
 # The options as the step kernels see them, all from the spec: OPTIONS, a constexpr bit mask
@@ -81,7 +98,7 @@ def sigmoid(x):
 
 @triton.jit
 def tanh(x):
-    # The policy of the C++ kernels (csrc/cells.h): tanh(|x|) = (1 - e) / (1 + e) with
+    # The policy of the C++ kernels (csrc/activations.h): tanh(|x|) = (1 - e) / (1 + e) with
     # e = exp(-2|x|) <= 1 (no overflow), and the odd Taylor series below |x| = 0.3, where
     # 1 - e cancels. Every float32 is then within 2.1 ulp of float64 tanh (3.4 without
     # FMAs, as in the interpreter); a switch at 0.05 costs 5.5 ulp (17).
@@ -105,140 +122,6 @@ def matmul(a, b):
     """a @ b in float32, IEEE precision (no TF32, no half operands): the recurrence then
     carries no rounding beyond its inputs and outputs, for every input dtype."""
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-
-
-# ---------------------------------------------------------------- LSTM (gates i, f, g, o)
-
-@triton.jit
-def lstm_forward(ai, af, ag, ao, c_prev):
-    """-> gates i, f, g, o and c = f * c_prev + i * g. The caller forms h = o * tanh(y), y being
-    c after the options (cell clip, cell layer norm)."""
-    i = sigmoid(ai)
-    f = sigmoid(af)
-    g = tanh(ag)
-    o = sigmoid(ao)
-    return i, f, g, o, f * c_prev + i * g
-
-
-@triton.jit
-def lstm_backward_output(o, y, dh, clip, CLIP: tl.constexpr):
-    """Backward of h = o * tanh(y) -> (pre-activation gradient of o, dL/dy)."""
-    ty = tanh(y)
-    dao = dh * ty * o * (1.0 - o)
-    if CLIP:
-        dao = clamp(dao, clip)
-    return dao, dh * o * (1.0 - ty * ty)
-
-
-@triton.jit
-def lstm_backward(i, f, g, c_prev, dc, clip, CLIP: tl.constexpr):
-    """Backward of c = f * c_prev + i * g for dc = dL/dc -> pre-activation gradients of
-    i, f, g and dc * f (dL/dc_prev, less zoneout's direct part)."""
-    dai = dc * g * i * (1.0 - i)
-    daf = dc * c_prev * f * (1.0 - f)
-    dag = dc * i * (1.0 - g * g)
-    if CLIP:
-        dai = clamp(dai, clip)
-        daf = clamp(daf, clip)
-        dag = clamp(dag, clip)
-    return dai, daf, dag, dc * f
-
-
-@triton.jit
-def _peephole_tiles(opt, cols, H, like, OPTIONS: tl.constexpr):
-    """The peephole weight tiles p_i, p_f, p_o; without peepholes, ``like`` stands for them."""
-    p_i, p_f, p_o = like, like, like
-    if on(OPTIONS, "peephole"):
-        p = opt[arg("peephole")]
-        p_i = load_tile(p, cols, H)
-        p_f = load_tile(p + H, cols, H)
-        p_o = load_tile(p + 2 * H, cols, H)
-    return p_i, p_f, p_o
-
-
-@triton.jit
-def lstm_forward_options(ai, af, ag, ao, c_prev, opt, cols, H, cell_clip,
-                         OPTIONS: tl.constexpr):
-    """lstm_forward with the options inside the cell -> i, f, g, o, c. Peepholes (Gers and
-    Schmidhuber 2000): i and f also see c_prev (weights p_i, p_f), o sees the new c (p_o)
-    after the cell clip clamps it."""
-    p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
-    if on(OPTIONS, "peephole"):
-        ai += p_i * c_prev
-        af += p_f * c_prev
-    i, f, g, o, c = lstm_forward(ai, af, ag, ao, c_prev)
-    if on(OPTIONS, "cell_clip"):
-        c = clamp(c, cell_clip)
-    if on(OPTIONS, "peephole"):
-        o = sigmoid(ao + p_o * c)
-    return i, f, g, o, c
-
-
-@triton.jit
-def lstm_backward_options(i, f, g, c_prev, c_raw, c, dc, dao, opt, grads, rows, cols, mask, H,
-                          cell_clip, clip, OPTIONS: tl.constexpr):
-    """lstm_backward through lstm_forward_options: ``dc`` is dL/dc of the new c from every
-    path but o's peephole, ``dao`` o's pre-activation gradient, ``c_raw`` / ``c`` the new c
-    before / after the clip. -> as lstm_backward, dL/dc_prev with the peephole paths of i and
-    f; the peepholes' per-row gradients d_i c_prev | d_f c_prev | d_o c go to ``grads``."""
-    p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
-    if on(OPTIONS, "peephole"):
-        dc += dao * p_o
-    if on(OPTIONS, "cell_clip"):
-        dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
-    dai, daf, dag, dc_prev = lstm_backward(i, f, g, c_prev, dc, clip, on(OPTIONS, "grad_clip"))
-    if on(OPTIONS, "peephole"):
-        dc_prev += dai * p_i + daf * p_f
-        store_tiles(grads[learned("peephole")] + rows * (3 * H) + cols, H, dai * c_prev,
-                    daf * c_prev, dao * c, dao, mask, 3)
-    return dai, daf, dag, dc_prev
-
-
-# ---------------------------------------------------------------- GRU (gates r, z, n)
-
-@triton.jit
-def gru_forward(xr, xz, xn, hr, hz, hn, h_prev):
-    """x* from the input projection, h* = h_prev @ W_h*.T + b_h* (hn is kept for backward)."""
-    r = sigmoid(xr + hr)
-    z = sigmoid(xz + hz)
-    n = tanh(xn + r * hn)
-    h = (1.0 - z) * n + z * h_prev
-    return r, z, n, h
-
-
-@triton.jit
-def gru_backward(r, z, n, hn, h_prev, dh, clip, CLIP: tl.constexpr):
-    """-> (d xr, d xz, d xn, d hn, direct part of d h_prev); d hr = d xr, d hz = d xz."""
-    dan = dh * (1.0 - z) * (1.0 - n * n)
-    if CLIP:
-        dan = clamp(dan, clip)
-    dar = dan * hn * r * (1.0 - r)
-    daz = dh * (h_prev - n) * z * (1.0 - z)
-    if CLIP:
-        dar = clamp(dar, clip)
-        daz = clamp(daz, clip)
-    return dar, daz, dan, dan * r, dh * z
-
-
-# ---------------------------------------------------------------- Elman RNN
-
-@triton.jit
-def rnn_forward(a, RELU: tl.constexpr):
-    if RELU:
-        h = tl.maximum(a, 0.0)
-    else:
-        h = tanh(a)
-    return h
-
-
-@triton.jit
-def rnn_backward(h, dh, RELU: tl.constexpr):
-    """The derivative is read off the output h itself (the workspace is empty)."""
-    if RELU:
-        da = tl.where(h > 0, dh, 0.0)
-    else:
-        da = dh * (1.0 - h * h)
-    return da
 
 
 # ---------------------------------------------------------------- workspace (op contract)
@@ -321,3 +204,163 @@ def layer_norm_rows_backward(g0, g1, g2, g3, x0, x1, x2, x3, rstd, mask, count,
     mean_gx = _row_sum(g0 * x0, g1 * x1, g2 * x2, g3 * x3, mask, TILES) / count
     return (rstd * (g0 - mean_g - x0 * mean_gx), rstd * (g1 - mean_g - x1 * mean_gx),
             rstd * (g2 - mean_g - x2 * mean_gx), rstd * (g3 - mean_g - x3 * mean_gx))
+
+
+# ---------------------------------------------------------------- one step of a cell
+# Each cell kind's math, forward and backward, is a branch of these two functions, which
+# every kernel calls (the persistent ones with OPTIONS = 0 and None for opt, grads, state).
+# A tile is [BLOCK_B, BLOCK_H]: rows ``live`` ([BLOCK_B, 1]), units ``cols``; ``ws_row``
+# points at each row's workspace; a* are pre-activations, d* gradients.
+
+@triton.jit
+def forward_cell(CELL: tl.constexpr, x0, x1, x2, x3, r0, r1, r2, r3, c_prev, h_prev, ws_row,
+                 cols, live, H, opt, state, LNC_OFF, cell_clip, HAS_PROJ: tl.constexpr,
+                 OPTIONS: tl.constexpr):
+    """x_k / r_k: gate k's input / recurrent (layer norm and bias included) pre-activation,
+    c_prev: the cell state (has_cell_state), h_prev: h before the step (direct_h). Stores the
+    cell's workspace columns -> (c: the new cell state, h: before projection and zoneout_h)."""
+    mask = live & (cols < H)
+    ws = ws_row + cols
+    c = c_prev
+    if CELL == LSTM:  # gates i, f, g, o; c = f c_prev + i g, h = o tanh(y), y = c after options
+        p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
+        ai = x0 + r0
+        af = x1 + r1
+        if on(OPTIONS, "peephole"):  # Gers and Schmidhuber 2000: i, f see c_prev; o the new c
+            ai += p_i * c_prev
+            af += p_f * c_prev
+        i = sigmoid(ai)
+        f = sigmoid(af)
+        g = tanh(x2 + r2)
+        c = f * c_prev + i * g
+        if on(OPTIONS, "cell_clip"):
+            c = clamp(c, cell_clip)
+        if on(OPTIONS, "peephole"):
+            o = sigmoid(x3 + r3 + p_o * c)
+        else:
+            o = sigmoid(x3 + r3)
+        y = c
+        if on(OPTIONS, "layer_norm_cell"):
+            c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
+            tl.store(ws + LNC_OFF, c_hat, mask=mask)
+            tl.store(ws_row + LNC_OFF + H, rstd_c, mask=live)
+            y = (c_hat * load_tile(opt[arg("ln_c_weight")], cols, H)
+                 + load_tile(opt[arg("ln_c_bias")], cols, H))
+        h = o * tanh(y)
+        if on(OPTIONS, "zoneout_c"):
+            z_c = tl.load(opt[arg("zoneout_c")] + state, mask=mask, other=0.0).to(tl.float32)
+            c = zoneout(z_c, c, c_prev)
+        store_tiles(ws, H, i, f, g, o, mask, 4)
+        tl.store(ws + C_COL * H, c, mask=mask)
+        if HAS_PROJ:
+            tl.store(ws + H_PRE_COL * H, h, mask=mask)  # h before projection
+    elif CELL == GRU:  # gates r, z, n; hn = r2 (h_prev @ w_hn.T + b_hn) is kept for backward
+        r = sigmoid(x0 + r0)
+        z = sigmoid(x1 + r1)
+        n = tanh(x2 + r * r2)
+        h = (1.0 - z) * n + z * h_prev
+        store_tiles(ws, H, r, z, n, r2, mask, 4)
+    elif CELL == RNN_RELU:
+        h = tl.maximum(x0 + r0, 0.0)
+    else:
+        h = tanh(x0 + r0)
+    return c, h
+
+
+@triton.jit
+def _clip(x, limit, OPTIONS: tl.constexpr):
+    """grad_clip of a pre-activation gradient."""
+    if on(OPTIONS, "grad_clip"):
+        x = clamp(x, limit)
+    return x
+
+
+@triton.jit
+def backward_cell(CELL: tl.constexpr, dh, direct, dc, c_prev, h_prev, h_ptrs, ws_row, cols,
+                  live, H, opt, grads, rows, state, LNC_OFF, cell_clip, grad_clip,
+                  OPTIONS: tl.constexpr):
+    """Backward of forward_cell: dh = dL/dh before the projection (zoneout_h's part split off
+    into ``direct``), dc = dL/dc from later steps, h_ptrs: the step's output (the Elman cells'
+    derivative is read off it) -> (dx_k: gate k's input pre-activation gradient, dr_k: its
+    recurrent one (gru's n differs), dc_prev, direct: dL/dh_prev not through w_hh). The
+    learnable options' per-row gradients go to ``grads``."""
+    mask = live & (cols < H)
+    ws = ws_row + cols
+    dc_prev = dc
+    if CELL == LSTM:
+        i, f, g, o = load_tiles(ws, H, mask, 4)
+        if on(OPTIONS, "zoneout_c"):
+            z_c = tl.load(opt[arg("zoneout_c")] + state, mask=mask, other=0.0).to(tl.float32)
+            dc_direct = z_c * dc
+            dc = (1.0 - z_c) * dc
+        if on(OPTIONS, "layer_norm_cell") or on(OPTIONS, "cell_clip") or on(OPTIONS, "zoneout_c"):
+            c_raw = f * c_prev + i * g  # the workspace holds c_t, after clip and zoneout
+        else:
+            c_raw = tl.load(ws + C_COL * H, mask=mask, other=0.0)
+        c = c_raw
+        if on(OPTIONS, "cell_clip"):
+            c = clamp(c_raw, cell_clip)
+        y = c
+        if on(OPTIONS, "layer_norm_cell"):
+            c_hat = tl.load(ws + LNC_OFF, mask=mask, other=0.0)
+            rstd_c = tl.load(ws_row + LNC_OFF + H, mask=live, other=0.0)
+            w_c = load_tile(opt[arg("ln_c_weight")], cols, H)
+            y = c_hat * w_c + load_tile(opt[arg("ln_c_bias")], cols, H)
+        ty = tanh(y)
+        dao = _clip(dh * ty * o * (1.0 - o), grad_clip, OPTIONS)
+        dy = dh * o * (1.0 - ty * ty)
+        if on(OPTIONS, "layer_norm_cell"):
+            tl.store(grads[learned("ln_c_weight")] + state, dy * c_hat, mask=mask)
+            tl.store(grads[learned("ln_c_bias")] + state, dy, mask=mask)
+            dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat, c_hat,
+                                                   c_hat, rstd_c, mask, H, 1)
+        dc += dy  # dL/dc of the new c from every path, o's peephole too, masked by the clip
+        p_i, p_f, p_o = _peephole_tiles(opt, cols, H, c_prev, OPTIONS)
+        if on(OPTIONS, "peephole"):
+            dc += dao * p_o
+        if on(OPTIONS, "cell_clip"):
+            dc = tl.where(tl.abs(c_raw) <= cell_clip, dc, 0.0)
+        dx0 = _clip(dc * g * i * (1.0 - i), grad_clip, OPTIONS)
+        dx1 = _clip(dc * c_prev * f * (1.0 - f), grad_clip, OPTIONS)
+        dx2 = _clip(dc * i * (1.0 - g * g), grad_clip, OPTIONS)
+        dc_prev = dc * f
+        if on(OPTIONS, "peephole"):
+            dc_prev += dx0 * p_i + dx1 * p_f
+            store_tiles(grads[learned("peephole")] + rows * (3 * H) + cols, H, dx0 * c_prev,
+                        dx1 * c_prev, dao * c, dao, mask, 3)
+        if on(OPTIONS, "zoneout_c"):
+            dc_prev += dc_direct
+        dx3 = dao
+        dr0, dr1, dr2, dr3 = dx0, dx1, dx2, dx3
+    elif CELL == GRU:
+        r, z, n, hn = load_tiles(ws, H, mask, 4)
+        dx2 = _clip(dh * (1.0 - z) * (1.0 - n * n), grad_clip, OPTIONS)
+        dx0 = _clip(dx2 * hn * r * (1.0 - r), grad_clip, OPTIONS)
+        dx1 = _clip(dh * (h_prev - n) * z * (1.0 - z), grad_clip, OPTIONS)
+        dx3 = dx2
+        dr0, dr1, dr2, dr3 = dx0, dx1, dx2 * r, dx2 * r
+        if on(OPTIONS, "zoneout_h"):
+            direct += dh * z
+        else:
+            direct = dh * z
+    else:
+        h = tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if CELL == RNN_RELU:
+            dx0 = tl.where(h > 0, dh, 0.0)
+        else:
+            dx0 = dh * (1.0 - h * h)
+        dx1, dx2, dx3 = dx0, dx0, dx0
+        dr0, dr1, dr2, dr3 = dx0, dx0, dx0, dx0
+    return dx0, dx1, dx2, dx3, dr0, dr1, dr2, dr3, dc_prev, direct
+
+
+@triton.jit
+def _peephole_tiles(opt, cols, H, like, OPTIONS: tl.constexpr):
+    """The peephole weight tiles p_i, p_f, p_o; without peepholes, ``like`` stands for them."""
+    p_i, p_f, p_o = like, like, like
+    if on(OPTIONS, "peephole"):
+        p = opt[arg("peephole")]
+        p_i = load_tile(p, cols, H)
+        p_f = load_tile(p + H, cols, H)
+        p_o = load_tile(p + 2 * H, cols, H)
+    return p_i, p_f, p_o

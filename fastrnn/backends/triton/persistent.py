@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._gates import (C_COL, GRU, H_PRE_COL, LSTM, RNN_RELU, gru_backward, gru_forward,
-                     load_tiles, lstm_backward, lstm_backward_output, lstm_forward, matmul,
-                     num_gates, rnn_backward, rnn_forward, store_tiles, tanh)
+from ._gates import (C_COL, H_PRE_COL, backward_cell, forward_cell, has_cell_state,
+                     load_tiles, matmul, num_gates)
 from .autotune import autotune
 
 
@@ -80,7 +79,7 @@ def _persistent_forward_kernel(
 
     h = tl.load(h0_ptr + rows * P + cp, mask=in_batch & (cp < P), other=0.0).to(tl.float32)
     c = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-    if CELL == LSTM:
+    if has_cell_state(CELL):
         c = tl.load(c0_ptr + rows * H + ch, mask=in_batch & (ch < H), other=0.0).to(tl.float32)
 
     # w_hh gate blocks in float32, transposed to [P, H] so that gate_g = h @ wt_g; zero padded.
@@ -105,37 +104,28 @@ def _persistent_forward_kernel(
         row = tl.load(off_ptr + t) + rows
         m = live & (ch < H)
         xp = xp_ptr + row * (G * H) + ch
-        ws = ws_ptr + row * WS_STRIDE + ch
 
-        x0 = tl.load(xp, mask=m, other=0.0).to(tl.float32)
+        x0, x1, x2, x3 = load_tiles(xp, H, m, G)
         r0 = matmul(h, wt0) + b0
+        r1, r2, r3 = r0, r0, r0
         if G > 1:
-            x1 = tl.load(xp + H, mask=m, other=0.0).to(tl.float32)
-            x2 = tl.load(xp + 2 * H, mask=m, other=0.0).to(tl.float32)
             r1 = matmul(h, wt1) + b1
             r2 = matmul(h, wt2) + b2
-        if CELL == LSTM:
-            x3 = tl.load(xp + 3 * H, mask=m, other=0.0).to(tl.float32)
+        if G > 3:
             r3 = matmul(h, wt3) + b3
-            i, f, g, o, c_new = lstm_forward(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c)
-            h_new = o * tanh(c_new)
-            store_tiles(ws, H, i, f, g, o, m, 4)
-            tl.store(ws + C_COL * H, c_new, mask=m)
+        c_new, h_new = forward_cell(CELL, x0, x1, x2, x3, r0, r1, r2, r3, c, h,
+                                    ws_ptr + row * WS_STRIDE, ch, live, H, None, None, 0, 0.0,
+                                    HAS_PROJ, 0)
+        if has_cell_state(CELL):
             c = tl.where(live, c_new, c)
-            if HAS_PROJ:
-                tl.store(ws + H_PRE_COL * H, h_new, mask=m)
-                h_new = matmul(h_new, wrt)
-        elif CELL == GRU:
-            r, z, nn, h_new = gru_forward(x0, x1, x2, r0, r1, r2, h)
-            store_tiles(ws, H, r, z, nn, r2, m, 4)
-        else:
-            h_new = rnn_forward(x0 + r0, CELL == RNN_RELU)
+        if HAS_PROJ:
+            h_new = matmul(h_new, wrt)
         tl.store(out_ptr + row * P + cp, h_new.to(out_ptr.dtype.element_ty),
                  mask=live & (cp < P))
         h = tl.where(live, h_new, h)
 
     tl.store(hn_ptr + rows * P + cp, h.to(hn_ptr.dtype.element_ty), mask=in_batch & (cp < P))
-    if CELL == LSTM:
+    if has_cell_state(CELL):
         tl.store(cn_ptr + rows * H + ch, c.to(cn_ptr.dtype.element_ty),
                  mask=in_batch & (ch < H))
 
@@ -176,7 +166,7 @@ def _persistent_backward_kernel(
 
     dh = tl.load(ghn_ptr + rows * P + cp, mask=in_batch & (cp < P), other=0.0).to(tl.float32)
     dc = tl.zeros([BLOCK_B, BLOCK_H], dtype=tl.float32)
-    if CELL == LSTM:
+    if has_cell_state(CELL):
         dc = tl.load(gcn_ptr + rows * H + ch, mask=in_batch & (ch < H), other=0.0).to(tl.float32)
 
     # w_hh gate blocks as [H, P] (d h_prev = d_hh_g @ w_g), zero padded
@@ -200,6 +190,7 @@ def _persistent_backward_kernel(
     db2 = db0
     db3 = db0
     dwr = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
+    no_direct = tl.zeros([BLOCK_B, BLOCK_P], dtype=tl.float32)  # the cell's own direct part
 
     for s in range(0, T):
         t = s if REVERSE else T - 1 - s
@@ -230,32 +221,17 @@ def _persistent_backward_kernel(
         else:
             d_cell = d_out
 
-        if CELL == LSTM:
+        c_prev = dc
+        if has_cell_state(CELL):
             c_prev = (tl.load(ws_ptr + prev_row * WS_STRIDE + C_COL * H + ch,
                               mask=from_prev & (ch < H), other=0.0)
                       + tl.load(c0_ptr + rows * H + ch, mask=from_init & (ch < H), other=0.0)
                       .to(tl.float32))
-            i, f, g, o = load_tiles(ws, H, m, 4)
-            c = tl.load(ws + C_COL * H, mask=m, other=0.0)
-            da3, dy = lstm_backward_output(o, c, d_cell, 0.0, False)
-            da0, da1, da2, dc_prev = lstm_backward(i, f, g, c_prev, dc + dy, 0.0, False)
+        da0, da1, da2, da3, dr0, dr1, dr2, dr3, dc_prev, direct = backward_cell(
+            CELL, d_cell, no_direct, dc, c_prev, h_prev, out_ptr + row * P + ch,
+            ws_ptr + row * WS_STRIDE, ch, live, H, None, None, rows, None, 0, 0.0, 0.0, 0)
+        if has_cell_state(CELL):
             dc = tl.where(live, dc_prev, dc)
-            dr0 = da0
-            dr1 = da1
-            dr2 = da2
-            dr3 = tl.where(m, da3, 0.0)
-            tl.store(gx + 3 * H, da3.to(gty), mask=m)
-            direct = tl.zeros([BLOCK_B, BLOCK_P], dtype=tl.float32)
-        elif CELL == GRU:
-            r, z, nn, hn = load_tiles(ws, H, m, 4)
-            da0, da1, da2, dr2, direct = gru_backward(r, z, nn, hn, h_prev, d_cell, 0.0, False)
-            dr0 = da0
-            dr1 = da1
-        else:
-            h = tl.load(out_ptr + row * P + cp, mask=mp, other=0.0).to(tl.float32)
-            da0 = rnn_backward(h, d_cell, CELL == RNN_RELU)
-            dr0 = da0
-            direct = tl.zeros([BLOCK_B, BLOCK_P], dtype=tl.float32)
 
         # gradients w.r.t. the recurrent pre-activations (zero on rows that are not live)
         dr0 = tl.where(m, dr0, 0.0)
@@ -274,13 +250,15 @@ def _persistent_backward_kernel(
             db1 += tl.sum(dr1, axis=0)
             db2 += tl.sum(dr2, axis=0)
         if G > 3:
+            dr3 = tl.where(m, dr3, 0.0)
+            tl.store(gx + 3 * H, da3.to(gty), mask=m)
             d_prev += matmul(dr3, w3)
             dw3 += matmul(tl.trans(dr3), h_prev)
             db3 += tl.sum(dr3, axis=0)
         dh = tl.where(live, d_prev, dh)
 
     tl.store(gh0_ptr + rows * P + cp, dh.to(gh0_ptr.dtype.element_ty), mask=in_batch & (cp < P))
-    if CELL == LSTM:
+    if has_cell_state(CELL):
         tl.store(gc0_ptr + rows * H + ch, dc.to(gc0_ptr.dtype.element_ty),
                  mask=in_batch & (ch < H))
     # this program's partial weight gradients

@@ -41,11 +41,9 @@ import triton.language as tl
 
 from ...spec import ARGS, CELLS, LEARNABLE, OPTIONS, dimension, option_names, whole_rows
 
-from ._gates import (C_COL, GRU, H_PRE_COL, LSTM, RNN_RELU, arg, clamp, gru_backward,
-                     gru_forward, layer_norm_rows, layer_norm_rows_backward, learned, load_tile,
-                     load_tiles, lstm_backward_options, lstm_backward_output,
-                     lstm_forward_options, num_gates, on, option_bits, rnn_backward, rnn_forward,
-                     store_tiles, tanh, zoneout)
+from ._gates import (arg, backward_cell, clamp, direct_h, forward_cell, has_cell_state,
+                     layer_norm_rows, layer_norm_rows_backward, learned, load_tiles, num_gates,
+                     on, option_bits, store_tiles, zoneout)
 
 
 # ---------------------------------------------------------------- heuristics
@@ -114,37 +112,22 @@ def _step_forward_kernel(
         r2 += b2
         r3 += b3
 
-    if CELL == LSTM:
+    c_prev = x0  # placeholders where the cell reads no c_prev / h_prev
+    h_prev = x0
+    if has_cell_state(CELL):
         c_prev = tl.load(c_ptr + state, mask=mask, other=0.0)
-        i, f, g, o, c = lstm_forward_options(x0 + r0, x1 + r1, x2 + r2, x3 + r3, c_prev, opt,
-                                             cols, H, cell_clip, OPTIONS)
-        y = c
-        if on(OPTIONS, "layer_norm_cell"):
-            c_hat, _, _, _, rstd_c = layer_norm_rows(c, c, c, c, mask, H, 1)
-            tl.store(ws + LNC_OFF, c_hat, mask=mask)
-            tl.store(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, rstd_c, mask=rows < n)
-            y = (c_hat * load_tile(opt[arg("ln_c_weight")], cols, H)
-                 + load_tile(opt[arg("ln_c_bias")], cols, H))
-        h = o * tanh(y)
-        if on(OPTIONS, "zoneout_c"):
-            z_c = tl.load(opt[arg("zoneout_c")] + state, mask=mask, other=0.0).to(tl.float32)
-            c = zoneout(z_c, c, c_prev)
-        store_tiles(ws, H, i, f, g, o, mask, 4)
-        tl.store(ws + C_COL * H, c, mask=mask)
-        tl.store(c_ptr + state, c, mask=mask)
-        if HAS_PROJ:
-            tl.store(ws + H_PRE_COL * H, h, mask=mask)  # h before projection; the host projects it
-    elif CELL == GRU:
+    if direct_h(CELL) or on(OPTIONS, "zoneout_h"):
         h_prev = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
-        r, z, nn, h = gru_forward(x0, x1, x2, r0, r1, r2, h_prev)
-        store_tiles(ws, H, r, z, nn, r2, mask, 4)
-    else:
-        h = rnn_forward(x0 + r0, CELL == RNN_RELU)
+    c, h = forward_cell(CELL, x0, x1, x2, x3, r0, r1, r2, r3, c_prev, h_prev,
+                        ws_ptr + rows * WS_STRIDE, cols, rows < n, H, opt, state, LNC_OFF,
+                        cell_clip, HAS_PROJ, OPTIONS)
+    if has_cell_state(CELL):
+        tl.store(c_ptr + state, c, mask=mask)
 
     if not HAS_PROJ:
         if on(OPTIONS, "zoneout_h"):
             z_h = tl.load(opt[arg("zoneout_h")] + state, mask=mask, other=0.0).to(tl.float32)
-            h = zoneout(z_h, h, tl.load(h_ptr + state, mask=mask, other=0.0))
+            h = zoneout(z_h, h, h_prev)
         tl.store(out_ptr + state, h.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(h_ptr + state, h.to(h_ptr.dtype.element_ty), mask=mask)
         if on(OPTIONS, "recurrent_mask"):
@@ -176,8 +159,6 @@ def _step_backward_kernel(
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
     mask = (rows < n) & (cols < H)
     G: tl.constexpr = num_gates(CELL)
-    ws = ws_ptr + rows * WS_STRIDE + cols
-    gx = gx_ptr + rows * (G * H) + cols
     state = rows * H + cols
     ty = gx_ptr.dtype.element_ty
 
@@ -190,71 +171,28 @@ def _step_backward_kernel(
         direct = z_h * dh
         dh = (1.0 - z_h) * dh
 
-    if CELL == LSTM:
-        i, f, g, o = load_tiles(ws, H, mask, 4)
+    c_prev = dh  # placeholders where the cell reads no c / h_prev
+    dc = dh
+    h_prev = dh
+    if has_cell_state(CELL):
         c_prev = tl.load(cprev_ptr + state, mask=mask, other=0.0)
         dc = tl.load(dc_ptr + state, mask=mask, other=0.0)
-        if on(OPTIONS, "zoneout_c"):
-            z_c = tl.load(opt[arg("zoneout_c")] + state, mask=mask, other=0.0).to(tl.float32)
-            dc_direct = z_c * dc
-            dc = (1.0 - z_c) * dc
-        if on(OPTIONS, "layer_norm_cell") or on(OPTIONS, "cell_clip") or on(OPTIONS, "zoneout_c"):
-            c_raw = f * c_prev + i * g  # the workspace holds c_t, after clip and zoneout
-        else:
-            c_raw = tl.load(ws + C_COL * H, mask=mask, other=0.0)
-        c = c_raw
-        if on(OPTIONS, "cell_clip"):
-            c = clamp(c_raw, cell_clip)
-        y = c
-        if on(OPTIONS, "layer_norm_cell"):
-            c_hat = tl.load(ws + LNC_OFF, mask=mask, other=0.0)
-            rstd_c = tl.load(ws_ptr + rows * WS_STRIDE + LNC_OFF + H, mask=rows < n, other=0.0)
-            w_c = load_tile(opt[arg("ln_c_weight")], cols, H)
-            y = c_hat * w_c + load_tile(opt[arg("ln_c_bias")], cols, H)
-        dao, dy = lstm_backward_output(o, y, dh, grad_clip, on(OPTIONS, "grad_clip"))
-        if on(OPTIONS, "layer_norm_cell"):
-            tl.store(grads[learned("ln_c_weight")] + state, dy * c_hat, mask=mask)
-            tl.store(grads[learned("ln_c_bias")] + state, dy, mask=mask)
-            dy, _, _, _ = layer_norm_rows_backward(dy * w_c, dy, dy, dy, c_hat, c_hat, c_hat,
-                                                   c_hat, rstd_c, mask, H, 1)
-        dai, daf, dag, dc_prev = lstm_backward_options(
-            i, f, g, c_prev, c_raw, c, dc + dy, dao, opt, grads, rows, cols, mask, H, cell_clip,
-            grad_clip, OPTIONS)
-        if on(OPTIONS, "zoneout_c"):
-            dc_prev += dc_direct
-        tl.store(gx, dai.to(ty), mask=mask)
-        tl.store(gx + H, daf.to(ty), mask=mask)
-        tl.store(gx + 2 * H, dag.to(ty), mask=mask)
-        tl.store(gx + 3 * H, dao.to(ty), mask=mask)
-        tl.store(dc_ptr + state, dc_prev, mask=mask)
-        if on(OPTIONS, "zoneout_h"):
-            tl.store(ddir_ptr + state, direct, mask=mask)
-        if STORE_DHH:
-            store_tiles(dhh_ptr + rows * (G * H) + cols, H, dai, daf, dag, dao, mask, G)
-        if on(OPTIONS, "layer_norm"):
-            _layer_norm_backward(da_ptr, ws_ptr, opt, grads, rows, cols, mask, dai, daf, dag,
-                                 dao, n, H, WS_STRIDE, LN_OFF, G)
-    elif CELL == GRU:
-        r, z, nn, hn = load_tiles(ws, H, mask, 4)
+    if direct_h(CELL):
         h_prev = tl.load(hprev_ptr + state, mask=mask, other=0.0).to(tl.float32)
-        dar, daz, dan, dhn, gru_direct = gru_backward(r, z, nn, hn, h_prev, dh, grad_clip,
-                                                      on(OPTIONS, "grad_clip"))
-        if on(OPTIONS, "zoneout_h"):
-            gru_direct += direct
-        tl.store(gx, dar.to(ty), mask=mask)
-        tl.store(gx + H, daz.to(ty), mask=mask)
-        tl.store(gx + 2 * H, dan.to(ty), mask=mask)
-        store_tiles(dhh_ptr + rows * (G * H) + cols, H, dar, daz, dhn, dhn, mask, G)
-        tl.store(ddir_ptr + state, gru_direct, mask=mask)
-        if on(OPTIONS, "layer_norm"):
-            _layer_norm_backward(da_ptr, ws_ptr, opt, grads, rows, cols, mask, dar, daz, dhn,
-                                 dhn, n, H, WS_STRIDE, LN_OFF, G)
-    else:
-        h = tl.load(h_ptr + state, mask=mask, other=0.0).to(tl.float32)
-        da = rnn_backward(h, dh, CELL == RNN_RELU)
-        tl.store(gx, da.to(ty), mask=mask)
-        if STORE_DHH:
-            tl.store(dhh_ptr + rows * (G * H) + cols, da, mask=mask)
+    dx0, dx1, dx2, dx3, dr0, dr1, dr2, dr3, dc, direct = backward_cell(
+        CELL, dh, direct, dc, c_prev, h_prev, h_ptr + state, ws_ptr + rows * WS_STRIDE, cols,
+        rows < n, H, opt, grads, rows, state, LNC_OFF, cell_clip, grad_clip, OPTIONS)
+    store_tiles(gx_ptr + rows * (G * H) + cols, H, dx0.to(ty), dx1.to(ty), dx2.to(ty),
+                dx3.to(ty), mask, G)
+    if has_cell_state(CELL):
+        tl.store(dc_ptr + state, dc, mask=mask)
+    if direct_h(CELL) or on(OPTIONS, "zoneout_h"):
+        tl.store(ddir_ptr + state, direct, mask=mask)
+    if STORE_DHH:
+        store_tiles(dhh_ptr + rows * (G * H) + cols, H, dr0, dr1, dr2, dr3, mask, G)
+    if on(OPTIONS, "layer_norm"):
+        _layer_norm_backward(da_ptr, ws_ptr, opt, grads, rows, cols, mask, dr0, dr1, dr2, dr3,
+                             n, H, WS_STRIDE, LN_OFF, G)
 
 
 @triton.jit

@@ -14,6 +14,12 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import torch
 
+# The control provider of the rnn and streaming suites: a second torch.nn module with the
+# baseline's weights in tensors of its own. Its compute is the baseline's, so its ratio to
+# the baseline is what noise and the modules' places in memory alone make of a ratio in the
+# same run (bench/README.md).
+CONTROL = "torch.nn#2"
+
 # A workload is one call of the measured thing; it returns the named tensors to check
 # (outputs, final states, gradients), the same names for every provider of a case.
 Workload = Callable[[], Mapping[str, torch.Tensor]]

@@ -60,7 +60,7 @@ def injected():
 def test_tiny_run_writes_everything_and_flags_wrong_provider(tmp_path, capsys, injected):
     code = cli.main(["--tiny", "--device", "cpu", "--suite", "rnn", "--cell", "lstm",
                      "--config", "fastrnns,batch1,hidden256",
-                     "--provider", "ts-loop,fastrnn*,wrong-by-0.1%,unrunnable",
+                     "--provider", "ts-loop,fastrnn*,torch.nn#2,wrong-by-0.1%,unrunnable",
                      "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     stdout = capsys.readouterr().out
@@ -94,6 +94,9 @@ def test_tiny_run_writes_everything_and_flags_wrong_provider(tmp_path, capsys, i
     assert len(by_provider["fastrnn:auto"]) == 6
     for r in by_provider["fastrnn:auto"]:
         assert r["status"] == "ok" and r["speedup"] > 0, r
+    # the control: a second torch.nn module, its ratio the run's noise for the same compute
+    control = {r["case"]: r["speedup"] for r in by_provider["torch.nn#2"]}
+    assert len(control) == 6 and all(v > 0 for v in control.values())
     for r in by_provider["ts-loop"]:
         assert r["check"]["error"] <= r["check"]["tolerance"] < 1e-5
 
@@ -114,7 +117,7 @@ def test_tiny_run_writes_everything_and_flags_wrong_provider(tmp_path, capsys, i
     assert "| case | provider |" in markdown and "WRONG" in markdown
     assert "## `fastrnn:auto` vs torch.nn" in markdown
     for r in by_provider["fastrnn:auto"]:
-        assert f"| {r['case']} | {r['speedup']:.2f} |" in markdown
+        assert f"| {r['case']} | {r['speedup']:.2f} | {control[r['case']]:.2f} |" in markdown
     for plot in ("batch", "hidden"):
         path = f"{stem}-speedup-vs-{plot}.png"
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
@@ -283,7 +286,7 @@ def test_streaming_suite_times_per_frame_and_writes_its_files(tmp_path, capsys):
     [json_path] = glob.glob(str(tmp_path / "streaming-*.json"))
     records = json.load(open(json_path))["results"]
     assert {(r["batch"], r["chunk"]) for r in records} == {(1, 1), (1, 4), (3, 1), (3, 4)}
-    providers = {"torch.nn", "torch.nn cell loop", "onnxruntime", "fastrnn:native",
+    providers = {"torch.nn", "torch.nn#2", "torch.nn cell loop", "onnxruntime", "fastrnn:native",
                  "fastrnn:auto", "memory floor", "fastrnn int8", "fastrnn bf16",
                  "torch dynamic int8"}
     assert {r["provider"] for r in records} == providers

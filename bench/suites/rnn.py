@@ -10,6 +10,7 @@ same weights (a ``state_dict`` copy) and inputs.
 Providers (add more with :func:`register_provider`):
 
 - ``torch.nn``: ``nn.LSTM`` / ``nn.GRU`` (cuDNN on GPU, oneDNN/ATen on CPU): the baseline;
+- ``torch.nn#2``: a second such module with the same weights, the control (bench/README.md);
 - ``fastrnn:<backend>``: ``fastrnn.LSTM/GRU(..., backend=<backend>)`` for every backend in
   ``fastrnn.available_backends(device)``;
 - ``fastrnn:auto``: ``backend="auto"``, what a user gets by default (torch.nn's own path or a
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from ..core import Case, Options, Skip, suite
+from ..core import CONTROL, Case, Options, Skip, suite
 from ..loops import LoopRNN
 
 
@@ -277,7 +278,7 @@ def _provider_factories(spec: Spec, data: CaseData) -> Dict[str, Callable]:
     def build(make):
         return lambda: data.workload(make(spec), spec.dtype)
 
-    factories = {"torch.nn": build(torch_nn_module)}
+    factories = {"torch.nn": build(torch_nn_module), CONTROL: build(torch_nn_module)}
     names, reason = fastrnn_backends(spec.device)
     if names is None:
         def unavailable():

@@ -6,6 +6,8 @@ A case is (cell, hidden, batch, chunk): one timed call processes ``chunk`` frame
 size = hidden) from the state the previous call left. Providers:
 
 - ``torch.nn``: ``nn.LSTM`` / ``nn.GRU`` (oneDNN/ATen on CPU), the baseline;
+- ``torch.nn#2``: a second ``nn.LSTM`` / ``nn.GRU`` with the same weights, the control
+  (bench/README.md);
 - ``torch.nn cell loop``: ``nn.LSTMCell`` / ``nn.GRUCell`` called once per frame;
 - ``onnxruntime``: the torch.nn module exported to ONNX (its LSTM/GRU operator) run by
   ONNX Runtime with as many intra-op threads as torch has, state fed in and out;
@@ -27,6 +29,7 @@ frame (per call / chunk) by chunk size, and a plot of it.
 """
 from __future__ import annotations
 
+import copy
 import io
 import warnings
 
@@ -35,7 +38,7 @@ from torch import nn
 
 import fastrnn
 
-from ..core import Case, Options, Skip, suite
+from ..core import CONTROL, Case, Options, Skip, suite
 
 CELLS = {"lstm": (nn.LSTM, nn.LSTMCell, "LSTM", 4), "gru": (nn.GRU, nn.GRUCell, "GRU", 3)}
 CHUNKS = (1, 4, 16, 100)
@@ -75,6 +78,10 @@ class Stream:
 
     def torch_nn(self):
         return self.module_call(self.module)
+
+    def torch_nn_again(self):
+        """The control: a second torch.nn module with the same weights in tensors of its own."""
+        return self.module_call(copy.deepcopy(self.module))
 
     def fastrnn(self, backend: str):
         def factory():
@@ -197,6 +204,7 @@ def _case(cell, hidden, batch, chunk, options) -> Case:
 
     providers = {
         "torch.nn": lambda: stream().torch_nn(),
+        CONTROL: lambda: stream().torch_nn_again(),
         "torch.nn cell loop": lambda: stream().cell_loop(),
         "onnxruntime": lambda: stream().onnxruntime(),
         "fastrnn:native": lambda: stream().fastrnn("native")(),

@@ -167,8 +167,8 @@ def auto_summary(records: List[dict]) -> List[str]:
                   f"{min(control.values()):.2f}x).", "",
                   f"| case | fastrnn:auto / torch.nn | {CONTROL} / torch.nn |", "|---|---|---|"]
         lines += [f"| {r['case']} | {r['speedup']:.2f} | "
-                  f"{control[r['case']]:.2f} |" if r["case"] in control else
-                  f"| {r['case']} | {r['speedup']:.2f} | - |" for r in auto]
+                  f"{format(control[r['case']], '.2f') if r['case'] in control else '-'} |"
+                  for r in auto]
     else:
         lines += ["| case | fastrnn:auto / torch.nn |", "|---|---|"]
         lines += [f"| {r['case']} | {r['speedup']:.2f} |" for r in auto]

@@ -19,6 +19,9 @@ import torch
 # the baseline is what noise and the modules' places in memory alone make of a ratio in the
 # same run (bench/README.md).
 CONTROL = "torch.nn#2"
+# The providers whose ratio to the baseline a run pins down most tightly (bench.timing's
+# Budget.precision): what a user of backend="auto" gets, and the control that reads it.
+FOCUS = ("fastrnn:auto", CONTROL)
 
 # A workload is one call of the measured thing; it returns the named tensors to check
 # (outputs, final states, gradients), the same names for every provider of a case.

@@ -152,27 +152,37 @@ def markdown(records: List[dict], meta: dict, plots: List[str]) -> str:
 
 def auto_summary(records: List[dict]) -> List[str]:
     """Markdown lines: what a user of backend "auto" gets, case by case, against torch.nn
-    (the promise: never below 1 beyond noise). Empty when the run has no fastrnn:auto."""
+    (the promise: never below 1 beyond noise), each ratio with its 95% interval where the
+    run has one. Empty when the run has no fastrnn:auto."""
     auto = [r for r in records if r["provider"] == "fastrnn:auto" and "speedup" in r]
     if not auto:
         return []
     # beside it, the control's ratio in the same case: identical compute to the baseline
-    control = {r["case"]: r["speedup"] for r in records
-               if r["provider"] == CONTROL and "speedup" in r}
+    control = {r["case"]: r for r in records if r["provider"] == CONTROL and "speedup" in r}
     lines = ["## `fastrnn:auto` vs torch.nn", "",
              f"lowest {min(r['speedup'] for r in auto):.2f}x over {len(auto)} cases", ""]
     if control:
         lines += [f"`{CONTROL}` is a second torch.nn module with the same weights: its ratio "
                   f"is what noise and memory placement alone read in that case (lowest "
-                  f"{min(control.values()):.2f}x).", "",
+                  f"{min(r['speedup'] for r in control.values()):.2f}x). In brackets: the 95% "
+                  "interval of the median per-round ratio, and the rounds.", "",
                   f"| case | fastrnn:auto / torch.nn | {CONTROL} / torch.nn |", "|---|---|---|"]
-        lines += [f"| {r['case']} | {r['speedup']:.2f} | "
-                  f"{format(control[r['case']], '.2f') if r['case'] in control else '-'} |"
+        lines += [f"| {r['case']} | {_ratio(r)} | {_ratio(control.get(r['case']))} |"
                   for r in auto]
     else:
         lines += ["| case | fastrnn:auto / torch.nn |", "|---|---|"]
-        lines += [f"| {r['case']} | {r['speedup']:.2f} |" for r in auto]
+        lines += [f"| {r['case']} | {_ratio(r)} |" for r in auto]
     return lines + [""]
+
+
+def _ratio(record: Optional[dict]) -> str:
+    """'1.01 (0.99-1.03, 120)': the ratio to the baseline, its 95% interval and rounds."""
+    if record is None:
+        return "-"
+    if not record.get("speedup_ci"):
+        return f"{record['speedup']:.2f}"
+    low, high = record["speedup_ci"]
+    return f"{record['speedup']:.2f} ({low:.2f}-{high:.2f}, {record.get('repeats')})"
 
 
 def _per_frame_us(records: List[dict], key: str = "median_ms"

@@ -13,8 +13,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from .check import check_provider
-from .core import Case, Options, Skip, provider_names
-from .timing import Budget, paired_ratio, peak_memory, summary, time_interleaved
+from .core import FOCUS, Case, Options, Skip, provider_names
+from .timing import Budget, paired_ratio, peak_memory, ratio_interval, summary, time_interleaved
 
 BUDGETS = {  # (device type, size) -> timing budget
     ("cpu", "tiny"): Budget(warmup=0, min_repeats=2, max_repeats=3, seconds=0.0),
@@ -23,9 +23,13 @@ BUDGETS = {  # (device type, size) -> timing budget
     # calls) a module running torch.nn's very kernel read 0.88-1.08x torch.nn on a shared
     # machine, a TorchScript loop 0.7x where it is level
     # (bench/results/level-auto-cpu-2c-2026-12-02.md).
+    # Then the focus providers (auto, the control) run on beside the baseline alone until
+    # their ratios are known to +-2%: at 2 threads one round's ratio scatters by 5-15% on
+    # the 2-core dev machine, and the 7-30 rounds of all providers left +-4-6%.
     ("cpu", "quick"): Budget(warmup=0, settle=2, min_repeats=7, max_repeats=30, seconds=0.5,
-                             cap_seconds=6.0),
-    ("cpu", "full"): Budget(warmup=2, settle=2, min_repeats=9, max_repeats=50, seconds=3.0),
+                             cap_seconds=6.0, precision=0.02, focus_cap_seconds=4.0),
+    ("cpu", "full"): Budget(warmup=2, settle=2, min_repeats=9, max_repeats=50, seconds=3.0,
+                            precision=0.01, focus_cap_seconds=20.0),
     ("cuda", "tiny"): Budget(warmup=1, min_repeats=3, max_repeats=5, seconds=0.0),
     ("cuda", "quick"): Budget(warmup=5, min_repeats=10, max_repeats=200, seconds=0.5),
     ("cuda", "full"): Budget(warmup=10, min_repeats=20, max_repeats=1000, seconds=2.0),
@@ -85,7 +89,8 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
     baseline_result = None
     if on_provider and checked:
         on_provider(f"{case.name} timing {len(checked)} providers")
-    times, failed = time_interleaved([w for _, w in checked], options.device, budget)
+    focus = [i for i, (record, _) in enumerate(checked) if record["provider"] in FOCUS]
+    times, failed = time_interleaved([w for _, w in checked], options.device, budget, focus)
     baseline_times = times[0] if checked and checked[0][0]["provider"] == case.baseline \
         and 0 not in failed else None
     for i, (record, _) in enumerate(checked):
@@ -105,6 +110,9 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
                           gemm_fraction=gflops / ceiling if ceiling else None)
         if baseline_times is not None:
             record["speedup"] = paired_ratio(baseline_times, times[i])
+            interval = ratio_interval(baseline_times, times[i])
+            if interval:
+                record["speedup_ci"] = list(interval)
     checked = None
     if case.cleanup:
         case.cleanup()

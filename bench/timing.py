@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import math
 import random
 import statistics
 import time
@@ -52,6 +53,11 @@ class Budget:
     max_repeats: int = 50
     seconds: float = 1.0     # keep repeating until this much time was spent (and min_repeats)
     cap_seconds: float = float("inf")   # stop after this much time even below min_repeats
+    # Then rounds of the baseline and the focus providers alone (time_interleaved's ``focus``)
+    # until each one's ratio to the baseline is known to +-precision (the 95% interval of the
+    # median per-round ratio, relative), or until focus_cap_seconds of such calls per provider.
+    precision: float = 0.0
+    focus_cap_seconds: float = 0.0
 
 
 def _sync(device: torch.device):
@@ -87,14 +93,19 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device,
-                     budget: Budget) -> Tuple[List[List[float]], Dict[int, BaseException]]:
+                     budget: Budget, focus: Sequence[int] = ()
+                     ) -> Tuple[List[List[float]], Dict[int, BaseException]]:
     """Time several workloads round by round: each round calls every workload once, so a
     spell of load on a shared machine falls on all of them alike and each round gives a
     paired ratio (see ``paired_ratio``). The order is shuffled every round (seeded): what a
     call finds in the caches and the allocator depends on the call before it, and in a fixed
     rotation every workload would always follow the same one. ``budget.settle`` rounds run
-    first, untimed. The budget counts per workload. Returns the times (ms) per workload and
-    the exception of any that raised (it is left out of later rounds)."""
+    first, untimed. The budget counts per workload. ``focus`` (indices; ``fns[0]`` is the
+    baseline) names the workloads whose ratio to the baseline must be known to
+    ``budget.precision``: more rounds of the baseline and those alone follow until it is,
+    so their lists are longer than the others' (round i of every list is still one round).
+    Returns the times (ms) per workload and the exception of any that raised (it is left out
+    of later rounds)."""
     live = list(range(len(fns)))
     times: List[List[float]] = [[] for _ in fns]
     failed: Dict[int, BaseException] = {}
@@ -115,7 +126,47 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device,
                 spent += ms / 1e3
         live = [i for i in live if i not in failed]
         rounds += 1
+    focus = [i for i in focus if i in live and i != 0]
+    spent = 0.0
+    while (budget.precision and focus and 0 in live and len(times[0]) < MAX_FOCUS_ROUNDS
+           and spent < budget.focus_cap_seconds * (len(focus) + 1)
+           and any(ratio_precision(times[0], times[i]) > budget.precision for i in focus)):
+        for i in order.sample([0] + focus, len(focus) + 1):
+            try:
+                ms = time_call(fns[i], device)
+            except Exception as exc:  # noqa: BLE001 - reported by the caller
+                failed[i] = exc
+                continue
+            times[i].append(ms)
+            spent += ms / 1e3
+        if failed:   # a round with a failure pairs nothing: the lists must stay aligned
+            break
     return times, failed
+
+
+MAX_FOCUS_ROUNDS = 400
+
+
+def ratio_interval(baseline_ms: Sequence[float], provider_ms: Sequence[float]
+                   ) -> Optional[Tuple[float, float]]:
+    """95% confidence interval of the median per-round ratio (``paired_ratio``), from the
+    order statistics of the ratios (no assumption on their distribution); None below 6
+    rounds."""
+    ratios = sorted(b / p for b, p in zip(baseline_ms, provider_ms))
+    n = len(ratios)
+    if n < 6:
+        return None
+    spread = 1.96 * n ** 0.5   # the interval's ranks (1-based): (n -+ spread) / 2, rounded out
+    low, high = math.floor((n - spread) / 2), math.ceil(1 + (n + spread) / 2)
+    return ratios[max(0, low - 1)], ratios[min(n, high) - 1]
+
+
+def ratio_precision(baseline_ms: Sequence[float], provider_ms: Sequence[float]) -> float:
+    """Half the width of ``ratio_interval`` over the median ratio."""
+    interval = ratio_interval(baseline_ms, provider_ms)
+    if interval is None:
+        return float("inf")
+    return (interval[1] - interval[0]) / 2 / paired_ratio(baseline_ms, provider_ms)
 
 
 def summary(times: Sequence[float], peak_mem_bytes: Optional[int]) -> Timing:

@@ -160,6 +160,40 @@ def test_interleaved_timing_settles_before_its_timed_rounds():
     assert follows == {(a, b) for a in range(3) for b in range(3) if a != b}
 
 
+def test_focus_providers_run_on_until_their_ratio_is_known(monkeypatch):
+    """After the rounds of every provider, the baseline (index 0) and the focus providers
+    alone run on until the 95% interval of each focus ratio is within +-precision, or until
+    the focus time cap: their lists grow together (round i is still one round), the others'
+    do not."""
+    import random
+    from bench import timing
+    noise = random.Random(5)
+    called = []
+
+    def fake_time_call(fn, device):
+        called.append(fn())
+        return 10.0 * (1 + noise.gauss(0, 0.05))   # ms: one round's ratio scatters by ~7%
+
+    monkeypatch.setattr(timing, "time_call", fake_time_call)
+    fns = [lambda i=i: i for i in range(3)]
+    budget = timing.Budget(warmup=0, min_repeats=7, max_repeats=7, seconds=0.0,
+                           precision=0.02, focus_cap_seconds=1e9)
+    times, failed = timing.time_interleaved(fns, torch.device("cpu"), budget, focus=[2])
+    assert not failed and len(times[1]) == 7 and len(times[0]) == len(times[2]) > 7
+    assert set(called[21:]) == {0, 2}
+    assert timing.ratio_precision(times[0], times[2]) <= 0.02
+    low, high = timing.ratio_interval(times[0], times[2])
+    assert low < timing.paired_ratio(times[0], times[2]) < high
+    assert timing.ratio_precision(times[0][:-2], times[2][:-2]) > 0.02   # it stopped at once
+
+    budget.focus_cap_seconds = 0.1   # the cap: 0.1 s of calls for each of the two
+    times, _ = timing.time_interleaved(fns, torch.device("cpu"), budget, focus=[2])
+    assert len(times[0]) == len(times[2]) and len(times[1]) == 7
+    spent_ms = [a + b for a, b in zip(times[0][7:], times[2][7:])]
+    assert sum(spent_ms[:-1]) < 200 <= sum(spent_ms) and len(spent_ms) < 20
+    assert timing.ratio_interval([1.0] * 5, [1.0] * 5) is None   # too few rounds to tell
+
+
 def test_check_rules():
     """bench.check is fastrnn.testing's rule: a few ulps of the baseline without a gold result,
     else within 2x the baseline's own error against the float64 gold."""

@@ -5,6 +5,7 @@ one that cannot run is ``skipped`` (with the reason it gave); one that raises is
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 import traceback
@@ -14,7 +15,8 @@ import torch
 
 from .check import check_provider
 from .core import FOCUS, Case, Options, Skip, provider_names
-from .timing import Budget, paired_ratio, peak_memory, ratio_interval, summary, time_interleaved
+from .timing import (Budget, paired_ratio, peak_memory, ratio_interval, ratio_precision, summary,
+                     time_interleaved)
 
 BUDGETS = {  # (device type, size) -> timing budget
     ("cpu", "tiny"): Budget(warmup=0, min_repeats=2, max_repeats=3, seconds=0.0),
@@ -24,12 +26,13 @@ BUDGETS = {  # (device type, size) -> timing budget
     # machine, a TorchScript loop 0.7x where it is level
     # (bench/results/level-auto-cpu-2c-2026-12-02.md).
     # Then the focus providers (auto, the control) run on beside the baseline alone until
-    # their ratios are known to +-2%: at 2 threads one round's ratio scatters by 5-15% on
-    # the 2-core dev machine, and the 7-30 rounds of all providers left +-4-6%.
+    # their ratios are known to +-2% (pin_ratios): at 2 threads one round's ratio scatters by
+    # 5-15% on the 2-core dev machine, and the 7-30 rounds of all providers left +-4-6%.
     ("cpu", "quick"): Budget(warmup=0, settle=2, min_repeats=7, max_repeats=30, seconds=0.5,
-                             cap_seconds=6.0, precision=0.02, focus_cap_seconds=4.0),
+                             cap_seconds=6.0, precision=0.02, placements=4,
+                             focus_cap_seconds=4.0),
     ("cpu", "full"): Budget(warmup=2, settle=2, min_repeats=9, max_repeats=50, seconds=3.0,
-                            precision=0.01, focus_cap_seconds=20.0),
+                            precision=0.01, placements=8, focus_cap_seconds=20.0),
     ("cuda", "tiny"): Budget(warmup=1, min_repeats=3, max_repeats=5, seconds=0.0),
     ("cuda", "quick"): Budget(warmup=5, min_repeats=10, max_repeats=200, seconds=0.5),
     ("cuda", "full"): Budget(warmup=10, min_repeats=20, max_repeats=1000, seconds=2.0),
@@ -43,6 +46,41 @@ def _value(x):
 def _record_error(record: dict, exc: BaseException) -> None:
     record.update(status="error", reason=f"{type(exc).__name__}: {exc}".strip(),
                   traceback="".join(traceback.format_exception(exc, limit=6)))
+
+
+def pin_ratios(case: Case, names: List[str], times: List[List[float]], device: torch.device,
+               budget: Budget) -> None:
+    """More rounds of the baseline (``names[0]``) and the focus providers alone, appended to
+    their ``times``, until each focus ratio to the baseline is known to ``budget.precision``.
+    Where a module's tensors lie in memory moves its time by a few percent for as long as
+    they lie there (six identical torch.nn GRU modules in one process, batch 1, 2 threads:
+    0.975-1.037x the first, each to +-1%), so the rounds are spread over
+    ``budget.placements`` fresh builds of each, made while the previous ones still hold
+    their memory (new pages, not the freed ones again). A provider that raises here keeps
+    the times it has."""
+    if not budget.precision or len(names) < 2:
+        return
+    # every build at least as many rounds as the case's own (within the cap), so that no
+    # one placement outweighs the others in the median
+    block = dataclasses.replace(budget, settle=1, seconds=float("inf"), max_repeats=10 ** 6,
+                                min_repeats=len(times[0]),
+                                cap_seconds=budget.focus_cap_seconds / budget.placements)
+
+    def enough(new: List[List[float]]) -> bool:
+        return all(ratio_precision(times[0] + new[0], times[i] + new[i]) <= budget.precision
+                   for i in range(1, len(names)))
+
+    workloads = None
+    for _ in range(budget.placements):
+        try:
+            workloads = [case.providers[name]() for name in names]
+        except Exception:  # noqa: BLE001 - the case's own rounds stand
+            return
+        new, failed = time_interleaved(workloads, device, block, enough)
+        if failed:
+            return
+        for old, more in zip(times, new):
+            old += more
 
 
 def run_case(case: Case, options: Options, ceilings: Dict[str, float],
@@ -89,10 +127,14 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
     baseline_result = None
     if on_provider and checked:
         on_provider(f"{case.name} timing {len(checked)} providers")
-    focus = [i for i, (record, _) in enumerate(checked) if record["provider"] in FOCUS]
-    times, failed = time_interleaved([w for _, w in checked], options.device, budget, focus)
+    times, failed = time_interleaved([w for _, w in checked], options.device, budget)
     baseline_times = times[0] if checked and checked[0][0]["provider"] == case.baseline \
         and 0 not in failed else None
+    if baseline_times is not None:
+        focus = [i for i, (record, _) in enumerate(checked)
+                 if record["provider"] in FOCUS and i not in failed]
+        pin_ratios(case, [checked[i][0]["provider"] for i in [0] + focus],
+                   [times[i] for i in [0] + focus], options.device, budget)
     for i, (record, _) in enumerate(checked):
         if i in failed:
             _record_error(record, failed[i])

@@ -53,10 +53,13 @@ class Budget:
     max_repeats: int = 50
     seconds: float = 1.0     # keep repeating until this much time was spent (and min_repeats)
     cap_seconds: float = float("inf")   # stop after this much time even below min_repeats
-    # Then rounds of the baseline and the focus providers alone (time_interleaved's ``focus``)
-    # until each one's ratio to the baseline is known to +-precision (the 95% interval of the
-    # median per-round ratio, relative), or until focus_cap_seconds of such calls per provider.
+    # Then the baseline and the focus providers (bench.core.FOCUS) alone, rebuilt afresh
+    # ``placements`` times (new tensors, so other places in memory), each time for at least
+    # min_repeats rounds and then until each one's ratio to the baseline is known to
+    # +-precision (the 95% interval of the median per-round ratio, relative), or until
+    # focus_cap_seconds of such calls per provider in all.
     precision: float = 0.0
+    placements: int = 1
     focus_cap_seconds: float = 0.0
 
 
@@ -93,19 +96,16 @@ def time_call(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device,
-                     budget: Budget, focus: Sequence[int] = ()
+                     budget: Budget, enough: Optional[Callable[[List[List[float]]], bool]] = None
                      ) -> Tuple[List[List[float]], Dict[int, BaseException]]:
     """Time several workloads round by round: each round calls every workload once, so a
     spell of load on a shared machine falls on all of them alike and each round gives a
     paired ratio (see ``paired_ratio``). The order is shuffled every round (seeded): what a
     call finds in the caches and the allocator depends on the call before it, and in a fixed
     rotation every workload would always follow the same one. ``budget.settle`` rounds run
-    first, untimed. The budget counts per workload. ``focus`` (indices; ``fns[0]`` is the
-    baseline) names the workloads whose ratio to the baseline must be known to
-    ``budget.precision``: more rounds of the baseline and those alone follow until it is,
-    so their lists are longer than the others' (round i of every list is still one round).
-    Returns the times (ms) per workload and the exception of any that raised (it is left out
-    of later rounds)."""
+    first, untimed. The budget counts per workload; past ``budget.min_repeats`` rounds stop as
+    soon as ``enough(times)`` holds. Returns the times (ms) per workload and the exception of
+    any that raised (it is left out of later rounds)."""
     live = list(range(len(fns)))
     times: List[List[float]] = [[] for _ in fns]
     failed: Dict[int, BaseException] = {}
@@ -114,7 +114,8 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device,
     while live and (rounds <= 0 or (rounds < budget.max_repeats
                                     and spent < budget.cap_seconds * len(fns)
                                     and (rounds < budget.min_repeats
-                                         or spent < budget.seconds * len(fns)))):
+                                         or (spent < budget.seconds * len(fns)
+                                             and not (enough and enough(times)))))):
         for i in order.sample(live, len(live)):
             try:
                 ms = time_call(fns[i], device)
@@ -126,25 +127,9 @@ def time_interleaved(fns: Sequence[Callable[[], object]], device: torch.device,
                 spent += ms / 1e3
         live = [i for i in live if i not in failed]
         rounds += 1
-    focus = [i for i in focus if i in live and i != 0]
-    spent = 0.0
-    while (budget.precision and focus and 0 in live and len(times[0]) < MAX_FOCUS_ROUNDS
-           and spent < budget.focus_cap_seconds * (len(focus) + 1)
-           and any(ratio_precision(times[0], times[i]) > budget.precision for i in focus)):
-        for i in order.sample([0] + focus, len(focus) + 1):
-            try:
-                ms = time_call(fns[i], device)
-            except Exception as exc:  # noqa: BLE001 - reported by the caller
-                failed[i] = exc
-                continue
-            times[i].append(ms)
-            spent += ms / 1e3
-        if failed:   # a round with a failure pairs nothing: the lists must stay aligned
-            break
     return times, failed
 
 
-MAX_FOCUS_ROUNDS = 400
 
 
 def ratio_interval(baseline_ms: Sequence[float], provider_ms: Sequence[float]

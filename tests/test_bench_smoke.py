@@ -160,37 +160,51 @@ def test_interleaved_timing_settles_before_its_timed_rounds():
     assert follows == {(a, b) for a in range(3) for b in range(3) if a != b}
 
 
-def test_focus_providers_run_on_until_their_ratio_is_known(monkeypatch):
-    """After the rounds of every provider, the baseline (index 0) and the focus providers
-    alone run on until the 95% interval of each focus ratio is within +-precision, or until
-    the focus time cap: their lists grow together (round i is still one round), the others'
-    do not."""
+def test_focus_providers_are_rebuilt_and_run_on_until_their_ratio_is_known(monkeypatch):
+    """After the rounds of every provider, the baseline and the focus providers alone are
+    built afresh ``placements`` times, each build for at least a few rounds (after one
+    untimed round), until the 95% interval of each focus ratio is within +-precision or until
+    the focus time cap: their lists grow together (round i is still one round)."""
     import random
-    from bench import timing
+    from bench import runner, timing
+    from bench.core import Case
     noise = random.Random(5)
-    called = []
+    calls, builds = [], []
 
     def fake_time_call(fn, device):
-        called.append(fn())
+        calls.append(fn())
         return 10.0 * (1 + noise.gauss(0, 0.05))   # ms: one round's ratio scatters by ~7%
 
-    monkeypatch.setattr(timing, "time_call", fake_time_call)
-    fns = [lambda i=i: i for i in range(3)]
-    budget = timing.Budget(warmup=0, min_repeats=7, max_repeats=7, seconds=0.0,
-                           precision=0.02, focus_cap_seconds=1e9)
-    times, failed = timing.time_interleaved(fns, torch.device("cpu"), budget, focus=[2])
-    assert not failed and len(times[1]) == 7 and len(times[0]) == len(times[2]) > 7
-    assert set(called[21:]) == {0, 2}
-    assert timing.ratio_precision(times[0], times[2]) <= 0.02
-    low, high = timing.ratio_interval(times[0], times[2])
-    assert low < timing.paired_ratio(times[0], times[2]) < high
-    assert timing.ratio_precision(times[0][:-2], times[2][:-2]) > 0.02   # it stopped at once
+    def factory(name):
+        def build():
+            builds.append(name)
+            return lambda: name
+        return build
 
-    budget.focus_cap_seconds = 0.1   # the cap: 0.1 s of calls for each of the two
-    times, _ = timing.time_interleaved(fns, torch.device("cpu"), budget, focus=[2])
-    assert len(times[0]) == len(times[2]) and len(times[1]) == 7
-    spent_ms = [a + b for a, b in zip(times[0][7:], times[2][7:])]
-    assert sum(spent_ms[:-1]) < 200 <= sum(spent_ms) and len(spent_ms) < 20
+    monkeypatch.setattr(timing, "time_call", fake_time_call)
+    case = Case(suite="s", name="c", params={}, baseline="base", tokens=1,
+                providers={n: factory(n) for n in ("base", "other", "auto")})
+    budget = timing.Budget(warmup=0, min_repeats=7, max_repeats=7, seconds=0.0,
+                           precision=0.02, placements=3, focus_cap_seconds=1e9)
+    times = [[fake_time_call(lambda: 0, None) for _ in range(7)] for _ in range(2)]
+    calls.clear()
+    runner.pin_ratios(case, ["base", "auto"], times, torch.device("cpu"), budget)
+    assert builds == ["base", "auto"] * 3 and set(calls) == {"base", "auto"}
+    assert len(times[0]) == len(times[1]) and len(calls) == 2 * (len(times[0]) - 7) + 2 * 3
+    assert timing.ratio_precision(times[0], times[1]) <= 0.02
+    low, high = timing.ratio_interval(times[0], times[1])
+    assert low < timing.paired_ratio(times[0], times[1]) < high
+    stop_at_5 = timing.Budget(warmup=0, min_repeats=2, max_repeats=100, seconds=1e9)
+    quick, _ = timing.time_interleaved([lambda: 0] * 2, torch.device("cpu"), stop_at_5,
+                                       enough=lambda t: len(t[0]) >= 5)
+    assert [len(t) for t in quick] == [5, 5]   # a block stops as soon as it is enough
+
+    builds.clear()   # the cap, split over the builds: 0.1 s each -> about 10 rounds of 20 ms
+    budget.focus_cap_seconds, budget.precision = 0.3, 1e-9
+    times = [[10.0] * 7, [10.0] * 7]
+    runner.pin_ratios(case, ["base", "auto"], times, torch.device("cpu"), budget)
+    assert builds == ["base", "auto"] * 3
+    assert len(times[0]) == len(times[1]) and 7 + 3 * 9 <= len(times[0]) <= 7 + 3 * 12
     assert timing.ratio_interval([1.0] * 5, [1.0] * 5) is None   # too few rounds to tell
 
 

@@ -77,10 +77,9 @@ class Stream:
         return call
 
     def torch_nn(self):
-        return self.module_call(self.module)
-
-    def torch_nn_again(self):
-        """The control: a second torch.nn module with the same weights in tensors of its own."""
+        """The case's torch.nn module, its weights in tensors of this build's own: the
+        baseline and the control are two builds (the runner rebuilds them to time them at
+        other places in memory)."""
         return self.module_call(copy.deepcopy(self.module))
 
     def fastrnn(self, backend: str):
@@ -204,7 +203,7 @@ def _case(cell, hidden, batch, chunk, options) -> Case:
 
     providers = {
         "torch.nn": lambda: stream().torch_nn(),
-        CONTROL: lambda: stream().torch_nn_again(),
+        CONTROL: lambda: stream().torch_nn(),
         "torch.nn cell loop": lambda: stream().cell_loop(),
         "onnxruntime": lambda: stream().onnxruntime(),
         "fastrnn:native": lambda: stream().fastrnn("native")(),

@@ -229,8 +229,7 @@ def _register(kind: Cell):
             ctx.differentiated = True
             return _differentiable_backward(kind, ctx, grads, *saved)
         result = getattr(torch.ops.fastrnn, f"{kind.name}_backward")(
-            _zeros_if_none(grads[0], output), _zeros_if_none(grads[1], h0),
-            None if c0 is None else _zeros_if_none(grads[2], c0), h0, c0, w_hh, b_hh, w_hr,
+            *_result_grads(grads, output, h0, c0), h0, c0, w_hh, b_hh, w_hr,
             ctx.batch_sizes, ctx.reverse, output, workspace, ctx.backend, *options)
         return _input_grads(ctx, result, options)
 
@@ -249,8 +248,12 @@ def _register(kind: Cell):
                                     lib=_lib)
 
 
-def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
+def _result_grads(grads, output: Tensor, h0: Tensor, c0: Optional[Tensor]) -> tuple:
+    """The gradients of output, h_n and c_n (None for a cell without c) for a backward, zeros
+    where autograd gave None."""
+    zeros_if_none = lambda grad, like: torch.zeros_like(like) if grad is None else grad  # noqa
+    return (zeros_if_none(grads[0], output), zeros_if_none(grads[1], h0),
+            None if c0 is None else zeros_if_none(grads[2], c0))
 
 
 def _empty_if_none(value: Optional[Tensor], like: Tensor) -> Tensor:
@@ -292,9 +295,8 @@ def _differentiable_backward(kind: Cell, ctx, grads, h0, c0, w_hh, b_hh, w_hr, o
     torch ops) on the saved tensors, so autograd records it."""
     _double_backward_check(kind, options or spec.StepOptions())
     result = backends.get("reference").backward(
-        kind.name, _zeros_if_none(grads[0], output), _zeros_if_none(grads[1], h0),
-        None if c0 is None else _zeros_if_none(grads[2], c0), h0, c0, w_hh, b_hh,
-        w_hr, ctx.batch_sizes, ctx.reverse, output, workspace, options=options)
+        kind.name, *_result_grads(grads, output, h0, c0), h0, c0, w_hh, b_hh, w_hr,
+        ctx.batch_sizes, ctx.reverse, output, workspace, options=options)
     return _input_grads(ctx, _op_grads(result, w_hh), options or spec.StepOptions())
 
 

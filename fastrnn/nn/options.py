@@ -318,7 +318,11 @@ def recurrent_mask(module, batch: int, width: int, like: Tensor) -> Optional[Ten
     p = module.recurrent_dropout
     if not p or not module.training:
         return None
-    mask = like.new_empty(batch, width)
+    return dropout_mask(like.new_empty(batch, width), p)
+
+
+def dropout_mask(mask: Tensor, p: float) -> Tensor:
+    """``mask`` filled with inverted-dropout draws: 0 with probability p, else 1 / (1 - p)."""
     return mask.zero_() if p == 1 else mask.bernoulli_(1 - p).div_(1 - p)
 
 

@@ -19,11 +19,10 @@
 // Dev provides:
 //   template <class F> static void row_blocks(int64_t rows, bool uniform, F f);  // f(b0, b1)
 //       per block of states covering [0, rows) (OneRowBlock below: one block)
-//   template <class scalar_t, class acc_t> static void forward_step(Cell, const ForwardStep&, int64_t rows);
-//   template <class scalar_t, class acc_t> static void backward_step(Cell, const BackwardStep&, int64_t rows);
-//       (both run step.h's forward_row / backward_row for every live row)
-//   template <class scalar_t, class acc_t> static void projection_forward_step(const ForwardStep&, int64_t rows);
-//   template <class scalar_t, class acc_t> static void projection_backward_step(const BackwardStep&, int64_t rows);
+//   static void step(Cell, const ForwardStep& or const BackwardStep&, int64_t rows);
+//       (step.h's forward_row / backward_row for every live row)
+//   static void projection_step(const ForwardStep& or const BackwardStep&, int64_t rows);
+//       (step.h's projection_element for every live row and column)
 //   static void check_dtype(at::ScalarType);       // clear error for dtypes it lacks
 //   template <class F> static void dispatch(at::ScalarType, F f);  // f(scalar_t{}) per dtype
 //   using Gemm = ...;  // out[rows, N] (+)= a[rows, K] @ w[K, N] with w fixed for the call
@@ -443,12 +442,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
         }
         a.row = row;
         a.ws_first = need_workspace ? row : b0;
-        Dev::template forward_step<scalar_t, acc_t>(s.cell, a, rows);
+        Dev::step(s.cell, a, rows);
         if (s.proj) {
           Tensor out_rows = output.narrow(0, row, rows);
           at::mm_out(out_rows, hh.narrow(0, b0, rows), w_hr_t);
           if (projection_pass) {
-            Dev::template projection_forward_step<scalar_t, acc_t>(a, rows);
+            Dev::projection_step(a, rows);
           } else {
             h_live.copy_(out_rows);
           }
@@ -589,14 +588,14 @@ BackwardResult recurrence_backward(
         if (s.proj) {
           Tensor d_out = grad_out_all.narrow(0, row, rows);
           if (opt.any()) {
-            Dev::template projection_backward_step<scalar_t, acc_t>(a, rows);
+            Dev::projection_step(a, rows);
           } else {
             at::add_out(d_out, grad_output.narrow(0, row, rows), dh_live);
           }
           Tensor dhh_live = dhh.narrow(0, b0, rows);
           at::mm_out(dhh_live, d_out, w_hr);
         }
-        Dev::template backward_step<scalar_t, acc_t>(s.cell, a, rows);
+        Dev::step(s.cell, a, rows);
         // dL/dh_prev = (d(a) @ w_hh) * recurrent_mask + the direct part left in dh_state.
         Tensor grad_a_rows = grad_a.narrow(0, row, rows);
         if (mask) {

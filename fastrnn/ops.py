@@ -82,11 +82,10 @@ def _check(kind: Cell, kw: dict, options, read_batch_sizes=True):
         raise ValueError(f"fastrnn.{kind.name}: h0 must be [batch, {width}], "
                          f"got {list(h0.shape)}")
     batch = h0.shape[0]
-    if c0 is not None and list(c0.shape) != [batch, hidden]:
-        raise ValueError(f"fastrnn.{kind.name}: c0 must be [{batch}, {hidden}], "
-                         f"got {list(c0.shape)}")
-    if b_hh is not None and list(b_hh.shape) != [gates]:
-        raise ValueError(f"fastrnn.{kind.name}: b_hh must be [{gates}], got {list(b_hh.shape)}")
+    for name, tensor, shape in (("c0", c0, [batch, hidden]), ("b_hh", b_hh, [gates])):
+        if tensor is not None and list(tensor.shape) != shape:
+            raise ValueError(f"fastrnn.{kind.name}: {name} must be {shape}, "
+                             f"got {list(tensor.shape)}")
     for name, tensor in (("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hh", b_hh), ("w_hr", w_hr)):
         if tensor is not None and tensor.dtype != xproj.dtype:
             raise ValueError(f"fastrnn.{kind.name}: {name} dtype {tensor.dtype} does not match "

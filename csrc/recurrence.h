@@ -291,9 +291,12 @@ inline void check_options(const Shapes& s, const Options& o, const Tensor& like)
 // Shapes of the op (docs/op-contract.md); `rows`/`cols` are those of xproj (in backward: N
 // and the implied G*H). All tensors share the dtype and device of `like`.
 inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t cols,
-                           const Tensor& like, const Tensor& h0, const Tensor& c0,
-                           const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr,
-                           const Options& options) {
+                           const Tensor& like, const Tensor& h0,
+                           const c10::optional<Tensor>& c0_in, const Tensor& w_hh,
+                           const c10::optional<Tensor>& b_hh_in,
+                           const c10::optional<Tensor>& w_hr_in, const Options& options) {
+  const Tensor c0 = defined_or_empty(c0_in), b_hh = defined_or_empty(b_hh_in);
+  const Tensor w_hr = defined_or_empty(w_hr_in);
   Shapes s;
   s.cell = parse_cell(cell_name);
   s.G = num_gates(s.cell);
@@ -373,8 +376,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
               xproj_in.sizes());
   const Options opt = make_options(FASTRNN_OPTION_ARGS);
   const Shapes s = check_shapes(cell_name, xproj_in.size(0), xproj_in.size(1), xproj_in, h0_in,
-                                defined_or_empty(c0_in), w_hh_in, defined_or_empty(b_hh_in),
-                                defined_or_empty(w_hr_in), opt);
+                                c0_in, w_hh_in, b_hh_in, w_hr_in, opt);
   Dev::check_dtype(xproj_in.scalar_type());
   const Layout layout = make_layout(s.N, s.B, batch_sizes, reverse);
   const auto dtype = xproj_in.scalar_type();
@@ -476,8 +478,7 @@ BackwardResult recurrence_backward(
   const Options opt = make_options(FASTRNN_OPTION_ARGS);
   // xproj is not an input of backward: its shape [N, G*H] is implied.
   const Shapes s = check_shapes(cell_name, output_in.size(0), w_hh.size(0), output_in, h0_in,
-                                defined_or_empty(c0_in), w_hh, defined_or_empty(b_hh),
-                                defined_or_empty(w_hr_in), opt);
+                                c0_in, w_hh, b_hh, w_hr_in, opt);
   const auto dtype = output_in.scalar_type();
   Dev::check_dtype(dtype);
   const auto acc_dtype = at::toOpMathType(dtype);

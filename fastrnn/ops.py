@@ -372,7 +372,6 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
     """Run the ``cell`` op; returns (output, h_n, c_n or None). Differentiable.
     ``options``: a fastrnn.spec.StepOptions, None for the plain recurrence."""
     kind = CELLS[cell]
-    op = getattr(torch.ops.fastrnn, f"{cell}_forward")
     # Without a gradient to compute, the op keeps no workspace for backward (less memory,
     # and the native kernels skip writing it). A trace keeps it: it is replayed with and
     # without grad (torch.jit.trace checks it by tracing again without grad).
@@ -386,14 +385,14 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
         kw = dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
                   batch_sizes=batch_sizes, reverse=reverse)
         output, h_n, c_n, _ = _run_forward(kind, kw, backend, None, False)
-        return output, h_n, c_n if kind.has_cell_state else None
     # (An empty result may be an input handed back, which autograd.Function cannot save.)
-    if direct and need_workspace and xproj.numel() and h0.numel() and \
+    elif direct and need_workspace and xproj.numel() and h0.numel() and \
             not torch._C._are_functorch_transforms_active():
         output, h_n, c_n, _ = _EAGER[cell].apply(
             xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
             *(options or spec.StepOptions()), need_workspace)
-        return output, h_n, c_n if kind.has_cell_state else None
-    output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
-                             *(options or ()), need_workspace=need_workspace)
+    else:
+        output, h_n, c_n, _ = getattr(torch.ops.fastrnn, f"{cell}_forward")(
+            xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend, *(options or ()),
+            need_workspace=need_workspace)
     return output, h_n, c_n if kind.has_cell_state else None

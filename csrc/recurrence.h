@@ -568,13 +568,10 @@ BackwardResult recurrence_backward(
         a.c0 += b0 * s.H;
       }
       a.h0 += b0 * s.P;
-      {
-        const int64_t G = s.G, H = s.H;
 #define FASTRNN_SUMS_OFFSET(arg, k, ...) \
-        if (a.grad_##arg != nullptr) a.grad_##arg += b0 * (__VA_ARGS__);
-        FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_OFFSET)
+      if (a.grad_##arg != nullptr) a.grad_##arg += b0 * grad_sums[k].stride(0);
+      FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_OFFSET)
 #undef FASTRNN_SUMS_OFFSET
-      }
       const int64_t T = static_cast<int64_t>(layout.order.size());
       for (int64_t k = T - 1; k >= 0; --k) {
         const int64_t t = layout.order[k];

@@ -122,9 +122,8 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
     if name == "auto":
         name = get_backend()
     call = (cell, dtype, device, hidden_size, proj_size, option_names)
-    reason = lambda b: b.unavailable_reason(device) or b.unsupported_reason(*call)  # noqa: E731
     if name != "auto":
-        why = reason(get(name))
+        why = _reason(get(name), device, call)
         if why is not None:
             raise ValueError(f"fastrnn backend {name!r} cannot run {cell} on {device} "
                              f"({dtype}): {why}. Available on {device.type}: "
@@ -132,7 +131,7 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
         return name
     skipped = []
     for candidate in routing.KERNEL_ORDER.get(device.type, ("reference",)):
-        why = reason(get(candidate))
+        why = _reason(get(candidate), device, call)
         if why is None:
             if skipped:
                 _warn_once(skipped, candidate)
@@ -183,6 +182,11 @@ def torch_path(name: str, data: torch.Tensor, mode: str, *, batch_dim: int, pack
         steps = None if cell or packed else data.size(1 - batch_dim if data.dim() == 3 else 0)
         shape = routing.shape_class(batch, packed, cell, steps)
     return choose(name, data.device, mode, inference, shape, compiling) == "torch"
+
+
+def _reason(backend, device, call) -> Optional[str]:
+    """Why ``backend`` cannot run a call of resolve()'s arguments ``call``; None when it can."""
+    return backend.unavailable_reason(device) or backend.unsupported_reason(*call)
 
 
 def _warn_once(skipped, chosen):

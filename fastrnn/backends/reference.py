@@ -336,10 +336,9 @@ class ReferenceBackend(Backend):
                 dc_run = torch.cat([dc_prev, dc_run[live:]])
         gates = w_hh.shape[0]
         if steps:
-            all_d_hh = torch.cat(d_hh)
             grad_xproj = torch.cat(d_xp)
             grad_w_hh = torch.cat(d_a).t() @ torch.cat(h_recs)   # one GEMM over all steps
-            grad_b_hh = all_d_hh.sum(0)
+            grad_b_hh = torch.cat(d_hh).sum(0)
         else:
             grad_xproj = output.new_zeros(0, gates)
             grad_w_hh = torch.zeros_like(w_hh)

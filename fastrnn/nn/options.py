@@ -329,14 +329,10 @@ def dropout_mask(mask: Tensor, p: float) -> Tensor:
 def zoneout_weights(module, rows: int, width: int, hidden: int, like: Tensor):
     """(zoneout_h [rows, width], zoneout_c [rows, hidden] or None): 0/1 draws in training,
     the probability in eval."""
-    weights = []
-    for p, size in zip(zoneout_pair(module), (width, hidden)):
-        if not p:
-            weights.append(None)
-        elif module.training:
-            weights.append(like.new_empty(rows, size).bernoulli_(p))
-        else:
-            weights.append(like.new_full((rows, size), p))
+    weights = [None if not p
+               else like.new_empty(rows, size).bernoulli_(p) if module.training
+               else like.new_full((rows, size), p)
+               for p, size in zip(zoneout_pair(module), (width, hidden))]
     return weights[0], (weights[1] if module.mode == "LSTM" else None)
 
 

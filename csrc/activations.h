@@ -61,24 +61,14 @@ inline __attribute__((always_inline)) float cpu_tanhf(float x) {
   big = x < 0.f ? -big : big;
   return ax < 0.3f ? series : big;
 }
-#endif
 
-FASTRNN_HD float exp_(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
+FASTRNN_HD float exp_(float x) { return cpu_expf(x); }
+FASTRNN_HD float tanh_(float x) { return cpu_tanhf(x); }
 #else
-  return cpu_expf(x);
+FASTRNN_HD float exp_(float x) { return expf(x); }
+FASTRNN_HD float tanh_(float x) { return tanhf(x); }
 #endif
-}
 FASTRNN_HD double exp_(double x) { return exp(x); }
-
-FASTRNN_HD float tanh_(float x) {
-#if defined(__CUDA_ARCH__)
-  return tanhf(x);
-#else
-  return cpu_tanhf(x);
-#endif
-}
 FASTRNN_HD double tanh_(double x) { return tanh(x); }
 
 template <typename T>

@@ -19,11 +19,10 @@
 // Dev provides:
 //   template <class F> static void row_blocks(int64_t rows, bool uniform, F f);  // f(b0, b1)
 //       per block of states covering [0, rows) (OneRowBlock below: one block)
-//   template <class scalar_t, class acc_t> static void forward_step(Cell, const ForwardStep&, int64_t rows);
-//   template <class scalar_t, class acc_t> static void backward_step(Cell, const BackwardStep&, int64_t rows);
-//       (both run step.h's forward_row / backward_row for every live row)
-//   template <class scalar_t, class acc_t> static void projection_forward_step(const ForwardStep&, int64_t rows);
-//   template <class scalar_t, class acc_t> static void projection_backward_step(const BackwardStep&, int64_t rows);
+//   static void step(Cell, const ForwardStep& or const BackwardStep&, int64_t rows);
+//       (step.h's forward_row / backward_row for every live row)
+//   static void projection_step(const ForwardStep& or const BackwardStep&, int64_t rows);
+//       (step.h's projection_element for every live row and column)
 //   static void check_dtype(at::ScalarType);       // clear error for dtypes it lacks
 //   template <class F> static void dispatch(at::ScalarType, F f);  // f(scalar_t{}) per dtype
 //   using Gemm = ...;  // out[rows, N] (+)= a[rows, K] @ w[K, N] with w fixed for the call
@@ -292,9 +291,12 @@ inline void check_options(const Shapes& s, const Options& o, const Tensor& like)
 // Shapes of the op (docs/op-contract.md); `rows`/`cols` are those of xproj (in backward: N
 // and the implied G*H). All tensors share the dtype and device of `like`.
 inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t cols,
-                           const Tensor& like, const Tensor& h0, const Tensor& c0,
-                           const Tensor& w_hh, const Tensor& b_hh, const Tensor& w_hr,
-                           const Options& options) {
+                           const Tensor& like, const Tensor& h0,
+                           const c10::optional<Tensor>& c0_in, const Tensor& w_hh,
+                           const c10::optional<Tensor>& b_hh_in,
+                           const c10::optional<Tensor>& w_hr_in, const Options& options) {
+  const Tensor c0 = defined_or_empty(c0_in), b_hh = defined_or_empty(b_hh_in);
+  const Tensor w_hr = defined_or_empty(w_hr_in);
   Shapes s;
   s.cell = parse_cell(cell_name);
   s.G = num_gates(s.cell);
@@ -374,8 +376,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
               xproj_in.sizes());
   const Options opt = make_options(FASTRNN_OPTION_ARGS);
   const Shapes s = check_shapes(cell_name, xproj_in.size(0), xproj_in.size(1), xproj_in, h0_in,
-                                defined_or_empty(c0_in), w_hh_in, defined_or_empty(b_hh_in),
-                                defined_or_empty(w_hr_in), opt);
+                                c0_in, w_hh_in, b_hh_in, w_hr_in, opt);
   Dev::check_dtype(xproj_in.scalar_type());
   const Layout layout = make_layout(s.N, s.B, batch_sizes, reverse);
   const auto dtype = xproj_in.scalar_type();
@@ -443,12 +444,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
         }
         a.row = row;
         a.ws_first = need_workspace ? row : b0;
-        Dev::template forward_step<scalar_t, acc_t>(s.cell, a, rows);
+        Dev::step(s.cell, a, rows);
         if (s.proj) {
           Tensor out_rows = output.narrow(0, row, rows);
           at::mm_out(out_rows, hh.narrow(0, b0, rows), w_hr_t);
           if (projection_pass) {
-            Dev::template projection_forward_step<scalar_t, acc_t>(a, rows);
+            Dev::projection_step(a, rows);
           } else {
             h_live.copy_(out_rows);
           }
@@ -477,8 +478,7 @@ BackwardResult recurrence_backward(
   const Options opt = make_options(FASTRNN_OPTION_ARGS);
   // xproj is not an input of backward: its shape [N, G*H] is implied.
   const Shapes s = check_shapes(cell_name, output_in.size(0), w_hh.size(0), output_in, h0_in,
-                                defined_or_empty(c0_in), w_hh, defined_or_empty(b_hh),
-                                defined_or_empty(w_hr_in), opt);
+                                c0_in, w_hh, b_hh, w_hr_in, opt);
   const auto dtype = output_in.scalar_type();
   Dev::check_dtype(dtype);
   const auto acc_dtype = at::toOpMathType(dtype);
@@ -568,13 +568,10 @@ BackwardResult recurrence_backward(
         a.c0 += b0 * s.H;
       }
       a.h0 += b0 * s.P;
-      {
-        const int64_t G = s.G, H = s.H;
 #define FASTRNN_SUMS_OFFSET(arg, k, ...) \
-        if (a.grad_##arg != nullptr) a.grad_##arg += b0 * (__VA_ARGS__);
-        FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_OFFSET)
+      if (a.grad_##arg != nullptr) a.grad_##arg += b0 * grad_sums[k].stride(0);
+      FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_OFFSET)
 #undef FASTRNN_SUMS_OFFSET
-      }
       const int64_t T = static_cast<int64_t>(layout.order.size());
       for (int64_t k = T - 1; k >= 0; --k) {
         const int64_t t = layout.order[k];
@@ -589,14 +586,14 @@ BackwardResult recurrence_backward(
         if (s.proj) {
           Tensor d_out = grad_out_all.narrow(0, row, rows);
           if (opt.any()) {
-            Dev::template projection_backward_step<scalar_t, acc_t>(a, rows);
+            Dev::projection_step(a, rows);
           } else {
             at::add_out(d_out, grad_output.narrow(0, row, rows), dh_live);
           }
           Tensor dhh_live = dhh.narrow(0, b0, rows);
           at::mm_out(dhh_live, d_out, w_hr);
         }
-        Dev::template backward_step<scalar_t, acc_t>(s.cell, a, rows);
+        Dev::step(s.cell, a, rows);
         // dL/dh_prev = (d(a) @ w_hh) * recurrent_mask + the direct part left in dh_state.
         Tensor grad_a_rows = grad_a.narrow(0, row, rows);
         if (mask) {

@@ -233,7 +233,7 @@ struct CpuDevice {
   // would become masked loads and stores through the absent (null) pointer, which the CPU
   // runs ~10x slower (fault suppression).
   template <typename scalar_t, typename acc_t>
-  static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& args, int64_t rows) {
+  static void step(Cell cell, const ForwardStep<scalar_t, acc_t>& args, int64_t rows) {
     with_step(cell, args.opt, [&](auto c, auto v) {
       at::parallel_for(0, rows, grain_rows(args.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
         auto run_rows = [&](auto proj) {  // proj: std::bool_constant
@@ -253,7 +253,7 @@ struct CpuDevice {
   }
 
   template <typename scalar_t, typename acc_t>
-  static void backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& args, int64_t rows) {
+  static void step(Cell cell, const BackwardStep<scalar_t, acc_t>& args, int64_t rows) {
     with_step(cell, args.opt, [&](auto c, auto v) {
       at::parallel_for(0, rows, grain_rows(args.H, num_gates(c)), [&](int64_t b0, int64_t b1) {
         const BackwardStep<scalar_t, acc_t> a = args;
@@ -273,26 +273,14 @@ struct CpuDevice {
     });
   }
 
-  // The projected rows of an lstm step with proj_clip or zoneout_h (step.h).
-  template <typename scalar_t, typename acc_t>
-  static void projection_forward_step(const ForwardStep<scalar_t, acc_t>& args, int64_t rows) {
+  // The projected rows of an lstm step with proj_clip or zoneout_h (step.h), either direction.
+  template <class Step>
+  static void projection_step(const Step& args, int64_t rows) {
     at::parallel_for(0, rows, grain_rows(args.P, 1), [&](int64_t b0, int64_t b1) {
-      const ForwardStep<scalar_t, acc_t> a = args;
+      const Step a = args;
       for (int64_t b = b0; b < b1; ++b) {
 #pragma GCC ivdep
-        for (int64_t j = 0; j < a.P; ++j) projection_forward_element(a, b, j);
-      }
-    });
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void projection_backward_step(const BackwardStep<scalar_t, acc_t>& args,
-                                       int64_t rows) {
-    at::parallel_for(0, rows, grain_rows(args.P, 1), [&](int64_t b0, int64_t b1) {
-      const BackwardStep<scalar_t, acc_t> a = args;
-      for (int64_t b = b0; b < b1; ++b) {
-#pragma GCC ivdep
-        for (int64_t j = 0; j < a.P; ++j) projection_backward_element(a, b, j);
+        for (int64_t j = 0; j < a.P; ++j) projection_element(a, b, j);
       }
     });
   }

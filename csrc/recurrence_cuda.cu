@@ -123,21 +123,12 @@ __global__ void row_kernel(Step<scalar_t, acc_t> a) {
   run_row<C, V>(a, blockIdx.x, CudaRow<acc_t>{scratch});
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void projection_forward_kernel(ForwardStep<scalar_t, acc_t> a, int64_t rows) {
+template <class Step>
+__global__ void projection_kernel(Step a, int64_t rows) {
   const int64_t n = rows * a.P;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    projection_forward_element(a, i / a.P, i % a.P);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void projection_backward_kernel(BackwardStep<scalar_t, acc_t> a, int64_t rows) {
-  const int64_t n = rows * a.P;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    projection_backward_element(a, i / a.P, i % a.P);
+    projection_element(a, i / a.P, i % a.P);
   }
 }
 
@@ -175,7 +166,7 @@ struct CudaDevice : OneRowBlock {
   // The pointwise pass of a step, either direction: a block per row with layer norms, else
   // a thread per element.
   template <class Step>
-  static void launch_step(Cell cell, const Step& a, int64_t rows) {
+  static void step(Cell cell, const Step& a, int64_t rows) {
     if (rows * a.H == 0) return;
     auto stream = at::cuda::getCurrentCUDAStream();
     with_step(cell, a.opt, [&](auto c, auto v) {
@@ -191,29 +182,12 @@ struct CudaDevice : OneRowBlock {
     });
   }
 
-  template <typename scalar_t, typename acc_t>
-  static void forward_step(Cell cell, const ForwardStep<scalar_t, acc_t>& a, int64_t rows) {
-    launch_step(cell, a, rows);
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void backward_step(Cell cell, const BackwardStep<scalar_t, acc_t>& a, int64_t rows) {
-    launch_step(cell, a, rows);
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void projection_forward_step(const ForwardStep<scalar_t, acc_t>& a, int64_t rows) {
+  // The projected rows of an lstm step with proj_clip or zoneout_h, either direction.
+  template <class Step>
+  static void projection_step(const Step& a, int64_t rows) {
     if (rows * a.P == 0) return;
-    projection_forward_kernel<scalar_t, acc_t>
-        <<<num_blocks(rows, a.P), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a, rows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-
-  template <typename scalar_t, typename acc_t>
-  static void projection_backward_step(const BackwardStep<scalar_t, acc_t>& a, int64_t rows) {
-    if (rows * a.P == 0) return;
-    projection_backward_kernel<scalar_t, acc_t>
-        <<<num_blocks(rows, a.P), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(a, rows);
+    projection_kernel<<<num_blocks(rows, a.P), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        a, rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

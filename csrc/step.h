@@ -270,8 +270,7 @@ FASTRNN_HD void forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b, co
 // After the projection GEMM wrote p = h_pre @ w_hr.T into the output rows: keep p (for
 // proj_clip's backward), clip, zone out, store output and state. One element (b, j < P).
 template <typename scalar_t, typename acc_t>
-FASTRNN_HD void projection_forward_element(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
-                                           int64_t j) {
+FASTRNN_HD void projection_element(const ForwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j) {
   const int64_t P = a.P, r = a.row + b;
   const StepOptions<scalar_t, acc_t>& o = a.opt;
   const acc_t p = static_cast<acc_t>(a.output[r * P + j]);
@@ -287,8 +286,7 @@ FASTRNN_HD void projection_forward_element(const ForwardStep<scalar_t, acc_t>& a
 // Backward of the above (before the dL/dh_pre = dp @ w_hr GEMM): dL/dh_t splits into the
 // zoned-out part (to h_prev directly, left in dh_state) and dp (to grad_p).
 template <typename scalar_t, typename acc_t>
-FASTRNN_HD void projection_backward_element(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
-                                            int64_t j) {
+FASTRNN_HD void projection_element(const BackwardStep<scalar_t, acc_t>& a, int64_t b, int64_t j) {
   const int64_t P = a.P, r = a.row + b;
   const StepOptions<scalar_t, acc_t>& o = a.opt;
   scalar_t* dh_state = a.dh_state + b * P + j;

@@ -102,24 +102,17 @@ def extension_name(cuda: bool) -> str:
     return ("fastrnn_native_cuda" if cuda else "fastrnn_native_cpu") + (f"_{isa}" if isa else "")
 
 
-class _NoCudaRuntimeNote(logging.Filter):
-    def filter(self, record):
-        return not str(record.msg).startswith("No CUDA runtime is found")
-
-
 def _cpp_extension():
     """torch.utils.cpp_extension, imported without the "No CUDA runtime is found, using
     CUDA_HOME=..." warning it logs on import on a machine without a GPU: there that is the
     normal case, and a CUDA build that lacks something says so itself."""
-    if "torch.utils.cpp_extension" not in sys.modules:
-        logger = logging.getLogger("torch.utils.cpp_extension")
-        note = _NoCudaRuntimeNote()
-        logger.addFilter(note)
-        try:
-            from torch.utils import cpp_extension  # noqa: F401
-        finally:
-            logger.removeFilter(note)
-    from torch.utils import cpp_extension
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    note = lambda record: not str(record.msg).startswith("No CUDA runtime is found")  # noqa
+    logger.addFilter(note)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.removeFilter(note)
     return cpp_extension
 
 
@@ -139,14 +132,20 @@ def write_digest(library) -> None:
     """Record ``library`` as good (call only after it was built and loaded). Written to a
     temporary file and renamed, so a killed writer leaves no digest rather than a wrong one;
     best effort: where the directory is read-only there is no digest."""
-    target = digest_path(library)
-    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):
+        _replace(digest_path(library), file_digest(library) + "\n")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(file_digest(library) + "\n")
-        os.replace(tmp, target)
+        tmp.write_text(text)
+        os.replace(tmp, path)
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        raise
 
 
 def _recorded_digest(library) -> Optional[str]:
@@ -263,9 +262,8 @@ def _first_error(log: str) -> str:
 def _prebuilt_library(cuda: bool) -> Optional[str]:
     """The library setup.py built ahead of time (FASTRNN_BUILD_EXT=1), if any."""
     package = Path(__file__).resolve().parent
-    for path in sorted(package.glob(f"_native_{'cuda' if cuda else 'cpu'}*.so")):
-        return str(path)
-    return None
+    found = sorted(package.glob(f"_native_{'cuda' if cuda else 'cpu'}*.so"))
+    return str(found[0]) if found else None
 
 
 def spec_header() -> str:
@@ -433,9 +431,7 @@ def write_spec_header(directory) -> Path:
     if not path.is_file() or path.read_text() != text:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+            _replace(path, text)
         except OSError as exc:
             raise BuildError(f"{path} does not match fastrnn/spec.py and cannot be rewritten "
                              f"({exc})") from exc

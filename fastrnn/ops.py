@@ -82,11 +82,10 @@ def _check(kind: Cell, kw: dict, options, read_batch_sizes=True):
         raise ValueError(f"fastrnn.{kind.name}: h0 must be [batch, {width}], "
                          f"got {list(h0.shape)}")
     batch = h0.shape[0]
-    if c0 is not None and list(c0.shape) != [batch, hidden]:
-        raise ValueError(f"fastrnn.{kind.name}: c0 must be [{batch}, {hidden}], "
-                         f"got {list(c0.shape)}")
-    if b_hh is not None and list(b_hh.shape) != [gates]:
-        raise ValueError(f"fastrnn.{kind.name}: b_hh must be [{gates}], got {list(b_hh.shape)}")
+    for name, tensor, shape in (("c0", c0, [batch, hidden]), ("b_hh", b_hh, [gates])):
+        if tensor is not None and list(tensor.shape) != shape:
+            raise ValueError(f"fastrnn.{kind.name}: {name} must be {shape}, "
+                             f"got {list(tensor.shape)}")
     for name, tensor in (("h0", h0), ("c0", c0), ("w_hh", w_hh), ("b_hh", b_hh), ("w_hr", w_hr)):
         if tensor is not None and tensor.dtype != xproj.dtype:
             raise ValueError(f"fastrnn.{kind.name}: {name} dtype {tensor.dtype} does not match "
@@ -229,8 +228,7 @@ def _register(kind: Cell):
             ctx.differentiated = True
             return _differentiable_backward(kind, ctx, grads, *saved)
         result = getattr(torch.ops.fastrnn, f"{kind.name}_backward")(
-            _zeros_if_none(grads[0], output), _zeros_if_none(grads[1], h0),
-            None if c0 is None else _zeros_if_none(grads[2], c0), h0, c0, w_hh, b_hh, w_hr,
+            *_result_grads(grads, output, h0, c0), h0, c0, w_hh, b_hh, w_hr,
             ctx.batch_sizes, ctx.reverse, output, workspace, ctx.backend, *options)
         return _input_grads(ctx, result, options)
 
@@ -249,8 +247,12 @@ def _register(kind: Cell):
                                     lib=_lib)
 
 
-def _zeros_if_none(grad: Optional[Tensor], like: Tensor) -> Tensor:
-    return torch.zeros_like(like) if grad is None else grad
+def _result_grads(grads, output: Tensor, h0: Tensor, c0: Optional[Tensor]) -> tuple:
+    """The gradients of output, h_n and c_n (None for a cell without c) for a backward, zeros
+    where autograd gave None."""
+    zeros_if_none = lambda grad, like: torch.zeros_like(like) if grad is None else grad  # noqa
+    return (zeros_if_none(grads[0], output), zeros_if_none(grads[1], h0),
+            None if c0 is None else zeros_if_none(grads[2], c0))
 
 
 def _empty_if_none(value: Optional[Tensor], like: Tensor) -> Tensor:
@@ -292,9 +294,8 @@ def _differentiable_backward(kind: Cell, ctx, grads, h0, c0, w_hh, b_hh, w_hr, o
     torch ops) on the saved tensors, so autograd records it."""
     _double_backward_check(kind, options or spec.StepOptions())
     result = backends.get("reference").backward(
-        kind.name, _zeros_if_none(grads[0], output), _zeros_if_none(grads[1], h0),
-        None if c0 is None else _zeros_if_none(grads[2], c0), h0, c0, w_hh, b_hh,
-        w_hr, ctx.batch_sizes, ctx.reverse, output, workspace, options=options)
+        kind.name, *_result_grads(grads, output, h0, c0), h0, c0, w_hh, b_hh, w_hr,
+        ctx.batch_sizes, ctx.reverse, output, workspace, options=options)
     return _input_grads(ctx, _op_grads(result, w_hh), options or spec.StepOptions())
 
 
@@ -371,7 +372,6 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
     """Run the ``cell`` op; returns (output, h_n, c_n or None). Differentiable.
     ``options``: a fastrnn.spec.StepOptions, None for the plain recurrence."""
     kind = CELLS[cell]
-    op = getattr(torch.ops.fastrnn, f"{cell}_forward")
     # Without a gradient to compute, the op keeps no workspace for backward (less memory,
     # and the native kernels skip writing it). A trace keeps it: it is replayed with and
     # without grad (torch.jit.trace checks it by tracing again without grad).
@@ -385,14 +385,14 @@ def recurrence(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh:
         kw = dict(xproj=xproj, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr,
                   batch_sizes=batch_sizes, reverse=reverse)
         output, h_n, c_n, _ = _run_forward(kind, kw, backend, None, False)
-        return output, h_n, c_n if kind.has_cell_state else None
     # (An empty result may be an input handed back, which autograd.Function cannot save.)
-    if direct and need_workspace and xproj.numel() and h0.numel() and \
+    elif direct and need_workspace and xproj.numel() and h0.numel() and \
             not torch._C._are_functorch_transforms_active():
         output, h_n, c_n, _ = _EAGER[cell].apply(
             xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
             *(options or spec.StepOptions()), need_workspace)
-        return output, h_n, c_n if kind.has_cell_state else None
-    output, h_n, c_n, _ = op(xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend,
-                             *(options or ()), need_workspace=need_workspace)
+    else:
+        output, h_n, c_n, _ = getattr(torch.ops.fastrnn, f"{cell}_forward")(
+            xproj, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, backend, *(options or ()),
+            need_workspace=need_workspace)
     return output, h_n, c_n if kind.has_cell_state else None

@@ -13,6 +13,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from .backends.base import step_layout
 from .spec import ARGS, CELLS, OPTION_FIELDS, StepOptions, make
 
 Tensor = torch.Tensor
@@ -72,16 +73,10 @@ def layer(recurrence, project, x: Tensor, proj_params, cell: str, h0: Tensor,
 
 def _segments(spec: _Spec, rows: int, batch: int):
     """[(row_start, row_end, batch_sizes slice or None, batch at the first step)] in time order."""
-    if spec.batch_sizes is None:
-        steps = rows // batch
-        k = segment_length(spec.every, steps)
-        return [(t * batch, min(t + k, steps) * batch, None, batch) for t in range(0, steps, k)]
-    sizes = spec.batch_sizes.tolist()
+    sizes, offsets = step_layout(rows, batch, spec.batch_sizes)
     k = segment_length(spec.every, len(sizes))
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    return [(offsets[t], offsets[min(t + k, len(sizes))], spec.batch_sizes[t:t + k], sizes[t])
+    return [(offsets[t], offsets[min(t + k, len(sizes))],
+             None if spec.batch_sizes is None else spec.batch_sizes[t:t + k], sizes[t])
             for t in range(0, len(sizes), k)]
 
 

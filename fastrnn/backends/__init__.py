@@ -29,8 +29,7 @@ def get(name: str) -> Backend:
     """The backend object named ``name`` (imported on first use)."""
     if name not in _loaded:
         if name not in BACKEND_NAMES:
-            raise ValueError(f"unknown fastrnn backend {name!r}; "
-                             f"known backends are {', '.join(BACKEND_NAMES)} and 'auto'")
+            raise ValueError(_unknown(f"unknown fastrnn backend {name!r}"))
         try:
             _loaded[name] = importlib.import_module(f"{__name__}.{name}").BACKEND
         except Exception as exc:  # not shipped, a dependency missing, or broken: say which
@@ -74,9 +73,12 @@ def get_backend() -> str:
         return _default
     name = _environment_backend() or "auto"
     if name != "auto" and name not in BACKEND_NAMES:
-        raise ValueError(f"FASTRNN_BACKEND={name!r} is not a fastrnn backend; "
-                         f"known backends are {', '.join(BACKEND_NAMES)} and 'auto'")
+        raise ValueError(_unknown(f"FASTRNN_BACKEND={name!r} is not a fastrnn backend"))
     return name
+
+
+def _unknown(what: str) -> str:
+    return f"{what}; known backends are {', '.join(BACKEND_NAMES)} and 'auto'"
 
 
 # os.environ's own store where CPython keeps it (a dict of encoded strings that every change
@@ -99,8 +101,7 @@ def _environment_backend() -> Optional[str]:
 def check_name(name: str) -> str:
     """Validate a ``backend=`` argument at construction time."""
     if not isinstance(name, str) or (name != "auto" and name not in BACKEND_NAMES):
-        raise ValueError(f"unknown fastrnn backend {name!r}; "
-                         f"known backends are {', '.join(BACKEND_NAMES)} and 'auto'")
+        raise ValueError(_unknown(f"unknown fastrnn backend {name!r}"))
     return name
 
 
@@ -120,29 +121,24 @@ def resolve(name: str, cell: str, device: torch.device, dtype: torch.dtype,
     """
     if name == "auto":
         name = get_backend()
+    call = (cell, dtype, device, hidden_size, proj_size, option_names)
     if name != "auto":
-        backend = get(name)
-        reason = backend.unavailable_reason(device) or _unsupported(
-            backend, cell, dtype, device, hidden_size, proj_size, option_names)
-        if reason is not None:
+        why = _reason(get(name), device, call)
+        if why is not None:
             raise ValueError(f"fastrnn backend {name!r} cannot run {cell} on {device} "
-                             f"({dtype}): {reason}. Available on {device.type}: "
+                             f"({dtype}): {why}. Available on {device.type}: "
                              f"{', '.join(available_backends(device))}")
         return name
     skipped = []
     for candidate in routing.KERNEL_ORDER.get(device.type, ("reference",)):
-        backend = get(candidate)
-        reason = backend.unavailable_reason(device)
-        if reason is None:
-            reason = _unsupported(backend, cell, dtype, device, hidden_size, proj_size,
-                                  option_names)
-        if reason is None:
+        why = _reason(get(candidate), device, call)
+        if why is None:
             if skipped:
                 _warn_once(skipped, candidate)
             return candidate
         # triton on CPU is for tests only; its absence there is no news.
         if not (candidate == "triton" and device.type == "cpu"):
-            skipped.append((candidate, reason))
+            skipped.append((candidate, why))
     return "reference"
 
 
@@ -188,10 +184,9 @@ def torch_path(name: str, data: torch.Tensor, mode: str, *, batch_dim: int, pack
     return choose(name, data.device, mode, inference, shape, compiling) == "torch"
 
 
-def _unsupported(backend, cell, dtype, device, hidden_size, proj_size, option_names):
-    if not option_names:
-        return backend.unsupported_reason(cell, dtype, device, hidden_size, proj_size)
-    return backend.unsupported_reason(cell, dtype, device, hidden_size, proj_size, option_names)
+def _reason(backend, device, call) -> Optional[str]:
+    """Why ``backend`` cannot run a call of resolve()'s arguments ``call``; None when it can."""
+    return backend.unavailable_reason(device) or backend.unsupported_reason(*call)
 
 
 def _warn_once(skipped, chosen):

@@ -8,6 +8,7 @@ results.
 """
 from __future__ import annotations
 
+import itertools
 from typing import List, Optional, Tuple
 
 import torch
@@ -24,10 +25,7 @@ def step_layout(num_rows: int, batch: int,
         sizes = [batch] * (num_rows // batch if batch else 0)
     else:
         sizes = [int(s) for s in batch_sizes.tolist()]
-    offsets = [0]
-    for size in sizes:
-        offsets.append(offsets[-1] + size)
-    return sizes, offsets
+    return sizes, [0, *itertools.accumulate(sizes)]
 
 
 def fake_forward(cell: str, xproj: Tensor, h0: Tensor, c0: Optional[Tensor], w_hh: Tensor,

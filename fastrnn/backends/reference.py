@@ -139,25 +139,17 @@ class GRUMath:
         return torch.cat([d_r, d_z, d_n], 1), torch.cat([d_r, d_z, d_n * r], 1), dh * z, None
 
 
-class TanhMath:
-    @staticmethod
-    def forward(xp, hh, h_prev, c_prev, opts, known=None):
-        return (xp + hh).tanh(), None, [], []
+class ElmanMath:
+    """The Elman cells: h = fn(xp + hh); ``slope(h)`` is fn's derivative from its value."""
 
-    @staticmethod
-    def backward(dh, dc, cols, h_prev, c_prev, h, opts, sums):
-        d = dh * (1 - h * h)
-        return d, d, None, None
+    def __init__(self, fn, slope):
+        self.fn, self.slope = fn, slope
 
+    def forward(self, xp, hh, h_prev, c_prev, opts, known=None):
+        return self.fn(xp + hh), None, [], []
 
-class ReluMath:
-    @staticmethod
-    def forward(xp, hh, h_prev, c_prev, opts, known=None):
-        return (xp + hh).relu(), None, [], []
-
-    @staticmethod
-    def backward(dh, dc, cols, h_prev, c_prev, h, opts, sums):
-        d = dh * (h > 0).to(dh.dtype)
+    def backward(self, dh, dc, cols, h_prev, c_prev, h, opts, sums):
+        d = dh * self.slope(h)
         return d, d, None, None
 
 
@@ -180,7 +172,9 @@ def _blend(new, prev, weight):
     return new if weight is None else (1 - weight) * new + weight * prev
 
 
-CELL_MATH = {"lstm": LSTMMath, "gru": GRUMath, "rnn_tanh": TanhMath, "rnn_relu": ReluMath}
+CELL_MATH = {"lstm": LSTMMath, "gru": GRUMath,
+             "rnn_tanh": ElmanMath(torch.tanh, lambda h: 1 - h * h),
+             "rnn_relu": ElmanMath(torch.relu, lambda h: (h > 0).to(h.dtype))}
 
 
 # ---------------------------------------------------------------- the time loop
@@ -197,6 +191,12 @@ def _rows_before(values, init, sizes, offsets, step, live):
 
 def _cast(acc, *tensors):
     return [None if t is None else t.to(acc) for t in tensors]
+
+
+def _in_dtype(options, acc) -> StepOptions:
+    """The options (all None when off) with their tensors in dtype ``acc``."""
+    return StepOptions(*[v.to(acc) if isinstance(v, torch.Tensor) else v
+                         for v in (options or StepOptions())])
 
 
 class ReferenceBackend(Backend):
@@ -221,8 +221,7 @@ class ReferenceBackend(Backend):
         if known_gates is not None and cell not in ("lstm", "gru"):
             raise ValueError(f"fastrnn: known_gates is for lstm and gru, not {cell}")
         acc = accumulate_dtype(xproj.dtype)
-        opts = StepOptions(*[v.to(acc) if isinstance(v, torch.Tensor) else v
-                             for v in (options or StepOptions())])
+        opts = _in_dtype(options, acc)
         xp, h_run, c_run, w_hh, b_hh, w_hr = _cast(acc, xproj, h0, c0, w_hh, b_hh, w_hr)
         sizes, offsets = step_layout(xp.shape[0], h0.shape[0], batch_sizes)
         steps = len(sizes)
@@ -276,8 +275,7 @@ class ReferenceBackend(Backend):
         math = CELL_MATH[cell]
         dtype = output.dtype
         acc = accumulate_dtype(dtype)
-        opts = StepOptions(*[v.to(acc) if isinstance(v, torch.Tensor) else v
-                             for v in (options or StepOptions())])
+        opts = _in_dtype(options, acc)
         (grad_output, dh_run, dc_run, h0, c0, w_hh, w_hr, output, workspace) = _cast(
             acc, grad_output, grad_h_n, grad_c_n, h0, c0, w_hh, w_hr, output, workspace)
         hidden = w_hh.shape[0] // CELLS[cell].num_gates
@@ -338,10 +336,9 @@ class ReferenceBackend(Backend):
                 dc_run = torch.cat([dc_prev, dc_run[live:]])
         gates = w_hh.shape[0]
         if steps:
-            all_d_hh = torch.cat(d_hh)
             grad_xproj = torch.cat(d_xp)
             grad_w_hh = torch.cat(d_a).t() @ torch.cat(h_recs)   # one GEMM over all steps
-            grad_b_hh = all_d_hh.sum(0)
+            grad_b_hh = torch.cat(d_hh).sum(0)
         else:
             grad_xproj = output.new_zeros(0, gates)
             grad_w_hh = torch.zeros_like(w_hh)
@@ -357,8 +354,7 @@ class ReferenceBackend(Backend):
             return grads
         option_grads = []
         for name in LEARNABLE:
-            param = getattr(options, name)
-            value = sums[name]
+            param, value = getattr(options, name), sums[name]
             if param is not None and not isinstance(value, torch.Tensor):
                 value = torch.zeros_like(param, dtype=acc)   # no steps
             option_grads.append(None if param is None else value.to(param.dtype))

@@ -104,10 +104,8 @@ class RNNCellBase(nn.Module):
         if self._dropout_masks is None or self._dropout_masks[0] != batch:
             weight_mask = None
             if self.weight_drop:
-                p = self.weight_drop
-                weight_mask = self.weight_hh.new_empty(self.weight_hh.shape)
-                weight_mask = weight_mask.zero_() if p == 1 else \
-                    weight_mask.bernoulli_(1 - p).div_(1 - p)
+                w_hh = self.weight_hh
+                weight_mask = options.dropout_mask(w_hh.new_empty(w_hh.shape), self.weight_drop)
             mask = options.recurrent_mask(self, batch, self.hidden_size, like)
             self._dropout_masks = (batch, weight_mask, mask)
         _, weight_mask, mask = self._dropout_masks

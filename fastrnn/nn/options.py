@@ -318,21 +318,21 @@ def recurrent_mask(module, batch: int, width: int, like: Tensor) -> Optional[Ten
     p = module.recurrent_dropout
     if not p or not module.training:
         return None
-    mask = like.new_empty(batch, width)
+    return dropout_mask(like.new_empty(batch, width), p)
+
+
+def dropout_mask(mask: Tensor, p: float) -> Tensor:
+    """``mask`` filled with inverted-dropout draws: 0 with probability p, else 1 / (1 - p)."""
     return mask.zero_() if p == 1 else mask.bernoulli_(1 - p).div_(1 - p)
 
 
 def zoneout_weights(module, rows: int, width: int, hidden: int, like: Tensor):
     """(zoneout_h [rows, width], zoneout_c [rows, hidden] or None): 0/1 draws in training,
     the probability in eval."""
-    weights = []
-    for p, size in zip(zoneout_pair(module), (width, hidden)):
-        if not p:
-            weights.append(None)
-        elif module.training:
-            weights.append(like.new_empty(rows, size).bernoulli_(p))
-        else:
-            weights.append(like.new_full((rows, size), p))
+    weights = [None if not p
+               else like.new_empty(rows, size).bernoulli_(p) if module.training
+               else like.new_full((rows, size), p)
+               for p, size in zip(zoneout_pair(module), (width, hidden))]
     return weights[0], (weights[1] if module.mode == "LSTM" else None)
 
 

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from ..nn.options import dropout_mask
+
 Tensor = torch.Tensor
 
 
@@ -27,13 +29,6 @@ def _check_p(p: float, who: str) -> float:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"{who}: dropout probability must be between 0 and 1, but got {p}")
     return float(p)
-
-
-def _keep_mask(shape, p: float, like: Tensor) -> Tensor:
-    """Bernoulli(1 - p) mask scaled by 1 / (1 - p) (all zeros when p == 1)."""
-    if p == 1.0:
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p) / (1 - p)
 
 
 class LockedDropout(nn.Module):
@@ -59,14 +54,14 @@ class LockedDropout(nn.Module):
         if isinstance(x, PackedSequence):
             # Rows of step t belong to (sorted) sequences 0 .. batch_sizes[t]-1.
             batch_sizes = x.batch_sizes
-            mask = _keep_mask((int(batch_sizes[0]), x.data.size(-1)), self.p, x.data)
+            mask = dropout_mask(x.data.new_empty(int(batch_sizes[0]), x.data.size(-1)), self.p)
             seq_of_row = torch.cat([torch.arange(int(n)) for n in batch_sizes]).to(x.data.device)
             return x._replace(data=x.data * mask[seq_of_row])
         if x.dim() != 3:
             raise ValueError(f"LockedDropout: expected a 3-D input [T, B, F] or [B, T, F], "
                              f"got shape {list(x.shape)}")
         shape = (x.size(0), 1, x.size(2)) if self.batch_first else (1, x.size(1), x.size(2))
-        return x * _keep_mask(shape, self.p, x)
+        return x * dropout_mask(x.new_empty(shape), self.p)
 
 
 def embedding_dropout(embedding: nn.Embedding, tokens: Tensor, p: float,
@@ -81,7 +76,7 @@ def embedding_dropout(embedding: nn.Embedding, tokens: Tensor, p: float,
     p = _check_p(p, "embedding_dropout")
     weight = embedding.weight
     if training and p > 0.0:
-        weight = weight * _keep_mask((weight.size(0), 1), p, weight)
+        weight = weight * dropout_mask(weight.new_empty(weight.size(0), 1), p)
     return F.embedding(tokens, weight, embedding.padding_idx, embedding.max_norm,
                        embedding.norm_type, embedding.scale_grad_by_freq, embedding.sparse)
 

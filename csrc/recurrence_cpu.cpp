@@ -2,6 +2,7 @@
 // runs in parallel over the live rows; within a row the loop over hidden units is
 // vectorised by the compiler (cells.h keeps the float activations branch-free).
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
@@ -209,7 +210,12 @@ struct CpuDevice {
       return;
     }
     const int64_t size = (rows + blocks - 1) / blocks;
+    // A block's products (at::mm_out) dispatch from the worker thread: it takes the caller's
+    // thread-local state (below autograd, grad mode), or they would see tensors that require
+    // grad with autograd on and refuse out= arguments.
+    const at::ThreadLocalState caller;
     at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+      const at::ThreadLocalStateGuard same_state(caller);
       for (int64_t k = k0; k < k1; ++k) f(k * size, std::min(rows, (k + 1) * size));
     });
   }

@@ -162,6 +162,34 @@ def test_matches_torch_nn(cell, proj, layout, bias, dtype):
     assert_all_close(actual, expected, layer_truth(module, cell, inputs), "result")
 
 
+@pytest.mark.parametrize("dtype,proj", [(torch.float64, 0), (torch.float64, 4),
+                                        (torch.float32, 4)], ids=["f64", "f64_proj", "f32_proj"])
+def test_module_training_in_blocks_of_rows_on_threads(dtype, proj):
+    """Training through the module with 2 threads and 64 states: each thread's block of rows
+    makes its own products (float64's GEMM, the projection) on a worker thread, which must
+    run them with the caller's autograd state (they refused out= arguments before)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        expected_module = nn.LSTM(3, 8, proj_size=proj, dtype=dtype)
+        module = fastrnn.LSTM(3, 8, proj_size=proj, dtype=dtype, backend="native")
+        module.load_state_dict(expected_module.state_dict())
+        x = torch.randn(5, 64, 3, dtype=dtype)
+
+        def train_step(m, x):
+            x = x.clone().requires_grad_()
+            out, (h, c) = m(x)
+            (out.pow(2).sum() + h.sum() + c.sum()).backward()
+            return [out.detach(), h.detach(), c.detach(), x.grad] + [p.grad for p in m.parameters()]
+
+        truth = None if dtype == torch.float64 else \
+            train_step(copy.deepcopy(expected_module).double(), x.double())
+        assert_all_close(train_step(module, x), train_step(expected_module, x), truth, "result")
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
 
 @pytest.mark.gpu

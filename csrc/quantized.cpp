@@ -9,6 +9,7 @@
 // inference only.
 #include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -265,3 +266,15 @@ TORCH_LIBRARY_IMPL(fastrnn, CPU, m) {
 }
 
 }  // namespace fastrnn
+
+// The layer ops as plain Python functions of the extension module (fastrnn/build.py
+// python_module): a streaming call that needs nothing of the dispatcher (no gradient, trace,
+// mode, transform or profiler; fastrnn/backends/native.py run_layer decides) calls them
+// directly, sparing the boxed op call's ~20 us of a one-frame call with cold caches. The
+// GIL is released while the kernel runs, as the op call does. Every argument is positional
+// (activation_bits too: no defaults here).
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using Release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("quantized_layer", &fastrnn::quantized_layer, Release());
+  m.def("quantized_recurrence", &fastrnn::quantized_recurrence, Release());
+}

@@ -539,6 +539,28 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
     return path
 
 
+_module = None
+
+
+def python_module():
+    """The loaded library (``load()``) as a Python module: its pybind11 functions, the layer
+    ops' direct entries (csrc/quantized.cpp). None where the library has none (a prebuilt one
+    from an older fastrnn): the callers then use the registered ops."""
+    global _module
+    if _module is None:
+        import importlib.util
+        path = load()
+        # the module's name is the library's own (TORCH_EXTENSION_NAME, versions included)
+        spec = importlib.util.spec_from_file_location(Path(path).name.split(".")[0], path)
+        try:
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except ImportError:
+            module = False
+        _module = module
+    return _module or None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastrnn.build", description=__doc__.split("\n")[0])
     parser.add_argument("--cuda", action="store_true",

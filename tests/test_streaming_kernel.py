@@ -466,3 +466,79 @@ def test_record_not_kept_by_copies_nor_under_compile_or_trace(decided, fused_cal
             other = torch.randn(1, 1, 19)
             assert_all_close(flat(compiled(other)), flat(reference(other)),
                              flat(truth(reference, other)))
+
+
+@pytest.fixture
+def entries(monkeypatch):
+    """Which entry each layer call took: "direct" (the extension's pybind11 functions) or
+    "op" (the registered ops through the dispatcher)."""
+    native.BACKEND._require()
+    native._layer_ops()
+    assert native._DIRECT, "the extension module has no direct entries"
+    taken = []
+
+    def spy(kind, real):
+        def call(*args):
+            taken.append(kind)
+            return real(*args)
+        return call
+    monkeypatch.setattr(native, "_OPS", tuple(spy("op", f) for f in native._OPS))
+    monkeypatch.setattr(native, "_DIRECT", tuple(spy("direct", f) for f in native._DIRECT))
+    return taken
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_direct_entry_gives_the_bits_of_the_op(cell, entries, monkeypatch):
+    """Plain stream calls run the direct entry (a call longer than routing.STREAM_STEPS its
+    recurrence); without it (the ops through the dispatcher) each split gives the same bits."""
+    module, _ = module_pair(cell)
+    x = torch.randn(40, 2, 19)
+    results = []
+    for chunk in (1, 4, 40):
+        results.append(flat(stream(module, x, chunk)))
+    assert entries and set(entries) == {"direct"}
+    monkeypatch.setattr(native, "_DIRECT", ())
+    entries.clear()
+    for chunk in (1, 4, 40):
+        results.append(flat(stream(module, x, chunk)))
+    assert entries and set(entries) == {"op"}
+    for direct, op in zip(results[:3], results[3:]):
+        assert all(torch.equal(a, b) for a, b in zip(direct, op))
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
+
+
+def test_direct_entry_only_when_nothing_of_the_dispatcher_is_wanted(entries):
+    """Under a profiler the op is recorded (so it runs through the dispatcher); under a
+    torch.func transform the tensors are wrapped, and the op's fallback unwraps them."""
+    module, reference = module_pair("lstm")
+    x = torch.randn(1, 3, 19)
+    equal_calls(module, reference, x)
+    assert set(entries) == {"direct"}
+    entries.clear()
+    with torch.no_grad(), torch.profiler.profile(activities=[
+            torch.profiler.ProfilerActivity.CPU]) as profile:
+        module(x)
+    assert entries == ["op"]
+    assert any(e.name == "fastrnn::quantized_layer" for e in profile.events())
+    entries.clear()
+    frames = torch.randn(2, 1, 3, 19)   # vmap over a leading dimension of two inputs
+    with torch.no_grad():
+        mapped = torch.func.vmap(lambda frame: module(frame)[0])(frames)
+        expected = torch.stack([reference(frame)[0] for frame in frames])
+    assert entries and "direct" not in entries
+    assert_all_close(mapped, expected, torch.stack([truth(reference, f)[0] for f in frames]))
+
+
+def test_direct_entry_raises_the_op_errors():
+    """The direct entry checks its arguments as the op does, with the same message."""
+    native.BACKEND._require()
+    native._layer_ops()
+    w = torch.zeros(12, 3)
+    args = ("rnn_tanh", torch.zeros(1, 1, 3), torch.zeros(1, 4), None, w, None,
+            torch.zeros(4, 4), None, None, None, False, 8)
+    messages = []
+    for layer in (native._DIRECT[0], native._OPS[0]):
+        with pytest.raises(RuntimeError) as got:
+            layer(*args)
+        messages.append(str(got.value).splitlines()[0])
+    assert messages[0] == messages[1] and "w_ih must be a contiguous CPU tensor" in messages[0]

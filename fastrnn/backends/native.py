@@ -254,16 +254,19 @@ def run_layer(cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse: bool):
     """fused_layer's computation without its checks, on x [steps, batch, input]: for a caller
     that has made them (the module's repeated stream calls, nn/rnn.py). The ops check the
     tensors' dtype, device and shapes and raise a RuntimeError on any other."""
+    layer, recurrence = _OPS if _OPS else _layer_ops()
+    if _DIRECT and not _profiling() and _transform() is None:
+        # nothing of the dispatcher is wanted: the extension's own functions, same kernels
+        layer, recurrence = _DIRECT
     steps = x.shape[0]
     if steps > STREAM_STEPS:
         batch = x.shape[1]
         xproj = torch.nn.functional.linear(x.reshape(steps * batch, x.shape[2]), w_ih, b_ih)
-        recurrence = _OPS[1] if _OPS else _layer_ops()[1]
-        output, h_n, c_n = recurrence(cell, xproj, h0, c0, w_hh, None, b_hh, reverse)
+        output, h_n, c_n = recurrence(cell, xproj, h0, c0, w_hh, None, b_hh, reverse, 8)
         output = output.view(steps, batch, output.shape[1])
     else:
-        layer = _OPS[0] if _OPS else _layer_ops()[0]
-        output, h_n, c_n = layer(cell, x, h0, c0, w_ih, None, w_hh, None, b_ih, b_hh, reverse)
+        output, h_n, c_n = layer(cell, x, h0, c0, w_ih, None, w_hh, None, b_ih, b_hh, reverse,
+                                  8)   # activation_bits: unused by float32 weights
     return output, h_n, (None if c0 is None else c_n)
 
 
@@ -272,12 +275,22 @@ def run_layer(cell: str, x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse: bool):
 # entry (``_op``) is what the overload's __call__ forwards to; called directly it spares a
 # Python frame (about 8 us of a one-frame call with cold caches).
 _OPS = ()
+# The same kernels as the extension module's pybind11 functions (build.python_module), for
+# calls that need nothing of the dispatcher: those of run_layer's callers (no gradient, trace,
+# compile or Python mode; they check) when no profiler records ops and no torch.func
+# transform (vmap, grad) wraps the tensors. The boxed op call costs a one-frame call about
+# 20 us more with cold caches. Empty where the library has no such functions.
+_DIRECT = ()
+_profiling = torch._C._autograd._profiler_enabled
+_transform = torch._C._functorch.peek_interpreter_stack
 
 
 def _layer_ops():
-    global _OPS
+    global _OPS, _DIRECT
     _OPS = tuple(getattr(op, "_op", op) for op in (torch.ops.fastrnn.quantized_layer.default,
                                                    torch.ops.fastrnn.quantized_recurrence.default))
+    module = build.python_module()
+    _DIRECT = () if module is None else (module.quantized_layer, module.quantized_recurrence)
     return _OPS
 
 

@@ -130,7 +130,10 @@ def markdown(records: List[dict], meta: dict, plots: List[str]) -> str:
         f"- GEMM ceiling (best square torch.mm, measured at the start and end of this run): {ceil}",
         "- `vs baseline`: the case's baseline time (torch.nn; in the variants suite the "
         "TorchScript LayerNorm loop) / provider time, the median over rounds in which every "
-        "provider of the case ran once, interleaved (> 1 is faster); `% GEMM`: achieved GFLOP/s (matmul FLOPs only) over the ceiling; "
+        "provider of the case ran once, interleaved (> 1 is faster; for fastrnn:auto and "
+        "torch.nn#2 also over rounds of their own with the baseline, bench/README.md); "
+        "times over the rounds every provider ran; "
+        "`% GEMM`: achieved GFLOP/s (matmul FLOPs only) over the ceiling; "
         "`peak MB`: " + ("CUDA max_memory_allocated growth during one call"
                           if meta["device"].startswith("cuda") else
                           "growth of the process's peak RSS during one call"),
@@ -182,7 +185,8 @@ def _ratio(record: Optional[dict]) -> str:
     if not record.get("speedup_ci"):
         return f"{record['speedup']:.2f}"
     low, high = record["speedup_ci"]
-    return f"{record['speedup']:.2f} ({low:.2f}-{high:.2f}, {record.get('repeats')})"
+    rounds = record.get("ratio_rounds", record.get("repeats"))
+    return f"{record['speedup']:.2f} ({low:.2f}-{high:.2f}, {rounds})"
 
 
 def _per_frame_us(records: List[dict], key: str = "median_ms"

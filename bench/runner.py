@@ -130,6 +130,10 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
     times, failed = time_interleaved([w for _, w in checked], options.device, budget)
     baseline_times = times[0] if checked and checked[0][0]["provider"] == case.baseline \
         and 0 not in failed else None
+    # The rounds every provider ran: a provider's time is summed up over these alone, so that
+    # the times of a case compare (the rounds of the focus providers alone find the caches in
+    # another state); its ratio to the baseline takes every round the two shared.
+    common = min((len(t) for i, t in enumerate(times) if i not in failed), default=0)
     if baseline_times is not None:
         focus = [i for i, (record, _) in enumerate(checked)
                  if record["provider"] in FOCUS and i not in failed]
@@ -139,7 +143,7 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
         if i in failed:
             _record_error(record, failed[i])
             continue
-        timing = summary(times[i], record["peak_mem_bytes"])
+        timing = summary(times[i][:common], record["peak_mem_bytes"])
         seconds = timing.median_ms / 1e3
         record.update(median_ms=timing.median_ms, q1_ms=timing.q1_ms, q3_ms=timing.q3_ms,
                       min_ms=timing.min_ms, max_ms=timing.max_ms, repeats=timing.repeats,
@@ -152,6 +156,7 @@ def run_case(case: Case, options: Options, ceilings: Dict[str, float],
                           gemm_fraction=gflops / ceiling if ceiling else None)
         if baseline_times is not None:
             record["speedup"] = paired_ratio(baseline_times, times[i])
+            record["ratio_rounds"] = min(len(baseline_times), len(times[i]))
             interval = ratio_interval(baseline_times, times[i])
             if interval:
                 record["speedup_ci"] = list(interval)

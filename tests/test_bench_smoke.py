@@ -208,6 +208,26 @@ def test_focus_providers_are_rebuilt_and_run_on_until_their_ratio_is_known(monke
     assert timing.ratio_interval([1.0] * 5, [1.0] * 5) is None   # too few rounds to tell
 
 
+def test_run_case_sums_up_times_over_the_rounds_every_provider_ran(monkeypatch):
+    """The focus providers' extra rounds count in their ratio to the baseline (ratio_rounds)
+    but not in the times of the table, which compare providers over the same rounds."""
+    from bench import runner
+    from bench.core import Case, Options
+    from bench.timing import Budget
+    out = {"out": torch.zeros(3)}
+    case = Case(suite="s", name="c", params={}, baseline="torch.nn", tokens=1,
+                providers={n: (lambda: lambda: out)
+                           for n in ("torch.nn", "other", "fastrnn:auto", "torch.nn#2")})
+    monkeypatch.setitem(runner.BUDGETS, ("cpu", "tiny"),
+                        Budget(warmup=0, min_repeats=7, max_repeats=7, seconds=0.0,
+                               precision=1e-9, placements=2, focus_cap_seconds=0.01))
+    records = {r["provider"]: r for r in runner.run_case(case, Options(size="tiny"), {})}
+    assert all(r["status"] == "ok" and r["repeats"] == 7 for r in records.values())
+    assert len(records["other"]["times_ms"]) == records["other"]["ratio_rounds"] == 7
+    for name in ("torch.nn", "fastrnn:auto", "torch.nn#2"):
+        assert len(records[name]["times_ms"]) == records[name]["ratio_rounds"] > 7
+
+
 def test_check_rules():
     """bench.check is fastrnn.testing's rule: a few ulps of the baseline without a gold result,
     else within 2x the baseline's own error against the float64 gold."""

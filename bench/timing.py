@@ -55,7 +55,7 @@ class Budget:
     cap_seconds: float = float("inf")   # stop after this much time even below min_repeats
     # Then the baseline and the focus providers (bench.core.FOCUS) alone, rebuilt afresh
     # ``placements`` times (new tensors, so other places in memory), each time for at least
-    # min_repeats rounds and then until each one's ratio to the baseline is known to
+    # as many rounds as the case had and then until each one's ratio to the baseline is known to
     # +-precision (the 95% interval of the median per-round ratio, relative), or until
     # focus_cap_seconds of such calls per provider in all.
     precision: float = 0.0

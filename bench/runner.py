@@ -70,9 +70,8 @@ def pin_ratios(case: Case, names: List[str], times: List[List[float]], device: t
         return all(ratio_precision(times[0] + new[0], times[i] + new[i]) <= budget.precision
                    for i in range(1, len(names)))
 
-    workloads = None
     for _ in range(budget.placements):
-        try:
+        try:   # built before the previous build's workloads are let go: other pages
             workloads = [case.providers[name]() for name in names]
         except Exception:  # noqa: BLE001 - the case's own rounds stand
             return

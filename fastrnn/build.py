@@ -456,25 +456,24 @@ def load(cuda: Optional[bool] = None, verbose: bool = False) -> str:
     if cuda is None:
         cuda = torch.cuda.is_available()
     variant = "cuda" if cuda else "cpu"
+    if _loaded == variant:
+        return _loaded_path
     if _loaded is not None:
-        if _loaded == variant:
-            return _loaded_path
-        if _loaded != variant:
-            raise BuildError(f"the {_loaded} variant of the native extension is already loaded "
-                             f"in this process; the {variant} variant cannot be loaded too")
+        raise BuildError(f"the {_loaded} variant of the native extension is already loaded "
+                         f"in this process; the {variant} variant cannot be loaded too")
     prebuilt = _prebuilt_library(cuda)
     if prebuilt is not None:
+        fix = ("(fix: reinstall fastrnn with FASTRNN_BUILD_EXT=1 against this torch, or delete "
+               "the file to build on first use)")
         damage = library_damage(prebuilt)
         if damage is not None:
             raise BuildError(f"the prebuilt native library {prebuilt} cannot be loaded: {damage} "
-                             "(fix: reinstall fastrnn with FASTRNN_BUILD_EXT=1 against this "
-                             "torch, or delete the file to build on first use)")
+                             + fix)
         try:
             torch.ops.load_library(prebuilt)
         except Exception as exc:  # e.g. built against another torch: say so, do not guess
             raise BuildError(f"the prebuilt native library {prebuilt} does not load: {exc} "
-                             "(fix: reinstall fastrnn with FASTRNN_BUILD_EXT=1 against this "
-                             "torch, or delete the file to build on first use)") from exc
+                             + fix) from exc
         _loaded, _loaded_path = variant, prebuilt
         return prebuilt
     reason = _missing_tool_reason(cuda)

@@ -24,7 +24,7 @@ def dtype_mismatch(state: Tensor, weight: Tensor) -> RuntimeError:
                         f"{name(state.dtype)} and {name(weight.dtype)}")
 
 
-class RNNCellBase(nn.Module):
+class RNNCellBase(options.Module):
     """Twin of ``torch.nn.RNNCellBase``: same parameters, order and initialisation.
 
     Under ONNX export (standard operators, so the exported file needs no fastrnn), and under
@@ -81,15 +81,6 @@ class RNNCellBase(nn.Module):
         text = nn.RNNCellBase.extra_repr(self)
         extra = options.describe(self)
         return f"{text}, {extra}" if extra else text
-
-    def __getstate__(self):
-        return options.copied_state(self)
-
-    def __prepare_scriptable__(self):
-        """torch.jit.script compiles the torch.nn twin, on the very same Parameter objects
-        (convert.scriptable_twin)."""
-        from .convert import scriptable_twin  # convert imports this module
-        return scriptable_twin(self)
 
     def reset_dropout_masks(self) -> None:
         """Forget the recurrent_dropout / weight_drop masks: the next training call draws new

@@ -206,13 +206,20 @@ def _wants_grad(module) -> bool:
         module.parameters() if module._modules else module._parameters.values()))
 
 
-def copied_state(module) -> dict:
-    """The module's state for pickle and deepcopy: what it remembers of calls is left out (a
-    copy decides afresh)."""
-    state = torch.nn.Module.__getstate__(module)
-    state.pop("_fastrnn_calls", None)
-    state.pop("_fastrnn_stream", None)
-    return state
+class Module(torch.nn.Module):
+    """The base of fastrnn's modules and cells: what they remember of calls stays out of
+    pickle and deepcopy (a copy decides afresh), and torch.jit.script compiles the torch.nn
+    twin, on the very same Parameter objects (convert.scriptable_twin)."""
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_fastrnn_calls", None)
+        state.pop("_fastrnn_stream", None)
+        return state
+
+    def __prepare_scriptable__(self):
+        from .convert import scriptable_twin  # convert imports the modules
+        return scriptable_twin(self)
 
 
 # The attributes a call's route and plan read: the options, then what else can change.

@@ -32,6 +32,20 @@ def _layer_names(layer: int, direction: int) -> tuple:
 
 _LAYER_NAMES = {}   # (layer, direction) -> _layer_names(layer, direction)
 
+
+def _given_state(hx, h_shape, c_shape, dtype, device):
+    """hx as torch.nn's kernel takes it, zeros of ``dtype`` where not given; None where hx is
+    not a plain state of these shapes (``c_shape`` None: a cell without c)."""
+    if hx is None:
+        h = torch.zeros(h_shape, dtype=dtype, device=device)
+        return h if c_shape is None else (h, torch.zeros(c_shape, dtype=dtype, device=device))
+    if c_shape is None:
+        return hx if type(hx) is Tensor and hx.shape == h_shape else None
+    if type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor and \
+            type(hx[1]) is Tensor and hx[0].shape == h_shape and hx[1].shape == c_shape:
+        return hx
+    return None
+
 # Read on every stream call (RNNBase._stream_run), bound once.
 _FLOAT32 = torch.float32
 _grad_enabled = torch.is_grad_enabled
@@ -42,7 +56,7 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _autocast = torch.is_autocast_enabled
 
 
-class RNNBase(nn.Module):
+class RNNBase(options.Module):
     """Shared machinery of LSTM, GRU and RNN (the twin of ``torch.nn.RNNBase``).
 
     The parameters stay separate tensors (no flat cuDNN buffer, so nothing breaks DDP's
@@ -180,15 +194,6 @@ class RNNBase(nn.Module):
     def _update_flat_weights(self) -> None:
         """torch.nn's forward (run under ONNX export) calls this; _flat_weights is always
         current here."""
-
-    def __getstate__(self):
-        return options.copied_state(self)
-
-    def __prepare_scriptable__(self):
-        """torch.jit.script compiles the torch.nn twin, on the very same Parameter objects
-        (convert.scriptable_twin)."""
-        from .convert import scriptable_twin  # convert imports this module
-        return scriptable_twin(self)
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
@@ -329,18 +334,8 @@ class RNNBase(nn.Module):
         batch = input.shape[0] if self.batch_first else input.shape[1]
         layers = self.num_layers * (2 if self.bidirectional else 1)
         h_shape = (layers, batch, self.proj_size or self.hidden_size)
-        if self.mode != "LSTM":
-            if hx is None:
-                return torch.zeros(h_shape, dtype=dtype, device=input.device)
-            return hx if type(hx) is Tensor and hx.shape == h_shape else None
-        c_shape = (layers, batch, self.hidden_size)
-        if hx is None:
-            return (torch.zeros(h_shape, dtype=dtype, device=input.device),
-                    torch.zeros(c_shape, dtype=dtype, device=input.device))
-        if type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor and \
-                type(hx[1]) is Tensor and hx[0].shape == h_shape and hx[1].shape == c_shape:
-            return hx
-        return None
+        c_shape = (layers, batch, self.hidden_size) if self.mode == "LSTM" else None
+        return _given_state(hx, h_shape, c_shape, dtype, input.device)
 
     def _torch_kernel(self, input, hx):
         """torch.nn's forward of a call _dense_state takes: its kernel, called with the
@@ -413,20 +408,10 @@ class RNNBase(nn.Module):
         if params.get(names[0]) is not w_ih or params.get(names[1]) is not w_hh or \
                 params.get(names[2]) is not b_ih or params.get(names[3]) is not b_hh:
             return None
-        if c_shape is None:   # GRU, RNN
-            if hx is None:
-                h0, c0 = torch.zeros(h_shape, dtype=_FLOAT32), None
-            elif type(hx) is Tensor and hx.shape == h_shape:
-                h0, c0 = hx, None
-            else:
-                return None
-        elif hx is None:
-            h0, c0 = torch.zeros(h_shape, dtype=_FLOAT32), torch.zeros(c_shape, dtype=_FLOAT32)
-        elif type(hx) is tuple and len(hx) == 2 and type(hx[0]) is Tensor and \
-                type(hx[1]) is Tensor and hx[0].shape == h_shape and hx[1].shape == c_shape:
-            h0, c0 = hx
-        else:
+        state = _given_state(hx, h_shape, c_shape, _FLOAT32, None)
+        if state is None:
             return None
+        h0, c0 = (state, None) if c_shape is None else state
         x = input.transpose(0, 1) if self.batch_first else input
         try:   # the ops check the states' and weights' dtype, device and sizes
             output, h_n, c_n = native.run_layer(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
@@ -623,12 +608,12 @@ class RNNBase(nn.Module):
 class _SingleStateRNN(RNNBase):
     """GRU and RNN: the hidden state is one tensor."""
 
-    def _check_hx_dims(self, hx, is_batched):
-        if is_batched and hx.dim() != 3:
-            raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got "
-                               f"{hx.dim()}-D tensor")
-        if not is_batched and hx.dim() != 2:
-            raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got "
+    @staticmethod
+    def _check_hx_dims(hx, is_batched):
+        want = 3 if is_batched else 2
+        if hx.dim() != want:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx should also be {want}-D but got "
                                f"{hx.dim()}-D tensor")
 
     def forward(self, input, hx=None):

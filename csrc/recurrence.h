@@ -20,7 +20,7 @@
 //   template <class F> static void row_blocks(int64_t rows, bool uniform, F f);  // f(b0, b1)
 //       per block of states covering [0, rows) (OneRowBlock below: one block)
 //   static void step(Cell, const ForwardStep& or const BackwardStep&, int64_t rows);
-//       (step.h's forward_row / backward_row for every live row)
+//       (step.h's run_row for every live row)
 //   static void projection_step(const ForwardStep& or const BackwardStep&, int64_t rows);
 //       (step.h's projection_element for every live row and column)
 //   static void check_dtype(at::ScalarType);       // clear error for dtypes it lacks
@@ -337,23 +337,31 @@ inline Shapes check_shapes(c10::string_view cell_name, int64_t rows, int64_t col
   return s;
 }
 
-// The kernels' view of the options. `zeros` (at least max(H, P) zeros) stands in for an
-// absent zoneout, +inf for an absent clip: the step code has no per-option branches.
-template <typename scalar_t, typename acc_t>
-StepOptions<scalar_t, acc_t> step_options(const Shapes& s, const Options& o,
-                                          const Tensor& zeros) {
-  StepOptions<scalar_t, acc_t> so;
+// The data of `t` from row `row` on, or null where `t` is absent.
+template <typename T>
+T* row_ptr(const Tensor& t, int64_t row = 0) {
+  return t.defined() ? t.data_ptr<T>() + row * t.stride(0) : nullptr;
+}
+
+// The fields every step shares: the sizes, the workspace layout and the kernels' view of the
+// options. `zeros` (at least max(H, P) zeros) stands in for an absent zoneout, +inf for an
+// absent clip: the step code has no per-option branches.
+template <template <typename, typename> class Step, typename scalar_t, typename acc_t>
+void set_shared(Step<scalar_t, acc_t>& step, const Shapes& s, const Options& o,
+                const Tensor& zeros) {
+  step.H = s.H;
+  step.P = s.P;
+  step.W = s.W;
+  step.cols = s.cols;
+  StepOptions<scalar_t, acc_t>& so = step.opt;
   so.any = o.any();
-  auto ptr = [](const Tensor& t) -> const scalar_t* {
-    return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
-  };
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const int64_t H = s.H, P = s.P;  // the per-row options' widths
-#define FASTRNN_TENSOR_POINTER(arg, ...) so.arg = ptr(o.arg);
+#define FASTRNN_TENSOR_POINTER(arg, ...) so.arg = row_ptr<scalar_t>(o.arg);
   FASTRNN_TENSOR_ARGS(FASTRNN_TENSOR_POINTER)
 #undef FASTRNN_TENSOR_POINTER
 #define FASTRNN_ROW_POINTER(arg, width) \
-  so.arg = ptr(o.arg.defined() ? o.arg : zeros); \
+  so.arg = row_ptr<scalar_t>(o.arg.defined() ? o.arg : zeros); \
   so.arg##_stride = o.arg.defined() ? (width) : 0;
   FASTRNN_ROW_ARGS(FASTRNN_ROW_POINTER)
 #undef FASTRNN_ROW_POINTER
@@ -361,7 +369,6 @@ StepOptions<scalar_t, acc_t> step_options(const Shapes& s, const Options& o,
   so.arg = o.arg.has_value() ? static_cast<acc_t>(*o.arg) : inf;
   FASTRNN_FLOAT_ARGS(FASTRNN_FLOAT_VALUE)
 #undef FASTRNN_FLOAT_VALUE
-  return so;
 }
 
 template <class Dev>
@@ -408,28 +415,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> recurrence_forward(
     using scalar_t = decltype(type_tag);
     using acc_t = at::opmath_type<scalar_t>;
     ForwardStep<scalar_t, acc_t> all;
-    all.H = s.H;
-    all.P = s.P;
-    all.W = s.W;
+    set_shared(all, s, opt, zeros);
     all.proj = s.proj;
     all.xproj = xproj.data_ptr<scalar_t>();
-    all.hgates = hgates.data_ptr<scalar_t>();
     all.bias = bias.data_ptr<scalar_t>();
-    all.h_state = h_state.data_ptr<scalar_t>();
-    all.c_state = c_state.defined() ? c_state.data_ptr<acc_t>() : nullptr;
     all.output = output.data_ptr<scalar_t>();
     all.ws = workspace.data_ptr<acc_t>();
-    all.hh = s.proj ? hh.data_ptr<scalar_t>() : nullptr;
-    all.cols = s.cols;
-    all.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
     // States b0 .. b1-1 through every step; their pointers start at row b0.
     Dev::row_blocks(s.B, layout.uniform, [&](int64_t b0, int64_t b1) {
       const typename Dev::Gemm recurrent_gemm(w_hh_t, b1 - b0);
       ForwardStep<scalar_t, acc_t> a = all;
-      a.hgates += b0 * s.G * s.H;
-      a.h_state += b0 * s.P;
-      if (c_state.defined()) a.c_state += b0 * s.H;
-      if (s.proj) a.hh += b0 * s.H;
+      a.hgates = row_ptr<scalar_t>(hgates, b0);
+      a.h_state = row_ptr<scalar_t>(h_state, b0);
+      a.c_state = row_ptr<acc_t>(c_state, b0);
+      a.hh = row_ptr<scalar_t>(hh, b0);
       for (int64_t t : layout.order) {
         const int64_t rows = std::min(layout.sizes[t], b1) - b0, row = layout.offsets[t] + b0;
         if (rows <= 0) continue;
@@ -535,43 +534,28 @@ BackwardResult recurrence_backward(
     using scalar_t = decltype(type_tag);
     using acc_t = at::opmath_type<scalar_t>;
     BackwardStep<scalar_t, acc_t> all;
-    all.H = s.H;
-    all.P = s.P;
-    all.W = s.W;
+    set_shared(all, s, opt, zeros);
     all.grad_output = grad_output.data_ptr<scalar_t>();
-    all.dh_state = dh_state.data_ptr<scalar_t>();
-    all.dhh = s.proj ? dhh.data_ptr<scalar_t>() : nullptr;
-    all.dc_state = dc_state.defined() ? dc_state.data_ptr<acc_t>() : nullptr;
     all.ws = workspace.data_ptr<acc_t>();
     all.output = output.data_ptr<scalar_t>();
-    all.h0 = h0.data_ptr<scalar_t>();
-    all.c0 = c0.defined() ? c0.data_ptr<acc_t>() : nullptr;
     all.grad_xproj = grad_xproj.data_ptr<scalar_t>();
     all.grad_hgates = grad_hgates.data_ptr<scalar_t>();
-    all.cols = s.cols;
-    all.opt = step_options<scalar_t, acc_t>(s, opt, zeros);
     all.grad_a = grad_a.data_ptr<scalar_t>();
-    all.grad_y = grad_y.defined() ? grad_y.data_ptr<acc_t>() : nullptr;
-    all.grad_p = s.proj ? grad_out_all.data_ptr<scalar_t>() : nullptr;
-#define FASTRNN_ROWS_POINTER(arg, k, ...) \
-    all.grad_##arg = grad_sums[k].defined() ? grad_sums[k].data_ptr<acc_t>() : nullptr;
-    FASTRNN_LEARNABLE_ARGS(FASTRNN_ROWS_POINTER)
-#undef FASTRNN_ROWS_POINTER
+    all.grad_y = row_ptr<acc_t>(grad_y);
+    all.grad_p = row_ptr<scalar_t>(grad_out_all);
     // States b0 .. b1-1 through every step, as in forward.
     Dev::row_blocks(s.B, layout.uniform, [&](int64_t b0, int64_t b1) {
       const typename Dev::Gemm recurrent_gemm(w_hh, b1 - b0);  // dL/dh_prev = d(a) @ w_hh
       BackwardStep<scalar_t, acc_t> a = all;
-      a.dh_state += b0 * s.P;
-      if (s.proj) a.dhh += b0 * s.H;
-      if (c0.defined()) {
-        a.dc_state += b0 * s.H;
-        a.c0 += b0 * s.H;
-      }
-      a.h0 += b0 * s.P;
-#define FASTRNN_SUMS_OFFSET(arg, k, ...) \
-      if (a.grad_##arg != nullptr) a.grad_##arg += b0 * grad_sums[k].stride(0);
-      FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_OFFSET)
-#undef FASTRNN_SUMS_OFFSET
+      a.dh_state = row_ptr<scalar_t>(dh_state, b0);
+      a.dhh = row_ptr<scalar_t>(dhh, b0);
+      a.dc_state = row_ptr<acc_t>(dc_state, b0);
+      a.c0 = row_ptr<acc_t>(c0, b0);
+      a.h0 = row_ptr<scalar_t>(h0, b0);
+#define FASTRNN_SUMS_POINTER(arg, k, ...) \
+      a.grad_##arg = row_ptr<acc_t>(grad_sums[k], b0);
+      FASTRNN_LEARNABLE_ARGS(FASTRNN_SUMS_POINTER)
+#undef FASTRNN_SUMS_POINTER
       const int64_t T = static_cast<int64_t>(layout.order.size());
       for (int64_t k = T - 1; k >= 0; --k) {
         const int64_t t = layout.order[k];

@@ -246,7 +246,7 @@ struct CpuDevice {
           ForwardStep<scalar_t, acc_t> a = args;
           a.proj = proj;
           for (int64_t b = b0; b < b1; ++b) {
-            forward_row<decltype(c)::value, decltype(v)>(a, b, CpuRow());
+            run_row<decltype(c)::value, decltype(v)>(a, b, CpuRow());
           }
         };
         if (args.proj) {
@@ -265,7 +265,7 @@ struct CpuDevice {
         const BackwardStep<scalar_t, acc_t> a = args;
         auto run_rows = [&] {
           for (int64_t b = b0; b < b1; ++b) {
-            backward_row<decltype(c)::value, decltype(v)>(a, b, CpuRow());
+            run_row<decltype(c)::value, decltype(v)>(a, b, CpuRow());
           }
         };
         // The same call in both branches on purpose: inlined there, each copy sees whether

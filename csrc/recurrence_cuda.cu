@@ -15,19 +15,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// step.h's row of either direction, so that one kernel template serves both.
-template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void run_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b,
-                                        const Row& row) {
-  forward_row<C, V>(a, b, row);
-}
-
-template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
-__device__ __forceinline__ void run_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b,
-                                        const Row& row) {
-  backward_row<C, V>(a, b, row);
-}
-
 // A step without layer norms: a thread per (row, hidden unit), each running its row as a
 // OneElement (step.h).
 template <Cell C, class V, template <class, class> class Step, typename scalar_t,

@@ -1,7 +1,7 @@
-// One time step of the recurrence for ONE live row b, every cell kind: forward_row and
-// backward_row run the cell's row math (cells.h, CellMath) with the parts all cells share
-// here (the recurrent input and its layer norm, the h store, dL/dh, clips, zoneout, the
-// projection's pass). Layouts are those of docs/op-contract.md:
+// One time step of the recurrence for ONE live row b, every cell kind: run_row (forward or
+// backward, by the step's type) runs the cell's row math (cells.h, CellMath) with the parts
+// all cells share here (the recurrent input and its layer norm, the h store, dL/dh, clips,
+// zoneout, the projection's pass). Layouts are those of docs/op-contract.md:
 //   packed rows: step t owns rows [row, row + rows) of xproj/output/workspace/grad_xproj;
 //   row b of a step is sequence b, so the live rows of a step are the first `rows` states.
 #pragma once
@@ -261,7 +261,7 @@ struct CellMath;
 // The forward of row b of a step, every cell kind: the recurrent layer norm's statistics,
 // then the cell's row math.
 template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD void forward_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
+FASTRNN_HD void run_row(const ForwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
   constexpr int64_t G = spec::kNumGates[static_cast<int>(C)];
   CellMath<C>::template forward_row<V>(a, b, row, recurrent_norm_stats<V>(a, b, G * a.H, row));
 }
@@ -362,7 +362,7 @@ FASTRNN_HD HGrad<acc_t> h_grad(const BackwardStep<scalar_t, acc_t>& a, int64_t b
 // The backward of row b of a step, every cell kind: the cell's row math, then the recurrent
 // layer norm's backward of its recurrent pre-activation gradient.
 template <Cell C, class V, class Row, typename scalar_t, typename acc_t>
-FASTRNN_HD void backward_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
+FASTRNN_HD void run_row(const BackwardStep<scalar_t, acc_t>& a, int64_t b, const Row& row) {
   CellMath<C>::template backward_row<V>(a, b, row);
   if constexpr (V::layer_norm) {
     constexpr int64_t G = spec::kNumGates[static_cast<int>(C)];

@@ -44,26 +44,24 @@ class TritonBackend(Backend):
             raise ValueError(f"FASTRNN_TRITON_KERNEL={choice!r}; allowed: {', '.join(KERNELS)}")
         return choice
 
+    @staticmethod
+    def _cannot_persist(cell, hidden, proj, option_names):
+        """Why the persistent kernel cannot run a call, or None where it can."""
+        if option_names:  # the step path runs the options; the persistent kernel has none
+            return (f"the persistent Triton kernel does not run the options "
+                    f"{', '.join(option_names)}; use FASTRNN_TRITON_KERNEL=auto or step (the step "
+                    "kernels run them)")
+        if not persistent.fits(NUM_GATES[cell], hidden, proj):
+            return (f"the persistent kernel cannot hold the weights of hidden_size={hidden}, "
+                    f"proj_size={proj} on chip; use FASTRNN_TRITON_KERNEL=auto or step")
+        return None
+
     def _persistent(self, cell, hidden, proj, option_names=()) -> bool:
         choice = self._kernel_choice()
-        if option_names:  # the step path runs the options; the persistent kernel has none
-            if choice == "persistent":
-                raise ValueError(self._no_options(option_names))
-            return False
-        fits = persistent.fits(NUM_GATES[cell], hidden, proj)
-        if choice == "persistent" and not fits:
-            raise ValueError(self._too_big(hidden, proj))
-        return choice == "persistent" or (choice == "auto" and fits)
-
-    @staticmethod
-    def _no_options(option_names):
-        return (f"the persistent Triton kernel does not run the options {', '.join(option_names)}; "
-                f"use FASTRNN_TRITON_KERNEL=auto or step (the step kernels run them)")
-
-    @staticmethod
-    def _too_big(hidden, proj):
-        return (f"the persistent kernel cannot hold the weights of hidden_size={hidden}, "
-                f"proj_size={proj} on chip; use FASTRNN_TRITON_KERNEL=auto or step")
+        reason = self._cannot_persist(cell, hidden, proj, option_names)
+        if choice == "persistent" and reason is not None:
+            raise ValueError(reason)
+        return choice == "persistent" or (choice == "auto" and reason is None)
 
     def unavailable_reason(self, device):
         device = torch.device(device)
@@ -87,11 +85,8 @@ class TritonBackend(Backend):
             return f"unknown cell {cell!r}"
         if option_names and cell not in OPTION_CELLS:
             return f"the {cell} op has no options ({', '.join(option_names)} given)"
-        if option_names and self._kernel_choice() == "persistent":
-            return self._no_options(option_names)
-        if (self._kernel_choice() == "persistent"
-                and not persistent.fits(NUM_GATES[cell], hidden_size, proj_size)):
-            return self._too_big(hidden_size, proj_size)
+        if self._kernel_choice() == "persistent":
+            return self._cannot_persist(cell, hidden_size, proj_size, option_names)
         return None
 
     # ------------------------------------------------------------ forward

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._gates import (C_COL, H_PRE_COL, backward_cell, forward_cell, has_cell_state,
-                     load_tiles, matmul, num_gates)
+                     load_tiles, matmul, num_gates, store_tiles)
 from .autotune import autotune
 
 
@@ -87,9 +87,7 @@ def _persistent_forward_kernel(
     wmask = (k < P) & (ch < H)
     wt0, wt1, wt2, wt3 = load_tiles(w_ptr + ch * P + k, H * P, wmask, G)
     b0 = tl.zeros([1, BLOCK_H], dtype=tl.float32)
-    b1 = b0
-    b2 = b0
-    b3 = b0
+    b1, b2, b3 = b0, b0, b0
     if HAS_BIAS:
         b0, b1, b2, b3 = load_tiles(b_ptr + ch, H, ch < H, G)
     # w_hr transposed to [H, P]: projected h = h_raw @ wrt
@@ -182,13 +180,9 @@ def _persistent_backward_kernel(
 
     # weight-gradient accumulators, float32
     dw0 = tl.zeros([BLOCK_H, BLOCK_P], dtype=tl.float32)
-    dw1 = dw0
-    dw2 = dw0
-    dw3 = dw0
+    dw1, dw2, dw3 = dw0, dw0, dw0
     db0 = tl.zeros([BLOCK_H], dtype=tl.float32)
-    db1 = db0
-    db2 = db0
-    db3 = db0
+    db1, db2, db3 = db0, db0, db0
     dwr = tl.zeros([BLOCK_P, BLOCK_H], dtype=tl.float32)
     no_direct = tl.zeros([BLOCK_B, BLOCK_P], dtype=tl.float32)  # the cell's own direct part
 
@@ -233,17 +227,15 @@ def _persistent_backward_kernel(
         if has_cell_state(CELL):
             dc = tl.where(live, dc_prev, dc)
 
+        store_tiles(gx, H, da0.to(gty), da1.to(gty), da2.to(gty), da3.to(gty), m, G)
         # gradients w.r.t. the recurrent pre-activations (zero on rows that are not live)
         dr0 = tl.where(m, dr0, 0.0)
-        tl.store(gx, da0.to(gty), mask=m)
         d_prev = direct + matmul(dr0, w0)
         dw0 += matmul(tl.trans(dr0), h_prev)
         db0 += tl.sum(dr0, axis=0)
         if G > 1:
             dr1 = tl.where(m, dr1, 0.0)
             dr2 = tl.where(m, dr2, 0.0)
-            tl.store(gx + H, da1.to(gty), mask=m)
-            tl.store(gx + 2 * H, da2.to(gty), mask=m)
             d_prev += matmul(dr1, w1) + matmul(dr2, w2)
             dw1 += matmul(tl.trans(dr1), h_prev)
             dw2 += matmul(tl.trans(dr2), h_prev)
@@ -251,7 +243,6 @@ def _persistent_backward_kernel(
             db2 += tl.sum(dr2, axis=0)
         if G > 3:
             dr3 = tl.where(m, dr3, 0.0)
-            tl.store(gx + 3 * H, da3.to(gty), mask=m)
             d_prev += matmul(dr3, w3)
             dw3 += matmul(tl.trans(dr3), h_prev)
             db3 += tl.sum(dr3, axis=0)
@@ -265,16 +256,8 @@ def _persistent_backward_kernel(
     dw = dw_ptr + pid * (G * H * P) + j * P + cp
     db = db_ptr + pid * (G * H) + tl.arange(0, BLOCK_H)
     dbmask = tl.arange(0, BLOCK_H) < H
-    tl.store(dw, dw0, mask=wmask)
-    tl.store(db, db0, mask=dbmask)
-    if G > 1:
-        tl.store(dw + H * P, dw1, mask=wmask)
-        tl.store(dw + 2 * H * P, dw2, mask=wmask)
-        tl.store(db + H, db1, mask=dbmask)
-        tl.store(db + 2 * H, db2, mask=dbmask)
-    if G > 3:
-        tl.store(dw + 3 * H * P, dw3, mask=wmask)
-        tl.store(db + 3 * H, db3, mask=dbmask)
+    store_tiles(dw, H * P, dw0, dw1, dw2, dw3, wmask, G)
+    store_tiles(db, H, db0, db1, db2, db3, dbmask, G)
     if HAS_PROJ:
         tl.store(dwr_ptr + pid * (P * H) + kp * H + ch, dwr, mask=wrmask)
 

@@ -87,14 +87,11 @@ def _step_forward_kernel(
     OPTIONS: tl.constexpr,  # the options that are on (_gates.on)
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
-    mask = (rows < n) & (cols < H)
+    rows, cols, mask, state = _tile(n, H, BLOCK_B, BLOCK_H)
     G: tl.constexpr = num_gates(CELL)
     xp = xp_ptr + rows * (G * H) + cols
     hh = hh_ptr + rows * (G * H) + cols
     ws = ws_ptr + rows * WS_STRIDE + cols
-    state = rows * H + cols
 
     # gate g: input part x_g and recurrent part r_g (layer norm and bias included), float32
     x0, x1, x2, x3 = load_tiles(xp, H, mask, G)
@@ -155,11 +152,8 @@ def _step_backward_kernel(
     OPTIONS: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
-    mask = (rows < n) & (cols < H)
+    rows, cols, mask, state = _tile(n, H, BLOCK_B, BLOCK_H)
     G: tl.constexpr = num_gates(CELL)
-    state = rows * H + cols
     ty = gx_ptr.dtype.element_ty
 
     dh = tl.load(dh_ptr + state, mask=mask, other=0.0)
@@ -208,10 +202,7 @@ def _proj_epilogue_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Forward of a projected lstm step after the projection GEMM (H here is P)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
-    mask = (rows < n) & (cols < H)
-    state = rows * H + cols
+    rows, cols, mask, state = _tile(n, H, BLOCK_B, BLOCK_H)
     h = tl.load(p_ptr + state, mask=mask, other=0.0)
     if on(OPTIONS, "proj_clip"):
         tl.store(ws_ptr + rows * WS_STRIDE + P_OFF + cols, h, mask=mask)
@@ -238,10 +229,7 @@ def _proj_prologue_kernel(
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """Backward of a projected lstm step before the projection GEMM (H here is P)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
-    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
-    mask = (rows < n) & (cols < H)
-    state = rows * H + cols
+    rows, cols, mask, state = _tile(n, H, BLOCK_B, BLOCK_H)
     d = tl.load(dh_ptr + state, mask=mask, other=0.0)
     d += tl.load(dout_ptr + state, mask=mask, other=0.0).to(tl.float32)
     if on(OPTIONS, "zoneout_h"):
@@ -255,6 +243,15 @@ def _proj_prologue_kernel(
 
 
 # ---------------------------------------------------------------- helpers of the kernels
+
+@triton.jit
+def _tile(n, H, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+    """This program's rows [BLOCK_B, 1] and units [1, BLOCK_H] of an [n, H] state, the mask
+    of the real ones and their offsets in the state."""
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)[:, None]
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[None, :]
+    return rows, cols, (rows < n) & (cols < H), rows * H + cols
+
 
 @triton.jit
 def _affine_tiles(t0, t1, t2, t3, w_ptr, b_ptr, cols, H, TILES: tl.constexpr):

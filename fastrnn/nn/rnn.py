@@ -33,6 +33,16 @@ def _layer_names(layer: int, direction: int) -> tuple:
 _LAYER_NAMES = {}   # (layer, direction) -> _layer_names(layer, direction)
 
 
+# Read on every stream call (RNNBase._stream_run), bound once.
+_FLOAT32 = torch.float32
+_grad_enabled = torch.is_grad_enabled
+_is_compiling = torch.compiler.is_compiling
+_is_tracing = torch._C._is_tracing
+_function_mode = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_autocast = torch.is_autocast_enabled
+
+
 def _given_state(hx, h_shape, c_shape, dtype, device):
     """hx as torch.nn's kernel takes it, zeros of ``dtype`` where not given; None where hx is
     not a plain state of these shapes (``c_shape`` None: a cell without c)."""
@@ -45,15 +55,6 @@ def _given_state(hx, h_shape, c_shape, dtype, device):
             type(hx[1]) is Tensor and hx[0].shape == h_shape and hx[1].shape == c_shape:
         return hx
     return None
-
-# Read on every stream call (RNNBase._stream_run), bound once.
-_FLOAT32 = torch.float32
-_grad_enabled = torch.is_grad_enabled
-_is_compiling = torch.compiler.is_compiling
-_is_tracing = torch._C._is_tracing
-_function_mode = torch._C._is_torch_function_mode_enabled
-_dispatch_modes = torch._C._len_torch_dispatch_stack
-_autocast = torch.is_autocast_enabled
 
 
 class RNNBase(options.Module):
